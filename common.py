@@ -838,3 +838,23 @@ def parse_profile(text, n_each=3):
 def load_neighbors(run):
     z = np.load(Path(run) / "neighbors.npz")
     return {k: z[k] for k in z.files}
+
+
+PROFILE_SOURCES = ("base_llm", "sft_gpt_kd", "sft_naive", "sft_mask", "ppo")
+
+
+def load_profile_model(run, source, model=DEFAULT_LLM, device=None):
+    """(model, tokenizer) that writes profiles for `source`: the untuned LLM, an SFT adapter, or the PPO
+    adapter stacked on the SFT model it was trained from (ppo/base.json names it; merged first)."""
+    run = Path(run)
+    if source == "base_llm":
+        return load_llm(model, device=device)
+    if source.startswith("sft_"):
+        return load_llm(model, adapter=run / source, device=device)
+    if source == "ppo":
+        sft = json.loads((run / "ppo" / "base.json").read_text())["sft"]
+        llm, tok = load_llm(model, adapter=run / sft, device=device)
+        from peft import PeftModel
+        llm = PeftModel.from_pretrained(llm.merge_and_unload(), run / "ppo")
+        return llm, tok
+    raise ValueError(f"unknown --source {source!r}; expected one of {', '.join(PROFILE_SOURCES)}")
