@@ -1,0 +1,337 @@
+"""Tests for csrc/ops.py against plain torch references."""
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest
+import torch
+
+from csrc.ops import CSR, csr_from_coo, load_extension, rank_metrics, spmm, topk_scores
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _setup():
+    load_extension()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def powerlaw_coo(n_rows, n_cols, nnz, g, alpha=1.2, empty_rows=()):
+    """Random COO with Zipf-like row/col popularity (many light rows, a few hubs)."""
+    pr = torch.arange(1, n_rows + 1, dtype=torch.float64) ** -alpha
+    pc = torch.arange(1, n_cols + 1, dtype=torch.float64) ** -alpha
+    r = torch.multinomial(pr, nnz, replacement=True, generator=g)
+    c = torch.multinomial(pc, nnz, replacement=True, generator=g)
+    r = r[torch.randperm(n_rows, generator=g)[r]] if n_rows > 1 else r  # scatter the hubs
+    keep = ~torch.isin(r, torch.tensor(list(empty_rows), dtype=torch.long))
+    return r[keep], c[keep]
+
+
+def make_csr(n_rows, n_cols, nnz, dtype, g, empty_rows=()):
+    r, c = powerlaw_coo(n_rows, n_cols, nnz, g, empty_rows=empty_rows)
+    v = torch.randn(r.numel(), generator=g, dtype=dtype)
+    return csr_from_coo(r, c, v, n_rows, n_cols)
+
+
+# ----------------------------------------------------------------------- spmm
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 32, 64])
+@pytest.mark.parametrize("shape", [(60, 45, 400), (1, 30, 12), (200, 120, 3000)])
+def test_spmm_matches_dense(dtype, d, shape):
+    g = gen(hash((d, shape)) % 1000)
+    n_rows, n_cols, nnz = shape
+    A = make_csr(n_rows, n_cols, nnz, dtype, g, empty_rows=(0, n_rows - 1) if n_rows > 2 else ())
+    x = torch.randn(n_cols, d, generator=g, dtype=dtype, requires_grad=True)
+    y = spmm(A, x)
+    dense = A.to_dense()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}  # hub rows: long sums
+    torch.testing.assert_close(y, dense @ x, **tol)
+    gy = torch.randn(n_rows, d, generator=g, dtype=dtype)
+    y.backward(gy)
+    torch.testing.assert_close(x.grad, dense.T @ gy, **tol)
+
+
+def test_spmm_empty_rows_and_duplicates():
+    # Row 1 is empty, (0, 2) appears twice and is summed.
+    A = csr_from_coo(torch.tensor([0, 0, 2, 0]), torch.tensor([2, 0, 1, 2]),
+                     torch.tensor([1.0, 2.0, 3.0, 4.0]), 3, 3)
+    assert A.rowptr.tolist() == [0, 2, 2, 3] and A.col.tolist() == [0, 2, 1]
+    assert A.val.tolist() == [2.0, 5.0, 3.0]
+    x = torch.arange(6.0).view(3, 2)
+    torch.testing.assert_close(spmm(A, x), A.to_dense() @ x)
+    assert spmm(A, x)[1].abs().sum() == 0
+
+
+def test_spmm_gradcheck():
+    g = gen(1)
+    A = make_csr(12, 9, 40, torch.float64, g)
+    x = torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: spmm(A, x), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: spmm(A, x), (x,))
+
+
+def test_spmm_noncontiguous_x():
+    g = gen(2)
+    A = make_csr(20, 16, 100, torch.float32, g)
+    x = torch.randn(8, 16, generator=g).T  # [16, 8], not contiguous
+    torch.testing.assert_close(spmm(A, x), A.to_dense() @ x)
+
+
+def test_spmm_val_not_differentiable():
+    g = gen(3)
+    A = make_csr(5, 4, 10, torch.float64, g)
+    A = A._replace(val=A.val.clone().requires_grad_())
+    x = torch.randn(4, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    with pytest.raises(RuntimeError, match="val/t_val are not differentiable"):
+        spmm(A, x).sum().backward()
+
+
+def test_spmm_opcheck():
+    g = gen(4)
+    A = make_csr(15, 11, 50, torch.float64, g)
+    x = torch.randn(11, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.reclm.spmm.default, tuple(A[:6]) + (x,))
+
+
+def _spmm_args(**over):
+    A = csr_from_coo(torch.tensor([0, 1, 1]), torch.tensor([1, 0, 2]), torch.ones(3), 2, 3)
+    args = dict(zip(["rowptr", "col", "val", "t_rowptr", "t_col", "t_val"], A[:6]))
+    args["x"] = torch.ones(3, 4)
+    args.update(over)
+    return list(args.values())
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(rowptr=torch.tensor([0, 1, 3], dtype=torch.int32)), "rowptr must be int64"),
+    (dict(col=torch.tensor([1, 0, 2], dtype=torch.int32)), "col must be int64"),
+    (dict(val=torch.ones(3, dtype=torch.int64)), "val must have the dtype of x"),
+    (dict(val=torch.ones(3, dtype=torch.float64)), "val must have the dtype of x"),
+    (dict(x=torch.ones(4, 4)), "t_rowptr has 4 entries but x has 4 rows"),
+    (dict(x=torch.ones(3, 4, dtype=torch.int64)), "x must be float32 or float64"),
+    (dict(col=torch.tensor([1, 0, 3])), "col has indices outside"),
+    (dict(col=torch.tensor([1, 2, 0])), "col must be sorted"),
+    (dict(rowptr=torch.tensor([0, 2, 1])), "rowptr must start at 0 and end at nnz"),
+    (dict(val=torch.ones(2)), "val has 2 entries but col has 3"),
+    (dict(t_col=torch.tensor([0, 1])), "t_col/t_val must have the same nnz"),
+])
+def test_spmm_bad_inputs(over, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.reclm.spmm(*_spmm_args(**over))
+
+
+# ---------------------------------------------------------------------- top-k
+
+def ref_topk(ue, ie, k, ex_rp=None, ex_col=None, subset=None):
+    """Dense scores, mask, then sort by (-score, item id); NaN never kept."""
+    scores = ue @ ie.T
+    U, I = scores.shape
+    cand = torch.ones(U, I, dtype=torch.bool)
+    if subset is not None:
+        cand[:] = False
+        cand[:, subset] = True
+    if ex_rp is not None:
+        rows = torch.repeat_interleave(torch.arange(U), ex_rp.diff())
+        cand[rows, ex_col] = False
+    cand &= ~scores.isnan()
+    out_s = torch.full((U, k), -math.inf, dtype=ue.dtype)
+    out_i = torch.full((U, k), -1, dtype=torch.long)
+    for u in range(U):
+        items = cand[u].nonzero().flatten()  # ascending id
+        s = scores[u, items]
+        order = torch.sort(s, descending=True, stable=True).indices[:k]  # ties: lower id
+        out_s[u, :order.numel()] = s[order]
+        out_i[u, :order.numel()] = items[order]
+    return out_s, out_i
+
+
+def random_exclusions(U, I, per_user, g):
+    r, c = powerlaw_coo(U, I, U * per_user, g)
+    E = csr_from_coo(r, c, None, U, I)  # sorted, unique per row
+    return E.rowptr, E.col
+
+
+def check_topk(got, ref, exact_indices):
+    torch.testing.assert_close(got[0], ref[0])
+    if exact_indices:
+        assert torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("U, I, D, k", [(37, 300, 16, 10), (1, 50, 1, 5), (130, 2500, 32, 40)])
+def test_topk_exclusions(dtype, U, I, D, k):
+    g = gen(U + I)
+    ue = torch.randn(U, D, generator=g, dtype=dtype)
+    ie = torch.randn(I, D, generator=g, dtype=dtype)
+    erp, ecol = random_exclusions(U, I, 8, g)
+    got = topk_scores(ue, ie, k, erp, ecol)
+    ref = ref_topk(ue, ie, k, erp, ecol)
+    check_topk(got, ref, exact_indices=False)
+    # Indices must point at the returned scores and never at an excluded item.
+    torch.testing.assert_close((ue.unsqueeze(1) * ie[got[1]]).sum(-1), got[0])
+    for u in range(U):
+        assert not set(got[1][u].tolist()) & set(ecol[erp[u]:erp[u + 1]].tolist())
+
+
+def test_topk_ties_integer_embeddings():
+    g = gen(5)
+    ue = torch.randint(-2, 3, (70, 4), generator=g).double()
+    ie = torch.randint(-2, 3, (3000, 4), generator=g).double()  # > one item tile
+    erp, ecol = random_exclusions(70, 3000, 20, g)
+    check_topk(topk_scores(ue, ie, 25, erp, ecol), ref_topk(ue, ie, 25, erp, ecol), True)
+    ie[5] = float("nan")  # NaN scores are skipped
+    check_topk(topk_scores(ue, ie, 25), ref_topk(ue, ie, 25), True)
+
+
+def test_topk_subset_and_fill():
+    g = gen(6)
+    U, I = 40, 2600
+    ue = torch.randint(-3, 4, (U, 8), generator=g).float()
+    ie = torch.randint(-3, 4, (I, 8), generator=g).float()
+    subset = torch.randperm(I, generator=g)[:2100].sort().values
+    erp, ecol = random_exclusions(U, I, 30, g)
+    check_topk(topk_scores(ue, ie, 30, erp, ecol, subset),
+               ref_topk(ue, ie, 30, erp, ecol, subset), True)
+    # k larger than the candidate count: -inf / -1 fill after the real ones.
+    small = torch.tensor([3, 17, 1000])
+    got = topk_scores(ue, ie, 6, erp, ecol, small)
+    check_topk(got, ref_topk(ue, ie, 6, erp, ecol, small), True)
+    assert (got[1][:, 3:] == -1).all() and torch.isinf(got[0][:, 3:]).all()
+    s, i = topk_scores(ue, ie, 0)
+    assert s.shape == (U, 0) and i.shape == (U, 0)
+    s, i = topk_scores(ue, ie, 3, item_subset=torch.zeros(0, dtype=torch.long))
+    assert (i == -1).all()
+
+
+def test_topk_noncontiguous_and_detached():
+    g = gen(7)
+    ue = torch.randn(8, 20, generator=g).T.requires_grad_()  # [20, 8]
+    ie = torch.randn(8, 100, generator=g).T
+    s, i = topk_scores(ue, ie, 7)
+    check_topk((s, i), ref_topk(ue.detach(), ie, 7), True)
+    assert not s.requires_grad
+
+
+def test_topk_opcheck():
+    g = gen(8)
+    ue = torch.randn(9, 6, generator=g, requires_grad=True)
+    ie = torch.randn(70, 6, generator=g)
+    erp, ecol = random_exclusions(9, 70, 5, g)
+    op = torch.ops.reclm.topk_scores.default
+    torch.library.opcheck(op, (ue, ie, erp, ecol, 5, None))
+    torch.library.opcheck(op, (ue, ie, erp, ecol, 5, torch.arange(0, 70, 3)))
+
+
+def _topk_args(**over):
+    args = dict(user_emb=torch.ones(2, 3), item_emb=torch.ones(5, 3),
+                exclude_rowptr=torch.tensor([0, 2, 3]), exclude_col=torch.tensor([1, 3, 0]),
+                k=2, item_subset=None)
+    args.update(over)
+    return list(args.values())
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(k=-1), "k must be >= 0"),
+    (dict(item_emb=torch.ones(5, 4)), "user_emb dim 3 != item_emb dim 4"),
+    (dict(item_emb=torch.ones(5, 3, dtype=torch.float64)), "item_emb dtype"),
+    (dict(user_emb=torch.ones(2, 3, dtype=torch.int64), item_emb=torch.ones(5, 3, dtype=torch.int64)),
+     "user_emb must be float32 or float64"),
+    (dict(exclude_rowptr=torch.tensor([0, 2, 3], dtype=torch.int32)), "exclude_rowptr must be int64"),
+    (dict(exclude_rowptr=torch.tensor([0, 3])), "exclude_rowptr has 2 entries"),
+    (dict(exclude_col=torch.tensor([3, 1, 0])), "exclude_col must be sorted"),
+    (dict(exclude_col=torch.tensor([1, 5, 0])), "exclude_col has indices outside"),
+    (dict(item_subset=torch.tensor([2, 1])), "item_subset must be sorted and unique"),
+    (dict(item_subset=torch.tensor([1, 1])), "item_subset must be sorted and unique"),
+    (dict(item_subset=torch.tensor([0, 7])), "item_subset has ids outside"),
+    (dict(item_subset=torch.tensor([0, 1], dtype=torch.int32)), "item_subset must be int64"),
+])
+def test_topk_bad_inputs(over, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.reclm.topk_scores(*_topk_args(**over))
+
+
+# -------------------------------------------------------------------- metrics
+
+def test_rank_metrics_hand_computed():
+    topk = torch.tensor([[5, 1, 7, 2],     # test {1, 2, 9}: hits at ranks 1, 3
+                         [3, -1, -1, -1],  # test {3}: fewer test items than K
+                         [0, 1, 2, 3],     # no test items
+                         [4, 4, 6, 8]])    # test {8, 8 (dup)}: hit at rank 3
+    rp = torch.tensor([0, 3, 4, 4, 6])
+    col = torch.tensor([2, 1, 9, 3, 8, 8])
+    m = rank_metrics(topk, rp, col, [2, 4])
+    d = [1 / math.log2(r + 2) for r in range(4)]
+    torch.testing.assert_close(m["recall@2"], torch.tensor([1 / 3, 1.0, math.nan, 0.0],
+                                                           dtype=torch.float64), equal_nan=True)
+    torch.testing.assert_close(m["recall@4"], torch.tensor([2 / 3, 1.0, math.nan, 1.0],
+                                                           dtype=torch.float64), equal_nan=True)
+    torch.testing.assert_close(m["ndcg@2"], torch.tensor(
+        [d[1] / (d[0] + d[1]), 1.0, math.nan, 0.0], dtype=torch.float64), equal_nan=True)
+    torch.testing.assert_close(m["ndcg@4"], torch.tensor(
+        [(d[1] + d[3]) / (d[0] + d[1] + d[2]), 1.0, math.nan, d[3] / d[0]],
+        dtype=torch.float64), equal_nan=True)
+    with pytest.raises(ValueError, match="ks entry 5"):
+        rank_metrics(topk, rp, col, [5])
+    with pytest.raises(ValueError, match="test_rowptr has 3 entries"):
+        rank_metrics(topk, rp[:3], col, [2])
+
+
+# ----------------------------------------------------------------------- CUDA
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 32, 64, 100])
+def test_spmm_cuda(dtype, d):
+    g = gen(9)
+    A = make_csr(300, 200, 5000, dtype, g, empty_rows=(0, 7))
+    x = torch.randn(200, d, generator=g, dtype=dtype)
+    gy = torch.randn(300, d, generator=g, dtype=dtype)
+    xc = x.cuda().requires_grad_()
+    y = spmm(A.to("cuda"), xc)
+    y.backward(gy.cuda())
+    torch.testing.assert_close(y.cpu(), A.to_dense() @ x)
+    torch.testing.assert_close(xc.grad.cpu(), A.to_dense().T @ gy)
+
+
+@needs_cuda
+def test_spmm_cuda_checks_and_opcheck():
+    g = gen(10)
+    A = make_csr(30, 20, 100, torch.float64, g).to("cuda")
+    x = torch.randn(20, 5, generator=g, dtype=torch.float64, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.reclm.spmm.default, tuple(A[:6]) + (x,))
+    with pytest.raises(RuntimeError, match="x is on cpu"):
+        torch.ops.reclm.spmm(*A[:6], x.detach().cpu())
+    bad = A.col.clone()
+    bad[0] = 99
+    with pytest.raises(RuntimeError, match="col has indices outside"):
+        torch.ops.reclm.spmm(A.rowptr, bad, *A[2:6], x)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_cuda(dtype):
+    g = gen(11)
+    U, I = 50, 3000
+    ue = torch.randint(-2, 3, (U, 8), generator=g).to(dtype)
+    ie = torch.randint(-2, 3, (I, 8), generator=g).to(dtype)
+    erp, ecol = random_exclusions(U, I, 40, g)
+    subset = torch.randperm(I, generator=g)[:1500].sort().values
+    for k, sub in [(40, None), (7, subset), (300, None), (5, torch.tensor([4, 9]))]:
+        ref = ref_topk(ue, ie, k, erp, ecol, sub)
+        got = topk_scores(ue.cuda(), ie.cuda(), k, erp.cuda(), ecol.cuda(),
+                          None if sub is None else sub.cuda())
+        check_topk((got[0].cpu(), got[1].cpu()), ref, True)
+    op = torch.ops.reclm.topk_scores.default
+    torch.library.opcheck(op, (ue.cuda().requires_grad_(), ie.cuda(), erp.cuda(), ecol.cuda(),
+                               5, None))
