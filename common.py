@@ -721,11 +721,13 @@ def lightgcn(adj, emb0, n_layers):
 
 
 class BPRSampler:
-    """Uniform (user, positive, negative) triples; negatives are resampled while they are positives."""
+    """Uniform (user, positive, negative) triples; negatives are drawn from `pool` (default: all items)
+    and resampled while they are the user's positives."""
 
-    def __init__(self, train_u, train_i, n_items, seed):
+    def __init__(self, train_u, train_i, n_items, seed, pool=None):
         self.u, self.i, self.n_items = np.asarray(train_u), np.asarray(train_i), n_items
         self.keys = np.unique(self.u.astype(np.int64) * n_items + self.i)
+        self.pool = np.arange(n_items) if pool is None else np.asarray(pool, dtype=np.int64)
         self.rng = np.random.default_rng(seed)
 
     def epoch(self, batch_size):
@@ -733,13 +735,17 @@ class BPRSampler:
         for start in range(0, len(perm), batch_size):
             idx = perm[start:start + batch_size]
             u, pos = self.u[idx], self.i[idx]
-            neg = self.rng.integers(0, self.n_items, len(idx))
+            neg = self.pool[self.rng.integers(0, len(self.pool), len(idx))]
             for _ in range(100):
-                bad = np.isin(u.astype(np.int64) * self.n_items + neg, self.keys)
+                bad = self.is_positive(u, neg)
                 if not bad.any():
                     break
-                neg[bad] = self.rng.integers(0, self.n_items, int(bad.sum()))
+                neg[bad] = self.pool[self.rng.integers(0, len(self.pool), int(bad.sum()))]
             yield (torch.from_numpy(u).long(), torch.from_numpy(pos).long(), torch.from_numpy(neg).long())
+
+    def is_positive(self, u, i):
+        q = u.astype(np.int64) * self.n_items + i
+        return self.keys[np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)] == q
 
     def n_batches(self, batch_size):
         return (len(self.u) + batch_size - 1) // batch_size
@@ -771,8 +777,9 @@ def rank_eval(user_emb, item_emb, exclude, test, ks=(20, 40), item_subset=None, 
     for start in range(0, user_emb.shape[0], users_per_chunk):
         stop = min(start + users_per_chunk, user_emb.shape[0])
         ex_ptr, ex_col = exclude[0][start:stop + 1], exclude[1]
-        _, idx = o.topk_scores(user_emb[start:stop], item_emb, (ex_ptr - ex_ptr[0]).to(user_emb.device),
-                               ex_col[ex_ptr[0]:ex_ptr[-1]].to(user_emb.device), kmax, item_subset)
+        _, idx = o.topk_scores(user_emb[start:stop], item_emb, k=kmax, item_subset=item_subset,
+                               exclude_rowptr=(ex_ptr - ex_ptr[0]).to(user_emb.device),
+                               exclude_col=ex_col[ex_ptr[0]:ex_ptr[-1]].to(user_emb.device))
         te_ptr, te_col = test[0][start:stop + 1], test[1]
         m = o.rank_metrics(idx.cpu(), te_ptr - te_ptr[0], te_col[te_ptr[0]:te_ptr[-1]], list(ks))
         for name, v in m.items():

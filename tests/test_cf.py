@@ -1,0 +1,206 @@
+"""Stage 07 (07_train_cf.py) on the synthetic run: every backbone x variant trains and writes what 08
+reads, early stopping never looks at the test split, NCF's tiled ranking equals a dense reference, and
+stale inputs are refused."""
+import importlib
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+cf = importlib.import_module("07_train_cf")
+
+FAST = ["--max-epochs", "6", "--eval-every", "2", "--batch-size", "64", "--lr", "0.01"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_profiles(run, source="test", d_t=16, seed=1):
+    """Profile embeddings as 06 writes them, recorded in the manifest so that check_inputs accepts them."""
+    split = common.load_split(run)
+    rng = np.random.default_rng(seed)
+    files = []
+    for name, n in (("user_emb.npy", split["n_users"]), ("item_emb.npy", split["n_items"])):
+        x = rng.standard_normal((n, d_t)).astype(np.float32)
+        common.save_npy(run / "profiles" / source / name, x / np.linalg.norm(x, axis=1, keepdims=True))
+        files.append(f"profiles/{source}/{name}")
+
+    class Args:
+        seed = 0
+    common.record_stage(run, f"06_profile/{source}", Args(), [], files, time.time())
+    return run
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backbone", cf.BACKBONES)
+def test_every_variant_trains_and_writes_outputs(synthetic_run, backbone):
+    run = write_profiles(synthetic_run)
+    split = common.load_split(run)
+    n_users, n_items = split["n_users"], split["n_items"]
+    metas = cf.main(["--run", str(run), "--backbone", backbone, "--variant", "all", "--source", "test", *FAST])
+    assert [m["variant"] for m in metas] == list(cf.VARIANTS)
+    manifest = common.read_manifest(run)["stages"]
+    for meta in metas:
+        name = f"{backbone}_{meta['variant']}_{meta['source']}_s0"
+        folder = run / "cf" / name
+        assert meta["source"] == ("none" if meta["variant"] in ("base", "id") else "test")
+        assert json.loads((folder / "meta.json").read_text())["best_epoch"] == meta["best_epoch"]
+        assert meta["can_score_cold"] == (meta["variant"] != "id")
+        assert 1 <= meta["best_epoch"] <= 6 and meta["seconds_per_epoch"] > 0
+        log = read_log(folder)
+        assert [r["epoch"] for r in log] == list(range(1, len(log) + 1))
+        assert log[-1]["loss"] < log[0]["loss"], f"{name}: training loss did not fall: {[r['loss'] for r in log]}"
+        assert all("valid_recall@20" in r for r in log if r["epoch"] % 2 == 0)
+        state = torch.load(folder / "model.pt")
+        assert "towers.user_id.weight" in state and ("towers.item_id.weight" in state) == (meta["variant"] == "id")
+        assert not any(k.endswith(("text", "user_prof", "item_prof")) for k in state)  # inputs are not parameters
+        if meta["scorer"] == "dot":
+            user, item = np.load(folder / "user_emb.npy"), np.load(folder / "item_emb.npy")
+            width = 32 + (backbone == "biasmf")
+            assert user.shape == (n_users, width) and item.shape == (n_items, width)
+            assert user.dtype == item.dtype == np.float32 and np.isfinite(user).all() and np.isfinite(item).all()
+        else:
+            full = np.load(folder / "topk_full.npz")["indices"]
+            assert full.shape == (n_users, cf.TOPK)
+            assert (folder / "topk_zero.npz").exists() == meta["can_score_cold"]
+            if meta["can_score_cold"]:
+                zero = np.load(folder / "topk_zero.npz")["indices"]
+                assert np.isin(zero[zero >= 0], split["cold_items"]).all()
+            seen = set(zip(np.r_[split["train_u"], split["valid_u"]].tolist(), np.r_[split["train_i"], split["valid_i"]].tolist()))
+            assert not any((u, i) in seen for u in range(n_users) for i in full[u] if i >= 0)
+        rec = manifest[f"07_train_cf/{name}"]
+        assert set(rec["outputs"]) == {f"cf/{name}/{f.name}" for f in folder.iterdir()}
+        assert ("item_text_emb.npy" in rec["inputs"]) == (meta["variant"] != "id")
+
+
+def test_early_stopping_never_reads_test(synthetic_run, monkeypatch):
+    """Validation ranks against the validation items, and rewriting the test split changes nothing."""
+    run = synthetic_run
+    split = common.load_split(run)
+    valid = common.csr(split["valid_u"], split["valid_i"], split["n_users"])
+    calls = []
+    real = common.rank_eval
+
+    def spy(user, item, exclude, test, *a, **kw):
+        calls.append(test)
+        return real(user, item, exclude, test, *a, **kw)
+    monkeypatch.setattr(common, "rank_eval", spy)
+    argv = ["--run", str(run), "--backbone", "biasmf", "ncf", "sgl", *FAST]
+
+    def outputs():
+        cf.main(argv)
+        out = {}
+        for folder in sorted((run / "cf").iterdir()):
+            out[folder.name] = [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(folder)]
+            for f in ("user_emb.npy", "item_emb.npy"):
+                if (folder / f).exists():
+                    out[folder.name, f] = np.load(folder / f)
+            if (folder / "topk_full.npz").exists():
+                out[folder.name, "topk"] = np.load(folder / "topk_full.npz")["indices"]
+        return out
+
+    before = outputs()
+    assert calls and all(torch.equal(t[0], valid[0]) and torch.equal(t[1], valid[1]) for t in calls)
+    rng = np.random.default_rng(7)   # a different test split: other users, other items
+    split["test_u"] = rng.integers(0, split["n_users"], len(split["test_u"]))
+    split["test_i"] = rng.integers(0, split["n_items"], len(split["test_i"]))
+    common.save_npz(run / "data" / "split.npz", **split)
+
+    class Args:
+        seed = 0
+    record = common.read_manifest(run)["stages"]["01_neighbors"]
+    common.record_stage(run, "01_neighbors", Args(), [], list(record["outputs"]), time.time())
+    after = outputs()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert np.array_equal(before[key], after[key]) if isinstance(before[key], np.ndarray) else before[key] == after[key], key
+
+
+def dense_topk(scores, exclude, k, subset=None):
+    """Reference: every score at once, excluded items dropped, (score desc, item id asc)."""
+    n_users, n_items = scores.shape
+    cand = np.arange(n_items) if subset is None else np.asarray(subset)
+    idx = np.full((n_users, k), -1)
+    for u in range(n_users):
+        ex = set(exclude[1][exclude[0][u]:exclude[0][u + 1]].tolist())
+        items = np.array([i for i in cand if i not in ex], dtype=np.int64)
+        order = np.lexsort((items, -scores[u, items]))[:k]
+        idx[u, :len(order)] = items[order]
+    return idx
+
+
+def tiny_ncf(variant="base", n_users=13, n_items=37, d=8, seed=0):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    towers = cf.Towers(variant, n_users, n_items, d, text=rng.standard_normal((n_items, 6)))
+    return cf.NeuMF(towers, d).double().eval()
+
+
+@pytest.mark.parametrize("subset", [None, np.array([1, 4, 5, 9, 20, 21, 22, 30, 36])])
+def test_ncf_tiled_topk_matches_dense(subset):
+    model = tiny_ncf()
+    n_users, n_items = 13, 37
+    rng = np.random.default_rng(3)
+    ex_u = np.r_[rng.integers(0, n_users, 60), np.zeros(n_items - 3, dtype=np.int64)]   # user 0: 3 candidates left
+    ex_i = np.r_[rng.integers(0, n_items, 60), np.arange(3, n_items)]
+    exclude = common.csr(ex_u, ex_i, n_users)
+    with torch.no_grad():
+        dense = model.pair_scores(model.towers.users()[:, None], model.towers.items()[None]).numpy()
+    k = 6
+    scores, idx = cf.ncf_topk(model, exclude, k, subset, users_per_tile=4, items_per_tile=5)
+    ref = dense_topk(dense, (exclude[0].numpy(), exclude[1].numpy()), k, subset)
+    np.testing.assert_array_equal(idx.numpy(), ref)
+    assert (idx[0, 3:] == -1).all() and torch.isinf(scores[0, 3:]).all()   # fewer candidates than k
+    ok = idx >= 0
+    rows = torch.arange(n_users)[:, None].expand_as(idx)
+    torch.testing.assert_close(scores[ok], torch.from_numpy(dense)[rows[ok], idx[ok]])
+
+
+def test_ncf_ties_go_to_the_lower_item_id():
+    model = tiny_ncf()
+    torch.nn.init.zeros_(model.out.weight)   # every score is 0
+    exclude = common.csr(np.array([0, 0, 1]), np.array([0, 2, 1]), 13)
+    _, idx = cf.ncf_topk(model, exclude, 4, users_per_tile=5, items_per_tile=3)
+    assert idx[0].tolist() == [1, 3, 4, 5] and idx[1].tolist() == [0, 2, 3, 4] and idx[2].tolist() == [0, 1, 2, 3]
+
+
+def test_biasmf_dot_reps_rank_like_the_biased_score():
+    torch.manual_seed(0)
+    towers = cf.Towers("base", 5, 9, 4, text=np.random.default_rng(0).standard_normal((9, 3)))
+    model = cf.BiasMF(towers, 5, 9, 4)
+    torch.nn.init.normal_(model.user_bias.weight)
+    torch.nn.init.normal_(model.item_bias.weight)
+    u, v = torch.arange(5).repeat_interleave(9), torch.arange(9).repeat(5)
+    with torch.no_grad():
+        score, _, _, _ = model(u, v, v)
+        user, item = model.dot_reps()
+        torch.testing.assert_close((user @ item.T).reshape(-1), score - model.user_bias(u).squeeze(-1))
+
+
+def test_stale_inputs_are_refused_unless_forced(synthetic_run):
+    run = synthetic_run
+    emb = np.load(run / "item_text_emb.npy")
+    common.save_npy(run / "item_text_emb.npy", emb[:, ::-1].copy())   # changed after 01 wrote it
+    argv = ["--run", str(run), "--backbone", "biasmf", "--max-epochs", "2", "--eval-every", "1"]
+    with pytest.raises(SystemExit, match="01_neighbors"):
+        cf.main(argv)
+    assert not (run / "cf").exists()
+    metas = cf.main(argv + ["--force"])
+    assert (run / "cf" / "biasmf_base_none_s0" / "user_emb.npy").exists() and metas[0]["best_epoch"] >= 1
+
+
+def test_augment_needs_recorded_profiles(synthetic_run):
+    with pytest.raises(SystemExit, match="profiles/ppo/user_emb.npy"):
+        cf.main(["--run", str(synthetic_run), "--variant", "augment", "--source", "ppo", *FAST])

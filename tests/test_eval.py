@@ -1,0 +1,115 @@
+"""08_eval on a toy run whose right answers are known by construction."""
+import importlib
+import json
+import time
+
+import numpy as np
+import pytest
+
+import common
+
+eval08 = importlib.import_module("08_eval")
+
+
+class Args:
+    seed = 0
+
+
+def write_model(run, name, meta, user_emb=None, item_emb=None):
+    folder = run / "cf" / name
+    files = []
+    if user_emb is not None:
+        common.save_npy(folder / "user_emb.npy", user_emb.astype(np.float32))
+        common.save_npy(folder / "item_emb.npy", item_emb.astype(np.float32))
+        files += ["user_emb.npy", "item_emb.npy"]
+    common.write_json(folder / "meta.json", {"seed": 0, "best_epoch": 3, "seconds_per_epoch": 0.5, **meta})
+    files.append("meta.json")
+    common.record_stage(run, f"07_train_cf/{name}", Args(), ["data/split.npz"], [f"cf/{name}/{f}" for f in files],
+                        time.time())
+
+
+@pytest.fixture
+def toy_run(tmp_path):
+    """8 users, 10 items; items 8, 9 are cold. User u trained on item u, tests on item (u+1) % 8 (warm)
+    and, for even users, on cold item 8 + (u // 2) % 2. The oracle embeds each user next to its test items."""
+    run = tmp_path / "run"
+    n_users, n_items = 8, 10
+    train_u = np.arange(8); train_i = np.arange(8)
+    test_u = [u for u in range(8)] + [u for u in range(0, 8, 2)]
+    test_i = [(u + 1) % 8 for u in range(8)] + [8 + (u // 2) % 2 for u in range(0, 8, 2)]
+    split = {"train_u": train_u, "train_i": train_i, "valid_u": np.zeros(0, np.int64), "valid_i": np.zeros(0, np.int64),
+             "test_u": np.array(test_u), "test_i": np.array(test_i), "cold_items": np.array([8, 9]),
+             "n_users": np.int64(n_users), "n_items": np.int64(n_items)}
+    common.save_npz(run / "data" / "split.npz", **split)
+    common.record_stage(run, "01_neighbors", Args(), [], ["data/split.npz"], time.time())
+    items = np.eye(n_items)
+    oracle = np.zeros((n_users, n_items))
+    for u, i in zip(test_u, test_i):
+        oracle[u, i] = 1.0
+    oracle[np.arange(8), np.arange(8)] = 5.0   # training items score highest but are masked
+    write_model(run, "lightgcn_augment_ppo_s0", {"backbone": "lightgcn", "variant": "augment", "source": "ppo",
+                                                 "scorer": "dot", "can_score_cold": True}, oracle, items)
+    worst = -oracle
+    worst[np.arange(8), np.arange(8)] = 5.0
+    write_model(run, "lightgcn_base_none_s0", {"backbone": "lightgcn", "variant": "base", "source": "none",
+                                               "scorer": "dot", "can_score_cold": True}, worst, items)
+    write_model(run, "lightgcn_id_none_s0", {"backbone": "lightgcn", "variant": "id", "source": "none",
+                                             "scorer": "dot", "can_score_cold": False}, oracle, items)
+    return run
+
+
+def rows_by(run):
+    out = {}
+    for r in common.read_jsonl(run / "results" / "metrics.jsonl"):
+        out[(r["variant"], r["setting"], r["metric"])] = r
+    return out
+
+
+def test_oracle_scores_perfectly_and_worst_scores_zero(toy_run):
+    eval08.main(["--run", str(toy_run), "--ks", "1", "2"])
+    rows = rows_by(toy_run)
+    # full-shot: even users have 2 test items, so Recall@1 = 0.5 for them, 1 for odd users
+    assert rows[("augment", "full", "recall@1")]["value"] == pytest.approx(0.75)
+    assert rows[("augment", "full", "recall@2")]["value"] == pytest.approx(1.0)
+    assert rows[("augment", "full", "ndcg@1")]["value"] == pytest.approx(1.0)
+    assert rows[("augment", "full", "ndcg@2")]["value"] == pytest.approx(1.0)
+    # zero-shot: only the 4 even users have cold test items; the other 4 are skipped and counted
+    z = rows[("augment", "zero", "recall@1")]
+    assert z["value"] == pytest.approx(1.0) and z["users"] == 4 and z["skipped_users"] == 4
+    # the worst model ranks every test item below all other candidates
+    assert rows[("base", "full", "recall@2")]["value"] == pytest.approx(0.0)
+    assert rows[("base", "zero", "recall@1")]["value"] == pytest.approx(0.0)
+    # the ID model's zero-shot rows say it cannot score cold items instead of reporting zeros
+    assert rows[("id", "zero", None)]["note"].startswith("ID item embeddings cannot")
+    md = (toy_run / "results" / "tables.md").read_text()
+    assert "| lightgcn | Augment | 0.7500* | 1.0000* |" in md  # base is 0: no % change, but significant
+    assert "n/a" in md and "Table 3" in md
+    per_user = np.load(toy_run / "results" / "per_user" / "lightgcn_augment_ppo_s0_zero.npz")
+    assert np.isnan(per_user["recall@1"][1::2]).all()
+
+
+def test_ndcg_partial_credit(toy_run):
+    """Put each user's warm test item second (behind a non-test item): NDCG@2 = 1/log2(3) / IDCG."""
+    split = common.load_split(toy_run)
+    users = np.zeros((8, 10))
+    for u in range(8):
+        users[u, (u + 1) % 8] = 1.0
+        users[u, (u + 2) % 8] = 2.0 if (u + 2) % 8 != (u + 1) % 8 else 0.0
+        users[u, 8:] = -1.0
+    write_model(toy_run, "biasmf_base_none_s0", {"backbone": "biasmf", "variant": "base", "source": "none",
+                                                 "scorer": "dot", "can_score_cold": True}, users, np.eye(10))
+    eval08.main(["--run", str(toy_run), "--ks", "2"])
+    rows = [r for r in common.read_jsonl(toy_run / "results" / "metrics.jsonl")
+            if r["backbone"] == "biasmf" and r["setting"] == "full" and r["metric"] == "ndcg@2"]
+    odd = 1 / np.log2(3)                   # one test item, found at rank 2
+    even = (1 / np.log2(3)) / (1 + 1 / np.log2(3))  # two test items, one found at rank 2
+    assert rows[0]["value"] == pytest.approx((4 * odd + 4 * even) / 8)
+    assert split["n_users"] == 8
+
+
+def test_refuses_models_written_from_a_stale_split(toy_run):
+    split = dict(np.load(toy_run / "data" / "split.npz"))
+    split["test_i"] = split["test_i"][::-1].copy()
+    common.save_npz(toy_run / "data" / "split.npz", **split)
+    with pytest.raises(common.StaleInputError, match="01_neighbors"):
+        eval08.main(["--run", str(toy_run)])
