@@ -642,7 +642,13 @@ def resolve_llm(model=DEFAULT_LLM):
     src = _smollm_dir()
     log.info("converting %s to safetensors in %s (once)", src / SMOLLM_GGUF, out)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
-    llm = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    gguf_llm = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    cfg = gguf_llm.config
+    if hasattr(cfg, "quantization_config"):  # the de-quantised weights are plain float32
+        del cfg.quantization_config
+    llm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    llm.load_state_dict(gguf_llm.state_dict())
+    llm.generation_config = gguf_llm.generation_config
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     llm.save_pretrained(tmp)
     tok.save_pretrained(tmp)

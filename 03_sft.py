@@ -1,0 +1,463 @@
+"""03_sft — LoRA instruction tuning of the profile LLM (paper sec. 2.3, appendix 6.4 / 6.6).
+
+Variants (`--variant`):
+  gpt_kd  single turn: prompt = the user's training items (KD_PROMPT below), response = the teacher profile
+          (knowledge distillation, sec. 2.3.1).
+  naive   the two-turn dialogue below; loss only on the turn-2 answer (Yes/No).
+  mask    the two-turn dialogue; loss on every response segment (the turn-1 profiles and the turn-2 answer),
+          every system/user token masked (sec. 2.3.2, "Tuning Strategy").
+
+Two-turn dialogue (one per target user, targets = the "sft" user set of user_sets.json):
+  system  explains collaborative filtering and the two stages (TWO_TURN_SYSTEM).
+  turn 1  the target's and its similar users' (neighbors.npz user_nbrs) item lists with item text; asks for every
+          user's profile. Answer: the profiles, one per line (TURN1_ANSWER_LINE). Profiles come from the teacher
+          (distill.jsonl; users of the "eval" set are never taught, so their teacher profiles are not used), and for
+          neighbours the teacher did not see, from the trained `sft_gpt_kd` model when `run/sft_gpt_kd` exists
+          (generated once, cached resumably in `sft_kd_profiles.jsonl`, keyed by the adapter's sha256); neighbours
+          with no (valid) profile are left out of the dialogue, and the log says how many.
+  turn 2  "will the target user interact with item v?"; answer Yes or No. Positive (50%): v is a training item of
+          the target that also appears in a shown neighbour's list; v is removed from the target's turn-1 list.
+          Negative: v is a shown neighbour's item the target never interacted with in train or valid. When a target
+          has no positive candidate the example becomes a negative (counted in the log).
+  Prompts longer than --max-length tokens keep each user's newest items (halving the shown counts) and say how
+  many older items were dropped; an example that still does not fit is skipped (counted).
+
+Tokenisation: the chat template's {% generation %} markers give the assistant-token mask
+(`apply_chat_template(..., return_assistant_tokens_mask=True)`, as SFTTrainer's `assistant_only_loss` does);
+labels = input_ids on supervised tokens (for `naive`: only the last assistant turn), -100 elsewhere. The
+pre-tokenised dataset (input_ids + labels) is trained with trl's SFTTrainer and a peft LoRA.
+
+Reads  data/split.npz, data/items.jsonl, neighbors.npz, distill.jsonl, user_sets.json
+       (two-turn variants, if present: sft_gpt_kd/ for the neighbours' profiles)
+Writes sft_<variant>/ : adapter_config.json, adapter_model.safetensors, tokenizer files, train_log.jsonl (per-step
+       loss), sft_info.json (counts, options); sft_kd_profiles.jsonl (two-turn variants with sft_gpt_kd present).
+       The folder is trained in sft_<variant>.tmp/ and renamed when finished.
+
+Run    python 03_sft.py --run runs/ml100k --variant gpt_kd
+       python 03_sft.py --run runs/ml100k --variant mask      # after gpt_kd, to fill in neighbours' profiles
+Time   (SmolLM2-135M, 2 CPU cores, measured on a synthetic run) see TIMING below.
+"""
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+
+log = common.log
+
+# ----------------------------------------------------------------------------- defaults
+DEFAULTS = dict(
+    variant="mask",
+    max_steps=5,           # optimizer steps (0: one full epoch over the examples); CPU-sized, see TIMING
+    epochs=1.0,
+    batch_size=2,
+    grad_accum=1,
+    lr=2e-4,
+    lora_r=8, lora_alpha=16, lora_dropout=0.05,
+    lora_targets="q_proj,k_proj,v_proj,o_proj",
+    max_length=1024,       # tokens per example (prompt + responses)
+    max_items=12,          # newest target items shown
+    max_nbr_items=6,       # newest items shown per neighbour
+    n_neighbors=2,         # similar users per dialogue (<= k of neighbors.npz)
+    item_chars=50,         # item text cut to this many characters
+    kd_gen_batch=8, kd_max_new_tokens=48,
+)
+# TIMING (SmolLM2-135M, CPU, fp32): a gpt_kd step (batch 4 x ~575 tokens) took ~75 CPU-seconds (~3 min wall on
+# 2 cores shared by 4 processes), i.e. ~40 s on 2 free cores; two-turn examples are ~700 tokens with the defaults.
+# Measured under the same load: a mask step (batch 2 x ~640 tokens) 107 s wall. Hence the CPU defaults (5 steps of
+# batch 2: ~2-3 min per variant on 2 free cores); on a GPU raise --max-steps (0 = 1 epoch) and the prompt sizes.
+
+# ----------------------------------------------------------------------------- prompt templates
+KD_SYSTEM = common.SYSTEM_PROMPT
+KD_PROMPT = (
+    "Items the user interacted with, oldest to newest{dropped}:\n{items}\n\n"
+    "Write this user's profile as three short identities and three interests, in exactly this form:\n"
+    "User identity: A, B, C; User interests: X, Y, Z")
+
+TWO_TURN_SYSTEM = (
+    "You are a recommendation assistant. Collaborative filtering assumes that users with similar interaction "
+    "histories share interests, so similar users' histories and profiles help predict what a user will like. "
+    "The task has two stages: first you write a profile for the target user and for each similar user from "
+    "their items, then you use these profiles to predict whether the target user will interact with a new item. "
+    "A profile has exactly this form: User identity: A, B, C; User interests: X, Y, Z")
+TURN1_PROMPT = (
+    "Target user's items, oldest to newest{dropped}:\n{target}\n\n"
+    "{neighbors}\n\n"
+    "Write a profile for the target user and for each similar user, one per line, each in exactly this form:\n"
+    "User identity: A, B, C; User interests: X, Y, Z")
+TURN1_NEIGHBOR = "Similar user {n}'s items{dropped}:\n{items}"
+TURN1_ANSWER_LINE = "{who}: {profile}"
+TURN2_PROMPT = ("Will the target user interact with this item?\n{item}\n"
+                "Answer Yes or No.")
+ANSWERS = {1: "Yes", 0: "No"}
+
+
+def dropped_note(n):
+    return f" ({n} older items not shown)" if n else ""
+
+
+# ----------------------------------------------------------------------------- data
+
+def kd_messages(items, item_text, max_items, item_chars, profile=None):
+    text, dropped = common.item_list(items, item_text, max_items, max_chars=item_chars)
+    msgs = [{"role": "system", "content": KD_SYSTEM},
+            {"role": "user", "content": KD_PROMPT.format(dropped=dropped_note(dropped), items=text)}]
+    if profile is not None:
+        msgs.append({"role": "assistant", "content": profile})
+    return msgs
+
+
+def two_turn_messages(target_items, nbrs, item_text, v, label, target_profile, max_items, max_nbr_items,
+                      item_chars):
+    """nbrs: list of (items, profile). target_items must already exclude a positive v."""
+    text, dropped = common.item_list(target_items, item_text, max_items, max_chars=item_chars)
+    blocks, answers = [], [TURN1_ANSWER_LINE.format(who="Target user", profile=target_profile)]
+    for n, (items, profile) in enumerate(nbrs, 1):
+        t, d = common.item_list(items, item_text, max_nbr_items, max_chars=item_chars)
+        blocks.append(TURN1_NEIGHBOR.format(n=n, dropped=dropped_note(d), items=t))
+        answers.append(TURN1_ANSWER_LINE.format(who=f"Similar user {n}", profile=profile))
+    return [
+        {"role": "system", "content": TWO_TURN_SYSTEM},
+        {"role": "user", "content": TURN1_PROMPT.format(dropped=dropped_note(dropped), target=text,
+                                                        neighbors="\n\n".join(blocks) or "(no similar users)")},
+        {"role": "assistant", "content": "\n".join(answers)},
+        {"role": "user", "content": TURN2_PROMPT.format(item=item_text[v][:item_chars * 2])},
+        {"role": "assistant", "content": ANSWERS[label]},
+    ]
+
+
+def tokenize_example(tok, messages, last_turn_only):
+    """input_ids and labels (-100 off the supervised spans) from the template's generation markers."""
+    out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    if 1 not in mask:
+        raise RuntimeError("the chat template marked no assistant tokens: it needs {% generation %} markers")
+    if last_turn_only:  # keep only the last contiguous run of assistant tokens
+        end = len(mask) - mask[::-1].index(1)
+        start = end
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        mask = [1 if start <= k < end else 0 for k in range(len(mask))]
+    labels = [t if m else -100 for t, m in zip(ids, mask)]
+    return ids, labels
+
+
+def teacher_profiles(run, sets):
+    """{user: profile} from distill.jsonl, excluding users of the held-out "eval" set."""
+    eval_users = set(sets.get("eval", []))
+    prof = {}
+    for r in common.read_jsonl(Path(run) / "distill.jsonl"):
+        if r["user"] not in eval_users and r.get("profile"):
+            prof[int(r["user"])] = r["profile"]
+    return prof
+
+
+def _fit(build, tok, max_length, max_items, max_nbr_items):
+    """Build messages, halving the shown item counts until the tokenised example fits; None if it never does."""
+    mi, mn = max_items, max_nbr_items
+    while True:
+        msgs = build(mi, mn)
+        n = len(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+        if n <= max_length:
+            return msgs, mi, mn
+        if mi <= 1 and mn <= 1:
+            return None, mi, mn
+        mi, mn = max(1, mi // 2), max(1, mn // 2)
+
+
+def build_examples(run, variant, tok, args, kd_profiles=None):
+    """The tokenised training examples of one variant and counts for the log. Each example:
+    {"user", "messages", "input_ids", "labels", "label" (two-turn: 1/0), "item" (two-turn: v)}."""
+    run = Path(run)
+    rng = np.random.default_rng(args.seed)
+    sets = json.loads((run / "user_sets.json").read_text())
+    split = common.load_split(run)
+    n_users = split["n_users"]
+    item_text = common.load_items(run)
+    train = common.user_items(split["train_u"], split["train_i"], n_users)
+    valid = common.user_items(split["valid_u"], split["valid_i"], n_users)
+    teacher = teacher_profiles(run, sets)
+    targets = [int(u) for u in sets["sft"] if int(u) in teacher and len(train[int(u)])]
+    stats = {"targets": len(sets["sft"]), "targets_with_profile": len(targets), "too_long": 0, "truncated": 0}
+    examples = []
+    if variant == "gpt_kd":
+        for u in targets:
+            msgs, mi, _ = _fit(lambda mi, mn: kd_messages(train[u], item_text, mi, args.item_chars, teacher[u]),
+                               tok, args.max_length, args.max_items, args.max_nbr_items)
+            if msgs is None:
+                stats["too_long"] += 1
+                continue
+            stats["truncated"] += mi < args.max_items and len(train[u]) > mi
+            ids, labels = tokenize_example(tok, msgs, last_turn_only=False)
+            examples.append({"user": u, "messages": msgs, "input_ids": ids, "labels": labels})
+        return examples, stats
+
+    nbr_table = common.load_neighbors(run)["user_nbrs"]
+    kd_profiles = kd_profiles or {}
+    stats.update(nbrs_teacher=0, nbrs_kd=0, nbrs_skipped=0, positives=0, negatives=0, forced_negative=0,
+                 no_candidate=0)
+    for u in targets:
+        nbrs = []
+        for v in nbr_table[u][:args.n_neighbors]:
+            v = int(v)
+            if v < 0 or v == u or not len(train[v]):
+                continue
+            if v in teacher:
+                nbrs.append((train[v], teacher[v])); stats["nbrs_teacher"] += 1
+            elif v in kd_profiles:
+                nbrs.append((train[v], kd_profiles[v])); stats["nbrs_kd"] += 1
+            else:
+                stats["nbrs_skipped"] += 1
+        shown = set(int(i) for items, _ in nbrs for i in list(items)[-args.max_nbr_items:])
+        own = set(int(i) for i in train[u]) | set(int(i) for i in valid[u])
+        pos_cand = sorted(shown & set(int(i) for i in train[u]))
+        neg_cand = sorted(shown - own)
+        want_pos = rng.random() < 0.5
+        if want_pos and not pos_cand:
+            stats["forced_negative"] += 1
+            want_pos = False
+        if not want_pos and not neg_cand:
+            if not pos_cand:
+                stats["no_candidate"] += 1
+                continue
+            want_pos = True
+        label = int(want_pos)
+        v_item = int(rng.choice(pos_cand if label else neg_cand))
+        target_items = [i for i in train[u] if int(i) != v_item] if label else list(train[u])
+
+        def build(mi, mn):
+            return two_turn_messages(target_items, nbrs, item_text, v_item, label, teacher[u], mi, mn,
+                                     args.item_chars)
+        msgs, mi, mn = _fit(build, tok, args.max_length, args.max_items, args.max_nbr_items)
+        if msgs is None:
+            stats["too_long"] += 1
+            continue
+        stats["truncated"] += (mi, mn) != (args.max_items, args.max_nbr_items)
+        stats["positives" if label else "negatives"] += 1
+        ids, labels = tokenize_example(tok, msgs, last_turn_only=(variant == "naive"))
+        examples.append({"user": u, "messages": msgs, "input_ids": ids, "labels": labels, "label": label,
+                         "item": v_item})
+    return examples, stats
+
+
+# ----------------------------------------------------------------------------- neighbours' profiles from sft_gpt_kd
+
+@torch.no_grad()
+def generate(model, tok, message_lists, max_new_tokens, batch_size, desc="generate", do_sample=False):
+    """Greedy (default) batched generation with left padding, prompts sorted by length; texts in input order."""
+    from tqdm import tqdm
+    prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in message_lists]
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+    out = [None] * len(prompts)
+    device = next(model.parameters()).device
+    tok.padding_side = "left"
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        idx = order[s:s + batch_size]
+        enc = tok([prompts[k] for k in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        for k, row in zip(idx, gen[:, enc["input_ids"].shape[1]:]):
+            out[k] = tok.decode(row, skip_special_tokens=True).strip()
+    return out
+
+
+def kd_neighbor_profiles(run, args, teacher, sets):
+    """{user: profile} written by sft_gpt_kd for the sft targets' neighbours that the teacher did not see;
+    cached in sft_kd_profiles.jsonl (resumable; rows of another adapter version are ignored)."""
+    run = Path(run)
+    adapter = run / "sft_gpt_kd"
+    if not (adapter / "adapter_model.safetensors").exists():
+        return {}, []
+    common.check_inputs(run, ["sft_gpt_kd/adapter_model.safetensors"], args.force)
+    sha = common.sha256_file(adapter / "adapter_model.safetensors")
+    split = common.load_split(run)
+    train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
+    nbr_table = common.load_neighbors(run)["user_nbrs"]
+    need = sorted({int(v) for u in sets["sft"] for v in nbr_table[int(u)][:args.n_neighbors]
+                   if int(v) >= 0 and int(v) not in teacher and len(train[int(v)])})
+    cache = run / "sft_kd_profiles.jsonl"
+    rows = [r for r in common.read_jsonl(cache, repair=True) if r.get("adapter_sha") == sha]
+    if not cache.exists() or len(rows) != len(common.read_jsonl(cache)):
+        common.write_jsonl(cache, rows)  # create it, or drop rows of an older adapter
+    done = {r["user"] for r in rows}
+    todo = [v for v in need if v not in done]
+    log.info("neighbour profiles from sft_gpt_kd: %d needed, %d cached, %d to generate", len(need),
+             len(need) - len(todo), len(todo))
+    if todo:
+        item_text = common.load_items(run)
+        model, tok = common.load_llm(args.model, adapter=adapter, device=args.device)
+        model.eval()
+        with open(cache, "a") as f:
+            for s in range(0, len(todo), args.kd_gen_batch * 4):
+                chunk = todo[s:s + args.kd_gen_batch * 4]
+                msgs = [kd_messages(train[v], item_text, args.max_items, args.item_chars) for v in chunk]
+                texts = generate(model, tok, msgs, args.kd_max_new_tokens, args.kd_gen_batch, desc="kd profiles")
+                for v, t in zip(chunk, texts):
+                    row = {"user": v, "raw": t, "profile": common.parse_profile(t), "adapter_sha": sha}
+                    common.append_jsonl(f, row)
+                    rows.append(row)
+        del model
+    prof = {r["user"]: r["profile"] for r in rows if r["profile"]}
+    bad = sum(1 for r in rows if not r["profile"])
+    log.info("sft_gpt_kd neighbour profiles: %d valid, %d malformed (those neighbours are left out)",
+             len(prof), bad)
+    return prof, ["sft_kd_profiles.jsonl"]
+
+
+# ----------------------------------------------------------------------------- training
+
+def lora_model(model, args, task_type="CAUSAL_LM"):
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                     target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
+                     task_type=task_type)
+    return get_peft_model(model, cfg)
+
+
+def step_logger(path):
+    """A TrainerCallback that appends each logged training step to a JSONL file."""
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        def __init__(self):
+            self.f = open(path, "a")
+            self.t0 = time.time()
+
+        def on_log(self, targs, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                row = {"step": state.global_step, "elapsed_s": round(time.time() - self.t0, 2),
+                       **{k: v for k, v in logs.items()
+                                                      if isinstance(v, (int, float))}}
+                common.append_jsonl(self.f, row)
+
+        def on_train_end(self, *a, **kw):
+            self.f.close()
+    return StepLog()
+
+
+def replace_dir(tmp, final):
+    """Move a finished folder over `final` (the old one, if any, is removed only after the move succeeds)."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def train_sft(model_path, tok, examples, out_dir, args):
+    """LoRA SFT with trl's SFTTrainer on pre-tokenised input_ids + labels; saves adapter + tokenizer to out_dir."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    model = lora_model(model, args)
+    ds = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+    cfg = SFTConfig(
+        output_dir=str(out_dir / "trainer"), per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
+        max_steps=args.max_steps if args.max_steps > 0 else -1, logging_steps=1, save_strategy="no",
+        report_to=[], bf16=use_bf16, fp16=False, use_cpu=(device == "cpu"), seed=args.seed, data_seed=args.seed,
+        max_length=args.max_length, lr_scheduler_type="cosine", warmup_steps=min(5, max(args.max_steps // 10, 0)),
+        disable_tqdm=False, dataloader_num_workers=0, remove_unused_columns=True,
+    )
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
+                         callbacks=[step_logger(out_dir / "train_log.jsonl")])
+    result = trainer.train()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+    return result
+
+
+def parse_args(argv=None):
+    p = common.stage_parser(__doc__)
+    d = DEFAULTS
+    p.add_argument("--variant", choices=["gpt_kd", "naive", "mask"], default=d["variant"],
+                   help="default: %(default)s")
+    p.add_argument("--model", default=common.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--max-steps", type=int, default=d["max_steps"],
+                   help="optimizer steps; 0 = --epochs full epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=float, default=d["epochs"], help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="default: %(default)s")
+    p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=d["lr"], help="default: %(default)s")
+    p.add_argument("--lora-r", type=int, default=d["lora_r"], help="default: %(default)s")
+    p.add_argument("--lora-alpha", type=int, default=d["lora_alpha"], help="default: %(default)s")
+    p.add_argument("--lora-dropout", type=float, default=d["lora_dropout"], help="default: %(default)s")
+    p.add_argument("--lora-targets", default=d["lora_targets"], help="default: %(default)s")
+    p.add_argument("--max-length", type=int, default=d["max_length"], help="tokens per example (default: %(default)s)")
+    p.add_argument("--max-items", type=int, default=d["max_items"], help="newest target items shown (default: %(default)s)")
+    p.add_argument("--max-nbr-items", type=int, default=d["max_nbr_items"],
+                   help="newest items shown per similar user (default: %(default)s)")
+    p.add_argument("--n-neighbors", type=int, default=d["n_neighbors"], help="similar users per dialogue (default: %(default)s)")
+    p.add_argument("--item-chars", type=int, default=d["item_chars"], help="item text cut (default: %(default)s)")
+    p.add_argument("--kd-gen-batch", type=int, default=d["kd_gen_batch"], help="default: %(default)s")
+    p.add_argument("--kd-max-new-tokens", type=int, default=d["kd_max_new_tokens"], help="default: %(default)s")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = args.run
+    started = time.time()
+    common.setup_logging(run, f"03_sft_{args.variant}")
+    common.seed_everything(args.seed)
+    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "distill.jsonl", "user_sets.json"]
+    common.check_inputs(run, inputs, args.force)
+    model_path = common.resolve_llm(args.model)
+    tok = common.load_tokenizer(model_path)
+    sets = json.loads((run / "user_sets.json").read_text())
+
+    kd, extra_outputs = {}, []
+    if args.variant != "gpt_kd":
+        kd, extra_outputs = kd_neighbor_profiles(run, args, teacher_profiles(run, sets), sets)
+        if extra_outputs:
+            inputs += ["sft_gpt_kd/adapter_model.safetensors"]
+        else:
+            log.info("no %s/sft_gpt_kd: neighbours the teacher did not see are left out of the dialogues "
+                     "(run --variant gpt_kd first to fill them in)", run)
+    examples, stats = build_examples(run, args.variant, tok, args, kd)
+    log.info("%s: %d examples from %s", args.variant, len(examples), json.dumps(stats))
+    if args.variant != "gpt_kd" and stats.get("nbrs_skipped"):
+        log.info("%d neighbour slots had no profile and were skipped", stats["nbrs_skipped"])
+    if not examples:
+        raise common.DataError(f"{run}: no {args.variant} training examples could be built ({stats})")
+    lengths = [len(e["input_ids"]) for e in examples]
+    log.info("tokens per example: mean %.0f, max %d; supervised tokens per example: mean %.1f",
+             np.mean(lengths), max(lengths), np.mean([sum(l != -100 for l in e["labels"]) for e in examples]))
+
+    final = run / f"sft_{args.variant}"
+    tmp = run / f"sft_{args.variant}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    result = train_sft(model_path, tok, examples, tmp, args)
+    train_s = time.time() - t0
+    info = {"variant": args.variant, "base_model": str(args.model), "resolved_model": model_path,
+            "n_examples": len(examples), "stats": stats, "train_seconds": round(train_s, 1),
+            "train_loss": result.training_loss, "steps": result.global_step}
+    common.write_json(tmp / "sft_info.json", info)
+    replace_dir(tmp, final)
+    log.info("trained %d steps in %.1fs (%.2fs/step), mean loss %.4f", result.global_step, train_s,
+             train_s / max(result.global_step, 1), result.training_loss)
+    outputs = sorted(str(p.relative_to(run)) for p in final.rglob("*") if p.is_file()) + extra_outputs
+    common.record_stage(run, f"03_sft_{args.variant}", args, inputs, outputs, started)
+    return final
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""04_reward — the reward model of RecLM (paper eq. 6, sec. 2.4): r(query, response) -> scalar.
+
+Model: AutoModelForSequenceClassification(num_labels=1) on the LLM (`--model`), the pad token set in its config;
+LoRA on the attention projections with the score head trained in full (`--lora-r 0`: train every weight), merged
+into full weights at the end. Trained with trl's RewardTrainer (loss -log sigmoid(r(q, chosen) - r(q, rejected)))
+on the reward_pairs.jsonl rows of the "reward" user set; query = the row's prompt messages (the inference prompt
+of common.inference_messages), response = an assistant turn, rendered with the tokenizer's chat template (so the
+score is read at the last token of the rendered assistant turn, the same rendering 05 uses).
+
+Held-out evaluation (`--heldout`): `eval` = pairs of the "eval" user set; `split` = `--holdout-frac` of the reward
+users (by user, seeded), removed from training; `auto` (default) = eval-set pairs if there are any, else split.
+Pairwise accuracy (r(chosen) > r(rejected)) overall and per negative `kind`, mean margin, before and after
+training, go to reward/eval.json and the log. Pairs longer than --max-length tokens are dropped (counted).
+
+Reads  reward_pairs.jsonl, user_sets.json (02)
+Writes reward/ : config.json + model.safetensors (merged full weights) + tokenizer files, loadable with
+       AutoModelForSequenceClassification.from_pretrained; train_log.jsonl (per-step loss, accuracy); eval.json.
+       Trained in reward.tmp/ and renamed when finished.
+
+Run    python 04_reward.py --run runs/ml100k
+Time   02's queries are the full inference prompt (~1,400 SmolLM2 tokens with common's defaults), so a step of 2 pairs
+       is 4 sequences of ~1,450 tokens: about a minute on 2 free CPU cores (measured under 4-way load: 1 pair/step +
+       4 held-out pairs took 3.6 min for the whole stage). The defaults (5 steps, 48 held-out pairs)
+       are sized for CPU; on a GPU use --max-steps 0 (one epoch) and a larger --max-eval-pairs.
+"""
+import importlib
+import json
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+
+log = common.log
+sft = importlib.import_module("03_sft")  # shared helpers: lora_model, step_logger, replace_dir
+
+DEFAULTS = dict(
+    max_steps=5, epochs=1.0, batch_size=2, grad_accum=1, lr=1e-4,   # CPU-sized: see the docstring
+    lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,o_proj",
+    max_length=2048, holdout_frac=0.2, heldout="auto", eval_batch=8, max_eval_pairs=48,
+    center_rewards=0.01,
+)
+
+
+# ----------------------------------------------------------------------------- shared with 05: rendering and scoring
+
+def render_ids(tok, prompt_messages, response):
+    """Token ids of the prompt messages followed by one assistant turn holding `response`."""
+    msgs = list(prompt_messages) + [{"role": "assistant", "content": response}]
+    return list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+
+
+@torch.no_grad()
+def score_ids(model, tok, id_lists, batch_size=8):
+    """Reward-model scores (float tensor) of token-id sequences; batched with left padding, sorted by length."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(id_lists)), key=lambda k: len(id_lists[k]))
+    out = torch.zeros(len(id_lists))
+    pad = tok.pad_token_id
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        width = max(len(id_lists[k]) for k in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        att = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, k in enumerate(idx):
+            seq = id_lists[k]
+            ids[r, width - len(seq):] = torch.tensor(seq)
+            att[r, width - len(seq):] = 1
+        # position ids from the attention mask, so that left padding does not shift positions
+        pos = (att.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device)).logits
+        out[idx] = logits.float().cpu().view(len(idx), -1)[:, 0]
+    return out
+
+
+class RewardScorer:
+    """reward_fn(prompts, responses) -> scores, with a model saved by this stage."""
+
+    def __init__(self, path, device=None, batch_size=8):
+        from transformers import AutoModelForSequenceClassification
+        self.tok = common.load_tokenizer(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        self.model.config.pad_token_id = self.tok.pad_token_id
+        self.model.to(device or "cpu").eval()
+        self.batch_size = batch_size
+
+    def __call__(self, prompts, responses):
+        return score_ids(self.model, self.tok, [render_ids(self.tok, p, r) for p, r in zip(prompts, responses)],
+                         self.batch_size)
+
+
+def pairwise_eval(model, tok, pairs, batch_size):
+    """Accuracy and mean margin overall and per kind over tokenised pairs."""
+    model.eval()
+    ch = score_ids(model, tok, [p["chosen_ids"] for p in pairs], batch_size)
+    rj = score_ids(model, tok, [p["rejected_ids"] for p in pairs], batch_size)
+    margin = (ch - rj).numpy()
+    by = defaultdict(list)
+    for p, m in zip(pairs, margin):
+        by[p["kind"]].append(m)
+    res = {"n": len(pairs), "accuracy": float(np.mean(margin > 0)) if len(pairs) else None,
+           "mean_margin": float(np.mean(margin)) if len(pairs) else None,
+           "per_kind": {k: {"n": len(v), "accuracy": float(np.mean(np.array(v) > 0)),
+                            "mean_margin": float(np.mean(v))} for k, v in sorted(by.items())}}
+    return res
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_pairs(run, tok, args):
+    """(train pairs, held-out pairs, counts); each pair tokenised: chosen_ids, rejected_ids, kind, user."""
+    run = Path(run)
+    sets = json.loads((run / "user_sets.json").read_text())
+    rows = common.read_jsonl(run / "reward_pairs.jsonl")
+    reward_users = sorted(int(u) for u in sets.get("reward", []))
+    eval_users = set(int(u) for u in sets.get("eval", []))
+    mode = args.heldout
+    has_eval = any(int(r["user"]) in eval_users for r in rows)
+    if mode == "auto":
+        mode = "eval" if has_eval else "split"
+    if mode == "eval":
+        held_users = eval_users
+        train_users = set(reward_users)
+    else:
+        rng = np.random.default_rng(args.seed)
+        users_with_pairs = sorted({int(r["user"]) for r in rows} & set(reward_users))
+        n_held = max(1, int(round(args.holdout_frac * len(users_with_pairs)))) if users_with_pairs else 0
+        held_users = set(rng.permutation(users_with_pairs)[:n_held].tolist())
+        train_users = set(reward_users) - held_users
+    train, held = [], []
+    counts = {"heldout_mode": mode, "rows": len(rows), "too_long": 0, "other_users": 0}
+    for r in rows:
+        u = int(r["user"])
+        dest = train if u in train_users else held if u in held_users else None
+        if dest is None:
+            counts["other_users"] += 1
+            continue
+        c = render_ids(tok, r["prompt"], r["chosen"])
+        j = render_ids(tok, r["prompt"], r["rejected"])
+        if max(len(c), len(j)) > args.max_length:
+            counts["too_long"] += 1
+            continue
+        dest.append({"user": u, "kind": r.get("kind", "?"), "chosen_ids": c, "rejected_ids": j})
+    if len(held) > args.max_eval_pairs:  # keep evaluation cheap on CPU: a seeded subsample
+        rng = np.random.default_rng(args.seed + 1)
+        held = [held[k] for k in sorted(rng.choice(len(held), args.max_eval_pairs, replace=False))]
+    counts.update(train_pairs=len(train), heldout_pairs=len(held), train_users=len(train_users),
+                  heldout_users=len(held_users))
+    return train, held, counts
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = common.stage_parser(__doc__)
+    d = DEFAULTS
+    p.add_argument("--model", default=common.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--max-steps", type=int, default=d["max_steps"], help="0 = --epochs full epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=float, default=d["epochs"], help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="pairs per step (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=d["lr"], help="default: %(default)s")
+    p.add_argument("--lora-r", type=int, default=d["lora_r"], help="0 = full fine-tuning (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=int, default=d["lora_alpha"], help="default: %(default)s")
+    p.add_argument("--lora-dropout", type=float, default=d["lora_dropout"], help="default: %(default)s")
+    p.add_argument("--lora-targets", default=d["lora_targets"], help="default: %(default)s")
+    p.add_argument("--max-length", type=int, default=d["max_length"], help="longer pairs are dropped (default: %(default)s)")
+    p.add_argument("--heldout", choices=["auto", "eval", "split"], default=d["heldout"], help="default: %(default)s")
+    p.add_argument("--holdout-frac", type=float, default=d["holdout_frac"], help="default: %(default)s")
+    p.add_argument("--max-eval-pairs", type=int, default=d["max_eval_pairs"], help="default: %(default)s")
+    p.add_argument("--eval-batch", type=int, default=d["eval_batch"], help="default: %(default)s")
+    p.add_argument("--center-rewards", type=float, default=d["center_rewards"],
+                   help="RewardConfig.center_rewards_coefficient; 0 = off (default: %(default)s)")
+    p.add_argument("--eval-before", action="store_true", help="also score the held-out pairs before training")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+    args = parse_args(argv)
+    run = args.run
+    started = time.time()
+    common.setup_logging(run, "04_reward")
+    common.seed_everything(args.seed)
+    inputs = ["reward_pairs.jsonl", "user_sets.json"]
+    common.check_inputs(run, inputs, args.force)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_path = common.resolve_llm(args.model)
+    tok = common.load_tokenizer(model_path)
+    train, held, counts = load_pairs(run, tok, args)
+    log.info("reward pairs: %s", json.dumps(counts))
+    if not train:
+        raise common.DataError(f"{run}/reward_pairs.jsonl: no pairs for the reward user set ({counts})")
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    if args.lora_r > 0:
+        model = sft.lora_model(model, args, task_type="SEQ_CLS")  # the score head is trained in full
+    model.to(device)
+    before = None
+    if held and args.eval_before:
+        before = pairwise_eval(model, tok, held, args.eval_batch)
+        log.info("held-out pairwise accuracy before training: %.3f (%d pairs)", before["accuracy"], before["n"])
+
+    tmp, final = run / "reward.tmp", run / "reward"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    cfg = RewardConfig(
+        output_dir=str(tmp / "trainer"), per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
+        max_steps=args.max_steps if args.max_steps > 0 else -1, logging_steps=1, save_strategy="no",
+        report_to=[], bf16=use_bf16, fp16=False, use_cpu=(device == "cpu"), seed=args.seed, data_seed=args.seed,
+        max_length=args.max_length, center_rewards_coefficient=args.center_rewards or None,
+        lr_scheduler_type="cosine", dataloader_num_workers=0,
+    )
+    ds = Dataset.from_list([{"chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"]} for p in train])
+    trainer = RewardTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
+                            callbacks=[sft.step_logger(tmp / "train_log.jsonl")])
+    t0 = time.time()
+    result = trainer.train()
+    train_s = time.time() - t0
+    model = trainer.model
+    if args.lora_r > 0:
+        model = model.merge_and_unload()
+    model.config.pad_token_id = tok.pad_token_id
+    after = pairwise_eval(model, tok, held, args.eval_batch) if held else None
+    if after:
+        log.info("held-out pairwise accuracy after training: %.3f (%d pairs); per kind: %s", after["accuracy"],
+                 after["n"], ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in after["per_kind"].items()))
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    common.write_json(tmp / "eval.json", {"heldout": after, "heldout_before_training": before, "counts": counts,
+                                          "train_loss": result.training_loss, "steps": result.global_step,
+                                          "train_seconds": round(train_s, 1), "base_model": str(args.model)})
+    sft.replace_dir(tmp, final)
+    outputs = sorted(str(p.relative_to(run)) for p in final.rglob("*") if p.is_file())
+    common.record_stage(run, "04_reward", args, inputs, outputs, started)
+    return final
+
+
+if __name__ == "__main__":
+    main()

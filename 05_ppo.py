@@ -1,0 +1,442 @@
+"""05_ppo — PPO on the instruction-tuned LLM against the reward model (paper eqs. 7-8, sec. 2.4), written by hand.
+
+Policy    = the SFT model (`--sft`, default sft_mask; its adapter merged into the base LLM) + a new LoRA.
+Reference = the same network with that LoRA disabled (`with policy.disable_adapter():`), i.e. the SFT model.
+Value     = Linear(hidden, 1) on the policy's last hidden state (detached by default: `--value-backprop` lets the
+            value loss train the LoRA too).
+Prompts   = common.inference_messages for the "ppo" user set (target's and neighbours' training items; neighbours
+            from neighbors.npz), cycled in a seeded order, `--batch-size` per step.
+Rollout   = sampling (temperature, top_p, top_k=0, max_new_tokens), left padding; a response ends at the first
+            end-of-turn token (included) or at max_new_tokens.
+Reward    = per token: -beta * (log pi(a_t) - log pi_ref(a_t)) (the sampled-token KL estimate), plus the reward-model
+            score of (prompt, response) on the last response token (eq. 8), minus `--missing-eos-penalty` for a
+            response cut at max_new_tokens. beta fixed, or adaptive (`--target-kl`, Ziegler et al.'s controller).
+Update    = GAE (gamma, lambda) -> whitened advantages; `--ppo-epochs` passes over the rollout in minibatches of the
+            clipped policy loss and the clipped value loss (vf_coef), AdamW, gradient clipping.
+
+The PPO core is a set of small pure functions (kl_penalised_rewards, gae, masked_whiten, ppo_losses,
+KLController) and `train(policy, value_head, tok, prompts, reward_fn, cfg)`, which takes any
+reward_fn(prompts, texts, response_ids) -> scores, so tests can pass a programmatic reward.
+
+Resumable: every `--ckpt-every` steps the LoRA, value head, optimizer, beta and step go to ppo.partial/checkpoint.pt
+and ppo_log.jsonl is appended as it goes; a re-run with the same --sft adapter continues from there (`--restart`
+starts over). The finished folder is renamed to ppo/.
+
+Reads  data/split.npz, data/items.jsonl, neighbors.npz, user_sets.json, <sft>/ (03), reward/ (04)
+Writes ppo/ : adapter_config.json + adapter_model.safetensors (the PPO LoRA, on top of the merged SFT model),
+       base.json {"sft": "<sft>"}, value_head.pt, tokenizer files, ppo_log.jsonl (per step: score, kl, kl_per_token,
+       response length, clip fraction, value loss, policy loss, beta, ...), ppo_info.json.
+
+Run    python 05_ppo.py --run runs/ml100k [--sft sft_mask] [--steps 10]
+Time   a step = generation + 3 forward passes (policy, reference, reward model) + ppo_epochs x forward/backward over
+       batch_size prompts of ~500 tokens (defaults): roughly a minute per step on 2 free CPU cores for SmolLM2-135M
+       (measured under 4-way load on 2 cores: one step of 2 prompts x 16 new tokens took 124 s). On a GPU raise --steps,
+       --batch-size and the prompt sizes (--max-items 20 --max-nbr-items 8 --n-neighbors 0 = 06's prompt).
+"""
+import importlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+
+log = common.log
+
+
+@dataclass
+class PPOConfig:
+    steps: int = 3                # rollout batches (PPO iterations); CPU-sized, see Time in the docstring
+    batch_size: int = 4           # prompts per rollout
+    minibatch_size: int = 2
+    ppo_epochs: int = 1           # passes over each rollout batch
+    lr: float = 5e-5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 40
+    beta: float = 0.05            # KL coefficient (initial value when adaptive)
+    target_kl: float = 0.0        # > 0: adaptive beta aiming at this KL per sequence (0: fixed beta)
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    max_grad_norm: float = 1.0
+    whiten_advantages: bool = True
+    value_backprop: bool = False  # let the value loss flow into the LoRA (shared backbone)
+    missing_eos_penalty: float = 0.0
+    seed: int = 0
+    ckpt_every: int = 5
+
+
+LORA_DEFAULTS = dict(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,o_proj")
+# Shorter than common.inference_messages' defaults (20 items, 8 per neighbour, all neighbours: ~1,400 tokens) to
+# keep a CPU step affordable; same template, so 06's prompts differ only in how many items they show.
+PROMPT_DEFAULTS = dict(max_items=10, max_nbr_items=4, n_neighbors=3)  # n_neighbors 0 = all of neighbors.npz
+
+
+# ----------------------------------------------------------------------------- PPO core (pure functions)
+
+def masked_mean(x, mask, dim=None):
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x, mask):
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    return var * n / (n - 1) if n > 1 else var
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalised_rewards(scores, logprobs, ref_logprobs, mask, beta):
+    """Per-token rewards -beta*kl_t with the sequence score added at the last response token (eq. 8).
+    scores [B], logprobs/ref_logprobs/mask [B, T] (mask: 1 on response tokens, contiguous from t=0).
+    Returns (rewards [B, T], kl [B, T])."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -beta * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards = rewards.clone()
+    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
+    return rewards * mask, kl
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over masked sequences; the value after the last response token is 0.
+    Returns (advantages, returns), both zero off the mask."""
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        cont = mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        next_v = values[:, t + 1] * cont if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = delta + gamma * lam * cont * last
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def ppo_losses(logprobs, old_logprobs, values, old_values, advantages, returns, mask, cliprange, cliprange_value):
+    """Clipped surrogate policy loss and clipped value loss, masked means over response tokens.
+    Returns (pg_loss, vf_loss, stats dict of floats)."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg1, pg2), mask)
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf1, vf2 = (values - returns) ** 2, (v_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((pg2 > pg1).float(), mask).item(),
+                 "vf_clipfrac": masked_mean((vf2 > vf1).float(), mask).item(),
+                 "approx_kl": (0.5 * masked_mean(log_ratio ** 2, mask)).item(),
+                 "ratio": masked_mean(ratio, mask).item()}
+    return pg_loss, vf_loss, stats
+
+
+class KLController:
+    """Fixed beta, or Ziegler et al. (2019)'s adaptive one when target > 0."""
+
+    def __init__(self, beta, target=0.0, horizon=10000):
+        self.beta, self.target, self.horizon = float(beta), float(target), horizon
+
+    def update(self, kl, n_steps):
+        if self.target > 0:
+            err = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
+            self.beta *= 1.0 + err * n_steps / self.horizon
+        return self.beta
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+def backbone(policy):
+    """The causal LM under a peft wrapper (its LoRA layers stay live; disable_adapter() turns them off)."""
+    return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+
+
+def forward_response(policy, value_head, input_ids, attention_mask, n_prompt, temperature, with_values=True,
+                     value_backprop=False):
+    """Log-probabilities [B, R] of the response tokens input_ids[:, n_prompt:] (logits / temperature, as sampled),
+    and value estimates [B, R] from the hidden state before each response token. Logits are computed only on the
+    response positions (a full [B, L, vocab] tensor would not fit for long prompts)."""
+    lm = backbone(policy)
+    pos = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
+    h = hidden[:, n_prompt - 1:-1]
+    logits = lm.lm_head(h).float() / temperature
+    logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, n_prompt:].unsqueeze(-1)).squeeze(-1)
+    values = None
+    if with_values:
+        values = value_head((h if value_backprop else h.detach()).float()).squeeze(-1)
+    return logp, values
+
+
+def response_mask(resp, eos_id, pad_id):
+    """1 on tokens up to and including the first eos; the rest is set to pad. Returns (resp, mask, ended)."""
+    is_eos = resp == eos_id
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first eos
+    mask = (~after).long()
+    resp = resp.masked_fill(after, pad_id)
+    return resp, mask, is_eos.any(1)
+
+
+@torch.no_grad()
+def rollout(policy, value_head, tok, prompts, cfg):
+    """Generate responses for chat-message prompts; logprobs under policy and reference, values."""
+    device = next(policy.parameters()).device
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    n_prompt = enc["input_ids"].shape[1]
+    gen = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                          max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id)
+    resp, mask, ended = response_mask(gen[:, n_prompt:], tok.eos_token_id, tok.pad_token_id)
+    input_ids = torch.cat([enc["input_ids"], resp], 1)
+    att = torch.cat([enc["attention_mask"], mask], 1)
+    logp, values = forward_response(policy, value_head, input_ids, att, n_prompt, cfg.temperature)
+    with policy.disable_adapter():
+        ref_logp, _ = forward_response(policy, None, input_ids, att, n_prompt, cfg.temperature, with_values=False)
+    resp_texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, mask)]
+    return dict(input_ids=input_ids, attention_mask=att, n_prompt=n_prompt, mask=mask.float(), logprobs=logp,
+                ref_logprobs=ref_logp, values=values, texts=resp_texts, resp=resp, ended=ended)
+
+
+def prompt_batch(n_prompts, batch_size, step, seed):
+    """Indices of the prompts of a step: a seeded permutation per pass over the prompts, so any step can be
+    recomputed (resume) without saved state."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, off = divmod(start + len(out), n_prompts)
+        perm = np.random.default_rng([seed, epoch]).permutation(n_prompts)
+        out.extend(perm[off:off + batch_size - len(out)].tolist())
+    return out
+
+
+def trainable_state(policy, value_head):
+    return {"lora": {k: v.detach().cpu() for k, v in policy.named_parameters() if v.requires_grad},
+            "value_head": value_head.state_dict()}
+
+
+def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimizer_state=None, beta=None,
+          on_step=None, on_checkpoint=None, progress=True):
+    """Hand-written PPO. policy: a peft model (reference = adapter disabled); value_head: nn.Module;
+    prompts: list of chat-message lists; reward_fn(prompts, texts, response_ids) -> scores [B].
+    on_step(row) receives each step's log row; on_checkpoint(step, optimizer, kl_ctl) is called every
+    cfg.ckpt_every steps. Returns the list of log rows."""
+    from tqdm import tqdm
+    device = next(policy.parameters()).device
+    value_head.to(device)
+    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-6)
+    if optimizer_state:
+        opt.load_state_dict(optimizer_state)
+    kl_ctl = KLController(cfg.beta if beta is None else beta, cfg.target_kl, cfg.kl_horizon)
+    policy.eval()  # no dropout: the logprobs of the rollout and of the update must agree
+    history = []
+    for step in tqdm(range(start_step, cfg.steps), desc="ppo", unit="step", disable=not progress,
+                     initial=start_step, total=cfg.steps):
+        t0 = time.time()
+        torch.manual_seed(cfg.seed * 100003 + step)
+        idx = prompt_batch(len(prompts), cfg.batch_size, step, cfg.seed)
+        batch = [prompts[k] for k in idx]
+        ro = rollout(policy, value_head, tok, batch, cfg)
+        scores = torch.as_tensor(reward_fn(batch, ro["texts"], ro["resp"]), dtype=torch.float32).to(device)
+        raw_scores = scores.clone()
+        if cfg.missing_eos_penalty:
+            scores = scores - cfg.missing_eos_penalty * (~ro["ended"]).float()
+        mask = ro["mask"]
+        beta = kl_ctl.beta
+        rewards, kl = kl_penalised_rewards(scores, ro["logprobs"], ro["ref_logprobs"], mask, beta)
+        adv, returns = gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = masked_whiten(adv, mask)
+        stats = []
+        B = len(batch)
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B)
+            for s in range(0, B, cfg.minibatch_size):
+                mb = perm[s:s + cfg.minibatch_size]
+                logp, values = forward_response(policy, value_head, ro["input_ids"][mb], ro["attention_mask"][mb],
+                                                ro["n_prompt"], cfg.temperature, value_backprop=cfg.value_backprop)
+                pg_loss, vf_loss, st = ppo_losses(logp, ro["logprobs"][mb], values, ro["values"][mb], adv[mb],
+                                                  returns[mb], mask[mb], cfg.cliprange, cfg.cliprange_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                stats.append({**st, "pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "grad_norm": float(gn)})
+        kl_seq = kl.sum(1)
+        row = {"step": step + 1, "score": raw_scores.mean().item(), "score_std": raw_scores.std().item() if B > 1 else 0.0,
+               "kl": kl_seq.mean().item(), "kl_per_token": masked_mean(kl, mask).item(), "beta": beta,
+               "non_score_reward": (-beta * kl_seq).mean().item(),
+               "response_length": mask.sum(1).mean().item(), "ended_frac": ro["ended"].float().mean().item(),
+               "value_mean": masked_mean(ro["values"], mask).item(), "return_mean": masked_mean(returns, mask).item(),
+               **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "seconds": round(time.time() - t0, 2)}
+        row["policy_loss"], row["value_loss"] = row.pop("pg_loss"), row.pop("vf_loss")
+        row["clip_fraction"] = row.pop("clipfrac")
+        history.append(row)
+        kl_ctl.update(row["kl"], B)
+        if on_step:
+            on_step(row, ro)
+        if on_checkpoint and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            on_checkpoint(step + 1, opt, kl_ctl)
+    return history
+
+
+# ----------------------------------------------------------------------------- stage
+
+def ppo_prompts(run, users, max_items, max_nbr_items, n_neighbors):
+    split = common.load_split(run)
+    train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
+    item_text = common.load_items(run)
+    nbrs = common.load_neighbors(run)["user_nbrs"]
+    out, kept = [], []
+    for u in users:
+        u = int(u)
+        if not len(train[u]):
+            continue
+        nb = [int(v) for v in nbrs[u] if int(v) >= 0 and int(v) != u]
+        nb = nb[:n_neighbors] if n_neighbors else nb
+        out.append(common.inference_messages(train[u], [train[v] for v in nb], item_text, max_items=max_items,
+                                             max_nbr_items=max_nbr_items))
+        kept.append(u)
+    return out, kept
+
+
+def parse_args(argv=None):
+    p = common.stage_parser(__doc__)
+    c = PPOConfig()
+    p.add_argument("--sft", default="sft_mask", help="SFT adapter folder in the run (default: %(default)s)")
+    p.add_argument("--reward", default="reward", help="reward-model folder in the run (default: %(default)s)")
+    p.add_argument("--model", default=common.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    for name, val in asdict(c).items():
+        if name in ("seed", "whiten_advantages"):  # --seed is shared; --no-whiten below
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(val, bool):
+            p.add_argument(flag, action="store_true", default=val, help=f"default: {val}")
+        else:
+            p.add_argument(flag, type=type(val), default=val, help="default: %(default)s")
+    p.add_argument("--no-whiten", dest="whiten_advantages", action="store_false", help="do not whiten advantages")
+    for name, val in {**LORA_DEFAULTS, **PROMPT_DEFAULTS}.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(val), default=val, help="default: %(default)s")
+    p.add_argument("--reward-batch", type=int, default=8, help="default: %(default)s")
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint in ppo.partial/ and start over")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = args.run
+    started = time.time()
+    common.setup_logging(run, "05_ppo")
+    common.seed_everything(args.seed)
+    sft_name = args.sft
+    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "user_sets.json",
+              f"{sft_name}/adapter_model.safetensors", f"{args.reward}/model.safetensors"]
+    common.check_inputs(run, inputs, args.force)
+    cfg = PPOConfig(**{k: getattr(args, k) for k in asdict(PPOConfig()) if hasattr(args, k)})
+    cfg.seed = args.seed
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    sets = json.loads((run / "user_sets.json").read_text())
+    prompts, users = ppo_prompts(run, sets["ppo"], args.max_items, args.max_nbr_items, args.n_neighbors)
+    if not prompts:
+        raise common.DataError(f"{run}/user_sets.json: the ppo user set has no user with training items")
+    log.info("PPO prompts: %d users of the ppo set", len(prompts))
+
+    sft = importlib.import_module("03_sft")
+    rw = importlib.import_module("04_reward")
+    llm, tok = common.load_llm(args.model, adapter=run / sft_name, device=device)
+    merged = llm.merge_and_unload()
+    policy = sft.lora_model(merged, args)
+    hidden = merged.config.hidden_size
+    value_head = torch.nn.Linear(hidden, 1)
+    torch.nn.init.normal_(value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+    torch.nn.init.zeros_(value_head.bias)
+    value_head.to(device)
+    scorer = rw.RewardScorer(run / args.reward, device=device, batch_size=args.reward_batch)
+
+    def reward_fn(batch_prompts, texts, _ids):
+        return scorer(batch_prompts, texts)
+
+    work, final = run / "ppo.partial", run / "ppo"
+    sft_sha = common.sha256_file(run / sft_name / "adapter_model.safetensors")
+    ckpt_path = work / "checkpoint.pt"
+    start, opt_state, beta = 0, None, None
+    if ckpt_path.exists() and not args.restart:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck.get("sft_sha") == sft_sha and ck.get("steps") == cfg.steps:
+            cur = dict(policy.named_parameters())
+            for k, v in ck["state"]["lora"].items():
+                cur[k].data.copy_(v.to(cur[k].device))
+            value_head.load_state_dict(ck["state"]["value_head"])
+            start, opt_state, beta = ck["step"], ck["optimizer"], ck["beta"]
+            log.info("resuming from %s at step %d", ckpt_path, start)
+        else:
+            log.info("%s is from another --sft adapter or --steps; starting over", ckpt_path)
+    if start == 0:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "ppo_log.jsonl"
+    rows = [r for r in common.read_jsonl(log_path, repair=True) if r["step"] <= start]
+    common.write_jsonl(log_path, rows)
+    logf = open(log_path, "a")
+
+    def on_step(row, ro):
+        row["valid_profile_frac"] = float(np.mean([common.parse_profile(t) is not None for t in ro["texts"]]))
+        row["example"] = ro["texts"][0][:300]
+        common.append_jsonl(logf, row)
+        log.info("step %d: score %.3f, kl %.3f, len %.1f, clip %.3f, vf %.4f, pg %.4f, beta %s, valid %.2f (%.1fs)",
+                 row["step"], row["score"], row["kl"], row["response_length"], row["clip_fraction"],
+                 row["value_loss"], row["policy_loss"], row["beta"], row["valid_profile_frac"], row["seconds"])
+
+    def on_checkpoint(step, opt, kl_ctl):
+        with common.atomic_path(ckpt_path) as tmp:
+            torch.save({"step": step, "steps": cfg.steps, "sft_sha": sft_sha, "beta": kl_ctl.beta,
+                        "state": trainable_state(policy, value_head), "optimizer": opt.state_dict()}, tmp)
+
+    t0 = time.time()
+    history = train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=start, optimizer_state=opt_state,
+                    beta=beta, on_step=on_step, on_checkpoint=on_checkpoint)
+    logf.close()
+    policy.save_pretrained(work)
+    tok.save_pretrained(work)
+    torch.save(value_head.state_dict(), work / "value_head.pt")
+    common.write_json(work / "base.json", {"sft": sft_name})
+    common.write_json(work / "ppo_info.json", {"config": asdict(cfg), "users": users, "sft": sft_name,
+                                               "base_model": str(args.model), "resumed_at": start,
+                                               "train_seconds": round(time.time() - t0, 1),
+                                               "last": history[-1] if history else None})
+    if ckpt_path.exists():
+        ckpt_path.unlink()
+    sft.replace_dir(work, final)
+    outputs = sorted(str(p.relative_to(run)) for p in final.rglob("*") if p.is_file())
+    common.record_stage(run, "05_ppo", args, inputs, outputs, started)
+    return final
+
+
+if __name__ == "__main__":
+    main()

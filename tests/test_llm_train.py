@@ -1,0 +1,310 @@
+"""Stages 03 (SFT), 04 (reward model) and 05 (PPO) on the tiny random LLM and a synthetic run.
+
+02's outputs (distill.jsonl, reward_pairs.jsonl, user_sets.json) are written here in the contract's format.
+"""
+import importlib
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+torch.set_num_threads(1)
+sft = importlib.import_module("03_sft")
+rw = importlib.import_module("04_reward")
+ppo = importlib.import_module("05_ppo")
+
+IDENTITIES = ["student", "fan", "teen", "adult", "parent", "critic"]
+GENRES = ["comedy", "drama", "horror", "romance", "action", "animation"]
+KINDS = ["substitution", "oversmoothing", "incomplete", "repeated", "empty", "junk"]
+
+
+def profile_of(u):
+    ids = [IDENTITIES[(u + k) % 6] for k in range(3)]
+    return f"User identity: {', '.join(ids)}; User interests: {', '.join(GENRES[(u % 2)::2])}"
+
+
+def write_stage02(run):
+    """Users 0-1 are the held-out eval set (never taught), so most SFT targets have an untaught neighbour."""
+    split = common.load_split(run)
+    n = split["n_users"]
+    items = common.load_items(run)
+    train = common.user_items(split["train_u"], split["train_i"], n)
+    nbrs = common.load_neighbors(run)["user_nbrs"]
+    sets = {"eval": [0, 1], "sft": list(range(6, 22)), "reward": list(range(2, 6)) + list(range(22, 34)),
+            "ppo": list(range(34, n))}
+    prompt = {u: common.inference_messages(train[u], [train[v] for v in nbrs[u]], items) for u in range(n)}
+    distill = [{"user": u, "prompt": prompt[u], "profile": profile_of(u), "teacher": "rules"} for u in range(2, n)]
+    pairs = []
+    for u in sets["reward"] + sets["eval"]:
+        good = profile_of(u)
+        bad = {"substitution": profile_of(u + 1), "oversmoothing": good + " " + profile_of(u + 1),
+               "incomplete": good.split(";")[0], "repeated": good + " " + good, "empty": "",
+               "junk": "movie movie 7 ! ?"}
+        pairs += [{"user": u, "prompt": prompt[u], "chosen": good, "rejected": bad[k], "kind": k} for k in KINDS]
+    common.write_jsonl(run / "distill.jsonl", distill)
+    common.write_jsonl(run / "reward_pairs.jsonl", pairs)
+    common.write_json(run / "user_sets.json", sets)
+
+    class Args:
+        seed = 0
+    common.record_stage(run, "02_distill", Args(), [], ["distill.jsonl", "reward_pairs.jsonl", "user_sets.json"],
+                        time.time())
+    return run
+
+
+def ids_of(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def segments(labels):
+    """Contiguous runs of supervised positions: [(start, [ids])]."""
+    out, cur, start = [], [], None
+    for k, t in enumerate(labels + [-100]):
+        if t != -100:
+            if not cur:
+                start = k
+            cur.append(t)
+        elif cur:
+            out.append((start, cur))
+            cur = []
+    return out
+
+
+# ----------------------------------------------------------------------------- 03: data and supervised spans
+
+def test_sft_supervised_spans(synthetic_run, tiny_llm):
+    run = write_stage02(synthetic_run)
+    tok = common.load_tokenizer(tiny_llm)
+    header = ids_of(tok, "<|im_start|>assistant")
+    eot = ids_of(tok, "<|im_end|>")
+    split = common.load_split(run)
+    train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
+    valid = common.user_items(split["valid_u"], split["valid_i"], split["n_users"])
+    texts = common.load_items(run)
+    for variant in ["gpt_kd", "naive", "mask"]:
+        args = sft.parse_args(["--run", str(run), "--variant", variant, "--model", tiny_llm])
+        examples, stats = sft.build_examples(run, variant, tok, args)
+        assert len(examples) == 16, stats
+        for e in examples:
+            segs = segments(e["labels"])
+            for start, _ in segs:  # every supervised span opens an assistant turn
+                assert e["input_ids"][start - len(header):start] == header
+            answers = [m["content"] for m in e["messages"] if m["role"] == "assistant"]
+            if variant == "gpt_kd":
+                assert answers == [profile_of(e["user"])]
+                assert [s for _, s in segs] == [ids_of(tok, answers[0]) + eot]
+                continue
+            turn1, turn2 = answers
+            assert turn2 == ("Yes" if e["label"] else "No")
+            assert turn1.splitlines()[0] == "Target user: " + profile_of(e["user"])
+            expect = [ids_of(tok, turn2) + eot] if variant == "naive" else [ids_of(tok, turn1) + eot,
+                                                                              ids_of(tok, turn2) + eot]
+            assert [s for _, s in segs] == expect
+            # no leakage: a positive item is absent from the turn-1 target list; a negative is not the target's
+            target_block = e["messages"][1]["content"].split("Similar user")[0]
+            v = e["item"]
+            assert f"Movie {v} (" not in target_block
+            if e["label"]:
+                assert v in set(train[e["user"]].tolist())
+            else:
+                assert v not in set(train[e["user"]].tolist()) | set(valid[e["user"]].tolist())
+            assert f"Movie {v} (" in e["messages"][1]["content"].split("Similar user", 1)[1]
+        if variant != "gpt_kd":
+            assert stats["positives"] > 0 and stats["negatives"] > 0
+            assert stats["nbrs_skipped"] > 0  # eval users' profiles are never taught, and no sft_gpt_kd exists yet
+    # a long prompt is cut to the newest items and says how many were dropped
+    args = sft.parse_args(["--run", str(run), "--variant", "mask", "--max-length", "400"])
+    examples, stats = sft.build_examples(run, "mask", tok, args)
+    assert stats["truncated"] > 0
+    assert len(examples) == 16 and all(len(e["input_ids"]) <= 400 for e in examples)
+    assert any("older items not shown" in e["messages"][1]["content"] for e in examples)
+
+
+# ----------------------------------------------------------------------------- 03 -> 04 -> 05 on the tiny model
+
+def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
+    run = write_stage02(synthetic_run)
+    base = ["--run", str(run), "--model", tiny_llm, "--device", "cpu"]
+    for variant in ["gpt_kd", "naive", "mask"]:
+        out = sft.main(base + ["--variant", variant, "--max-steps", "2", "--batch-size", "2", "--kd-max-new-tokens", "8"])
+        assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer_config.json").exists()
+        rows = common.read_jsonl(out / "train_log.jsonl")
+        assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    # the two-turn variants asked sft_gpt_kd for the untaught neighbours' profiles and cached them
+    cache = common.read_jsonl(run / "sft_kd_profiles.jsonl")
+    assert cache and {r["user"] for r in cache} <= {0, 1}
+    manifest = common.read_manifest(run)
+    assert {"03_sft_gpt_kd", "03_sft_naive", "03_sft_mask"} <= set(manifest["stages"])
+    llm, _ = common.load_profile_model(run, "sft_mask", model=tiny_llm, device="cpu")
+
+    # 04: trains, reports per-kind held-out accuracy, reloads as a sequence classifier
+    out = rw.main(base + ["--max-steps", "3", "--batch-size", "4", "--max-eval-pairs", "12"])
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["counts"]["heldout_mode"] == "eval" and ev["heldout"]["n"] == 12
+    assert set(ev["heldout"]["per_kind"]) <= set(KINDS) and len(ev["heldout"]["per_kind"]) >= 4
+    assert 0.0 <= ev["heldout"]["accuracy"] <= 1.0
+    scorer = rw.RewardScorer(out)
+    rows = common.read_jsonl(run / "reward_pairs.jsonl")[:3]
+    batched = scorer([r["prompt"] for r in rows], ["", "a b", rows[2]["chosen"]])
+    single = [scorer([r["prompt"]], [t])[0] for r, t in zip(rows, ["", "a b", rows[2]["chosen"]])]
+    torch.testing.assert_close(batched, torch.stack(single), atol=1e-4, rtol=1e-4)  # left padding is harmless
+
+    # 05: runs, logs, writes an adapter that common.load_profile_model stacks on the SFT model
+    args = base + ["--steps", "3", "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "6",
+                   "--ckpt-every", "2", "--ppo-epochs", "1"]
+    out = ppo.main(args)
+    log_a = common.read_jsonl(out / "ppo_log.jsonl")
+    assert [r["step"] for r in log_a] == [1, 2, 3]
+    for key in ("score", "kl", "response_length", "clip_fraction", "value_loss", "policy_loss", "beta"):
+        assert key in log_a[0]
+    assert json.loads((out / "base.json").read_text()) == {"sft": "sft_mask"}
+    assert (out / "value_head.pt").exists()
+    model, tok = common.load_profile_model(run, "ppo", model=tiny_llm, device="cpu")
+
+    # resume: interrupt after the step-2 checkpoint, re-run, get the same log as the uninterrupted run
+    calls = {"n": 0}
+    real = ppo.rollout
+
+    def crashing(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(*a, **kw)
+    monkeypatch.setattr(ppo, "rollout", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ppo.main(args + ["--restart"])
+    assert (run / "ppo.partial" / "checkpoint.pt").exists()
+    monkeypatch.setattr(ppo, "rollout", real)
+    out = ppo.main(args)
+    log_b = common.read_jsonl(out / "ppo_log.jsonl")
+    assert [r["step"] for r in log_b] == [1, 2, 3]
+    for a, b in zip(log_a, log_b):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5) and a["kl"] == pytest.approx(b["kl"], abs=1e-4)
+    assert not (run / "ppo.partial").exists()
+
+
+# ----------------------------------------------------------------------------- PPO core
+
+def gae_reference(rewards, values, lengths, gamma, lam):
+    adv = np.zeros_like(rewards)
+    for b, n in enumerate(lengths):
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = values[b, t + 1] if t + 1 < n else 0.0
+            delta = rewards[b, t] + gamma * next_v - values[b, t]
+            last = delta + gamma * lam * last
+            adv[b, t] = last
+    return adv, (adv + values) * (np.arange(rewards.shape[1])[None] < np.array(lengths)[:, None])
+
+
+def test_gae_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    lengths = [7, 1, 4, 5]
+    mask = (torch.arange(7)[None] < torch.tensor(lengths)[:, None]).float()
+    rewards = torch.randn(4, 7, generator=g) * mask
+    values = torch.randn(4, 7, generator=g)
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)]:
+        adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
+        ref_adv, ref_ret = gae_reference(rewards.numpy(), values.numpy(), lengths, gamma, lam)
+        np.testing.assert_allclose(adv.numpy(), ref_adv, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ret.numpy(), ref_ret, rtol=1e-5, atol=1e-6)
+    # lambda = 1, gamma = 1: advantage = reward-to-go minus value
+    adv, _ = ppo.gae(rewards, values, mask, 1.0, 1.0)
+    togo = torch.flip(torch.cumsum(torch.flip(rewards, [1]), 1), [1])
+    torch.testing.assert_close(adv, (togo - values) * mask)
+
+
+def test_kl_rewards_and_losses():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]]).float()
+    lp, ref = torch.tensor([[-1.0, -2.0, -0.5, -9.0]] * 2), torch.tensor([[-1.5, -2.0, -1.0, 0.0]] * 2)
+    rewards, kl = ppo.kl_penalised_rewards(torch.tensor([2.0, -1.0]), lp, ref, mask, beta=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, 0.5, 0.0], [0.5, 0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 1.95, 0.0], [-1.05, 0.0, 0.0, 0.0]]))
+    adv = torch.tensor([[1.0, -1.0, 2.0, 5.0], [0.5, 9.0, 9.0, 9.0]])
+    pg, vf, st = ppo.ppo_losses(lp, lp, torch.zeros(2, 4), torch.zeros(2, 4), adv, torch.ones(2, 4), mask, 0.2, 0.2)
+    assert pg.item() == pytest.approx(-(1 - 1 + 2 + 0.5) / 4) and vf.item() == pytest.approx(0.5)
+    assert st["clipfrac"] == 0.0
+    pg, _, st = ppo.ppo_losses(lp + 1.0, lp, torch.zeros(2, 4), torch.zeros(2, 4), adv, torch.ones(2, 4), mask,
+                               0.2, 0.2)
+    assert st["clipfrac"] > 0  # ratio e > 1.2: positive advantages clipped
+    ctl = ppo.KLController(0.1, target=1.0, horizon=10)
+    assert ctl.update(5.0, 1) == pytest.approx(0.1 * 1.02)
+
+
+def tiny_policy(tiny_llm, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "lm_head")):
+    """The tiny LLM + LoRA. Its random embeddings are so small (|e| ~ 0.1) that attention-only LoRA can move a
+    token's logit by well under one nat, so the PPO tests also put a LoRA on lm_head to let the policy learn."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float32)
+    tok = common.load_tokenizer(tiny_llm)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    policy = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                              target_modules=list(targets)))
+    return policy, torch.nn.Linear(model.config.hidden_size, 1), tok
+
+
+def short_prompts(run, n=8):
+    sets_users = list(range(n))
+    prompts, _ = ppo.ppo_prompts(run, sets_users, max_items=4, max_nbr_items=2, n_neighbors=2)
+    return prompts
+
+
+def even_token_reward(prompts, texts, resp):
+    """Fraction of generated tokens (up to the end-of-turn) with an even id."""
+    out = []
+    for row in resp:
+        row = row.tolist()
+        n = row.index(2) if 2 in row else len(row)
+        out.append(sum(t % 2 == 0 for t in row[:n]) / max(n, 1))
+    return torch.tensor(out)
+
+
+def test_ppo_raises_a_programmatic_reward(synthetic_run, tiny_llm):
+    policy, vh, tok = tiny_policy(tiny_llm)
+    prompts = short_prompts(synthetic_run)
+    cfg = ppo.PPOConfig(steps=30, batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-2, max_new_tokens=8,
+                        beta=0.05, seed=0)
+    hist = ppo.train(policy, vh, tok, prompts, even_token_reward, cfg, progress=False)
+    scores = [h["score"] for h in hist]
+    first, last = np.mean(scores[:5]), np.mean(scores[-5:])
+    assert last > first + 0.2, scores
+    assert all(math.isfinite(h["kl"]) and h["kl"] < 10.0 for h in hist)
+    assert all(0.0 <= h["clip_fraction"] <= 1.0 for h in hist)
+
+
+def exact_kl(policy, tok, prompts):
+    """Mean KL(policy || reference) of the next-token distributions over the prompts' positions, and the largest
+    log-probability difference."""
+    enc = tok([tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts],
+              return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        lp = torch.log_softmax(policy(**enc).logits, -1)
+        with policy.disable_adapter():
+            lq = torch.log_softmax(policy(**enc).logits, -1)
+    m = enc["attention_mask"].float()
+    kl = ((lp.exp() * (lp - lq)).sum(-1) * m).sum() / m.sum()
+    return kl.item(), ((lp - lq).abs().amax(-1) * m).max().item()
+
+
+def test_ppo_huge_beta_stays_at_reference(synthetic_run, tiny_llm):
+    """With beta huge the KL term dominates the reward: the policy is pulled back to the reference after each
+    move, while without a penalty it drifts away chasing the reward."""
+    prompts = short_prompts(synthetic_run)
+    out = {}
+    for beta in (0.0, 1e3):
+        policy, vh, tok = tiny_policy(tiny_llm)
+        cfg = ppo.PPOConfig(steps=10, batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-2, max_new_tokens=8,
+                            beta=beta, seed=0)
+        hist = ppo.train(policy, vh, tok, prompts, even_token_reward, cfg, progress=False)
+        out[beta] = exact_kl(policy, tok, prompts) + (np.mean([h["score"] for h in hist[-3:]]),)
+        assert hist[0]["kl"] == 0.0  # the new LoRA starts as the identity: policy == reference
+    (kl_free, diff_free, _), (kl_huge, diff_huge, _) = out[0.0], out[1e3]
+    assert kl_huge < 0.2 * kl_free and kl_huge < 0.1, out
+    assert diff_huge < 0.5 * diff_free, out
