@@ -38,8 +38,6 @@ Run    python 03_sft.py --run runs/ml100k --variant gpt_kd
 Time   (SmolLM2-135M, 2 CPU cores, measured on a synthetic run) see TIMING below.
 """
 import json
-import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -248,25 +246,6 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
 
 # ----------------------------------------------------------------------------- neighbours' profiles from sft_gpt_kd
 
-@torch.no_grad()
-def generate(model, tok, message_lists, max_new_tokens, batch_size, desc="generate", do_sample=False):
-    """Greedy (default) batched generation with left padding, prompts sorted by length; texts in input order."""
-    from tqdm import tqdm
-    prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in message_lists]
-    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
-    out = [None] * len(prompts)
-    device = next(model.parameters()).device
-    tok.padding_side = "left"
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        idx = order[s:s + batch_size]
-        enc = tok([prompts[k] for k in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for k, row in zip(idx, gen[:, enc["input_ids"].shape[1]:]):
-            out[k] = tok.decode(row, skip_special_tokens=True).strip()
-    return out
-
-
 def kd_neighbor_profiles(run, args, teacher, sets):
     """{user: profile} written by sft_gpt_kd for the sft targets' neighbours that the teacher did not see;
     cached in sft_kd_profiles.jsonl (resumable; rows of another adapter version are ignored)."""
@@ -297,7 +276,7 @@ def kd_neighbor_profiles(run, args, teacher, sets):
             for s in range(0, len(todo), args.kd_gen_batch * 4):
                 chunk = todo[s:s + args.kd_gen_batch * 4]
                 msgs = [kd_messages(train[v], item_text, args.max_items, args.item_chars) for v in chunk]
-                texts = generate(model, tok, msgs, args.kd_max_new_tokens, args.kd_gen_batch, desc="kd profiles")
+                texts = common.generate_texts(model, tok, msgs, args.kd_max_new_tokens, args.kd_gen_batch, desc="kd profiles")
                 for v, t in zip(chunk, texts):
                     row = {"user": v, "raw": t, "profile": common.parse_profile(t), "adapter_sha": sha}
                     common.append_jsonl(f, row)
@@ -312,48 +291,6 @@ def kd_neighbor_profiles(run, args, teacher, sets):
 
 # ----------------------------------------------------------------------------- training
 
-def lora_model(model, args, task_type="CAUSAL_LM"):
-    from peft import LoraConfig, get_peft_model
-    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                     target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
-                     task_type=task_type)
-    return get_peft_model(model, cfg)
-
-
-def step_logger(path):
-    """A TrainerCallback that appends each logged training step to a JSONL file."""
-    from transformers import TrainerCallback
-
-    class StepLog(TrainerCallback):
-        def __init__(self):
-            self.f = open(path, "a")
-            self.t0 = time.time()
-
-        def on_log(self, targs, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                row = {"step": state.global_step, "elapsed_s": round(time.time() - self.t0, 2),
-                       **{k: v for k, v in logs.items()
-                                                      if isinstance(v, (int, float))}}
-                common.append_jsonl(self.f, row)
-
-        def on_train_end(self, *a, **kw):
-            self.f.close()
-    return StepLog()
-
-
-def replace_dir(tmp, final):
-    """Move a finished folder over `final` (the old one, if any, is removed only after the move succeeds)."""
-    final = Path(final)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def train_sft(model_path, tok, examples, out_dir, args):
     """LoRA SFT with trl's SFTTrainer on pre-tokenised input_ids + labels; saves adapter + tokenizer to out_dir."""
     from datasets import Dataset
@@ -363,7 +300,7 @@ def train_sft(model_path, tok, examples, out_dir, args):
     use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
-    model = lora_model(model, args)
+    model = common.lora_model(model, args)
     ds = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
     cfg = SFTConfig(
         output_dir=str(out_dir / "trainer"), per_device_train_batch_size=args.batch_size,
@@ -374,7 +311,7 @@ def train_sft(model_path, tok, examples, out_dir, args):
         disable_tqdm=False, dataloader_num_workers=0, remove_unused_columns=True,
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
-                         callbacks=[step_logger(out_dir / "train_log.jsonl")])
+                         callbacks=[common.step_logger(out_dir / "train_log.jsonl")])
     result = trainer.train()
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -451,7 +388,7 @@ def main(argv=None):
             "n_examples": len(examples), "stats": stats, "train_seconds": round(train_s, 1),
             "train_loss": result.training_loss, "steps": result.global_step}
     common.write_json(tmp / "sft_info.json", info)
-    replace_dir(tmp, final)
+    common.replace_dir(tmp, final)
     log.info("trained %d steps in %.1fs (%.2fs/step), mean loss %.4f", result.global_step, train_s,
              train_s / max(result.global_step, 1), result.training_loss)
     outputs = sorted(str(p.relative_to(run)) for p in final.rglob("*") if p.is_file()) + extra_outputs

@@ -23,7 +23,6 @@ Time   02's queries are the full inference prompt (~1,400 SmolLM2 tokens with co
        4 held-out pairs took 3.6 min for the whole stage). The defaults (5 steps, 48 held-out pairs)
        are sized for CPU; on a GPU use --max-steps 0 (one epoch) and a larger --max-eval-pairs.
 """
-import importlib
 import json
 import shutil
 import time
@@ -36,7 +35,6 @@ import torch
 import common
 
 log = common.log
-sft = importlib.import_module("03_sft")  # shared helpers: lora_model, step_logger, replace_dir
 
 DEFAULTS = dict(
     max_steps=5, epochs=1.0, batch_size=2, grad_accum=1, lr=1e-4,   # CPU-sized: see the docstring
@@ -48,56 +46,11 @@ DEFAULTS = dict(
 
 # ----------------------------------------------------------------------------- shared with 05: rendering and scoring
 
-def render_ids(tok, prompt_messages, response):
-    """Token ids of the prompt messages followed by one assistant turn holding `response`."""
-    msgs = list(prompt_messages) + [{"role": "assistant", "content": response}]
-    return list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
-
-
-@torch.no_grad()
-def score_ids(model, tok, id_lists, batch_size=8):
-    """Reward-model scores (float tensor) of token-id sequences; batched with left padding, sorted by length."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(id_lists)), key=lambda k: len(id_lists[k]))
-    out = torch.zeros(len(id_lists))
-    pad = tok.pad_token_id
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        width = max(len(id_lists[k]) for k in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        att = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, k in enumerate(idx):
-            seq = id_lists[k]
-            ids[r, width - len(seq):] = torch.tensor(seq)
-            att[r, width - len(seq):] = 1
-        # position ids from the attention mask, so that left padding does not shift positions
-        pos = (att.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device)).logits
-        out[idx] = logits.float().cpu().view(len(idx), -1)[:, 0]
-    return out
-
-
-class RewardScorer:
-    """reward_fn(prompts, responses) -> scores, with a model saved by this stage."""
-
-    def __init__(self, path, device=None, batch_size=8):
-        from transformers import AutoModelForSequenceClassification
-        self.tok = common.load_tokenizer(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-        self.model.config.pad_token_id = self.tok.pad_token_id
-        self.model.to(device or "cpu").eval()
-        self.batch_size = batch_size
-
-    def __call__(self, prompts, responses):
-        return score_ids(self.model, self.tok, [render_ids(self.tok, p, r) for p, r in zip(prompts, responses)],
-                         self.batch_size)
-
-
 def pairwise_eval(model, tok, pairs, batch_size):
     """Accuracy and mean margin overall and per kind over tokenised pairs."""
     model.eval()
-    ch = score_ids(model, tok, [p["chosen_ids"] for p in pairs], batch_size)
-    rj = score_ids(model, tok, [p["rejected_ids"] for p in pairs], batch_size)
+    ch = common.score_ids(model, tok, [p["chosen_ids"] for p in pairs], batch_size)
+    rj = common.score_ids(model, tok, [p["rejected_ids"] for p in pairs], batch_size)
     margin = (ch - rj).numpy()
     by = defaultdict(list)
     for p, m in zip(pairs, margin):
@@ -139,8 +92,8 @@ def load_pairs(run, tok, args):
         if dest is None:
             counts["other_users"] += 1
             continue
-        c = render_ids(tok, r["prompt"], r["chosen"])
-        j = render_ids(tok, r["prompt"], r["rejected"])
+        c = common.render_ids(tok, r["prompt"], r["chosen"])
+        j = common.render_ids(tok, r["prompt"], r["rejected"])
         if max(len(c), len(j)) > args.max_length:
             counts["too_long"] += 1
             continue
@@ -202,7 +155,7 @@ def main(argv=None):
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     if args.lora_r > 0:
-        model = sft.lora_model(model, args, task_type="SEQ_CLS")  # the score head is trained in full
+        model = common.lora_model(model, args, task_type="SEQ_CLS")  # the score head is trained in full
     model.to(device)
     before = None
     if held and args.eval_before:
@@ -223,7 +176,7 @@ def main(argv=None):
     )
     ds = Dataset.from_list([{"chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"]} for p in train])
     trainer = RewardTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
-                            callbacks=[sft.step_logger(tmp / "train_log.jsonl")])
+                            callbacks=[common.step_logger(tmp / "train_log.jsonl")])
     t0 = time.time()
     result = trainer.train()
     train_s = time.time() - t0
@@ -241,7 +194,7 @@ def main(argv=None):
     common.write_json(tmp / "eval.json", {"heldout": after, "heldout_before_training": before, "counts": counts,
                                           "train_loss": result.training_loss, "steps": result.global_step,
                                           "train_seconds": round(train_s, 1), "base_model": str(args.model)})
-    sft.replace_dir(tmp, final)
+    common.replace_dir(tmp, final)
     outputs = sorted(str(p.relative_to(run)) for p in final.rglob("*") if p.is_file())
     common.record_stage(run, "04_reward", args, inputs, outputs, started)
     return final

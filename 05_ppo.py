@@ -33,17 +33,14 @@ Time   a step = generation + 3 forward passes (policy, reference, reward model) 
        (measured under 4-way load on 2 cores: one step of 2 prompts x 16 new tokens took 124 s). On a GPU raise --steps,
        --batch-size and the prompt sizes (--max-items 20 --max-nbr-items 8 --n-neighbors 0 = 06's prompt).
 """
-import importlib
 import json
 import math
 import shutil
 import time
 from dataclasses import dataclass, asdict
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import common
 
@@ -367,17 +364,15 @@ def main(argv=None):
         raise common.DataError(f"{run}/user_sets.json: the ppo user set has no user with training items")
     log.info("PPO prompts: %d users of the ppo set", len(prompts))
 
-    sft = importlib.import_module("03_sft")
-    rw = importlib.import_module("04_reward")
     llm, tok = common.load_llm(args.model, adapter=run / sft_name, device=device)
     merged = llm.merge_and_unload()
-    policy = sft.lora_model(merged, args)
+    policy = common.lora_model(merged, args)
     hidden = merged.config.hidden_size
     value_head = torch.nn.Linear(hidden, 1)
     torch.nn.init.normal_(value_head.weight, std=1.0 / math.sqrt(hidden + 1))
     torch.nn.init.zeros_(value_head.bias)
     value_head.to(device)
-    scorer = rw.RewardScorer(run / args.reward, device=device, batch_size=args.reward_batch)
+    scorer = common.RewardScorer(run / args.reward, device=device, batch_size=args.reward_batch)
 
     def reward_fn(batch_prompts, texts, _ids):
         return scorer(batch_prompts, texts)
@@ -432,7 +427,7 @@ def main(argv=None):
                                                "last": history[-1] if history else None})
     if ckpt_path.exists():
         ckpt_path.unlink()
-    sft.replace_dir(work, final)
+    common.replace_dir(work, final)
     outputs = sorted(str(p.relative_to(run)) for p in final.rglob("*") if p.is_file())
     common.record_stage(run, "05_ppo", args, inputs, outputs, started)
     return final

@@ -17,6 +17,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -656,7 +657,6 @@ def resolve_llm(model=DEFAULT_LLM):
     try:
         os.replace(tmp, out)
     except OSError:  # another process finished first
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 
@@ -800,14 +800,15 @@ def rank_eval(user_emb, item_emb, exclude, test, ks=(20, 40), item_subset=None, 
 SYSTEM_PROMPT = (
     "You are a recommendation assistant that writes user profiles. Collaborative filtering assumes that "
     "users with similar interaction histories share interests, so the histories of similar users help "
-    "describe the target user. A profile has exactly this form: "
-    "User identity: A, B, C; User interests: X, Y, Z")
+    "describe the target user. A profile names three identities and three interests in exactly this form "
+    "(an example of the form, not of any user): "
+    "User identity: college student, night owl, film buff; User interests: 1990s comedies, animation, romance")
 
 INFERENCE_PROMPT = (
     "Target user's items, oldest to newest{dropped}:\n{target}\n\n"
     "Similar users' items:\n{neighbors}\n\n"
-    "Write the target user's profile only, as three short identities and three interests, in exactly this form:\n"
-    "User identity: A, B, C; User interests: X, Y, Z")
+    "Write the target user's profile only: three short identities and three interests that fit these items, "
+    "in the form User identity: ...; User interests: ...")
 
 PROFILE_RE = re.compile(r"User identity:\s*(?P<identity>[^;\n]+?)\s*;\s*User interests:\s*(?P<interests>[^\n]+)",
                         re.IGNORECASE)
@@ -871,3 +872,252 @@ def load_profile_model(run, source, model=DEFAULT_LLM, device=None):
         llm = PeftModel.from_pretrained(llm.merge_and_unload(), run / "ppo")
         return llm, tok
     raise ValueError(f"unknown --source {source!r}; expected one of {', '.join(PROFILE_SOURCES)}")
+
+
+# ----------------------------------------------------------------------------- generation, profiles, LoRA, reward scoring
+# Shared by the language-model stages (02-06) and bench/bench_generate.py.
+
+_SECTION_GAP = re.compile(r"(User identity:[^\n;]*?)\s*[\n.]+\s*(User interests:)", re.I)
+
+
+def normalize_profile(text, n_each=3):
+    """parse_profile after light repairs of what small models often write: the two parts on separate
+    lines (or split by '.'), bullets/bold marks, and more than `n_each` terms (the first `n_each` distinct ones
+    are kept). Returns the canonical profile or None."""
+    if not text:
+        return None
+    t = text.replace("**", "").replace("*", "")
+    t = _SECTION_GAP.sub(r"\1; \2", t)
+    m = PROFILE_RE.search(t)
+    if not m:
+        return None
+    parts = []
+    for key in ("identity", "interests"):
+        terms, seen = [], set()
+        for term in m.group(key).split(","):
+            term = term.strip(" .\"'-")
+            if term and term.lower() not in seen and len(term) <= 60:
+                seen.add(term.lower())
+                terms.append(term)
+        if len(terms) < n_each or all(len(t) <= 1 for t in terms):  # too few, or the A, B, C placeholders copied
+            return None
+        parts.append(", ".join(terms[:n_each]))
+    return parse_profile(f"User identity: {parts[0]}; User interests: {parts[1]}", n_each=n_each)
+
+
+def stop_token_ids(tok):
+    ids = {tok.eos_token_id}
+    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        k = tok.convert_tokens_to_ids(t)
+        if isinstance(k, int) and k != tok.unk_token_id and k is not None:
+            ids.add(k)
+    return sorted(i for i in ids if i is not None)
+
+
+def pick_dtype(name, device=None):
+    """torch dtype for --dtype: explicit, or auto = bf16 where the hardware multiplies bf16 natively."""
+    if name != "auto":
+        return getattr(torch, name)
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported() and \
+            torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+        flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+        native = native and ("avx512_bf16" in flags or "amx_bf16" in flags)
+    except Exception:  # noqa: BLE001 - any doubt: float32
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+def render(tok, messages):
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_hash(text):
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temperature=0.0,
+                     top_p=0.95, desc="generate", progress=True):
+    """Batched generation over rendered chat prompts `texts`: prompts sorted by token length (less padding),
+    left padding, stop at end-of-turn, greedy when temperature == 0. Yields (indices, answers) per batch, in the
+    order the batches finish, so that callers can append results as they go."""
+    from tqdm import tqdm
+    if not texts:
+        return
+    assert tok.padding_side == "left", "batched generation needs a left-padding tokenizer (load_tokenizer)"
+    lengths = [len(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    device = next(model.parameters()).device
+    stops = stop_token_ids(tok)
+    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    gen.update(dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else
+               dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        enc = tok([texts[k] for k in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, **gen)
+        answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        yield [int(k) for k in idx], [a.strip() for a in answers]
+
+
+def heldout_items(split):
+    """Per-user held-out items (valid + test) and training items, as lists of int arrays."""
+    n = split["n_users"]
+    held = user_items(np.concatenate([split["valid_u"], split["test_u"]]),
+                             np.concatenate([split["valid_i"], split["test_i"]]), n)
+    train = user_items(split["train_u"], split["train_i"], n)
+    return held, train
+
+
+def profile_probe(split, users, user_emb, item_emb, k=20, chunk=1024):
+    """SPEC section 7: for each of `users` (rows of `user_emb` aligned with it), rank every item by cosine with
+    `item_emb` (training items excluded) and compute Recall@k of the user's held-out (valid + test) items.
+    Users without held-out items are skipped and counted. Also reports the same ranking done with the mean of
+    the user's training-item embeddings ("history centroid": a profile-free reference) and the expected recall of
+    a random ranking. Plain numpy (a few thousand users x items; the ops extension is not needed)."""
+    users = np.asarray(users, dtype=np.int64)
+    ue = np.asarray(user_emb, dtype=np.float32)
+    ie = np.asarray(item_emb, dtype=np.float32)
+    if ue.shape[0] != len(users):
+        raise ValueError(f"profile_probe: {len(users)} users but {ue.shape[0]} embedding rows")
+    if ue.shape[1] != ie.shape[1]:
+        raise ValueError(f"profile_probe: profile embeddings are {ue.shape[1]}-d, item embeddings {ie.shape[1]}-d "
+                         "(not the same text encoder)")
+    ue = ue / np.maximum(np.linalg.norm(ue, axis=1, keepdims=True), 1e-12)
+    ie = ie / np.maximum(np.linalg.norm(ie, axis=1, keepdims=True), 1e-12)
+    held, train = heldout_items(split)
+    n_items = ie.shape[0]
+    keep = np.array([len(held[u]) > 0 for u in users], dtype=bool)
+    users, ue = users[keep], ue[keep]
+    cent = np.stack([ie[train[u]].mean(0) if len(train[u]) else np.zeros(ie.shape[1], np.float32) for u in users]) \
+        if len(users) else np.zeros((0, ie.shape[1]), np.float32)
+
+    def recall(q):
+        out = np.zeros(len(users))
+        for s in range(0, len(users), chunk):
+            scores = q[s:s + chunk] @ ie.T
+            for r, u in enumerate(users[s:s + chunk]):
+                scores[r, train[u]] = -np.inf
+            kk = min(k, n_items)
+            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+            for r, u in enumerate(users[s:s + chunk]):
+                out[s + r] = np.isin(held[u], top[r]).sum() / len(held[u])
+        return out
+
+    rec = recall(ue)
+    rand = [min(k, n_items - len(train[u])) / max(n_items - len(train[u]), 1) for u in users]
+    return {f"recall@{k}": float(rec.mean()) if len(rec) else float("nan"),
+            f"centroid_recall@{k}": float(recall(cent).mean()) if len(users) else float("nan"),
+            f"random_recall@{k}": float(np.mean(rand)) if len(rand) else float("nan"),
+            "n_users": int(len(users)), "n_skipped_no_heldout": int((~keep).sum())}
+
+
+def item_embeddings_for_probe(run, items_text, d, encoder, device=None):
+    """item_text_emb.npy, or (when its width differs from the profile encoder's, e.g. a synthetic run) the item
+    texts re-encoded with `encoder`, with a warning."""
+    emb = np.load(Path(run) / "item_text_emb.npy")
+    if emb.shape[1] == d:
+        return emb, "item_text_emb.npy"
+    log.warning("item_text_emb.npy is %d-d but the profile encoder gives %d-d: re-encoding the item texts with the "
+                "profile encoder for the probe", emb.shape[1], d)
+    return encode_texts(items_text, encoder, device=device, desc="encode items (probe)"), "re-encoded"
+
+
+def lora_model(model, args, task_type="CAUSAL_LM"):
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                     target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
+                     task_type=task_type)
+    return get_peft_model(model, cfg)
+
+
+def step_logger(path):
+    """A TrainerCallback that appends each logged training step to a JSONL file."""
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        def __init__(self):
+            self.f = open(path, "a")
+            self.t0 = time.time()
+
+        def on_log(self, targs, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                row = {"step": state.global_step, "elapsed_s": round(time.time() - self.t0, 2),
+                       **{k: v for k, v in logs.items()
+                                                      if isinstance(v, (int, float))}}
+                append_jsonl(self.f, row)
+
+        def on_train_end(self, *a, **kw):
+            self.f.close()
+    return StepLog()
+
+
+def replace_dir(tmp, final):
+    """Move a finished folder over `final` (the old one, if any, is removed only after the move succeeds)."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def render_ids(tok, prompt_messages, response):
+    """Token ids of the prompt messages followed by one assistant turn holding `response`."""
+    msgs = list(prompt_messages) + [{"role": "assistant", "content": response}]
+    return list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+
+
+@torch.no_grad()
+def score_ids(model, tok, id_lists, batch_size=8):
+    """Reward-model scores (float tensor) of token-id sequences; batched with left padding, sorted by length."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(id_lists)), key=lambda k: len(id_lists[k]))
+    out = torch.zeros(len(id_lists))
+    pad = tok.pad_token_id
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        width = max(len(id_lists[k]) for k in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        att = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, k in enumerate(idx):
+            seq = id_lists[k]
+            ids[r, width - len(seq):] = torch.tensor(seq)
+            att[r, width - len(seq):] = 1
+        # position ids from the attention mask, so that left padding does not shift positions
+        pos = (att.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device)).logits
+        out[idx] = logits.float().cpu().view(len(idx), -1)[:, 0]
+    return out
+
+
+class RewardScorer:
+    """reward_fn(prompts, responses) -> scores, with a model saved by this stage."""
+
+    def __init__(self, path, device=None, batch_size=8):
+        from transformers import AutoModelForSequenceClassification
+        self.tok = load_tokenizer(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        self.model.config.pad_token_id = self.tok.pad_token_id
+        self.model.to(device or "cpu").eval()
+        self.batch_size = batch_size
+
+    def __call__(self, prompts, responses):
+        return score_ids(self.model, self.tok, [render_ids(self.tok, p, r) for p, r in zip(prompts, responses)],
+                         self.batch_size)
+
+
+def generate_texts(model, tok, message_lists, max_new_tokens, batch_size, desc="generate", temperature=0.0):
+    """generate_batches over chat messages; the answers in input order."""
+    out = [None] * len(message_lists)
+    texts = [render(tok, m) for m in message_lists]
+    for idx, answers in generate_batches(model, tok, texts, max_new_tokens, batch_size, temperature, desc=desc):
+        for k, a in zip(idx, answers):
+            out[k] = a
+    return out

