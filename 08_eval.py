@@ -38,7 +38,7 @@ SOURCES = ("base_llm", "sft_gpt_kd", "sft_naive", "sft_mask", "ppo")
 
 def parse_args(argv):
     p = common.stage_parser(__doc__)
-    p.add_argument("--ks", type=int, nargs="+", default=list(KS))
+    p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="cut-offs K of Recall@K and NDCG@K")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired t-test")
     return p.parse_args(argv)
 

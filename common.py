@@ -35,9 +35,11 @@ CACHE = Path(os.environ.get("RECLM_CACHE", Path.home() / ".cache" / "reclm"))
 
 def stage_parser(doc):
     """An argparse parser with the options every stage shares; `--help` shows the defaults."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The docstring as written, and every option's default."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=Formatter)
     p.add_argument("--run", required=True, type=Path, help="run directory (created by 01)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--force", action="store_true", help="use inputs even if manifest.json says they are stale")
     return p
 
