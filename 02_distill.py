@@ -450,14 +450,12 @@ def negatives(u, profiles, nbrs, item_text, rng):
     return out
 
 
-def build_pairs(sets, profiles, train, nbrs, item_text, seed, for_sets=("reward", "eval"), max_items=20,
-                max_nbr_items=8):
+def build_pairs(sets, profiles, train, nbrs, item_text, seed, for_sets=("reward", "eval"), sizes=None):
     rng = np.random.default_rng(seed + 1)
     rows = []
     for set_name in for_sets:
         for u in sets[set_name]:
-            prompt = common.inference_messages(train[u], [train[int(v)] for v in nbrs[u] if int(v) != u], item_text,
-                                               max_items, max_nbr_items)
+            prompt = common.user_prompt(u, train, nbrs, item_text, **(sizes or {}))
             for kind, (rejected, variant) in negatives(u, profiles, nbrs, item_text, rng).items():
                 rows.append({"user": int(u), "prompt": prompt, "chosen": profiles[u], "rejected": rejected,
                              "kind": kind, "variant": variant, "set": set_name})
@@ -507,10 +505,9 @@ def build_parser():
     for name, frac in FRACTIONS.items():
         p.add_argument(f"--frac-{name}", type=float, default=frac, help=f"share of users in the {name} set")
     p.add_argument("--pairs-for", default="reward,eval", help="user sets that get reward pairs (default: %(default)s)")
-    p.add_argument("--pair-max-items", type=int, default=20,
-                   help="reward-pair prompts: target items shown (default: %(default)s, common.inference_messages')")
-    p.add_argument("--pair-max-nbr-items", type=int, default=8,
-                   help="reward-pair prompts: items per neighbour (default: %(default)s)")
+    for name, val in common.PROMPT_SIZES.items():  # the inference prompt's sizes, as 05 and 06 show it
+        p.add_argument("--pair-" + name.replace("_", "-"), type=int, default=val,
+                       help="reward-pair prompts (common.user_prompt): %s (default: %%(default)s)" % name)
     p.add_argument("--encoder", default=None, help="text encoder for the probe (default: the shipped MiniLM)")
     p.add_argument("--no-probe", action="store_true", help="skip the profile-quality probe")
     p.add_argument("--restart", action="store_true", help="delete distill.jsonl (not the api cache) first")
@@ -576,8 +573,8 @@ def main(argv=None):
     sets = make_user_sets(list(profiles), fractions, args.seed)
     common.write_json(run / "user_sets.json", sets)
     pair_sets = tuple(s for s in args.pairs_for.split(",") if s)
-    pairs = build_pairs(sets, profiles, train, nbrs, item_text, args.seed, pair_sets, args.pair_max_items,
-                        args.pair_max_nbr_items)
+    pairs = build_pairs(sets, profiles, train, nbrs, item_text, args.seed, pair_sets,
+                        {k: getattr(args, "pair_" + k) for k in common.PROMPT_SIZES})
     common.write_jsonl(run / "reward_pairs.jsonl", pairs)
     log.info("user sets: %s; reward pairs: %d (%s users)", {k: len(v) for k, v in sets.items()}, len(pairs),
              "+".join(pair_sets))

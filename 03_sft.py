@@ -52,43 +52,42 @@ log = common.log
 # ----------------------------------------------------------------------------- defaults
 DEFAULTS = dict(
     variant="mask",
-    max_steps=5,           # optimizer steps (0: one full epoch over the examples); CPU-sized, see TIMING
+    max_steps=16,          # optimizer steps (0: one full epoch over the examples); CPU-sized, see TIMING
     epochs=1.0,
     batch_size=2,
     grad_accum=1,
-    lr=2e-4,
+    lr=2e-3,               # high for LoRA: 16 steps must teach SmolLM2-135M the profile format (see TIMING)
     lora_r=8, lora_alpha=16, lora_dropout=0.05,
-    lora_targets="q_proj,k_proj,v_proj,o_proj",
+    lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     max_length=1024,       # tokens per example (prompt + responses)
-    max_items=12,          # newest target items shown
-    max_nbr_items=6,       # newest items shown per neighbour
+    max_items=6,           # newest target items shown
+    max_nbr_items=3,       # newest items shown per neighbour
     n_neighbors=2,         # similar users per dialogue (<= k of neighbors.npz)
-    item_chars=50,         # item text cut to this many characters
+    item_chars=48,         # item text cut to this many characters (as common.PROMPT_SIZES)
     kd_gen_batch=8, kd_max_new_tokens=48,
 )
-# TIMING (SmolLM2-135M, CPU, fp32): a gpt_kd step (batch 4 x ~575 tokens) took ~75 CPU-seconds (~3 min wall on
-# 2 cores shared by 4 processes), i.e. ~40 s on 2 free cores; two-turn examples are ~700 tokens with the defaults.
-# Measured under the same load: a mask step (batch 2 x ~640 tokens) 107 s wall. Hence the CPU defaults (5 steps of
-# batch 2: ~2-3 min per variant on 2 free cores); on a GPU raise --max-steps (0 = 1 epoch) and the prompt sizes.
+# TIMING (SmolLM2-135M, 1 CPU thread, bf16 autocast where the CPU has bf16 FMA (1.8x fp32 here), measured in
+# the pipeline beside 07 on the other core): a mask step (batch 2 x ~636 tokens) 18.4 s, so the 16-step default
+# takes ~5 min; a gpt_kd step (batch 4 x ~300 tokens) ~21 s in fp32. 16 steps at lr 2e-3 with LoRA on every
+# projection teach the format: 27 of 32 users' profiles from the inference prompt parse after mask, 32 of 32 after
+# 15 gpt_kd steps (5 steps at lr 2e-4 on attention only: 0 of 943). On a GPU raise --max-steps (0 = 1 epoch).
 
 # ----------------------------------------------------------------------------- prompt templates
 KD_SYSTEM = common.SYSTEM_PROMPT
 KD_PROMPT = (
     "Items the user interacted with, oldest to newest{dropped}:\n{items}\n\n"
-    "Write this user's profile as three short identities and three interests, in exactly this form:\n"
-    "User identity: A, B, C; User interests: X, Y, Z")
+    "Write this user's profile.")
 
 TWO_TURN_SYSTEM = (
     "You are a recommendation assistant. Collaborative filtering assumes that users with similar interaction "
     "histories share interests, so similar users' histories and profiles help predict what a user will like. "
     "The task has two stages: first you write a profile for the target user and for each similar user from "
     "their items, then you use these profiles to predict whether the target user will interact with a new item. "
-    "A profile has exactly this form: User identity: A, B, C; User interests: X, Y, Z")
+    "A profile is " + common.PROFILE_FORM.format(n="three") + ".")
 TURN1_PROMPT = (
     "Target user's items, oldest to newest{dropped}:\n{target}\n\n"
     "{neighbors}\n\n"
-    "Write a profile for the target user and for each similar user, one per line, each in exactly this form:\n"
-    "User identity: A, B, C; User interests: X, Y, Z")
+    "Write a profile for the target user and for each similar user, one per line.")
 TURN1_NEIGHBOR = "Similar user {n}'s items{dropped}:\n{items}"
 TURN1_ANSWER_LINE = "{who}: {profile}"
 TURN2_PROMPT = ("Will the target user interact with this item?\n{item}\n"
@@ -297,7 +296,7 @@ def train_sft(model_path, tok, examples, out_dir, args):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = common.pick_dtype("auto", device) == torch.bfloat16  # autocast; on CPUs with bf16 FMA ~1.8x faster
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     model = common.lora_model(model, args)

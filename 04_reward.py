@@ -37,7 +37,7 @@ import common
 log = common.log
 
 DEFAULTS = dict(
-    max_steps=5, epochs=1.0, batch_size=2, grad_accum=1, lr=1e-4,   # CPU-sized: see the docstring
+    max_steps=8, epochs=1.0, batch_size=4, grad_accum=1, lr=3e-4,   # CPU-sized: see the docstring
     lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,o_proj",
     max_length=2048, holdout_frac=0.2, heldout="auto", eval_batch=8, max_eval_pairs=48,
     center_rewards=0.01,
@@ -165,7 +165,7 @@ def main(argv=None):
     tmp, final = run / "reward.tmp", run / "reward"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = common.pick_dtype("auto", device) == torch.bfloat16  # autocast, also on CPUs with bf16 FMA
     cfg = RewardConfig(
         output_dir=str(tmp / "trainer"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,

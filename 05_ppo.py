@@ -29,9 +29,9 @@ Writes ppo/ : adapter_config.json + adapter_model.safetensors (the PPO LoRA, on 
 
 Run    python 05_ppo.py --run runs/ml100k [--sft sft_mask] [--steps 10]
 Time   a step = generation + 3 forward passes (policy, reference, reward model) + ppo_epochs x forward/backward over
-       batch_size prompts of ~500 tokens (defaults): roughly a minute per step on 2 free CPU cores for SmolLM2-135M
+       batch_size prompts of ~200 tokens (common.PROMPT_SIZES): roughly a minute per step on 2 free CPU cores for SmolLM2-135M
        (measured under 4-way load on 2 cores: one step of 2 prompts x 16 new tokens took 124 s). On a GPU raise --steps,
-       --batch-size and the prompt sizes (--max-items 20 --max-nbr-items 8 --n-neighbors 0 = 06's prompt).
+       --batch-size and the prompt sizes (with 02's --pair-* and 06's, so that the reward model sees the same prompts).
 """
 import json
 import math
@@ -74,9 +74,8 @@ class PPOConfig:
 
 
 LORA_DEFAULTS = dict(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,o_proj")
-# Shorter than common.inference_messages' defaults (20 items, 8 per neighbour, all neighbours: ~1,400 tokens) to
-# keep a CPU step affordable; same template, so 06's prompts differ only in how many items they show.
-PROMPT_DEFAULTS = dict(max_items=10, max_nbr_items=4, n_neighbors=3)  # n_neighbors 0 = all of neighbors.npz
+# The inference prompt exactly as 02's reward queries and 06's user prompts show it (n_nbrs 0 = all neighbours).
+PROMPT_DEFAULTS = dict(common.PROMPT_SIZES)
 
 
 # ----------------------------------------------------------------------------- PPO core (pure functions)
@@ -303,22 +302,13 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
 
 # ----------------------------------------------------------------------------- stage
 
-def ppo_prompts(run, users, max_items, max_nbr_items, n_neighbors):
+def ppo_prompts(run, users, sizes):
     split = common.load_split(run)
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     item_text = common.load_items(run)
     nbrs = common.load_neighbors(run)["user_nbrs"]
-    out, kept = [], []
-    for u in users:
-        u = int(u)
-        if not len(train[u]):
-            continue
-        nb = [int(v) for v in nbrs[u] if int(v) >= 0 and int(v) != u]
-        nb = nb[:n_neighbors] if n_neighbors else nb
-        out.append(common.inference_messages(train[u], [train[v] for v in nb], item_text, max_items=max_items,
-                                             max_nbr_items=max_nbr_items))
-        kept.append(u)
-    return out, kept
+    kept = [int(u) for u in users if len(train[int(u)])]
+    return [common.user_prompt(u, train, nbrs, item_text, **sizes) for u in kept], kept
 
 
 def parse_args(argv=None):
@@ -359,7 +349,7 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     sets = json.loads((run / "user_sets.json").read_text())
-    prompts, users = ppo_prompts(run, sets["ppo"], args.max_items, args.max_nbr_items, args.n_neighbors)
+    prompts, users = ppo_prompts(run, sets["ppo"], {k: getattr(args, k) for k in PROMPT_DEFAULTS})
     if not prompts:
         raise common.DataError(f"{run}/user_sets.json: the ppo user set has no user with training items")
     log.info("PPO prompts: %d users of the ppo set", len(prompts))

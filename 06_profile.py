@@ -53,15 +53,12 @@ import common
 log = logging.getLogger("reclm.06")
 
 # ----------------------------------------------------------------------------- defaults
-BATCH_SIZE = 32
+BATCH_SIZE = 64
 MAX_NEW_TOKENS = 40            # a 3+3 user profile is ~25-30 SmolLM2 tokens
 ITEM_MAX_NEW_TOKENS = 64       # a 5+5 item profile is ~45-55 tokens
-MAX_ITEMS = 8                  # target user's newest items shown in the prompt
-MAX_NBR_ITEMS = 3              # each neighbour's newest items shown
-N_NBRS = 2                     # neighbours shown (of neighbors.npz user_nbrs)
-MAX_CHARS = 48                 # item text cut to this many characters in prompts
-ITEM_USERS = 3                 # warm items: profiles of up to this many most recent training users (SPEC: 5;
-                               # 3 keeps ml-100k inside the CPU budget, --item-users 5 for the paper setting)
+PROMPT = common.PROMPT_SIZES   # user prompts: newest target items, items per neighbour, neighbours, item text chars
+ITEM_USERS = 2                 # warm items: profiles of up to this many most recent training users (SPEC: 5;
+                               # 2 keeps ml-100k inside the CPU budget, --item-users 5 for the paper setting)
 ITEM_NBRS = 3                  # cold items: this many text-similar warm items
 PROBE_K = 20
 # One torch thread per process, parallelism through --shard: on a busy 2-core box, small-batch decode matmuls
@@ -73,32 +70,23 @@ THREADS = 1
 # User prompts are common.inference_messages (shared with 02's reward pairs and 05's PPO prompts).
 ITEM_SYSTEM = (
     "You are a recommendation assistant that describes which users an item suits. An item profile describes "
-    "the users the item targets and has exactly this form: "
-    "User identity: A, B, C, D, E; User interests: V, W, X, Y, Z")
+    "the users the item targets. Reply with " + common.PROFILE_FORM.format(n="five") + ".")
 WARM_ITEM_PROMPT = (
     "Item: {item}\n\n"
     "Profiles of users who chose this item:\n{profiles}\n\n"
-    "Write the profile of the users this item suits, as five short identities and five interests, in exactly "
-    "this form:\nUser identity: A, B, C, D, E; User interests: V, W, X, Y, Z")
+    "Write the profile of the users this item suits.")
 COLD_ITEM_PROMPT = (
     "Item: {item}\n\n"
     "Similar items and the users they suit:\n{similar}\n\n"
-    "Write the profile of the users this item suits, as five short identities and five interests, in exactly "
-    "this form:\nUser identity: A, B, C, D, E; User interests: V, W, X, Y, Z")
+    "Write the profile of the users this item suits.")
 
 
 # ----------------------------------------------------------------------------- shared helpers (02 imports these)
 
 # ----------------------------------------------------------------------------- prompts
 
-def clip_texts(item_text, max_chars):
-    return [t if len(t) <= max_chars else t[:max_chars - 1].rstrip() + "…" for t in item_text]
-
-
 def user_messages(u, train, nbrs, item_text, args):
-    nb = [train[v] for v in nbrs[u][:args.n_nbrs] if v != u]
-    return common.inference_messages(train[u], nb, item_text, max_items=args.max_items,
-                                     max_nbr_items=args.max_nbr_items)
+    return common.user_prompt(u, train, nbrs, item_text, **{k: getattr(args, k) for k in PROMPT})
 
 
 def short_profile(row):
@@ -209,11 +197,11 @@ def build_parser():
     p.add_argument("--item-max-new-tokens", type=int, default=ITEM_MAX_NEW_TOKENS,
                    help="item profiles (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--max-items", type=int, default=MAX_ITEMS, help="target items shown (default: %(default)s)")
-    p.add_argument("--max-nbr-items", type=int, default=MAX_NBR_ITEMS,
+    p.add_argument("--max-items", type=int, default=PROMPT["max_items"], help="target items shown (default: %(default)s)")
+    p.add_argument("--max-nbr-items", type=int, default=PROMPT["max_nbr_items"],
                    help="items shown per neighbour (default: %(default)s)")
-    p.add_argument("--n-nbrs", type=int, default=N_NBRS, help="neighbours shown (default: %(default)s)")
-    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help="item text cut (default: %(default)s)")
+    p.add_argument("--n-nbrs", type=int, default=PROMPT["n_nbrs"], help="neighbours shown (default: %(default)s)")
+    p.add_argument("--max-chars", type=int, default=PROMPT["max_chars"], help="item text cut (default: %(default)s)")
     p.add_argument("--item-users", type=int, default=ITEM_USERS,
                    help="warm items: profiles of up to this many recent users (default: %(default)s)")
     p.add_argument("--item-nbrs", type=int, default=ITEM_NBRS,
@@ -225,14 +213,18 @@ def build_parser():
     p.add_argument("--wait-s", type=float, default=3600, help="shards: how long to wait for other shards")
     p.add_argument("--limit", type=int, default=None, help="only the first N users/items (smoke runs)")
     p.add_argument("--restart", action="store_true", help="delete this source's profiles first")
+    p.add_argument("--probe-only", action="store_true",
+                   help="only the eval users' profiles (user_sets.json) and the probe, in profiles/<source>/"
+                        "probe_only/: compares sources in minutes; 07 cannot use it")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     run = args.run
-    out = run / "profiles" / args.source
-    common.setup_logging(run, f"06_profile_{args.source}")
+    out = run / "profiles" / args.source / ("probe_only" if args.probe_only else "")
+    stage = f"06_{'probe' if args.probe_only else 'profile'}_{args.source}"
+    common.setup_logging(run, stage)
     common.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,13 +242,18 @@ def main(argv=None):
     split = common.load_split(run)
     n_users, n_items = split["n_users"], split["n_items"]
     item_text_full = common.load_items(run)
-    item_text = clip_texts(item_text_full, args.max_chars)
+    item_text = [common.clip(t, args.max_chars) for t in item_text_full]
     nb = common.load_neighbors(run)
     train = common.user_items(split["train_u"], split["train_i"], n_users)
     users_of = common.user_items(split["train_i"], split["train_u"], n_items)  # chronological per item
     user_ids = list(range(n_users))[:args.limit]
     warm = [i for i in range(n_items) if len(users_of[i])][:args.limit]
     other = [i for i in range(n_items) if not len(users_of[i])][:args.limit]
+    if args.probe_only:
+        if not (run / "user_sets.json").exists():
+            raise SystemExit(f"--probe-only needs {run}/user_sets.json (run 02_distill.py)")
+        user_ids = sorted(json.loads((run / "user_sets.json").read_text())["eval"])[:args.limit]
+        warm = other = []
     mine = (lambda ids: [k for k in ids if k % shard[1] == shard[0]])
     t_gen = {}
 
@@ -308,6 +305,22 @@ def main(argv=None):
         log.info("%s: %d profiles, %d malformed (%.1f%%)", kind, len(final), bad, 100 * bad / max(len(final), 1))
 
     user_prof = {r["user"]: r["profile"] for r in result["users"]}
+    if args.probe_only:
+        u_emb = common.encode_texts([user_prof[u] for u in user_ids], args.encoder, device=args.device,
+                                    desc="encode user profiles")
+        text_emb, item_src = common.item_embeddings_for_probe(run, item_text_full, u_emb.shape[1], args.encoder,
+                                                              args.device)
+        probe = {"source": args.source, "item_embeddings": item_src, "malformed_users": result["malformed_users"],
+                 "eval_users": common.profile_probe(split, user_ids, u_emb, text_emb)}
+        common.write_json(out / "probe.json", probe)
+        head = probe["eval_users"]
+        log.info("probe (%d eval users, %s): profile Recall@%d = %.4f (history centroid %.4f, random %.4f)",
+                 len(user_ids), args.source, PROBE_K, head[f"recall@{PROBE_K}"],
+                 head[f"centroid_recall@{PROBE_K}"], head[f"random_recall@{PROBE_K}"])
+        rel = out.relative_to(run)
+        common.record_stage(run, stage, args, inputs + ["user_sets.json"], [f"{rel}/users.jsonl",
+                                                                            f"{rel}/probe.json"], started)
+        return probe
     item_prof = {r["item"]: r["profile"] for r in result["items"]}
     # --limit leaves some ids without a profile: embed their item text / an empty string instead
     u_texts = [user_prof.get(u, "") for u in range(n_users)]
@@ -342,7 +355,7 @@ def main(argv=None):
     manifest = common.read_manifest(run)
     recorded = {o for s in manifest["stages"].values() for o in s.get("outputs", {})}
     extra_inputs = [r for r in ("user_sets.json",) if r in recorded and (run / r).exists()]
-    common.record_stage(run, f"06_profile_{args.source}", args, inputs + extra_inputs, outputs, started)
+    common.record_stage(run, stage, args, inputs + extra_inputs, outputs, started)
     return probe
 
 

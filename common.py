@@ -682,14 +682,48 @@ def load_tokenizer(path, chat_template=None):
     return tok
 
 
+CPU_ATTENTION = "reclm_cpu"
+
+
+def _cpu_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """sdpa, except for one-token decode steps: there torch's CPU flash kernel spends ~10 ms per layer on a
+    [32 x 9 heads x 1] query (measured: 0.41 s of a 0.5 s SmolLM2 decode step at batch 32, bf16), while two small
+    matmuls over the key/value heads (grouped query attention, no repeat_kv copies) take well under 1 ms."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if query.shape[2] != 1 or (module.training and dropout):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    b, h, _, d = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(b, kv_heads, h // kv_heads, d)                  # head j reads key/value head j // groups
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else d ** -0.5)
+    if attention_mask is not None:                                     # [b, 1, 1, T]: bool (attend) or additive
+        mask = attention_mask[:, :, -1:, :key.shape[2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)     # [b, kv_heads, groups, d]
+    return out.reshape(b, 1, h, d), None
+
+
+def _register_cpu_attention():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(CPU_ATTENTION, _cpu_attention)
+    AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
+
+
 def load_llm(model=DEFAULT_LLM, adapter=None, device=None, dtype=None):
-    """(model, tokenizer). float32 on CPU; bf16 on a GPU that supports it. `adapter`: a peft folder."""
+    """(model, tokenizer). float32 on CPU; bf16 on a GPU that supports it. `adapter`: a peft folder.
+    On CPU the attention is _cpu_attention (sdpa with a faster decode step)."""
     from transformers import AutoModelForCausalLM
     path = resolve_llm(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    extra = {}
+    if device == "cpu":
+        _register_cpu_attention()
+        extra["attn_implementation"] = CPU_ATTENTION
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device)
     tok = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path)
     if adapter:
         from peft import PeftModel
@@ -799,41 +833,62 @@ def rank_eval(user_emb, item_emb, exclude, test, ks=(20, 40), item_subset=None, 
 # The inference prompt (eq. 5) is shared by 02 (reward-pair queries), 05 (PPO prompts) and 06 (profiles);
 # the stage-specific prompts live at the top of each stage.
 
+# The format is described in words, never shown with sample terms: small models copy any example verbatim
+# (SmolLM2-135M copied both "A, B, C" placeholders and a concrete sample profile into most of its answers).
+PROFILE_FORM = ("one line: 'User identity:' then {n} short comma-separated identities (who the user is), then "
+                "'; User interests:' then {n} comma-separated interests (genres, topics or themes)")
 SYSTEM_PROMPT = (
-    "You are a recommendation assistant that writes user profiles. Collaborative filtering assumes that "
-    "users with similar interaction histories share interests, so the histories of similar users help "
-    "describe the target user. A profile names three identities and three interests in exactly this form "
-    "(an example of the form, not of any user): "
-    "User identity: college student, night owl, film buff; User interests: 1990s comedies, animation, romance")
+    "You write user profiles for a recommender. Users with similar histories share interests, so similar "
+    "users' items help describe the target user. Reply with " + PROFILE_FORM.format(n="three") + ".")
 
 INFERENCE_PROMPT = (
     "Target user's items, oldest to newest{dropped}:\n{target}\n\n"
     "Similar users' items:\n{neighbors}\n\n"
-    "Write the target user's profile only: three short identities and three interests that fit these items, "
-    "in the form User identity: ...; User interests: ...")
+    "Write the target user's profile.")
 
 PROFILE_RE = re.compile(r"User identity:\s*(?P<identity>[^;\n]+?)\s*;\s*User interests:\s*(?P<interests>[^\n]+)",
                         re.IGNORECASE)
 
 
+def clip(text, max_chars):
+    return text if len(text) <= max_chars else text[:max_chars - 1].rstrip() + "…"
+
+
 def item_list(items, item_text, max_items, max_chars=80):
     """A numbered list of the newest `max_items` items (texts cut to max_chars), and how many were dropped."""
     kept = list(items)[-max_items:] if max_items else list(items)
-    lines = [f"{n}. {item_text[i][:max_chars]}" for n, i in enumerate(kept, 1)]
+    lines = [f"{n}. {clip(item_text[i], max_chars)}" for n, i in enumerate(kept, 1)]
     return "\n".join(lines), len(items) - len(kept)
 
 
-def inference_messages(target_items, neighbor_items, item_text, max_items=20, max_nbr_items=8):
+# How much of a user's history the inference prompt shows: 02's reward queries, 05's PPO prompts and 06's user
+# prompts all use these, so the reward model scores profiles for the very prompts the policy answers. Prompt tokens
+# are what CPU generation pays for (it is prefill-bound): these keep a prompt near 300 SmolLM2 tokens on ml-100k
+# (SmolLM2 spells out every digit of a year), ~80 of them the shared system prompt.
+PROMPT_SIZES = dict(max_items=5, max_nbr_items=2, n_nbrs=2, max_chars=48)
+
+
+def inference_messages(target_items, neighbor_items, item_text, max_items=PROMPT_SIZES["max_items"],
+                       max_nbr_items=PROMPT_SIZES["max_nbr_items"], max_chars=PROMPT_SIZES["max_chars"]):
     """Chat messages asking for the target user's profile given its and its neighbours' items (eq. 5)."""
-    target, dropped = item_list(target_items, item_text, max_items)
+    target, dropped = item_list(target_items, item_text, max_items, max_chars)
     nbrs = []
     for n, items in enumerate(neighbor_items, 1):
-        text, d = item_list(items, item_text, max_nbr_items, max_chars=50)
+        text, d = item_list(items, item_text, max_nbr_items, max_chars)
         nbrs.append(f"Similar user {n}" + (f" ({d} older items not shown)" if d else "") + ":\n" + text)
     note = f" ({dropped} older items not shown)" if dropped else ""
     return [{"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": INFERENCE_PROMPT.format(dropped=note, target=target,
                                                                   neighbors="\n".join(nbrs) or "(none)")}]
+
+
+def user_prompt(u, train, user_nbrs, item_text, max_items=PROMPT_SIZES["max_items"],
+                max_nbr_items=PROMPT_SIZES["max_nbr_items"], n_nbrs=PROMPT_SIZES["n_nbrs"],
+                max_chars=PROMPT_SIZES["max_chars"]):
+    """The inference prompt of user u: its training items and those of its first n_nbrs neighbours (0 = all)."""
+    nb = [int(v) for v in user_nbrs[u] if int(v) >= 0 and int(v) != u]
+    nb = nb[:n_nbrs] if n_nbrs else nb
+    return inference_messages(train[u], [train[v] for v in nb], item_text, max_items, max_nbr_items, max_chars)
 
 
 def parse_profile(text, n_each=3):
@@ -940,28 +995,74 @@ def prompt_hash(text):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def shared_prefix(id_lists):
+    """The longest token prefix common to every list, leaving each list at least one token of its own."""
+    first = id_lists[0]
+    n = min(len(ids) for ids in id_lists) - 1
+    for ids in id_lists[1:]:
+        n = next((k for k in range(n) if ids[k] != first[k]), n)
+    return first[:max(n, 0)]
+
+
+class ProfileLineDone:
+    """A transformers stopping criterion: a sequence is done once its answer holds a whole profile line
+    (PROFILE_RE followed by a newline). Tuned models go on to write their neighbours' profiles (the two-turn
+    training answer) until max_new_tokens; these tokens are discarded anyway."""
+
+    def __init__(self, tok, prompt_len):
+        self.tok, self.prompt_len = tok, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        done = [(m := PROFILE_RE.search(t)) is not None and t[m.end():].startswith("\n") for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temperature=0.0,
-                     top_p=0.95, desc="generate", progress=True):
+                     top_p=0.95, desc="generate", progress=True, prefix_cache=True):
     """Batched generation over rendered chat prompts `texts`: prompts sorted by token length (less padding),
-    left padding, stop at end-of-turn, greedy when temperature == 0. Yields (indices, answers) per batch, in the
-    order the batches finish, so that callers can append results as they go."""
+    left padding, stop at end-of-turn or after a whole profile line (ProfileLineDone), greedy when temperature == 0.
+    Yields (indices, answers) per batch, in the order the batches finish, so that callers can append results as
+    they go.
+
+    CPU generation of short answers is prefill-bound, and every prompt starts with the same system message: with
+    `prefix_cache` the tokens all prompts share are run once, and each batch starts from a preallocated cache that
+    holds their keys/values (layout [shared prefix][left padding][own tokens]; positions come from the attention
+    mask, so the padding in the middle changes nothing). On CPU the cache is preallocated either way: the default
+    one re-concatenates every layer's keys/values per token (28% of a SmolLM2 batch's time)."""
     from tqdm import tqdm
+    from transformers import DynamicCache, StaticCache
     if not texts:
         return
     assert tok.padding_side == "left", "batched generation needs a left-padding tokenizer (load_tokenizer)"
-    lengths = [len(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
-    order = np.argsort(lengths, kind="stable")
+    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+    order = np.argsort([len(x) for x in ids], kind="stable")
     device = next(model.parameters()).device
-    stops = stop_token_ids(tok)
-    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    prefix = shared_prefix(ids) if prefix_cache else []
+    prefix_kv = None
+    if prefix:
+        prefix_kv = DynamicCache()
+        model(torch.tensor([prefix], device=device), cache=prefix_kv, use_cache=True)
+    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
     gen.update(dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else
                dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        enc = tok([texts[k] for k in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, **gen)
-        answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        own = [ids[k][len(prefix):] for k in idx]
+        width = max(len(x) for x in own)
+        input_ids = torch.tensor([prefix + [tok.pad_token_id] * (width - len(x)) + x for x in own], device=device)
+        mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(x)) + [1] * len(x) for x in own], device=device)
+        extra = {}
+        if device.type == "cpu" or prefix_kv is not None:
+            cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + max_new_tokens)
+            for layer, kv in enumerate(prefix_kv.layers if prefix_kv is not None else []):
+                cache.update(kv.keys.expand(len(idx), -1, -1, -1), kv.values.expand(len(idx), -1, -1, -1), layer)
+            extra["cache"] = cache
+        from transformers import StoppingCriteriaList
+        out = model.generate(input_ids=input_ids, attention_mask=mask, **extra, **gen,
+                             stopping_criteria=StoppingCriteriaList([ProfileLineDone(tok, input_ids.shape[1])]))
+        answers = tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
         yield [int(k) for k in idx], [a.strip() for a in answers]
 
 

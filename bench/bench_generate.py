@@ -1,14 +1,14 @@
-"""Profiles per second: 06's batched generator (left padding, prompts sorted by length, batch 32) against
-one-at-a-time `model.generate` on the same prompts and the same model, greedy, in one run; prints the ratio
-(target >= 6x on 2 CPU cores). Not a timed test.
+"""Profiles per second: 06's batched generator (common.generate_batches: left padding, prompts sorted by length,
+the shared system-prompt prefix run once, a preallocated cache) against one-at-a-time `model.generate` on the same
+prompts and the same model, greedy, in one run; prints the ratios (target >= 6x on 2 CPU cores), and the batched
+generator without the prefix cache, to show what that part brings. Not a timed test.
 
     python bench/bench_generate.py                     # 64 prompts, SmolLM2-135M, CPU
     python bench/bench_generate.py --quick             # 32 prompts batched, 8 of them one at a time
     python bench/bench_generate.py --run runs/ml100k   # prompts of that run (default: ml-100k from the recbole wheel)
     python bench/bench_generate.py --model PATH --device cuda
 
-Prompts are 06's user prompts (common.inference_messages with 06's default sizes: 10 target items, 3 neighbours
-x 3 items, texts cut to 60 characters). Each path is timed on its own prompts after one warm-up generate; the
+Prompts are 06's user prompts (common.user_prompt with common.PROMPT_SIZES). Each path is timed on its own prompts after one warm-up generate; the
 one-at-a-time rate may be measured on a subset (--n-single) since it is the slow side. Wall time and process CPU
 time are both printed (on a shared machine the CPU-time ratio is the steadier one).
 """
@@ -36,20 +36,15 @@ def ml100k_prompts(n, seed=0):
     text = [data.item_text[r] for r in items_raw]
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     users = np.random.default_rng(seed).permutation(split["n_users"])[:n + 3]
-    return [common.inference_messages(train[u], [train[v] for v in users[k + 1:k + 1 + P06.N_NBRS]],
-                                      P06.clip_texts(text, P06.MAX_CHARS), P06.MAX_ITEMS, P06.MAX_NBR_ITEMS)
-            for k, u in enumerate(users[:n])]
+    nbrs = {int(u): [int(v) for v in users[k + 1:k + 4]] for k, u in enumerate(users[:n])}
+    return [common.user_prompt(int(u), train, nbrs, text) for u in users[:n]]
 
 
 def run_prompts(run, n):
     split = common.load_split(run)
-    text = P06.clip_texts(common.load_items(run), P06.MAX_CHARS)
     nb = common.load_neighbors(run)["user_nbrs"]
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
-
-    class A:
-        n_nbrs, max_items, max_nbr_items = P06.N_NBRS, P06.MAX_ITEMS, P06.MAX_NBR_ITEMS
-    return [P06.user_messages(u, train, nb, text, A) for u in range(min(n, split["n_users"]))]
+    return [common.user_prompt(u, train, nb, common.load_items(run)) for u in range(min(n, split["n_users"]))]
 
 
 def timed(fn):
@@ -65,12 +60,11 @@ def main(argv=None):
     p.add_argument("--run", type=Path, default=None, help="take the prompts from this run (default: raw ml-100k)")
     p.add_argument("--n", type=int, default=64, help="prompts for the batched side (default: %(default)s)")
     p.add_argument("--n-single", type=int, default=16, help="prompts for the one-at-a-time side (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=P06.BATCH_SIZE)
     p.add_argument("--max-new-tokens", type=int, default=P06.MAX_NEW_TOKENS)
     p.add_argument("--threads", type=int, default=P06.THREADS,
                    help="torch threads (default: %(default)s as in 06; 0 = torch's choice)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="as in 06")
-    p.add_argument("--max-items", type=int, default=P06.MAX_ITEMS)
     p.add_argument("--quick", action="store_true", help="32 batched prompts, 8 one at a time")
     args = p.parse_args(argv)
     if args.quick:
@@ -79,7 +73,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     model, tok = common.load_llm(args.model, device=args.device)
     model = model.to(common.pick_dtype(args.dtype, args.device)).eval()
-    P06.MAX_ITEMS = args.max_items
     msgs = run_prompts(args.run, args.n) if args.run else ml100k_prompts(args.n)
     texts = [common.render(tok, m) for m in msgs]
     lens = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
@@ -90,10 +83,10 @@ def main(argv=None):
     stops = common.stop_token_ids(tok)
     list(common.generate_batches(model, tok, texts[:2], 4, 2, progress=False))  # warm-up
 
-    def batched():
+    def batched(prefix_cache=True):
         out = [None] * len(texts)
         for idx, ans in common.generate_batches(model, tok, texts, args.max_new_tokens, args.batch_size,
-                                             desc="batched"):
+                                                desc="batched", prefix_cache=prefix_cache):
             for k, a in zip(idx, ans):
                 out[k] = a
         return out
@@ -109,12 +102,15 @@ def main(argv=None):
         return out
 
     b_out, b_wall, b_cpu = timed(batched)
+    _, n_wall, n_cpu = timed(lambda: batched(prefix_cache=False))
     s_out, s_wall, s_cpu = timed(single)
     nb, ns = len(texts), args.n_single
     same = np.mean([a == b for a, b in zip(b_out, s_out)])
     valid = np.mean([common.normalize_profile(a) is not None for a in b_out])
     print(f"batched (batch {args.batch_size}): {nb / b_wall:.2f} profiles/s wall ({b_wall:.1f}s for {nb}), "
           f"{nb / b_cpu:.2f} profiles per CPU-second")
+    print(f"batched, no prefix cache: {nb / n_wall:.2f} profiles/s wall ({n_wall:.1f}s for {nb}); the prefix cache "
+          f"gives {n_wall / b_wall:.2f}x wall, {n_cpu / b_cpu:.2f}x CPU time")
     print(f"one at a time:     {ns / s_wall:.2f} profiles/s wall ({s_wall:.1f}s for {ns}), "
           f"{ns / s_cpu:.2f} profiles per CPU-second")
     print(f"ratio batched / one-at-a-time: {(nb / b_wall) / (ns / s_wall):.1f}x wall, "

@@ -2,10 +2,13 @@
 # The whole pipeline on the bundled ml-100k data, on a fresh machine too:
 #   bash scripts/pipeline.sh [RUN_DIR]        (default runs/ml100k)
 # Each stage prints its wall time; outputs go to RUN_DIR (see README: "The run directory").
-# Independent work runs as two single-threaded processes, one per core of a 2-core machine.
+# Sized for a 2-core machine: every process runs one torch thread (OpenMP threads spinning on shared cores made
+# training ~10x slower), and independent work runs side by side, one process per core: the reward model and
+# 07's Base models train beside SFT and PPO; 06 runs as two shards; 07's Augment models as two processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+export OMP_NUM_THREADS=1
 RUN=${1:-runs/ml100k}
 total=$SECONDS
 stage() {
@@ -14,22 +17,31 @@ stage() {
   python "$@"
   echo "== $1 took $((SECONDS - t)) s"
 }
-both() {  # two stage commands side by side, one thread each; fails if either fails
+both() {  # two stage commands side by side; fails if either fails
   local t=$SECONDS
   echo "== $1  &  $2"
-  OMP_NUM_THREADS=1 python $1 & local a=$!
-  OMP_NUM_THREADS=1 python $2 & local b=$!
+  python $1 & local a=$!
+  python $2 & local b=$!
   wait $a && wait $b
   echo "== ${1%% *} (two processes) took $((SECONDS - t)) s"
 }
 stage 01_neighbors.py --run "$RUN"
 stage 02_distill.py --run "$RUN"                      # rules teacher: the offline default (see README)
+# One process per core: 03 beside 04 (both need only 02); then 05 (needs both) beside 07's graph Base models
+# (need only 01); then the other Base models.
+t=$SECONDS
+echo "== 04_reward.py in the background (log: $RUN/04_reward.out)"
+python 04_reward.py --run "$RUN" > "$RUN/04_reward.out" 2>&1 & reward=$!
 stage 03_sft.py --run "$RUN" --variant mask
-stage 04_reward.py --run "$RUN"
+wait $reward || { tail -n 20 "$RUN/04_reward.out"; exit 1; }
+echo "== 07_train_cf.py --variant base --backbone sgl simgcl in the background (log: $RUN/07_base_gcl.out)"
+python 07_train_cf.py --run "$RUN" --backbone sgl simgcl --variant base > "$RUN/07_base_gcl.out" 2>&1 & gcl=$!
 stage 05_ppo.py --run "$RUN" --sft sft_mask
+stage 07_train_cf.py --run "$RUN" --backbone biasmf ncf lightgcn --variant base
+wait $gcl || { tail -n 20 "$RUN/07_base_gcl.out"; exit 1; }
+echo "== 03-05 and 07 base (two processes at a time) took $((SECONDS - t)) s"
 both "06_profile.py --run $RUN --source ppo --shard 0/2" "06_profile.py --run $RUN --source ppo --shard 1/2"
 stage 06_profile.py --run "$RUN" --source ppo --merge
-both "07_train_cf.py --run $RUN --backbone all --variant base" "07_train_cf.py --run $RUN --backbone all --variant id"
 both "07_train_cf.py --run $RUN --backbone biasmf ncf lightgcn --variant augment --source ppo" \
      "07_train_cf.py --run $RUN --backbone sgl simgcl --variant augment --source ppo"
 stage 08_eval.py --run "$RUN"

@@ -232,6 +232,22 @@ def test_profiles_embeddings_resume(synthetic_run, tiny_llm):
     assert [r["item"] for r in rows(out / "items.jsonl")] == list(range(split["n_items"]))
 
 
+def test_probe_only_matches_full_run(synthetic_run, tiny_llm):
+    """--probe-only writes just the eval users' profiles, in its own folder, and the same probe as a full run."""
+    D.main(["--run", str(synthetic_run), "--no-probe"])
+    eval_users = sorted(json.loads((synthetic_run / "user_sets.json").read_text())["eval"])
+    quick = P.main(profile_args(synthetic_run, tiny_llm, "--probe-only", "--batch-size", "1"))
+    out = synthetic_run / "profiles" / "base_llm" / "probe_only"
+    assert [r["user"] for r in rows(out / "users.jsonl")] == eval_users
+    assert not (out / "user_emb.npy").exists() and not (out.parent / "users.jsonl").exists()
+    full = P.main(profile_args(synthetic_run, tiny_llm, "--batch-size", "1"))
+    assert quick["eval_users"] == pytest.approx(full["eval_users"], abs=1e-6)
+    assert "06_probe_base_llm" in common.read_manifest(synthetic_run)["stages"]
+    (synthetic_run / "user_sets.json").unlink()
+    with pytest.raises(SystemExit, match="user_sets.json"):
+        P.main(profile_args(synthetic_run, tiny_llm, "--probe-only"))
+
+
 def test_shards_merge_equal_single_run(synthetic_run, tiny_llm, tmp_path):
     other = tmp_path / "sharded"
     shutil.copytree(synthetic_run, other)

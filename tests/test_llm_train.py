@@ -118,7 +118,7 @@ def test_sft_supervised_spans(synthetic_run, tiny_llm):
             assert stats["positives"] > 0 and stats["negatives"] > 0
             assert stats["nbrs_skipped"] > 0  # eval users' profiles are never taught, and no sft_gpt_kd exists yet
     # a long prompt is cut to the newest items and says how many were dropped
-    args = sft.parse_args(["--run", str(run), "--variant", "mask", "--max-length", "400"])
+    args = sft.parse_args(["--run", str(run), "--variant", "mask", "--max-length", "400", "--max-items", "12", "--max-nbr-items", "6"])
     examples, stats = sft.build_examples(run, "mask", tok, args)
     assert stats["truncated"] > 0
     assert len(examples) == 16 and all(len(e["input_ids"]) <= 400 for e in examples)
