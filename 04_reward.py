@@ -18,10 +18,10 @@ Writes reward/ : config.json + model.safetensors (merged full weights) + tokeniz
        Trained in reward.tmp/ and renamed when finished.
 
 Run    python 04_reward.py --run runs/ml100k
-Time   02's queries are the full inference prompt (~1,400 SmolLM2 tokens with common's defaults), so a step of 2 pairs
-       is 4 sequences of ~1,450 tokens: about a minute on 2 free CPU cores (measured under 4-way load: 1 pair/step +
-       4 held-out pairs took 3.6 min for the whole stage). The defaults (5 steps, 48 held-out pairs)
-       are sized for CPU; on a GPU use --max-steps 0 (one epoch) and a larger --max-eval-pairs.
+Time   02's queries are the compact inference prompt (common.PROMPT_SIZES, ~300 SmolLM2 tokens), so a step of 4 pairs
+       is 8 sequences of ~330 tokens: ~21 s on one CPU thread with bf16 autocast; the whole stage (8 steps, 48
+       held-out pairs, merge, save) took ~5 min beside 03 in the pipeline. The defaults are sized for CPU; on a GPU
+       use --max-steps 0 (one epoch) and a larger --max-eval-pairs.
 """
 import json
 import shutil

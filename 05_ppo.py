@@ -29,9 +29,9 @@ Writes ppo/ : adapter_config.json + adapter_model.safetensors (the PPO LoRA, on 
 
 Run    python 05_ppo.py --run runs/ml100k [--sft sft_mask] [--steps 10]
 Time   a step = generation + 3 forward passes (policy, reference, reward model) + ppo_epochs x forward/backward over
-       batch_size prompts of ~200 tokens (common.PROMPT_SIZES): roughly a minute per step on 2 free CPU cores for SmolLM2-135M
-       (measured under 4-way load on 2 cores: one step of 2 prompts x 16 new tokens took 124 s). On a GPU raise --steps,
-       --batch-size and the prompt sizes (with 02's --pair-* and 06's, so that the reward model sees the same prompts).
+       batch_size prompts of ~300 tokens (common.PROMPT_SIZES): ~37 s per step on one CPU thread for SmolLM2-135M
+       (float32), so the 3-step default takes ~2 min. On a GPU raise --steps, --batch-size and the prompt sizes
+       (with 02's --pair-* and 06's, so that the reward model sees the same prompts).
 """
 import json
 import math

@@ -17,9 +17,10 @@ profiles of its (up to --item-users) most recent training users; 3. the other it
 training users) from the text and the item profiles of their text-similar warm items (neighbors.npz item_nbrs);
 4. embeddings + probe.
 
-Generation: batched, left padding, prompts sorted by token length, stop at end-of-turn, greedy unless
---temperature > 0, tqdm per phase. Resumable: rows are appended as batches finish; ids already written are
-skipped; a truncated last line is dropped and redone. A profile that does not parse (common.parse_profile,
+Generation (common.generate_batches): batched, left padding, prompts sorted by token length, the tokens every
+prompt shares (the system prompt) run once and held in a preallocated cache, stop at end-of-turn or once a whole
+profile line is written, greedy unless --temperature > 0, tqdm per phase. Resumable: rows are appended as
+batches finish; ids already written are skipped; a truncated last line is dropped and redone. A profile that does not parse (common.parse_profile,
 3+3 terms for users, 5+5 for items, after normalize_profile's light repairs) keeps its raw text (the embedding
 still carries signal), is marked "valid": false, and is counted in the log and probe.json.
 
@@ -31,15 +32,15 @@ runs one phase only (e.g. to run the shards' phases one after another).
 
 Run     python 06_profile.py --run runs/ml100k --source base_llm
         python 06_profile.py --run runs/ml100k --source ppo --max-new-tokens 40 --batch-size 32
+        python 06_profile.py --run runs/ml100k --source sft_mask --probe-only
 
-CPU budget, measured (ml-100k, SmolLM2-135M, bf16 (auto), 1 thread, batch 32, the defaults below; prompts ~400
-tokens): on the shared 2-core dev box at load average ~5, `--limit 64` took 253 s for 64 users, 97 s for 64 warm
-items, 52 s for 64 cold items, i.e. ~4 s per user profile. Generation is prefill-bound (the shared system prompt and
-item lists dominate; decode at batch 32 is cheap), so a full ml-100k run (943 + 1682 profiles) does NOT fit in
-10 minutes on 2 cores: estimated ~15 min on an idle box with two shards, about an hour on a busy one. Levers: a GPU
-(--device cuda), --shard, shorter prompts (--max-items/--n-nbrs/--max-chars/--item-users), and (not done yet)
-caching the KV of the common system-prompt prefix. float32 (--dtype float32) is ~2x slower than bf16 on a CPU with
-AVX512-BF16.
+Probe only: `--probe-only` writes just the eval users' profiles (user_sets.json) and the probe, in
+profiles/<source>/probe_only/ (07 cannot use it): a source compared in a few minutes on a CPU.
+
+CPU budget: generation is prefill-bound (~2 ms per prompt token per core for SmolLM2-135M in bf16), so prompts are
+kept short (common.PROMPT_SIZES, --item-users 2) and run as two shards on 2 cores; see README for the measured
+time. Levers: a GPU (--device cuda), --shard, --max-items/--n-nbrs/--max-chars/--item-users. float32
+(--dtype float32) is ~2x slower than bf16 on a CPU with AVX512-BF16.
 """
 import json
 import logging
