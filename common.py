@@ -1032,7 +1032,7 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
     mask, so the padding in the middle changes nothing). On CPU the cache is preallocated either way: the default
     one re-concatenates every layer's keys/values per token (28% of a SmolLM2 batch's time)."""
     from tqdm import tqdm
-    from transformers import DynamicCache, StaticCache
+    from transformers import DynamicCache, StaticCache, StoppingCriteriaList
     if not texts:
         return
     assert tok.padding_side == "left", "batched generation needs a left-padding tokenizer (load_tokenizer)"
@@ -1059,7 +1059,6 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
             for layer, kv in enumerate(prefix_kv.layers if prefix_kv is not None else []):
                 cache.update(kv.keys.expand(len(idx), -1, -1, -1), kv.values.expand(len(idx), -1, -1, -1), layer)
             extra["cache"] = cache
-        from transformers import StoppingCriteriaList
         out = model.generate(input_ids=input_ids, attention_mask=mask, **extra, **gen,
                              stopping_criteria=StoppingCriteriaList([ProfileLineDone(tok, input_ids.shape[1])]))
         answers = tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
