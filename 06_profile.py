@@ -82,8 +82,6 @@ COLD_ITEM_PROMPT = (
     "Write the profile of the users this item suits.")
 
 
-# ----------------------------------------------------------------------------- shared helpers (02 imports these)
-
 # ----------------------------------------------------------------------------- prompts
 
 def user_messages(u, train, nbrs, item_text, args):
