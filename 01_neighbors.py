@@ -4,15 +4,23 @@ Reads the raw data (ml-100k from the recbole wheel by default; MIND, Netflix or 
 Writes into --run:
   data/split.npz        train/valid/test (u, i) arrays in time order, cold_items, n_users, n_items
   data/items.jsonl      {"item", "raw_id", "text"}       data/users.jsonl  {"user", "raw_id"}
-  data/split_stats.json sizes, cold counts, merged duplicates, sha256 of the raw files
+  data/split_stats.json sizes, cold counts, merged duplicates, id order, the training cap and what it did
   item_text_emb.npy     L2-normalised text-encoder embeddings of the item texts [n_items, d_t]
   lightgcn_users.npy    user embeddings of a LightGCN trained with BPR on the training graph
   neighbors.npz         user_nbrs/user_sims: top-k cosine over LightGCN users (self excluded);
                         item_nbrs/item_sims: top-k cosine over item texts among warm items (self excluded),
-                        so that cold items get warm neighbours
+                        so that cold items get warm neighbours (warm: items with training rows)
+Ids: users and items are numbered in a random order seeded by --seed (raw ids are kept in users.jsonl and
+items.jsonl), so that index order carries no information: top-K breaks score ties toward the lower index, and
+raw ids often follow catalogue or release order. Another seed gives the same split under another numbering.
+Data-scarce setting (--max-train-per-user N): after the split each user keeps at most N training rows, N at
+random (seeded by --seed) or the earliest N (--scarce-keep earliest); validation and test are unchanged. Test
+items left with no training or validation row join cold_items (split_stats.json: n_cold_items_from_cap,
+n_train_u_before_cap). The LightGCN and both neighbour lists are computed on the reduced training set.
 Run:
   python 01_neighbors.py --run runs/ml100k
   python 01_neighbors.py --run runs/mind --dataset mind --data-dir MINDsmall_train --split snapshot --cutoff 2019-11-14
+  python 01_neighbors.py --run runs/ml100k_n5 --max-train-per-user 5        # the data-scarce setting
 The LightGCN's validation Recall@20 is logged (and kept in split_stats.json) so that a bad neighbour
 model shows.
 """
@@ -28,6 +36,7 @@ import common
 
 # ----------------------------------------------------------------------------- defaults
 DATASET, SPLIT, COLD_FRAC, TEST_FRAC, VALID_FRAC = "ml-100k", "cold-items", 0.2, 0.2, 0.1
+MAX_TRAIN_PER_USER, SCARCE_KEEP = 0, "random"  # 0: no cap (the dense setting)
 K_NEIGHBORS = 5
 DIM, LAYERS, LR, L2, BATCH = 64, 2, 5e-3, 1e-4, 2048
 MAX_EPOCHS, EVAL_EVERY, PATIENCE = 150, 5, 4   # patience counts evaluations
@@ -43,6 +52,10 @@ def parse_args(argv):
     p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="cold-items: each user's latest fraction to test")
     p.add_argument("--cutoff", default=None, help="snapshot split: a timestamp or ISO date")
     p.add_argument("--valid-frac", type=float, default=VALID_FRAC, help="each user's latest training fraction to validation")
+    p.add_argument("--max-train-per-user", type=int, default=MAX_TRAIN_PER_USER,
+                   help="data-scarce setting: each user keeps at most N training rows (0: all)")
+    p.add_argument("--scarce-keep", default=SCARCE_KEEP, choices=["random", "earliest"],
+                   help="which training rows the cap keeps (random: seeded by --seed)")
     p.add_argument("--encoder", default="default", help="text encoder: local path or hub id")
     p.add_argument("--k", type=int, default=K_NEIGHBORS, help="neighbours per user and per item")
     p.add_argument("--dim", type=int, default=DIM, help="LightGCN embedding size")
@@ -118,16 +131,19 @@ def main(argv=None):
 
     data = common.load_dataset(args.dataset, args.data_dir, args.min_rating)
     split, user_raw, item_raw, stats = common.make_split(data, args.split, args.cold_frac, args.test_frac,
-                                                         args.cutoff, args.valid_frac)
+                                                         args.cutoff, args.valid_frac, args.seed,
+                                                         args.max_train_per_user, args.scarce_keep)
     common.log.info("%s split %s: %s", data.name, args.split, stats)
     texts = [data.item_text[r] for r in item_raw]
 
     item_emb = common.encode_texts(texts, args.encoder, desc="01 item texts")
     user_emb, best_recall, best_epoch = train_lightgcn(split, args)
-    if split["n_users"] <= args.k or split["n_items"] - len(split["cold_items"]) <= args.k:
+    # neighbour candidates are items with training rows (06's warm items, the ones with profiles); under
+    # --max-train-per-user some non-cold items keep only validation rows, or none
+    warm = np.unique(split["train_i"])
+    if split["n_users"] <= args.k or len(warm) <= args.k:
         sys.exit(f"01: need more than k={args.k} users and warm items for neighbours")
     user_nbrs, user_sims = top_k_cosine(user_emb, user_emb, args.k, np.arange(split["n_users"]))
-    warm = np.setdiff1d(np.arange(split["n_items"]), split["cold_items"])
     item_nbrs, item_sims = top_k_cosine(item_emb, item_emb[warm], args.k, key_ids=warm)
 
     stats.update(dataset=data.name, lightgcn_valid_recall20=best_recall, lightgcn_best_epoch=best_epoch)

@@ -483,14 +483,43 @@ def _latest_per_user(users, times, frac, rows):
     return np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
 
 
-def make_split(data, split="cold-items", cold_frac=0.2, test_frac=0.2, cutoff=None, valid_frac=0.1):
+def _first_per_user(users, key, rows, n):
+    """Of `rows`, the first n of each user's rows by `key` (ties: input order)."""
+    order = rows[np.lexsort((rows, key[rows], users[rows]))]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(users[order])) + 1])
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.append(starts, len(order))))
+    return order[rank < n]
+
+
+def _cap_train(users, times, in_train, n, keep, rng):
+    """The data-scarce setting: each user's training rows cut to at most n, the earliest n or n at random."""
+    if keep not in ("random", "earliest"):
+        raise ValueError(f"unknown scarce_keep {keep!r}; expected random or earliest")
+    key = times if keep == "earliest" else rng.random(len(times))  # a random key = a uniform random subset
+    capped = np.zeros_like(in_train)
+    capped[_first_per_user(users, key, np.flatnonzero(in_train), n)] = True
+    return capped
+
+
+def make_split(data, split="cold-items", cold_frac=0.2, test_frac=0.2, cutoff=None, valid_frac=0.1, seed=0,
+               max_train_per_user=0, scarce_keep="random"):
     """Dense ids and train/valid/test/cold arrays (SPEC section 3).
 
     cold-items: the newest `cold_frac` of items by first interaction are cold, all their interactions
     are test; of the rest, each user's latest `test_frac` go to test.  snapshot: train < cutoff <= test.
     Test rows of users with no training rows are dropped (a user must be known to be scored).
     Validation: each user's latest `valid_frac` of training rows (at least one row stays in train).
+    max_train_per_user > 0: then each user keeps at most that many training rows (scarce_keep: "random" or
+    "earliest"); validation and test stay as they are, and test items left with no training or validation row
+    become cold.
+    Dense ids are a `seed`ed random numbering of users and items; the split's content does not depend on it.
+    Returns the arrays, the raw user and item ids by dense index, and the stats.
     """
+    if max_train_per_user < 0:
+        raise ValueError(f"max_train_per_user must be >= 0 (0 = keep all), got {max_train_per_user}")
+    # two streams, so that capping the training rows leaves the numbering as it is without the cap
+    ids_rng, keep_rng = (np.random.default_rng(ss) for ss in np.random.SeedSequence(seed).spawn(2))
+    # the canonical order (natural raw-id order) only breaks ties in the split; the output is renumbered below
     item_raw = sorted(set(data.items), key=_natural_key)
     item_idx = {r: k for k, r in enumerate(item_raw)}
     items = np.fromiter((item_idx[r] for r in data.items), dtype=np.int64, count=len(data.items))
@@ -521,37 +550,52 @@ def make_split(data, split="cold-items", cold_frac=0.2, test_frac=0.2, cutoff=No
     valid_rows = _latest_per_user(users, times, valid_frac, train_rows)
     in_train = ~in_test
     in_train[valid_rows] = False
+    is_valid = np.zeros(len(items), dtype=bool)
+    is_valid[valid_rows] = True
+    seen_uncapped = np.zeros(len(item_raw), dtype=bool)
+    seen_uncapped[items[in_train | is_valid]] = True
+    n_train_uncapped = int(in_train.sum())
+    if max_train_per_user:
+        in_train = _cap_train(users, times, in_train, max_train_per_user, scarce_keep, keep_rng)
     known_users = np.zeros(len(user_codes), dtype=bool)
     known_users[users[in_train]] = True
     dropped = int((in_test & ~known_users[users]).sum())
     in_test &= known_users[users]
-    # dense user ids over users that have training rows, in order of first appearance
+    # dense ids: users with training rows and all items, each in a seeded random order, because top-K breaks
+    # score ties toward the lower index and raw ids often follow catalogue or release order (a popularity leak)
     user_raw_all = list(user_codes)
     kept_users = np.flatnonzero(known_users)
+    new_item = ids_rng.permutation(len(item_raw))
+    new_user = ids_rng.permutation(len(kept_users))
     remap = np.full(len(user_codes), -1, dtype=np.int64)
-    remap[kept_users] = np.arange(len(kept_users))
-    is_valid = np.zeros(len(items), dtype=bool)
-    is_valid[valid_rows] = True
+    remap[kept_users] = new_user
     seen = np.zeros(len(item_raw), dtype=bool)
     seen[items[in_train | is_valid]] = True
     test_items = np.unique(items[in_test])
+    cold = test_items[~seen[test_items]]
     # rows are written in time order, so a user's rows in any array are chronological
     chrono = np.lexsort((rows, times))
     in_train, is_valid, in_test = in_train[chrono], is_valid[chrono], in_test[chrono]
-    users, items = users[chrono], items[chrono]
+    users, items = remap[users[chrono]], new_item[items[chrono]]
     out = {
-        "train_u": remap[users[in_train]], "train_i": items[in_train],
-        "valid_u": remap[users[is_valid]], "valid_i": items[is_valid],
-        "test_u": remap[users[in_test]], "test_i": items[in_test],
-        "cold_items": test_items[~seen[test_items]],
+        "train_u": users[in_train], "train_i": items[in_train],
+        "valid_u": users[is_valid], "valid_i": items[is_valid],
+        "test_u": users[in_test], "test_i": items[in_test],
+        "cold_items": np.sort(new_item[cold]),
         "n_users": np.int64(len(kept_users)), "n_items": np.int64(len(item_raw)),
     }
     stats = {"dropped_test_rows_of_unknown_users": dropped, "duplicates_merged": data.n_duplicates,
              **{f"n_{k}": int(len(v)) for k, v in out.items() if k.endswith("_u")},
              "n_cold_items": int(len(out["cold_items"])),
              "n_cold_test_rows": int(np.isin(out["test_i"], out["cold_items"]).sum()),
-             "n_cold_test_users": int(len(np.unique(out["test_u"][np.isin(out["test_i"], out["cold_items"])])))}
-    return out, [user_raw_all[k] for k in kept_users], item_raw, stats
+             "n_cold_test_users": int(len(np.unique(out["test_u"][np.isin(out["test_i"], out["cold_items"])]))),
+             "id_order": f"seeded random (seed {seed})",
+             "max_train_per_user": int(max_train_per_user),
+             "scarce_keep": scarce_keep if max_train_per_user else None,
+             "n_train_u_before_cap": n_train_uncapped,
+             "n_cold_items_from_cap": int(seen_uncapped[cold].sum())}
+    user_raw = [user_raw_all[k] for k in kept_users[np.argsort(new_user)]]
+    return out, user_raw, [item_raw[k] for k in np.argsort(new_item)], stats
 
 
 def load_split(run):

@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import common
 from common import DataError
@@ -168,6 +169,12 @@ def check_invariants(s):
     assert set(s["test_u"]) <= set(s["train_u"])
     assert set(s["valid_u"]) <= set(s["train_u"])
     assert sorted(set(s["train_u"])) == list(range(s["n_users"]))  # dense user ids
+    assert list(s["cold_items"]) == sorted(cold)
+
+
+def raw_pairs(s, user_raw, item_raw, part):
+    """A part's (raw user, raw item) rows, in the order stored."""
+    return [(user_raw[u], item_raw[i]) for u, i in zip(s[f"{part}_u"], s[f"{part}_i"])]
 
 
 def test_cold_items_split_invariants():
@@ -206,10 +213,10 @@ def test_each_users_latest_rows_are_test_and_valid():
 def test_snapshot_split_drops_unknown_test_users():
     d = common.RawData(["a", "a", "b", "c"], ["1", "2", "2", "1"], np.array([1.0, 5.0, 2.0, 9.0]),
                        {"1": "x", "2": "y"}, "toy")
-    s, user_raw, _, stats = common.make_split(d, "snapshot", cutoff=4, valid_frac=0.0)
-    assert user_raw == ["a", "b"]
+    s, user_raw, item_raw, stats = common.make_split(d, "snapshot", cutoff=4, valid_frac=0.0)
+    assert sorted(user_raw) == ["a", "b"]
     assert stats["dropped_test_rows_of_unknown_users"] == 1  # user c exists only after the cutoff
-    assert list(zip(s["test_u"], s["test_i"])) == [(0, 1)]
+    assert raw_pairs(s, user_raw, item_raw, "test") == [("a", "2")]
     check_invariants(s)
 
 
@@ -219,6 +226,130 @@ def test_split_rows_are_chronological():
     t = {(u, i): tm for u, i, tm in zip(d.users, d.items, d.times)}
     times = [t[(user_raw[u], item_raw[i])] for u, i in zip(s["train_u"], s["train_i"])]
     assert times == sorted(times)
+
+
+def test_split_is_a_seeded_relabelling():
+    d = random_data(3)
+    a, b, c = (common.make_split(d, "cold-items", seed=seed) for seed in (0, 0, 1))
+    for k in a[0]:
+        assert np.array_equal(a[0][k], b[0][k])  # same seed: the same arrays
+    assert a[1:] == b[1:]
+    assert a[1] != c[1] and a[2] != c[2]       # another seed: another numbering of users and items ...
+    assert not np.array_equal(a[0]["train_i"], c[0]["train_i"])
+    for part in ("train", "valid", "test"):     # ... of the same rows, in the same (chronological) order
+        assert raw_pairs(a[0], a[1], a[2], part) == raw_pairs(c[0], c[1], c[2], part)
+    assert sorted(a[2][i] for i in a[0]["cold_items"]) == sorted(c[2][i] for i in c[0]["cold_items"])
+    check_invariants(c[0])
+
+
+def spearman(x, y):
+    rank = (lambda v: np.argsort(np.argsort(v, kind="stable")))
+    return np.corrcoef(rank(x), rank(y))[0, 1]
+
+
+def test_dense_ids_carry_no_raw_order():
+    """Index order must not follow raw-id order (items) or order of first appearance (users)."""
+    d = random_data(4, n_users=2000, n_items=3000, n=40000)
+    s, user_raw, item_raw, _ = common.make_split(d, "cold-items")
+    raw_item_rank = np.argsort(np.argsort([int(r) for r in item_raw]))
+    assert abs(spearman(np.arange(len(item_raw)), raw_item_rank)) < 0.08   # null sd: 1/sqrt(3000) = 0.018
+    first_seen = {u: k for k, u in reversed(list(enumerate(d.users)))}
+    assert abs(spearman(np.arange(len(user_raw)), [first_seen[u] for u in user_raw])) < 0.1  # null sd 0.022
+    cold_raw = np.array([int(item_raw[i]) for i in s["cold_items"]])
+    assert abs(spearman(s["cold_items"], cold_raw)) < 0.25                 # ~600 cold items
+
+
+def leaky_data(seed, n_users=500, n_items=1000, n_cold=200):
+    """Cold items (the newest, raw ids above n_items - n_cold) whose test popularity falls with the raw id,
+    as on ml-100k, where a low raw id among the cold items means a blockbuster."""
+    rng = np.random.default_rng(seed)
+    n_warm = n_items - n_cold
+    pop = np.exp(-np.arange(n_cold) / 25)
+    users, items, times = [], [], []
+    for u in range(n_users):
+        warm = rng.choice(n_warm, 20, replace=False)
+        cold = n_warm + np.unique(np.append(rng.choice(n_cold, 4, replace=False, p=pop / pop.sum()), u % n_cold))
+        users += [f"u{u}"] * (20 + len(cold))
+        items += [str(i + 1) for i in np.concatenate([warm, cold])]
+        times += list(rng.uniform(0, 1000, 20)) + list(rng.uniform(1000, 1100, len(cold)))
+    return common.RawData(users, items, np.array(times), {str(i + 1): f"item {i + 1}" for i in range(n_items)},
+                          "leaky")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_constant_scores_get_random_level_zero_shot_recall(seed):
+    """A model that scores every item the same ranks by the tie rule (lowest index first): with seeded random
+    ids it gets random-level zero-shot recall, not the popularity ranking that raw-id order would give."""
+    d = leaky_data(seed)
+    s, _, item_raw, _ = common.make_split(d, "cold-items", seed=seed)
+    cold = s["cold_items"]
+    assert len(cold) == 200 and all(int(item_raw[i]) > 800 for i in cold)  # the designed cold items
+    on_cold = np.isin(s["test_i"], cold)
+    test = common.csr(s["test_u"][on_cold], s["test_i"][on_cold], s["n_users"])
+    exclude = common.csr(s["train_u"], s["train_i"], s["n_users"])
+    const = common.rank_eval(torch.zeros(s["n_users"], 4), torch.zeros(s["n_items"], 4), exclude, test, ks=(20,),
+                             item_subset=torch.from_numpy(cold.astype(np.int64)))
+    chance = 20 / len(cold)
+    assert np.nanmean(const["recall@20"]) < 2 * chance   # 0.6-1.3x over seeds
+    # the same fixed list in raw-id order (the old numbering) would look like a strong model
+    by_raw = set(sorted(cold, key=lambda i: int(item_raw[i]))[:20])
+    hits = [len(by_raw & set(t)) / len(t) for t in common.user_items(s["test_u"][on_cold], s["test_i"][on_cold],
+                                                                      s["n_users"]) if len(t)]
+    assert np.mean(hits) > 4 * chance
+
+
+def capped(d, n, keep="random", seed=0):
+    return common.make_split(d, "cold-items", seed=seed, max_train_per_user=n, scarce_keep=keep)
+
+
+@pytest.mark.parametrize("keep", ["random", "earliest"])
+def test_training_cap_keeps_valid_and_test(keep):
+    d = random_data(5, n_users=60, n_items=400)
+    full, user_raw, item_raw, full_stats = common.make_split(d, "cold-items", seed=3)
+    s, user_raw_c, item_raw_c, stats = capped(d, 5, keep, seed=3)
+    check_invariants(s)
+    assert (user_raw_c, item_raw_c) == (user_raw, item_raw)  # the numbering does not depend on the cap
+    for k in ("valid_u", "valid_i", "test_u", "test_i", "n_users", "n_items"):
+        assert np.array_equal(s[k], full[k])
+    full_train = set(zip(full["train_u"], full["train_i"]))
+    assert set(zip(s["train_u"], s["train_i"])) <= full_train
+    assert np.array_equal(np.bincount(s["train_u"], minlength=s["n_users"]),
+                          np.minimum(np.bincount(full["train_u"], minlength=s["n_users"]), 5))
+    # test items left without training and validation rows are cold now
+    assert set(full["cold_items"]) < set(s["cold_items"])
+    assert stats["n_cold_items_from_cap"] == len(s["cold_items"]) - len(full["cold_items"]) > 0
+    assert stats["n_train_u_before_cap"] == len(full["train_u"]) and stats["n_train_u"] == len(s["train_u"])
+    assert (stats["max_train_per_user"], stats["scarce_keep"]) == (5, keep)
+    assert (full_stats["max_train_per_user"], full_stats["n_cold_items_from_cap"]) == (0, 0)
+
+
+def test_training_cap_earliest_keeps_the_earliest_rows():
+    d = random_data(6)
+    t = {(u, i): tm for u, i, tm in zip(d.users, d.items, d.times)}
+    full, user_raw, item_raw, _ = common.make_split(d, "cold-items")
+    s, _, _, _ = capped(d, 4, "earliest")
+    for u in range(s["n_users"]):
+        kept = [t[(user_raw[u], item_raw[i])] for i in s["train_i"][s["train_u"] == u]]
+        every = sorted(t[(user_raw[u], item_raw[i])] for i in full["train_i"][full["train_u"] == u])
+        assert sorted(kept) == every[:4]
+
+
+def test_training_cap_random_is_seeded():
+    d = random_data(7)
+    a, b, c = capped(d, 4, seed=0), capped(d, 4, seed=0), capped(d, 4, seed=1)
+    assert np.array_equal(a[0]["train_u"], b[0]["train_u"]) and np.array_equal(a[0]["train_i"], b[0]["train_i"])
+    assert set(raw_pairs(a[0], a[1], a[2], "train")) != set(raw_pairs(c[0], c[1], c[2], "train"))
+    assert raw_pairs(a[0], a[1], a[2], "test") == raw_pairs(c[0], c[1], c[2], "test")
+    earliest = capped(d, 4, "earliest")
+    assert set(raw_pairs(a[0], a[1], a[2], "train")) != set(raw_pairs(*earliest[:3], "train"))
+
+
+def test_training_cap_rejects_bad_options():
+    d = random_data(8)
+    with pytest.raises(ValueError, match="max_train_per_user"):
+        capped(d, -1)
+    with pytest.raises(ValueError, match="scarce_keep"):
+        capped(d, 3, "latest")
 
 
 def test_ml100k_default_split_matches_spec():
