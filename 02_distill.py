@@ -9,7 +9,8 @@ Writes  distill.jsonl        {"user", "prompt" (chat messages sent to the teache
         reward_pairs.jsonl   {"user", "prompt" (common.inference_messages), "chosen", "rejected", "kind",
                               "variant", "set"} for the users of the "reward" and "eval" sets, one pair per kind:
                               substitution, oversmoothing, incomplete, repeated, empty, junk
-        distill_probe.json   profile-quality probe (SPEC section 7) of the teacher profiles, eval users
+        distill_probe.json   profile-quality probe (SPEC section 7) of the teacher profiles, eval users: Recall@20
+                             of their validation items (never test items; common.profile_probe)
         teacher_cache.jsonl  (--teacher api) answers by prompt hash, so a re-run makes no repeated requests
         manifest.json        stage "02_distill"
 
@@ -35,7 +36,9 @@ Run     python 02_distill.py --run runs/ml100k                       # rules tea
         OPENAI_API_KEY=... python 02_distill.py --run runs/ml100k --teacher api \\
             --api-base https://api.openai.com/v1 --api-model gpt-4o-mini --concurrency 8
 Offline default teacher: rules (it beat the local SmolLM2 teacher on the probe; numbers in the engineer's report
-and distill_probe.json).
+and distill_probe.json). Teachers are compared on validation items only: the probe never reads test items.
+06_profile.py --source teacher writes this teacher's profiles for every user and item (the upper bound of
+distillation); it reuses RulesTeacher, sample_and_example and run_api.
 """
 import collections
 import concurrent.futures as cf
@@ -224,6 +227,20 @@ def teacher_messages(items, item_text, example, max_items=MAX_ITEMS, max_chars=M
             {"role": "user", "content": user_turn(ex_items)},
             {"role": "assistant", "content": ex_profile},
             {"role": "user", "content": user_turn(items)}]
+
+
+def sample_and_example(train, rules, args):
+    """(the users to distil, the worked example shown to the local and api teachers). The users: a seeded sample
+    (--seed, --n-users) of those with --min-items training items. The example: a user outside the sample (if
+    any) with a mid-length history and its rules profile. 06 (--source teacher --teacher api) calls this with
+    02's recorded arguments, so that it sends the API exactly the prompts 02 sends."""
+    eligible = np.array([u for u in range(len(train)) if len(train[u]) >= args.min_items], dtype=np.int64)
+    n = args.n_users if args.n_users is not None else DEFAULT_N_USERS[args.teacher]
+    sample = np.random.default_rng(args.seed).permutation(eligible)[:n if n is not None else len(eligible)]
+    sample_set = set(int(u) for u in sample)
+    outside = [u for u in eligible if int(u) not in sample_set] or list(eligible)
+    ex_user = int(sorted(outside, key=lambda u: (abs(len(train[u]) - 8), u))[0])
+    return sample_set, (train[ex_user][-8:], rules.profile(train[ex_user]))
 
 
 # ----------------------------------------------------------------------------- api teacher
@@ -533,14 +550,7 @@ def main(argv=None):
     train = common.user_items(split["train_u"], split["train_i"], n_users)
     rules = RulesTeacher(item_text, train)
 
-    eligible = np.array([u for u in range(n_users) if len(train[u]) >= args.min_items], dtype=np.int64)
-    n = args.n_users if args.n_users is not None else DEFAULT_N_USERS[args.teacher]
-    sample = np.random.default_rng(args.seed).permutation(eligible)[:n if n is not None else len(eligible)]
-    sample_set = set(int(u) for u in sample)
-    # worked example: a user outside the sample (if any) with a mid-length history, profiled by the rules teacher
-    outside = [u for u in eligible if int(u) not in sample_set] or list(eligible)
-    ex_user = int(sorted(outside, key=lambda u: (abs(len(train[u]) - 8), u))[0])
-    example = (train[ex_user][-8:], rules.profile(train[ex_user]))
+    sample_set, example = sample_and_example(train, rules, args)
 
     path = run / "distill.jsonl"
     if args.restart and path.exists():

@@ -1,10 +1,12 @@
 """06_profile — user profiles, item profiles (warm and cold) and their text embeddings (SPEC sections 5, 6, 7).
 
 Reads   data/split.npz, data/items.jsonl, neighbors.npz, item_text_emb.npy (probe), user_sets.json (optional,
-        for the probe's held-out users), and the model of --source (common.load_profile_model:
-        base_llm | sft_gpt_kd | sft_naive | sft_mask | ppo).
-Writes  profiles/<source>/users.jsonl   {"user", "profile", "prompt_hash", "valid"}
-        profiles/<source>/items.jsonl   {"item", "profile", "prompt_hash", "valid", "kind": "warm"|"cold"}
+        the probe's eval users), and the model of --source (common.load_profile_model:
+        base_llm | sft_gpt_kd | sft_naive | sft_mask | ppo), or for --source teacher no model (see below;
+        --teacher api also reads distill.jsonl and 02's arguments in manifest.json).
+Writes  profiles/<source>/users.jsonl   {"user", "profile", "prompt_hash", "valid"[, "teacher"]}
+        profiles/<source>/items.jsonl   {"item", "profile", "prompt_hash", "valid", "kind": "warm"|"cold"
+                                         [, "teacher", "from_users"|"from_items"]}
         profiles/<source>/user_emb.npy  float32 [n_users, d_t]   (common.encode_texts, --encoder)
         profiles/<source>/item_emb.npy  float32 [n_items, d_t]
         profiles/<source>/probe.json    profile-quality probe (SPEC section 7) + malformed-profile counts
@@ -35,13 +37,35 @@ Run     python 06_profile.py --run runs/ml100k --source base_llm
         python 06_profile.py --run runs/ml100k --source sft_mask --probe-only
 
 Probe only: `--probe-only` writes just the eval users' profiles (user_sets.json) and the probe, in
-profiles/<source>/probe_only/ (07 cannot use it): a source compared in a few minutes on a CPU.
+profiles/<source>/probe_only/ (07 cannot use it): a source compared in a few minutes on a CPU. The probe ranks
+each user's validation items only (common.profile_probe); test items are never read before 08.
+
+--source teacher (the upper bound of distillation: what profiles of teacher quality do to each backbone): every
+profile is written by 02's teacher itself, no LLM is loaded, in seconds (plus the text encoder).
+  users  exactly the distillation target 02 would write for the user: --teacher rules (default) is
+         02's RulesTeacher on the user's training items; --teacher api asks 02's API teacher with the arguments
+         02 last ran with (manifest.json; 02 must have run with --teacher api): same prompts, worked example,
+         model and retries, answers from teacher_cache.jsonl where 02 already asked (new answers are appended
+         to it), rules profile for a user the API never answers in form (02's --on-fail rules).
+  items  the item format above (5 identities + 5 interests): warm items take the most common identity and
+         interest terms of the teacher profiles of their (up to --item-users, default 5 here) most recent
+         training users; the other items (cold, and any without training users) those of the teacher item
+         profiles of their (up to --item-nbrs) text-similar warm items (neighbors.npz item_nbrs). Ties go to the
+         term met first (newest user / most similar item first, then the order within the profile); fewer than
+         five distinct terms are topped up from the rules profile of the item alone, then generic terms.
+         Each row names the users or items it came from ("from_users" / "from_items"); "prompt_hash" hashes
+         what the profile was computed from (the teacher prompt for --teacher api).
+  Written in one pass (no shards or resume: --shard, --merge, --what and --limit are refused); --probe-only
+  works as for the other sources. Run: python 06_profile.py --run runs/ml100k --source teacher
 
 CPU budget: generation is prefill-bound (~2 ms per prompt token per core for SmolLM2-135M in bf16), so prompts are
 kept short (common.PROMPT_SIZES, --item-users 2) and run as two shards on 2 cores; see README for the measured
 time. Levers: a GPU (--device cuda), --shard, --max-items/--n-nbrs/--max-chars/--item-users. float32
 (--dtype float32) is ~2x slower than bf16 on a CPU with AVX512-BF16.
 """
+import collections
+import importlib
+import io
 import json
 import logging
 import time
@@ -61,6 +85,12 @@ PROMPT = common.PROMPT_SIZES   # user prompts: newest target items, items per ne
 ITEM_USERS = 2                 # warm items: profiles of up to this many most recent training users (SPEC: 5;
                                # 2 keeps ml-100k inside the CPU budget, --item-users 5 for the paper setting)
 ITEM_NBRS = 3                  # cold items: this many text-similar warm items
+TEACHER = "teacher"            # --source teacher: 02's teacher writes every profile (no LLM)
+SOURCES = common.PROFILE_SOURCES + (TEACHER,)
+TEACHER_ITEM_USERS = 5         # the teacher costs nothing per user: the SPEC's 5 recent users per warm item
+# top-up terms for teacher item profiles with fewer than five distinct terms (items with one or two users)
+GENERIC_TERMS = (("general audience", "curious {noun}", "casual {noun}", "regular {noun}", "loyal {noun}"),
+                 ("popular titles", "new releases", "classics", "hidden gems", "crowd pleasers"))
 PROBE_K = 20
 # One torch thread per process, parallelism through --shard: on a busy 2-core box, small-batch decode matmuls
 # ([32 x 576] x [576 x 1536]) took 24 ms with 2 OpenMP threads against 0.6 ms with 1 (threads spin at barriers
@@ -177,12 +207,124 @@ def run_phase(name, ids, make_messages, kind, n_each, out, shard, model, tok, ar
     return len(todo)
 
 
+# ----------------------------------------------------------------------------- --source teacher (no LLM)
+
+def distill_module():
+    """02_distill as a module (its file name starts with a digit): its teachers are reused, not copied."""
+    return importlib.import_module("02_distill")
+
+
+def check_teacher_args(args):
+    bad = [o for o, on in (("--shard", args.shard), ("--merge", args.merge), ("--what", args.what != "all"),
+                           ("--limit", args.limit is not None)) if on]
+    if bad:
+        raise SystemExit(f"--source teacher writes every profile in one pass without an LLM; {', '.join(bad)} "
+                         "apply to the LLM sources only")
+
+
+def api_teacher_args(run, D):
+    """The arguments 02 last ran with, which must be --teacher api: 06 then sends exactly 02's prompts."""
+    rec = common.read_manifest(run)["stages"].get("02_distill")
+    used = rec["args"].get("teacher") if rec else None
+    if used != "api":
+        raise SystemExit("--source teacher --teacher api reuses 02's API teacher with the settings 02 last ran with, "
+                         f"but {'02 has not run' if rec is None else f'02 last ran with --teacher {used}'}: run "
+                         "02_distill.py --teacher api --api-model M [--api-base URL] first")
+    a = D.build_parser().parse_args(["--run", str(run)])
+    for k, v in rec["args"].items():
+        if k not in ("run", "force") and hasattr(a, k):
+            setattr(a, k, v)
+    a.on_fail = "rules"  # every user needs a profile: one the API never answers in form gets the rules profile
+    return a
+
+
+def teacher_user_rows(run, users, train, item_text, rules, args, D):
+    """({user: row}, what the probe records): the teacher's distillation target for every user."""
+    if args.teacher == "rules":
+        rows = {u: {"user": u, "profile": rules.profile(train[u]), "teacher": "rules",
+                    "prompt_hash": common.prompt_hash(json.dumps({"teacher": "rules", "items": train[u].tolist()}))}
+                for u in users}
+        return rows, {"teacher": "rules", "teacher_model": "rules"}
+    a = api_teacher_args(run, D)
+    _, example = D.sample_and_example(train, rules, a)
+    stats = collections.Counter(written=0, failed=0, malformed_answers=0, retries=0, retried_ok=0)
+    buf = io.StringIO()  # run_api appends 02's distill rows; they are only read back here
+    D.run_api(users, train, item_text, rules, example, a, buf, stats)
+    rows = {}
+    for r in map(json.loads, buf.getvalue().splitlines()):
+        rows[int(r["user"])] = {"user": int(r["user"]), "profile": r["profile"], "teacher": r["teacher"],
+                                "prompt_hash": common.prompt_hash(json.dumps(r["prompt"], sort_keys=True))}
+    return rows, {"teacher": "api", "teacher_model": a.api_model, "stats": dict(stats)}
+
+
+def top_terms(term_lists, fill, n=5):
+    """The profile of the n most common identity and n most common interest terms of `term_lists` (each an
+    (identities, interests) pair; case-insensitive; ties to the term met first), topped up from `fill`."""
+    parts = []
+    for side in (0, 1):
+        count, first, name = collections.Counter(), {}, {}
+        for terms in term_lists:
+            for t in terms[side]:
+                count[t.lower()] += 1
+                first.setdefault(t.lower(), len(first))
+                name.setdefault(t.lower(), t)
+        chosen = [name[k] for k in sorted(count, key=lambda k: (-count[k], first[k]))][:n]
+        for t in (t for terms in fill for t in terms[side]):
+            if len(chosen) < n and t.lower() not in {c.lower() for c in chosen}:
+                chosen.append(t)
+        parts.append(", ".join(chosen))
+    return f"User identity: {parts[0]}; User interests: {parts[1]}"
+
+
+def teacher_item_rows(warm, other, users_of, user_rows, item_nbrs, rules, args, D):
+    """{item: row}: warm items from their recent users' teacher profiles, the others from their text-similar warm
+    items' teacher item profiles (see the module docstring)."""
+    generic = tuple(tuple(t.format(noun=rules.noun) for t in side) for side in GENERIC_TERMS)
+
+    def row(i, kind, profiles, src):
+        fill = [D.split_profile(rules.profile([i])), generic]  # the item's own genres and era, then generic terms
+        prof = top_terms([D.split_profile(p) for p in profiles], fill)
+        return {"item": i, "profile": prof, "kind": kind, "teacher": args.teacher, **src,
+                "prompt_hash": common.prompt_hash(json.dumps({"teacher": args.teacher, "from": profiles}))}
+
+    rows = {}
+    for i in warm:
+        recent = [int(u) for u in users_of[i] if int(u) in user_rows][-args.item_users:][::-1]  # newest first
+        rows[i] = row(i, "warm", [user_rows[u]["profile"] for u in recent], {"from_users": recent})
+    for i in other:
+        similar = [int(j) for j in item_nbrs[i] if int(j) != i and int(j) in rows and rows[int(j)]["kind"] == "warm"]
+        similar = similar[:args.item_nbrs]
+        rows[i] = row(i, "cold", [rows[j]["profile"] for j in similar], {"from_items": similar})
+    return rows
+
+
+def write_teacher_profiles(run, out, user_ids, warm, other, train, users_of, item_text, item_nbrs, args):
+    """--source teacher: users.jsonl and items.jsonl (when items are asked for) in one pass; returns what the
+    probe records about the teacher."""
+    D = distill_module()
+    rules = D.RulesTeacher(item_text, train)  # as 02 builds it: full item texts, training items
+    users, info = teacher_user_rows(run, user_ids, train, item_text, rules, args, D)
+    rows = {"users": users}
+    if warm or other:
+        rows["items"] = teacher_item_rows(warm, other, users_of, users, item_nbrs, rules, args, D)
+    for kind, by_id in rows.items():
+        for r in by_id.values():
+            r["valid"] = common.parse_profile(r["profile"], 3 if kind == "users" else 5) == r["profile"]
+        common.write_jsonl(out / f"{kind}.jsonl", [by_id[k] for k in sorted(by_id)])
+        log.info("teacher %s: %d profiles of %s, %d malformed", args.teacher, len(by_id), kind,
+                 sum(not r["valid"] for r in by_id.values()))
+    return info
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_parser():
     p = common.stage_parser(__doc__)
-    p.add_argument("--source", default="base_llm", choices=common.PROFILE_SOURCES,
-                   help="which model writes the profiles (default: %(default)s)")
+    p.add_argument("--source", default="base_llm", choices=SOURCES,
+                   help="which model writes the profiles, or `teacher`: 02's teacher itself (default: %(default)s)")
+    p.add_argument("--teacher", default=None, choices=["rules", "api"],
+                   help="--source teacher only: 02's rules teacher, or its API teacher with 02's last arguments "
+                        "(default: rules)")
     p.add_argument("--model", default=common.DEFAULT_LLM, help="base LLM path or hub id (default: SmolLM2-135M)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -201,8 +343,9 @@ def build_parser():
                    help="items shown per neighbour (default: %(default)s)")
     p.add_argument("--n-nbrs", type=int, default=PROMPT["n_nbrs"], help="neighbours shown (default: %(default)s)")
     p.add_argument("--max-chars", type=int, default=PROMPT["max_chars"], help="item text cut (default: %(default)s)")
-    p.add_argument("--item-users", type=int, default=ITEM_USERS,
-                   help="warm items: profiles of up to this many recent users (default: %(default)s)")
+    p.add_argument("--item-users", type=int, default=None,
+                   help="warm items: profiles of up to this many recent users (default: %d, %d for --source "
+                        "teacher)" % (ITEM_USERS, TEACHER_ITEM_USERS))
     p.add_argument("--item-nbrs", type=int, default=ITEM_NBRS,
                    help="cold items: similar warm items shown (default: %(default)s)")
     p.add_argument("--shard", default=None, help="i/n: this process does every n-th id starting at i")
@@ -220,6 +363,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    teacher = args.source == TEACHER
+    if teacher:
+        check_teacher_args(args)
+        args.teacher = args.teacher or "rules"
+    elif args.teacher:
+        raise SystemExit(f"--teacher applies to --source teacher only, not --source {args.source}")
+    if args.item_users is None:
+        args.item_users = TEACHER_ITEM_USERS if teacher else ITEM_USERS
     run = args.run
     out = run / "profiles" / args.source / ("probe_only" if args.probe_only else "")
     stage = f"06_{'probe' if args.probe_only else 'profile'}_{args.source}"
@@ -232,6 +383,9 @@ def main(argv=None):
     if args.merge and args.shard:
         raise SystemExit("--merge combines all shards; do not pass --shard with it")
     inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "item_text_emb.npy"]
+    if teacher and args.teacher == "api":
+        api_teacher_args(run, distill_module())  # fails early, with what to run, unless 02 used the API teacher
+        inputs.append("distill.jsonl")  # 02's run fixes the API prompts: re-running 02 makes these profiles stale
     common.check_inputs(run, inputs, args.force)
     out.mkdir(parents=True, exist_ok=True)
     if args.restart:
@@ -254,9 +408,14 @@ def main(argv=None):
         user_ids = sorted(json.loads((run / "user_sets.json").read_text())["eval"])[:args.limit]
         warm = other = []
     mine = (lambda ids: [k for k in ids if k % shard[1] == shard[0]])
-    t_gen = {}
+    t_gen, teacher_info = {}, {}
 
-    if not args.merge:
+    if teacher:
+        t = time.time()
+        teacher_info = write_teacher_profiles(run, out, user_ids, warm, other, train, users_of, item_text_full,
+                                              nb["item_nbrs"], args)
+        t_gen["teacher_s"] = round(time.time() - t, 1)
+    elif not args.merge:
         model, tok = common.load_profile_model(run, args.source, args.model, device=args.device)
         model = model.to(common.pick_dtype(args.dtype, args.device)).eval()
         log.info("model dtype %s, %d torch threads", next(model.parameters()).dtype, torch.get_num_threads())
@@ -309,7 +468,8 @@ def main(argv=None):
                                     desc="encode user profiles")
         text_emb, item_src = common.item_embeddings_for_probe(run, item_text_full, u_emb.shape[1], args.encoder,
                                                               args.device)
-        probe = {"source": args.source, "item_embeddings": item_src, "malformed_users": result["malformed_users"],
+        probe = {"source": args.source, **teacher_info, "item_embeddings": item_src,
+                 "malformed_users": result["malformed_users"],
                  "eval_users": common.profile_probe(split, user_ids, u_emb, text_emb)}
         common.write_json(out / "probe.json", probe)
         head = probe["eval_users"]
@@ -334,7 +494,7 @@ def main(argv=None):
     text_emb, item_src = common.item_embeddings_for_probe(run, item_text_full, u_emb.shape[1], args.encoder, args.device)
     sets_path = run / "user_sets.json"
     eval_users = json.loads(sets_path.read_text())["eval"] if sets_path.exists() else None
-    probe = {"source": args.source, "item_embeddings": item_src,
+    probe = {"source": args.source, **teacher_info, "item_embeddings": item_src,
              "n_users": n_users, "n_items": n_items,
              "malformed_users": result["malformed_users"], "malformed_items": result["malformed_items"],
              "all_users": common.profile_probe(split, np.arange(n_users), u_emb, text_emb),

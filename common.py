@@ -1110,20 +1110,22 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
 
 
 def heldout_items(split):
-    """Per-user held-out items (valid + test) and training items, as lists of int arrays."""
+    """Per-user validation items and training items, as lists of int arrays. Test items are never read: the
+    probe chooses teachers, prompts and sources, and only 08 may look at test (SPEC section 3)."""
     n = split["n_users"]
-    held = user_items(np.concatenate([split["valid_u"], split["test_u"]]),
-                             np.concatenate([split["valid_i"], split["test_i"]]), n)
+    held = user_items(split["valid_u"], split["valid_i"], n)
     train = user_items(split["train_u"], split["train_i"], n)
     return held, train
 
 
 def profile_probe(split, users, user_emb, item_emb, k=20, chunk=1024):
     """SPEC section 7: for each of `users` (rows of `user_emb` aligned with it), rank every item by cosine with
-    `item_emb` (training items excluded) and compute Recall@k of the user's held-out (valid + test) items.
-    Users without held-out items are skipped and counted. Also reports the same ranking done with the mean of
-    the user's training-item embeddings ("history centroid": a profile-free reference) and the expected recall of
-    a random ranking. Plain numpy (a few thousand users x items; the ops extension is not needed)."""
+    `item_emb` (training items excluded) and compute Recall@k of the user's validation items (never test items:
+    heldout_items). Users without validation items are skipped and counted ("n_skipped_no_valid"). Also reports
+    the same ranking done with the mean of the user's training-item embeddings ("history centroid": a profile-free
+    reference) and the expected recall of a random ranking. Test items stay among the ranked candidates (as
+    unlabelled items) so that the candidate set does not depend on the test split. Plain numpy (a few thousand
+    users x items; the ops extension is not needed)."""
     users = np.asarray(users, dtype=np.int64)
     ue = np.asarray(user_emb, dtype=np.float32)
     ie = np.asarray(item_emb, dtype=np.float32)
@@ -1158,7 +1160,7 @@ def profile_probe(split, users, user_emb, item_emb, k=20, chunk=1024):
     return {f"recall@{k}": float(rec.mean()) if len(rec) else float("nan"),
             f"centroid_recall@{k}": float(recall(cent).mean()) if len(users) else float("nan"),
             f"random_recall@{k}": float(np.mean(rand)) if len(rand) else float("nan"),
-            "n_users": int(len(users)), "n_skipped_no_heldout": int((~keep).sum())}
+            "n_users": int(len(users)), "n_skipped_no_valid": int((~keep).sum())}
 
 
 def item_embeddings_for_probe(run, items_text, d, encoder, device=None):

@@ -66,7 +66,9 @@ def test_rules_teacher_sets_pairs_probe(synthetic_run):
             assert "User interests" not in p["rejected"]
     probe = json.loads((synthetic_run / "distill_probe.json").read_text())
     e = probe["eval_users"]
-    assert e["n_users"] == len(sets["eval"]) and 0 <= e["recall@20"] <= 1
+    # eval users without a validation item are skipped (the probe never reads test items)
+    assert e["n_users"] + e["n_skipped_no_valid"] == len(sets["eval"]) and e["n_users"] > 0
+    assert 0 <= e["recall@20"] <= 1
     assert out["probe"]["eval_users"]["recall@20"] == e["recall@20"]
     man = common.read_manifest(synthetic_run)["stages"]["02_distill"]
     assert "distill.jsonl" in man["outputs"] and "data/split.npz" in man["inputs"]
@@ -200,6 +202,32 @@ def test_api_teacher_gives_up(synthetic_run, api):
         D.main(api_args(synthetic_run, api, "--n-users", "1", "--api-max-tries", "3"))
 
 
+def test_teacher_source_api(synthetic_run, api):
+    """06 --source teacher --teacher api: 02's API teacher with 02's arguments writes every user's profile; the
+    users 02 distilled come from its cache without a request."""
+    D.main(api_args(synthetic_run, api, "--n-users", "4"))
+    n_before = len(api.requests)
+    probe = P.main(["--run", str(synthetic_run), "--source", "teacher", "--teacher", "api", "--device", "cpu"])
+    split = common.load_split(synthetic_run)
+    out = synthetic_run / "profiles" / "teacher"
+    users, items = rows(out / "users.jsonl"), rows(out / "items.jsonl")
+    assert [r["user"] for r in users] == list(range(split["n_users"]))
+    assert all(r["teacher"] == "api" and r["profile"] == GOOD and r["valid"] for r in users)
+    assert len(api.requests) - n_before == split["n_users"] - 4
+    assert probe["teacher"] == "api" and probe["teacher_model"] == "fake-model" and probe["stats"]["api_cached"] == 4
+    assert len(items) == split["n_items"] and all(r["valid"] and r["teacher"] == "api" for r in items)
+    warm_terms = common.PROFILE_RE.search(GOOD).group("interests").split(", ")
+    assert all(common.PROFILE_RE.search(r["profile"]).group("interests").split(", ")[:3] == warm_terms
+               for r in items)
+    assert "distill.jsonl" in common.read_manifest(synthetic_run)["stages"]["06_profile_teacher"]["inputs"]
+
+
+def test_teacher_source_api_needs_02_api(synthetic_run):
+    D.main(["--run", str(synthetic_run), "--no-probe"])
+    with pytest.raises(SystemExit, match="02 last ran with --teacher rules"):
+        P.main(["--run", str(synthetic_run), "--source", "teacher", "--teacher", "api"])
+
+
 # ----------------------------------------------------------------------------- 06: profiles, resume, shards
 
 def profile_args(run, llm, *extra):
@@ -267,19 +295,43 @@ def test_shards_merge_equal_single_run(synthetic_run, tiny_llm, tmp_path):
 
 # ----------------------------------------------------------------------------- helpers
 
+def probe_split():
+    """Users 0 and 1 have validation items; user 2's only held-out item is a test item."""
+    return {"n_users": 3, "n_items": 4,
+            "train_u": np.array([0, 1, 2]), "train_i": np.array([0, 2, 1]),
+            "valid_u": np.array([0, 1, 1]), "valid_i": np.array([1, 3, 0]),
+            "test_u": np.array([2]), "test_i": np.array([3])}
+
+
 def test_probe_hand_built():
-    split = {"n_users": 3, "n_items": 4,
-             "train_u": np.array([0, 1, 2]), "train_i": np.array([0, 2, 1]),
-             "valid_u": np.array([0]), "valid_i": np.array([1]),
-             "test_u": np.array([1, 1]), "test_i": np.array([3, 0])}
+    split = probe_split()
     items = np.eye(4, dtype=np.float32)
-    # user 0: own train item 0 is excluded, item 1 ranks first -> 1.0; user 1: only item 3 in the top 1 -> 0.5
+    # user 0: own train item 0 is excluded, item 1 ranks first -> 1.0; user 1: only item 3 in the top 1 -> 0.5;
+    # user 2 has no validation item: skipped
     ue = np.array([[0.9, 0.3, 0.1, 0], [0.2, 0, 0.9, 1.0], [1, 1, 1, 1]], np.float32)
     r = common.profile_probe(split, [0, 1, 2], ue, items, k=1)
-    assert r["recall@1"] == pytest.approx(0.75) and r["n_users"] == 2 and r["n_skipped_no_heldout"] == 1
+    assert r["recall@1"] == pytest.approx(0.75) and r["n_users"] == 2 and r["n_skipped_no_valid"] == 1
     assert common.profile_probe(split, [1], ue[[1]], items, k=2)["recall@2"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same text encoder"):
         common.profile_probe(split, [0], np.ones((1, 3)), items)
+
+
+def test_probe_never_reads_test_items():
+    """Only validation items count: a user whose only held-out items are test items is skipped, and the result
+    is the same whatever the test items are, or with no test arrays at all."""
+    split = probe_split()
+    items = np.eye(4, dtype=np.float32)
+    ue = np.array([[0.9, 0.3, 0.1, 0], [0.2, 0, 0.9, 1.0], [0, 0, 0, 1]], np.float32)  # user 2 would hit its test item
+    base = common.profile_probe(split, [0, 1, 2], ue, items, k=1)
+    only_test = common.profile_probe(split, [2], ue[[2]], items, k=1)
+    assert only_test["n_users"] == 0 and only_test["n_skipped_no_valid"] == 1
+    # test items that the profiles rank first (user 0: item 1, user 1: item 3) must change nothing
+    altered = {**split, "test_u": np.array([0, 1, 2, 2]), "test_i": np.array([1, 3, 0, 3])}
+    no_test = {k: v for k, v in split.items() if not k.startswith("test")}
+    assert common.profile_probe(altered, [0, 1, 2], ue, items, k=1) == base
+    assert common.profile_probe(no_test, [0, 1, 2], ue, items, k=1) == base
+    held, train = common.heldout_items(altered)
+    assert [h.tolist() for h in held] == [[1], [3, 0], []]
 
 
 def test_normalize_profile():

@@ -1,0 +1,101 @@
+"""06_profile --source teacher: the rules teacher of 02 writes every user and item profile (the upper bound of
+distillation), no LLM. Fast: the synthetic run of conftest.py and the shipped text encoder."""
+import importlib
+import json
+
+import numpy as np
+import pytest
+
+import common
+from conftest import GENRES
+
+D = importlib.import_module("02_distill")
+P = importlib.import_module("06_profile")
+
+
+def rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def terms(profile, side):
+    return common.PROFILE_RE.search(profile).group(side).split(", ")
+
+
+def teacher_args(run, *extra):
+    return ["--run", str(run), "--source", "teacher", "--device", "cpu", *extra]
+
+
+def test_teacher_profiles_embeddings_manifest(synthetic_run):
+    D.main(["--run", str(synthetic_run), "--no-probe"])  # distill.jsonl (the targets) and user_sets.json
+    probe = P.main(teacher_args(synthetic_run))
+    out = synthetic_run / "profiles" / "teacher"
+    split = common.load_split(synthetic_run)
+    n_users, n_items = int(split["n_users"]), int(split["n_items"])
+    users, items = rows(out / "users.jsonl"), rows(out / "items.jsonl")
+
+    # users: exactly 02's distillation targets, one valid profile each
+    assert [r["user"] for r in users] == list(range(n_users))
+    target = {r["user"]: r["profile"] for r in rows(synthetic_run / "distill.jsonl")}
+    assert all(r["valid"] and r["teacher"] == "rules" and r["profile"] == target[r["user"]] for r in users)
+    assert all(common.parse_profile(r["profile"]) == r["profile"] for r in users)
+
+    # items: one valid 5+5 profile each, warm from their recent training users, the others from warm text neighbours
+    assert [r["item"] for r in items] == list(range(n_items))
+    assert all(r["valid"] and common.parse_profile(r["profile"], 5) == r["profile"] and r["prompt_hash"]
+               for r in items)
+    users_of = common.user_items(split["train_i"], split["train_u"], n_items)
+    item_nbrs = common.load_neighbors(synthetic_run)["item_nbrs"]
+    kind = {r["item"]: r["kind"] for r in items}
+    for r in items:
+        i = r["item"]
+        if len(users_of[i]):
+            assert r["kind"] == "warm" and r["from_users"] == [int(u) for u in users_of[i][-5:][::-1]]
+            assert terms(r["profile"], "interests")[0] in {t for u in r["from_users"]
+                                                          for t in terms(target[u], "interests")}
+        else:
+            assert r["kind"] == "cold" and r["from_items"]
+            assert set(r["from_items"]) <= set(item_nbrs[i].tolist())
+            assert all(kind[j] == "warm" for j in r["from_items"])
+            # the synthetic items of one genre are text neighbours, liked by one taste group (odd / even genres):
+            # a cold item's interests are its group's genres, learnt from its warm neighbours' users
+            group = {GENRES[g].title() for g in range(len(GENRES)) if g % 2 == (i % len(GENRES)) % 2}
+            assert set(terms(r["profile"], "interests")[:3]) == group
+    assert {r["kind"] for r in items} == {"warm", "cold"}
+
+    ue, ie = np.load(out / "user_emb.npy"), np.load(out / "item_emb.npy")
+    assert ue.dtype == ie.dtype == np.float32 and ue.shape == (n_users, 384) and ie.shape == (n_items, 384)
+    assert np.allclose(np.linalg.norm(ie, axis=1), 1, atol=1e-4)
+
+    assert probe["source"] == "teacher" and probe["teacher"] == "rules"
+    assert probe["malformed_users"] == probe["malformed_items"] == 0 and probe["eval_users"]["n_users"] > 0
+    stage = common.read_manifest(synthetic_run)["stages"]["06_profile_teacher"]
+    assert {"data/split.npz", "neighbors.npz", "user_sets.json"} <= set(stage["inputs"])
+    assert stage["outputs"]["profiles/teacher/item_emb.npy"] == common.sha256_file(out / "item_emb.npy")
+    common.check_inputs(synthetic_run, ["profiles/teacher/user_emb.npy", "profiles/teacher/item_emb.npy"])  # 07 may
+
+
+def test_teacher_probe_only_and_refusals(synthetic_run):
+    D.main(["--run", str(synthetic_run), "--no-probe"])
+    eval_users = sorted(json.loads((synthetic_run / "user_sets.json").read_text())["eval"])
+    quick = P.main(teacher_args(synthetic_run, "--probe-only"))
+    out = synthetic_run / "profiles" / "teacher" / "probe_only"
+    assert [r["user"] for r in rows(out / "users.jsonl")] == eval_users
+    assert "06_probe_teacher" in common.read_manifest(synthetic_run)["stages"]
+    full = P.main(teacher_args(synthetic_run))
+    assert quick["eval_users"] == pytest.approx(full["eval_users"], abs=1e-6)
+    for extra, msg in ((["--shard", "0/2"], "--shard"), (["--merge"], "--merge"), (["--limit", "3"], "--limit")):
+        with pytest.raises(SystemExit, match=msg):
+            P.main(teacher_args(synthetic_run, *extra))
+    with pytest.raises(SystemExit, match="--source teacher only"):
+        P.main(["--run", str(synthetic_run), "--source", "ppo", "--teacher", "rules"])
+
+
+def test_top_terms_counts_ties_and_fill():
+    a = (["fan", "teen", "parent"], ["comedy", "drama", "war"])
+    b = (["Teen", "critic", "student"], ["war", "horror", "comedy"])
+    fill = [(["x1", "x2", "x3"], ["y1", "y2"]), (["g1", "g2", "g3", "g4", "g5"], ["h1", "h2", "h3", "h4", "h5"])]
+    # identities: teen twice, then first met; interests: comedy and war twice (comedy met first)
+    assert P.top_terms([a, b], fill) == ("User identity: teen, fan, parent, critic, student; "
+                                         "User interests: comedy, war, drama, horror, y1")
+    only = P.top_terms([], fill)  # no source profile: the fill alone, still five distinct terms a side
+    assert common.parse_profile(only, 5) == only
