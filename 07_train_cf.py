@@ -6,17 +6,27 @@ Items have no ID embedding: an item is its text, so cold items (never seen in tr
   no_user_aug  augmented items, base users          no_item_aug  augmented users, base items
   id           the textbook model: items are ID embeddings, no text (cannot score cold items)
 T_raw, T_pro: Linear(d_t, d)-ReLU-Linear(d, d) (one T_pro, shared by user and item profiles, as in eq. 2);
-Psi: Linear(2d, d)-ReLU, one for users and one for items. f_v: item_text_emb.npy; p_u, p_v: the profile
-embeddings of --source. The backbone then works on these initial representations:
+Psi (--fusion), one for users and one for items, maps [x, p] to d:
+  residual (default)  x + Linear([x, p]): the Base representation plus a learned correction
+  linear              Linear([x, p])
+  relu                Linear([x, p])-ReLU, the paper's and the official code's. It can map a row to exactly
+                      zero; cold items never get a gradient, so on ml-100k it collapsed the cold items to a
+                      handful of vectors (many exactly zero) and top-K ties then ranked them by item id.
+f_v: item_text_emb.npy; p_u, p_v: the profile embeddings of --source. The backbone then works on these
+initial representations:
   biasmf    x_u . x_v + b_u + b_v (b_v from the item's representation, so cold items get one)
   ncf       NeuMF: h . [x_u * x_v, MLP([x_u, x_v])]  (both branches read the same x_u, x_v)
   lightgcn  2 layers over the normalised bipartite training graph, layer mean (layer 0 included)
   sgl       lightgcn + InfoNCE between two edge-dropout views (redrawn each epoch)
   simgcl    lightgcn + InfoNCE between two views with sign(e) * normalize(U(0,1) noise) * eps per layer
-Training: BPR + L2 (on the batch's initial representations), Adam, early stopping on VALIDATION
-Recall@20 (exclude = the user's training items, test = the user's validation items, ranked among the
-warm items). The test set is never read here. Negatives are drawn from the warm items only
-(`--neg-pool warm`): cold items belong to the test period, so the model must not know they exist.
+Training: BPR + L2, Adam, early stopping on VALIDATION Recall@20 (exclude = the user's training items,
+test = the user's validation items, ranked among the warm items) after at least --min-epochs. The test set
+is never read here. L2 acts on parameters: on the batch's rows of the ID embeddings (scaled per example, as
+LightGCN does) and, as Adam's weight decay, on every Linear weight (towers, Psi, NeuMF); the item vectors
+themselves are unit-normalised, so an L2 on them would have no gradient. Each validation also counts the
+zero or non-finite initial user and item vectors and the distinct cold-item vectors (a collapse shows).
+Negatives are drawn from the warm items only (`--neg-pool warm`): cold items belong to the test period, so the
+model must not know they exist.
 
 Reads from --run: data/split.npz, item_text_emb.npy, and for the augment variants
 profiles/<source>/user_emb.npy [n_users, d_t] and item_emb.npy [n_items, d_t] (stage 06).
@@ -26,7 +36,7 @@ cf/<backbone>_<variant>_<source>_s<seed>/:
   log.jsonl      per epoch: loss, bpr, seconds (training only), and valid_recall@20 / valid_ndcg@20
                  when evaluated
   meta.json      backbone, variant, source, seed, best_epoch, best_valid_recall20, seconds_per_epoch,
-                 scorer ("dot" or "ncf"), can_score_cold, args
+                 scorer ("dot" or "ncf"), can_score_cold, fusion, zero/dead-vector counts, args
   scorer "dot" (biasmf, lightgcn, sgl, simgcl):  user_emb.npy, item_emb.npy (float32); the score of
                  (u, v) is their dot product, so 08 ranks with common.rank_eval. For BiasMF the vectors
                  are [x_u, 1] and [x_v, b_v]: b_u moves all of a user's scores alike, so no ranking changes.
@@ -35,6 +45,8 @@ cf/<backbone>_<variant>_<source>_s<seed>/:
                  writes topk_full.npz (all items) and topk_zero.npz (cold items only; not for `id`):
                  `indices` int64 and `scores` float32 [n_users, --topk], the user's train and
                  valid items excluded, -1 / -inf where fewer candidates remain.
+Resume: a model whose folder and manifest record match the current inputs and arguments is skipped (its
+meta.json is reused), so an interrupted grid continues where it stopped; --redo retrains.
 Run:
   python 07_train_cf.py --run runs/ml100k --backbone lightgcn --variant base
   python 07_train_cf.py --run runs/ml100k --backbone all --variant base augment --source ppo --seeds 0 1 2
@@ -56,12 +68,17 @@ import common
 BACKBONES = ("biasmf", "ncf", "lightgcn", "sgl", "simgcl")
 VARIANTS = ("base", "augment", "no_user_aug", "no_item_aug", "id")
 DIM, LAYERS, LR, L2, BATCH = 32, 2, 5e-3, 1e-4, 4096
-MAX_EPOCHS, EVAL_EVERY, PATIENCE = 1000, 5, 25    # lr 5e-3: on ml-100k the best epochs are 55-170 (1e-3: 205-530)
+MAX_EPOCHS, EVAL_EVERY = 1000, 5
+# lr 5e-3: on ml-100k Base peaks at epochs 55-170. Validation recall dips after the first epochs and recovers,
+# and with patience 25 the Augment models stopped at 25-35, undertrained: never stop before MIN_EPOCHS.
+MIN_EPOCHS, PATIENCE = 100, 50
+FUSION = "residual"                                # Psi; see the docstring ("relu" is the paper's)
 # SGL / SimGCL. On ml-100k (batch 4096, d 32) InfoNCE's gradient is ~170x BPR's at the start, and with
 # weight 0.1-0.02 at temperature 0.2 (the SGL/SimGCL papers' values) BPR never leaves log(2): validation
 # Recall@20 stays ~0.03. Weight 0.01 at temperature 0.5 (in the paper's search space) trains.
 CL_WEIGHT, CL_TEMP, EDGE_DROP, NOISE_EPS = 0.01, 0.5, 0.1, 0.1
-TOPK = 40                                          # NCF: how many ranked items 07 writes for 08
+TOPK = 41                                          # NCF: ranked items written for 08: its largest K (40) + 1,
+                                                   # so that 08 can see a tie at slot K
 
 
 def parse_args(argv):
@@ -74,12 +91,17 @@ def parse_args(argv):
     p.add_argument("--dim", type=int, default=DIM, help="representation size d" + d)
     p.add_argument("--layers", type=int, default=LAYERS, help="graph backbones: propagation layers" + d)
     p.add_argument("--lr", type=float, default=LR, help="Adam learning rate" + d)
-    p.add_argument("--l2", type=float, default=L2, help="L2 weight on the batch's initial representations" + d)
+    p.add_argument("--l2", type=float, default=L2,
+                   help="L2 weight: batch rows of ID embeddings, and Adam weight decay on Linear weights" + d)
+    p.add_argument("--fusion", default=FUSION, choices=["residual", "linear", "relu"],
+                   help="Psi, the fusion of [x, profile]; relu is the paper's (can collapse cold items)" + d)
     p.add_argument("--batch-size", type=int, default=BATCH, help=d.strip())
     p.add_argument("--max-epochs", type=int, default=MAX_EPOCHS, help=d.strip())
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="epochs between validations" + d)
     p.add_argument("--patience", type=int, default=PATIENCE,
                    help="stop after this many epochs without a better validation Recall@20" + d)
+    p.add_argument("--min-epochs", type=int, default=MIN_EPOCHS, help="never stop early before this epoch" + d)
+    p.add_argument("--redo", action="store_true", help="retrain models already trained on the current inputs")
     p.add_argument("--cl-weight", type=float, default=CL_WEIGHT, help="SGL/SimGCL: InfoNCE weight" + d)
     p.add_argument("--cl-temp", type=float, default=CL_TEMP, help="SGL/SimGCL: InfoNCE temperature" + d)
     p.add_argument("--edge-drop", type=float, default=EDGE_DROP, help="SGL: fraction of edges dropped per view" + d)
@@ -105,12 +127,24 @@ def mlp(d_in, d):
     return nn.Sequential(nn.Linear(d_in, d), nn.ReLU(), nn.Linear(d, d))
 
 
+class Fusion(nn.Module):
+    """Psi([x, p]) -> d for one side; `kind` as in the docstring (residual, linear, relu)."""
+
+    def __init__(self, d, kind):
+        super().__init__()
+        self.kind, self.linear = kind, nn.Linear(2 * d, d)
+
+    def forward(self, x, p):
+        y = self.linear(torch.cat([x, p], -1))
+        return x + y if self.kind == "residual" else torch.relu(y) if self.kind == "relu" else y
+
+
 class Towers(nn.Module):
     """The initial user and item representations of one variant (eqs. 1-2). users(idx) / items(idx)
     return the rows of idx, or of everyone when idx is None. The text and profile embeddings are
     non-persistent buffers: model.pt holds only what was learned."""
 
-    def __init__(self, variant, n_users, n_items, d, text=None, user_prof=None, item_prof=None):
+    def __init__(self, variant, n_users, n_items, d, text=None, user_prof=None, item_prof=None, fusion=FUSION):
         super().__init__()
         self.variant = variant
         self.aug_user = variant in ("augment", "no_item_aug")
@@ -126,16 +160,16 @@ class Towers(nn.Module):
             self.t_pro = mlp(d_t, d)
         if self.aug_user:
             self.register_buffer("user_prof", torch.as_tensor(user_prof, dtype=torch.float32), persistent=False)
-            self.psi_user = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU())
+            self.psi_user = Fusion(d, fusion)
         if self.aug_item:
             self.register_buffer("item_prof", torch.as_tensor(item_prof, dtype=torch.float32), persistent=False)
-            self.psi_item = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU())
+            self.psi_item = Fusion(d, fusion)
 
     def users(self, idx=None):
         x = self.user_id.weight if idx is None else self.user_id(idx)
         if self.aug_user:
             p = self.user_prof if idx is None else self.user_prof[idx]
-            x = self.psi_user(torch.cat([x, F.normalize(self.t_pro(p), dim=-1)], -1))
+            x = self.psi_user(x, F.normalize(self.t_pro(p), dim=-1))
         return x
 
     def items(self, idx=None):
@@ -145,13 +179,19 @@ class Towers(nn.Module):
         x = self.t_raw(f)
         if self.aug_item:
             p = self.item_prof if idx is None else self.item_prof[idx]
-            x = self.psi_item(torch.cat([x, self.t_pro(p)], -1))
+            x = self.psi_item(x, self.t_pro(p))
         return F.normalize(x, dim=-1)
+
+    def id_rows(self, u, pos, neg):
+        """The batch's rows of the ID embeddings (what the per-example L2 acts on)."""
+        rows = [self.user_id(u)]
+        if self.variant == "id":
+            rows += [self.item_id(pos), self.item_id(neg)]
+        return rows
 
 
 # ----------------------------------------------------------------------------- backbones
-# Each forward(u, pos, neg) returns (positive scores, negative scores, the batch's initial
-# representations for L2, extra loss). Dot-product backbones also give dot_reps(): all users' and
+# Each forward(u, pos, neg) returns (positive scores, negative scores, extra loss). Dot-product backbones also give dot_reps(): all users' and
 # all items' final vectors, whose dot product is the score.
 
 class BiasMF(nn.Module):
@@ -173,7 +213,7 @@ class BiasMF(nn.Module):
         b_u = self.user_bias(u).squeeze(-1)
         s_p = (x_u * x_p).sum(-1) + b_u + self.b_item(pos, x_p)
         s_n = (x_u * x_n).sum(-1) + b_u + self.b_item(neg, x_n)
-        return s_p, s_n, (x_u, x_p, x_n), 0.0
+        return s_p, s_n, 0.0
 
     def dot_reps(self):
         x_u, x_v = self.towers.users(), self.towers.items()
@@ -197,7 +237,7 @@ class NeuMF(nn.Module):
 
     def forward(self, u, pos, neg):
         x_u, x_p, x_n = self.towers.users(u), self.towers.items(pos), self.towers.items(neg)
-        return self.pair_scores(x_u, x_p), self.pair_scores(x_u, x_n), (x_u, x_p, x_n), 0.0
+        return self.pair_scores(x_u, x_p), self.pair_scores(x_u, x_n), 0.0
 
 
 class LightGCN(nn.Module):
@@ -227,7 +267,7 @@ class LightGCN(nn.Module):
         n = self.n_users
         eu, ep, en = e[u], e[n + pos], e[n + neg]
         extra = self.contrastive(e0, u, pos)
-        return (eu * ep).sum(-1), (eu * en).sum(-1), (e0[u], e0[n + pos], e0[n + neg]), extra
+        return (eu * ep).sum(-1), (eu * en).sum(-1), extra
 
     def contrastive(self, e0, u, pos):
         return 0.0
@@ -356,14 +396,27 @@ def evaluate(model, exclude, test, item_subset, ks=(20,)):
 
 # ----------------------------------------------------------------------------- training
 
+@torch.no_grad()
+def collapse_counts(towers, cold_items):
+    """Initial vectors that are zero or non-finite (a dead fusion), and how many distinct vectors the cold
+    items have (a collapse: they are scored by these alone)."""
+    users, items = towers.users(), towers.items()
+    dead = lambda x: int(((x.abs().sum(1) == 0) | ~torch.isfinite(x).all(1)).sum())
+    cold = items[torch.as_tensor(cold_items, dtype=torch.int64, device=items.device)]
+    return {"zero_users": dead(users), "zero_items": dead(items),
+            "distinct_cold_items": int(torch.unique(cold, dim=0).shape[0]) if len(cold) else 0}
+
+
 def train_one(backbone, variant, source, seed, split, feats, args, out_dir):
     """Train one model; keep the state with the best validation Recall@20.
     Returns (the model holding that state, the state, meta, per-epoch log rows)."""
     common.seed_everything(seed)
     n_users, n_items = split["n_users"], split["n_items"]
-    towers = Towers(variant, n_users, n_items, args.dim, **feats)
+    towers = Towers(variant, n_users, n_items, args.dim, **feats, fusion=args.fusion)
     model = build_model(backbone, towers, split, args)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    linear_w = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    rest = [q for q in model.parameters() if all(q is not w for w in linear_w)]
+    opt = torch.optim.Adam([{"params": linear_w, "weight_decay": args.l2}, {"params": rest}], lr=args.lr)
 
     # negatives: warm items only (or all)
     warm = np.setdiff1d(np.arange(n_items), split["cold_items"])
@@ -385,9 +438,9 @@ def train_one(backbone, variant, source, seed, split, feats, args, out_dir):
         tot, tot_bpr, n = 0.0, 0.0, 0
         for u, pos, neg in sampler.epoch(args.batch_size):
             u, pos, neg = u.to(args.device), pos.to(args.device), neg.to(args.device)
-            s_pos, s_neg, init, extra = model(u, pos, neg)
+            s_pos, s_neg, extra = model(u, pos, neg)
             bpr = F.softplus(s_neg - s_pos).mean()
-            reg = sum(x.square().sum() for x in init) / 2 / len(u)
+            reg = sum(x.square().sum() for x in towers.id_rows(u, pos, neg)) / 2 / len(u)
             loss = bpr + args.l2 * reg + extra
             opt.zero_grad()
             loss.backward()
@@ -399,20 +452,24 @@ def train_one(backbone, variant, source, seed, split, feats, args, out_dir):
             m = evaluate(model, exclude, valid, valid_items, ks=(20,))
             row["valid_recall@20"] = float(np.nanmean(m["recall@20"]))
             row["valid_ndcg@20"] = float(np.nanmean(m["ndcg@20"]))
+            row.update(collapse_counts(towers, split["cold_items"]))
             if row["valid_recall@20"] > best_recall:
                 best_recall, best_epoch = row["valid_recall@20"], epoch
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         log_rows.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", best_r20=f"{best_recall:.4f}@{best_epoch}")
-        if epoch - best_epoch >= args.patience and best_state is not None:
+        if epoch >= args.min_epochs and epoch - best_epoch >= args.patience and best_state is not None:
             break
     model.load_state_dict(best_state)
     model.eval()
     meta = {"backbone": backbone, "variant": variant, "source": source, "seed": seed,
             "best_epoch": best_epoch, "best_valid_recall20": best_recall, "epochs_run": epoch,
             "seconds_per_epoch": float(np.mean(epoch_secs)), "scorer": model.scorer,
-            "can_score_cold": variant != "id", "neg_pool": args.neg_pool,
-            "n_params": sum(p.numel() for p in model.parameters())}
+            "can_score_cold": variant != "id", "neg_pool": args.neg_pool, "fusion": args.fusion,
+            "n_params": sum(p.numel() for p in model.parameters()), **collapse_counts(towers, split["cold_items"])}
+    if meta["zero_items"] or meta["zero_users"]:
+        common.log.warning("%s: %d item and %d user vectors are zero or non-finite (fusion %s)", out_dir.name,
+                           meta["zero_items"], meta["zero_users"], args.fusion)
     common.log.info("%s: best validation Recall@20 %.4f at epoch %d of %d (%.3fs/epoch)",
                     out_dir.name, best_recall, best_epoch, epoch, meta["seconds_per_epoch"])
     return model, best_state, meta, log_rows
@@ -462,6 +519,22 @@ def load_features(run, variant, source, split):
     return feats
 
 
+COMPARED_ARGS_SKIP = ("force", "redo", "device", "run")   # do not change what a model is
+
+
+def already_trained(run, name, used, run_args):
+    """True when cf/<name>/ was written by these arguments from the current inputs (all recorded hashes
+    match), so that a re-run of a grid skips it."""
+    rec = common.read_manifest(run)["stages"].get(f"07_train_cf/{name}")
+    if rec is None:
+        return False
+    want = json.loads(json.dumps({k: v for k, v in vars(run_args).items() if k not in COMPARED_ARGS_SKIP},
+                                 default=str))
+    have = {k: v for k, v in rec["args"].items() if k not in COMPARED_ARGS_SKIP}
+    files = {**{r: rec["inputs"].get(r) for r in used}, **rec["outputs"]}
+    return want == have and all((run / r).exists() and common.sha256_file(run / r) == h for r, h in files.items())
+
+
 def main(argv=None):
     args = parse_args(argv)
     run = Path(args.run)
@@ -490,6 +563,10 @@ def main(argv=None):
                 run_args = argparse.Namespace(**{**vars(args), "backbone": backbone, "variant": variant,
                                                  "source": source, "seed": seed})
                 del run_args.seeds
+                if not args.redo and already_trained(run, name, used, run_args):
+                    common.log.info("%s: already trained on the current inputs, skipped (--redo retrains)", name)
+                    results.append(json.loads((out_dir / "meta.json").read_text()))
+                    continue
                 model, state, meta, log_rows = train_one(backbone, variant, source, seed, split, feats, run_args, out_dir)
                 meta["args"] = json.loads(json.dumps(vars(run_args), default=str))
                 files = save_outputs(model, state, meta, log_rows, split, out_dir, run_args)

@@ -184,7 +184,7 @@ def test_biasmf_dot_reps_rank_like_the_biased_score():
     torch.nn.init.normal_(model.item_bias.weight)
     u, v = torch.arange(5).repeat_interleave(9), torch.arange(9).repeat(5)
     with torch.no_grad():
-        score, _, _, _ = model(u, v, v)
+        score, _, _ = model(u, v, v)
         user, item = model.dot_reps()
         torch.testing.assert_close((user @ item.T).reshape(-1), score - model.user_bias(u).squeeze(-1))
 
@@ -204,3 +204,62 @@ def test_stale_inputs_are_refused_unless_forced(synthetic_run):
 def test_augment_needs_recorded_profiles(synthetic_run):
     with pytest.raises(SystemExit, match="profiles/ppo/user_emb.npy"):
         cf.main(["--run", str(synthetic_run), "--variant", "augment", "--source", "ppo", *FAST])
+
+
+def test_fusion_relu_can_kill_a_row_and_residual_cannot():
+    """The paper's Linear-ReLU maps a row to exactly zero when its pre-activation is negative; the default
+    residual fusion keeps the base vector, and collapse_counts counts the dead rows."""
+    x, p = torch.ones(3, 4), torch.ones(3, 4)
+    dead = {}
+    for kind in ("relu", "linear", "residual"):
+        psi = cf.Fusion(4, kind)
+        torch.nn.init.zeros_(psi.linear.weight)
+        torch.nn.init.constant_(psi.linear.bias, -3.0)
+        dead[kind] = int((psi(x, p).abs().sum(1) == 0).sum())
+    assert dead == {"relu": 3, "linear": 0, "residual": 0}
+    towers = cf.Towers("augment", 3, 5, 4, text=np.ones((5, 2)), user_prof=np.ones((3, 2)), item_prof=np.ones((5, 2)),
+                       fusion="relu")
+    torch.nn.init.constant_(towers.psi_item.linear.bias, -10.0)
+    torch.nn.init.zeros_(towers.psi_item.linear.weight)
+    counts = cf.collapse_counts(towers, np.array([3, 4]))
+    assert counts["zero_items"] == 5 and counts["distinct_cold_items"] == 1
+
+
+def test_l2_acts_on_the_tower_weights(synthetic_run):
+    """With a large L2 the Linear weights of the towers and Psi end smaller than with none: the decay reaches
+    parameters (an L2 on unit-normalised item vectors would have had no gradient)."""
+    run = write_profiles(synthetic_run)
+    norms = {}
+    for l2 in ("0", "1"):
+        cf.main(["--run", str(run), "--backbone", "biasmf", "--variant", "augment", "--source", "test", *FAST,
+                 "--l2", l2, "--redo"])
+        state = torch.load(run / "cf" / "biasmf_augment_test_s0" / "model.pt", weights_only=True)
+        norms[l2] = {k: float(v.norm()) for k, v in state.items() if k.startswith("towers.") and "_id." not in k and k.endswith("weight")}
+    assert norms["0"].keys() == norms["1"].keys() and len(norms["0"]) == 6
+    assert all(norms["1"][k] < norms["0"][k] for k in norms["0"]), norms
+
+
+def test_min_epochs_holds_off_early_stopping(synthetic_run):
+    meta, = cf.main(["--run", str(synthetic_run), "--backbone", "biasmf", *FAST, "--max-epochs", "12",
+                     "--patience", "1", "--min-epochs", "12"])
+    assert meta["epochs_run"] == 12
+
+
+def test_a_rerun_skips_models_trained_on_the_current_inputs(synthetic_run):
+    """A grid can be resumed: the same call skips finished models; other arguments, other inputs or --redo
+    retrain."""
+    run = synthetic_run
+    argv = ["--run", str(run), "--backbone", "biasmf", "lightgcn", *FAST]
+    first = cf.main(argv)
+    log = run / "cf" / "biasmf_base_none_s0" / "log.jsonl"
+    stamp = log.stat().st_mtime_ns
+    assert cf.main(argv) == first and log.stat().st_mtime_ns == stamp
+    cf.main(argv + ["--redo"])
+    assert log.stat().st_mtime_ns != stamp
+    stamp = log.stat().st_mtime_ns
+    cf.main(argv[:4] + FAST[:-1] + ["0.02"])             # another learning rate: retrained
+    assert log.stat().st_mtime_ns != stamp
+    stamp = log.stat().st_mtime_ns
+    (run / "cf" / "biasmf_base_none_s0" / "item_emb.npy").write_bytes(b"x")   # a damaged output: retrained
+    cf.main(argv[:4] + FAST[:-1] + ["0.02"])
+    assert log.stat().st_mtime_ns != stamp
