@@ -1,23 +1,36 @@
-"""Stage 08: all-rank evaluation of every trained recommender in the run, and the paper's tables.
+"""Stage 08: all-rank evaluation of every trained recommender in the run, beside reference rankings.
 
-Reads data/split.npz and every cf/<backbone>_<variant>_<source>_s<seed>/ written by 07
-(meta.json, and user_emb.npy + item_emb.npy for dot-product scorers, or topk_full.npz / topk_zero.npz
-for NCF, whose score is not a dot product and is ranked by 07 itself).
+Reads data/split.npz, item_text_emb.npy, neighbors.npz, and every cf/<backbone>_<variant>_<source>_s<seed>/
+written by 07 (meta.json, and user_emb.npy + item_emb.npy for dot-product scorers, or topk_full.npz /
+topk_zero.npz for NCF, whose score is not a dot product and is ranked by 07 itself).
 Writes into --run:
-  results/metrics.jsonl   one row per (backbone, variant, source, seed, setting, metric): value, users, skipped
-  results/per_user/<model>_<setting>.npz  per-user metrics (for paired tests)
-  results/tables.md       Table 1 (Base vs Augment, improvement, * for p < 0.05 in a paired t-test over
-                          users), Table 2 (no_user_aug / no_item_aug), the profile-source ablation, Table 3
-                          (seconds per epoch), and the ID-embedding reference
+  results/metrics.jsonl   one row per (backbone, variant, source, seed, setting, metric): value, users, skipped;
+                          reference rows have variant "reference" and seed null
+  results/per_user/<model>_<setting>.npz  per-user metrics (for paired tests), references as ref_<name>_<setting>
+  results/tables.md       per setting: every model and reference, mean ± std over seeds, the change against Base
+                          and against the content centroid with * for p < --alpha (paired t-test over users on
+                          seed-averaged values), the share of top-K slots decided by ties, zero item vectors;
+                          then seconds per epoch (the paper's Table 3) with the best epochs
 Run:
   python 08_eval.py --run runs/ml100k [--ks 20 40]
 
 Protocol (SPEC section 5): full-shot ranks every item in the catalogue (warm and cold) with the user's
 training and validation items masked, against the user's test items; zero-shot ranks only the cold
 items against the user's cold test items. Recall@K = hits / |test items|; NDCG@K with IDCG over
-min(|test|, K). Users without test items in a setting are skipped and counted. With several seeds the
-per-user metrics are averaged over seeds before the mean and the t-test. `id` models cannot score
+min(|test|, K). Users without test items in a setting are skipped and counted. `id` models cannot score
 cold items: their zero-shot rows say so instead of reporting zeros.
+
+Reference rows, on the same users and candidates (a model that does not beat them has learnt nothing useful):
+  random              the expected value of a uniformly random ranking (exact, per user)
+  popularity          full-shot: training interactions per item; zero-shot: cold items by the mean training
+                      popularity of their text-nearest warm items (neighbors.npz), since none has training rows
+  content centroid    cosine(mean text embedding of the user's training items, item text embedding); trains nothing
+  oracle              items by their number of test interactions in the setting: reads the test set, so it is an
+                      upper reference for any one list shown to everyone, not a method
+References break ties at random (seeded); models break them toward the lower item index, and item indices are
+a seeded random numbering (01), so index order carries no information. Ties are reported: ties@K is the share of
+top-K slots whose score equals the next slot's; a row where it exceeds --tie-warn is flagged with ⚠, since there
+the tie rule, not the model, picked much of the list.
 """
 import json
 import time
@@ -32,19 +45,23 @@ from tqdm import tqdm
 import common
 
 KS = (20, 40)
-AUGMENT_SOURCE = "ppo"            # the source shown in Table 1 when it exists
-SOURCES = ("base_llm", "sft_gpt_kd", "sft_naive", "sft_mask", "ppo")
+ALPHA = 0.05              # significance level of the paired t-test
+TIE_WARN = 0.05           # flag a row when more than this share of its top-K slots are ties
+SOURCE_ORDER = ("teacher", "ppo", "sft_mask", "sft_naive", "sft_gpt_kd", "base_llm")   # row order of Augment
+VARIANT_ORDER = ("base", "augment", "no_user_aug", "no_item_aug", "id")
+REFERENCES = ("random", "popularity", "content centroid", "oracle: test popularity")
 
 
 def parse_args(argv):
     p = common.stage_parser(__doc__)
     p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="cut-offs K of Recall@K and NDCG@K")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired t-test")
+    p.add_argument("--alpha", type=float, default=ALPHA, help="significance level of the paired t-test")
+    p.add_argument("--tie-warn", type=float, default=TIE_WARN, help="flag rows with more top-K ties than this")
     return p.parse_args(argv)
 
 
 def settings(split):
-    """Per setting: (exclude CSR, test CSR, item subset)."""
+    """Per setting: (exclude CSR, test CSR, item subset or None)."""
     n_users = split["n_users"]
     seen_u = np.concatenate([split["train_u"], split["valid_u"]])
     seen_i = np.concatenate([split["train_i"], split["valid_i"]])
@@ -52,95 +69,161 @@ def settings(split):
     cold = np.isin(split["test_i"], split["cold_items"])
     return {"full": (exclude, common.csr(split["test_u"], split["test_i"], n_users), None),
             "zero": (exclude, common.csr(split["test_u"][cold], split["test_i"][cold], n_users),
-                     torch.from_numpy(split["cold_items"].astype(np.int64)))}
+                     torch.from_numpy(np.sort(split["cold_items"]).astype(np.int64)))}
 
+
+# ----------------------------------------------------------------------------- models
 
 def evaluate_model(folder, meta, setting, exclude, test, subset, ks):
-    """Per-user metrics of one trained model in one setting, or None where it cannot score it."""
+    """Per-user metrics and ties of one trained model in one setting, or None where it cannot score it."""
     if setting == "zero" and not meta.get("can_score_cold", True):
         return None
     if meta.get("scorer", "dot") == "dot":
         user = torch.from_numpy(np.load(folder / "user_emb.npy"))
         item = torch.from_numpy(np.load(folder / "item_emb.npy"))
         return common.rank_eval(user, item, exclude, test, ks, subset)
-    topk = torch.from_numpy(np.load(folder / f"topk_{setting}.npz")["indices"])
-    if topk.shape[1] < max(ks):
-        raise ValueError(f"{folder}/topk_{setting}.npz holds top-{topk.shape[1]}, fewer than K={max(ks)}")
-    m = common.ops().rank_metrics(topk, test[0], test[1], list(ks))
-    return {name: v.numpy() for name, v in m.items()}
+    topk = np.load(folder / f"topk_{setting}.npz")
+    idx, scores = torch.from_numpy(topk["indices"]), torch.from_numpy(topk["scores"])
+    if idx.shape[1] < max(ks) + 1:
+        raise SystemExit(f"08_eval: {folder}/topk_{setting}.npz holds top-{idx.shape[1]}, but K={max(ks)} needs "
+                         f"{max(ks) + 1} (one more slot, to see ties); re-run 07 with --topk {max(ks) + 1}")
+    m = {name: v.numpy() for name, v in common.ops().rank_metrics(idx[:, :max(ks)], test[0], test[1], list(ks)).items()}
+    for name, v in common.tie_shares(scores[:, :max(ks) + 1], ks).items():
+        m[name] = np.where(np.isnan(m[f"recall@{name.split('@')[1]}"]), np.nan, v.numpy())
+    return m
 
 
-def fmt(x):
-    return "—" if x is None or not np.isfinite(x) else f"{x:.4f}"
+# ----------------------------------------------------------------------------- references
+
+def random_ranking(exclude, test, subset, n_items, ks):
+    """Exact expected Recall@K / NDCG@K of a uniformly random ranking of each user's candidates: every slot
+    holds one of the user's t test items with probability t / n (n candidates)."""
+    cand = np.ones(n_items, dtype=bool) if subset is None else np.isin(np.arange(n_items), subset.numpy())
+    ex_ptr, ex_col = exclude[0].numpy(), exclude[1].numpy()
+    te_ptr, te_col = test[0].numpy(), test[1].numpy()
+    n_users = len(te_ptr) - 1
+    excluded = np.array([cand[ex_col[ex_ptr[u]:ex_ptr[u + 1]]].sum() for u in range(n_users)])
+    n = cand.sum() - excluded
+    t = np.array([len(np.unique(te_col[te_ptr[u]:te_ptr[u + 1]])) for u in range(n_users)])
+    disc = 1.0 / np.log2(np.arange(max(ks)) + 2)
+    out = {}
+    for k in ks:
+        slots = np.minimum(k, n)
+        dcg = np.array([disc[:s].sum() for s in slots]) * t / np.maximum(n, 1)
+        idcg = np.array([disc[:max(min(x, k), 1)].sum() for x in t])
+        has = t > 0
+        out[f"recall@{k}"] = np.where(has, slots / np.maximum(n, 1), np.nan)
+        out[f"ndcg@{k}"] = np.where(has, dcg / idcg, np.nan)
+        out[f"ties@{k}"] = np.where(has, 0.0, np.nan)
+    return out
 
 
-def compare(base, other, alpha):
-    """Mean of `other`, improvement over `base` in %, and '*' if a paired t-test over users gives p < alpha."""
-    ok = np.isfinite(base) & np.isfinite(other)
-    b, o = base[ok].mean(), other[ok].mean()
-    improve = (o - b) / b * 100 if b > 0 else float("nan")
-    star = ""
-    if ok.sum() > 1 and not np.allclose(base[ok], other[ok]):
-        star = "*" if stats.ttest_rel(other[ok], base[ok]).pvalue < alpha and o > b else ""
-    return o, improve, star
+def one_list(item_score, rng):
+    """An item vector that ranks by `item_score`, ties broken at random: the same list for every user."""
+    order = np.lexsort((rng.random(len(item_score)), -np.asarray(item_score, dtype=np.float64)))
+    rank_score = np.empty(len(item_score), dtype=np.float32)
+    rank_score[order] = np.arange(len(item_score), 0, -1)
+    return torch.from_numpy(rank_score)[:, None]
 
 
-def tables(per_user, meta_by_key, metrics, alpha):
-    """Markdown tables in the layout of the paper's Tables 1-3 for whatever exists in the run."""
-    backbones = sorted({k[0] for k in per_user})
-    head = "| Backbone | Variant | " + " | ".join(f"{s} {m}" for s in ("full", "zero") for m in metrics) + " |"
-    sep = "|" + "---|" * (2 + 2 * len(metrics))
-    out = []
+def references(split, text_emb, item_nbrs, setups, ks, seed):
+    """Per setting, per reference name: per-user metrics (REFERENCES, see the docstring)."""
+    n_users, n_items = split["n_users"], split["n_items"]
+    rng = np.random.default_rng(seed)
+    ones = torch.ones(n_users, 1)
+    train_pop = np.bincount(split["train_i"], minlength=n_items).astype(np.float64)
+    nbr_pop = train_pop.copy()   # cold items have no training rows: the popularity of their text neighbours
+    cold = split["cold_items"]
+    nbr_pop[cold] = train_pop[item_nbrs[cold]].mean(1)
+    emb = text_emb / np.maximum(np.linalg.norm(text_emb, axis=1, keepdims=True), 1e-12)
+    train = common.user_items(split["train_u"], split["train_i"], n_users)
+    cent = np.stack([emb[t].mean(0) if len(t) else np.zeros(emb.shape[1]) for t in train]).astype(np.float32)
+    cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+    out = {}
+    for setting, (exclude, test, subset) in setups.items():
+        test_pop = np.bincount(test[1].numpy(), minlength=n_items)
+        rank = lambda u, i: common.rank_eval(u, i, exclude, test, ks, subset)
+        out[setting] = {
+            "random": random_ranking(exclude, test, subset, n_items, ks),
+            "popularity": rank(ones, one_list(train_pop if setting == "full" else nbr_pop, rng)),
+            "content centroid": rank(torch.from_numpy(cent), torch.from_numpy(emb.astype(np.float32))),
+            "oracle: test popularity": rank(ones, one_list(test_pop, rng)),
+        }
+    return out
 
-    def row(label_b, label_v, key, base_key=None):
-        cells = []
-        for s in ("full", "zero"):
-            for m in metrics:
-                cur = per_user.get(key, {}).get(s)
-                if cur is None:
-                    cells.append("n/a" if key in per_user else "—")
-                    continue
-                if base_key and per_user.get(base_key, {}).get(s) is not None:
-                    o, imp, star = compare(per_user[base_key][s][m], cur[m], alpha)
-                    cells.append(f"{o:.4f}{star} ({imp:+.1f}%)" if np.isfinite(imp) else f"{o:.4f}{star}")
-                else:
-                    cells.append(fmt(np.nanmean(cur[m])))
-        return f"| {label_b} | {label_v} | " + " | ".join(cells) + " |"
 
-    aug_sources = sorted({k[2] for k in per_user if k[1] == "augment"},
-                         key=lambda s: (s != AUGMENT_SOURCE, s))
-    src = aug_sources[0] if aug_sources else None
-    out += [f"## Table 1: Base vs Augment (profiles from `{src}`)" if src else "## Table 1: Base", "",
-            "Augment cells: value, * if better than Base with p < %.2f (paired t-test over users), (change vs Base)." % alpha,
-            "", head, sep]
-    for b in backbones:
-        out.append(row(b, "Base", (b, "base", "none")))
-        if src:
-            out.append(row(b, "Augment", (b, "augment", src), (b, "base", "none")))
-    if any(k[1] in ("no_user_aug", "no_item_aug") for k in per_user):
-        out += ["", f"## Table 2: one side augmented (profiles from `{src}`)", "", head, sep]
-        for b in backbones:
-            for v in ("no_user_aug", "no_item_aug", "augment"):
-                if (b, v, src) in per_user:
-                    out.append(row(b, v, (b, v, src), (b, "base", "none")))
-    if len(aug_sources) > 1:
-        out += ["", "## Ablation: which model wrote the profiles (Augment)", "", head, sep]
-        for b in backbones:
-            for s in [s for s in SOURCES if s in aug_sources] + [s for s in aug_sources if s not in SOURCES]:
-                out.append(row(b, s, (b, "augment", s), (b, "base", "none")))
-    out += ["", "## Table 3: seconds per training epoch", "", "| Backbone | Variant | Source | s/epoch | best epoch |",
-            "|---|---|---|---|---|"]
-    for key in sorted(meta_by_key):
+# ----------------------------------------------------------------------------- tables
+
+def change(ref, other, alpha):
+    """'+x.x%' of other's mean over ref's on the users both score (absolute difference where ref is 0),
+    with * when a paired t-test over users gives p < alpha."""
+    ok = np.isfinite(ref) & np.isfinite(other)
+    if ok.sum() == 0:
+        return "—"
+    r, o = ref[ok].mean(), other[ok].mean()
+    text = f"{(o - r) / r * 100:+.1f}%" if r > 0 else f"{o - r:+.4f}"
+    if ok.sum() > 1 and not np.allclose(ref[ok], other[ok]) and stats.ttest_rel(other[ok], ref[ok]).pvalue < alpha:
+        text += "*"
+    return text
+
+
+def mean_std(per_seed_means):
+    m = np.mean(per_seed_means)
+    return f"{m:.4f} ± {np.std(per_seed_means, ddof=1):.4f}" if len(per_seed_means) > 1 else f"{m:.4f}"
+
+
+def model_order(key):
+    b, v, s = key
+    return (b, VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 99,
+            SOURCE_ORDER.index(s) if s in SOURCE_ORDER else 99, s)
+
+
+def setting_table(runs, refs, meta_by_key, metrics, ks, alpha, tie_warn):
+    """One markdown table: the references, then every model. runs[key] = list of per-seed per-user dicts;
+    refs[name] = per-user dict."""
+    k0 = ks[0]
+    heads = [f"recall@{k0}", f"ndcg@{k0}"]
+    cols = (["Model", "Variant", "Source", "seeds"] + metrics
+            + [f"{h} vs {w}" for h in heads for w in ("Base", "centroid")] + [f"ties@{k0}", "zero items"])
+    centroid = refs["content centroid"]
+
+    def line(name, variant, source, per_seed, base, zero):
+        avg = {m: np.mean([p[m] for p in per_seed], axis=0) for m in per_seed[0]}
+        cells = [name, variant, source, str(len(per_seed))]
+        cells += [mean_std([np.nanmean(p[m]) for p in per_seed]) for m in metrics]
+        for h in heads:
+            cells.append(change(base[h], avg[h], alpha) if base is not None else "")
+            cells.append(change(centroid[h], avg[h], alpha) if name != "content centroid" else "")
+        ties = float(np.nanmean(avg[f"ties@{k0}"]))
+        cells += [("⚠ " if ties > tie_warn else "") + f"{ties:.1%}", zero]
+        return "| " + " | ".join(cells) + " |"
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name in REFERENCES:
+        out.append(line(name, "reference", "—", [refs[name]], None, "—"))
+    for key in sorted(meta_by_key, key=model_order):
+        b, v, s = key
+        zero = ", ".join(sorted({str(m.get("zero_items", "—")) for m in meta_by_key[key]}))
+        if key not in runs:   # cannot score this setting (id models, zero-shot)
+            out.append("| " + " | ".join([b, v, s, str(len(meta_by_key[key]))] + ["n/a"] * (len(cols) - 6)
+                                         + ["", zero]) + " |")
+            continue
+        base = runs.get((b, "base", "none")) if v != "base" else None
+        base_avg = {h: np.mean([p[h] for p in base], axis=0) for h in heads} if base else None
+        out.append(line(b, v, s, runs[key], base_avg, zero))
+    return out
+
+
+def timing_table(meta_by_key):
+    out = ["| Backbone | Variant | Source | s/epoch | vs Base | best epochs | epochs run |", "|---|---|---|---|---|---|---|"]
+    for key in sorted(meta_by_key, key=model_order):
         ms = meta_by_key[key]
-        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {np.mean([m['seconds_per_epoch'] for m in ms]):.3f} | "
-                   f"{', '.join(str(m['best_epoch']) for m in ms)} |")
-    if any(k[1] == "id" for k in per_user):
-        out += ["", "## Reference: ID-embedding models (textbook backbones, no text; cannot score cold items)",
-                "", head, sep]
-        for b in backbones:
-            if (b, "id", "none") in per_user:
-                out.append(row(b, "id", (b, "id", "none")))
-    return "\n".join(out) + "\n"
+        sec = np.mean([m["seconds_per_epoch"] for m in ms])
+        base = meta_by_key.get((key[0], "base", "none"))
+        ratio = f"{sec / np.mean([m['seconds_per_epoch'] for m in base]):.2f}x" if base and key[1] != "base" else ""
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {sec:.3f} | {ratio} | "
+                   f"{', '.join(str(m['best_epoch']) for m in ms)} | {', '.join(str(m.get('epochs_run', '')) for m in ms)} |")
+    return out
 
 
 def main(argv=None):
@@ -150,45 +233,69 @@ def main(argv=None):
     common.setup_logging(run, "08_eval")
     folders = sorted(p for p in (run / "cf").glob("*_s*") if (p / "meta.json").exists())
     if not folders:
-        raise SystemExit(f"08: no trained models under {run / 'cf'}; run 07_train_cf.py first")
-    inputs = ["data/split.npz"] + [str(f.relative_to(run) / n) for f in folders for n in sorted(
-        x.name for x in f.iterdir() if x.suffix in (".npy", ".npz", ".json"))]
-    common.check_inputs(run, inputs, args.force)
+        raise SystemExit(f"08_eval: no trained models under {run / 'cf'}; run 07_train_cf.py first")
+    inputs = ["data/split.npz", "item_text_emb.npy", "neighbors.npz"] + [
+        str(f.relative_to(run) / n) for f in folders for n in sorted(
+            x.name for x in f.iterdir() if x.suffix in (".npy", ".npz", ".json"))]
+    try:
+        common.check_inputs(run, inputs, args.force)
+    except common.StaleInputError as e:
+        raise SystemExit(f"08_eval: {e}") from None
     split = common.load_split(run)
     setups = settings(split)
-    metrics = [f"{m}@{k}" for m in ("recall", "ndcg") for k in args.ks]
+    ks = sorted(args.ks)
+    metrics = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]
+    saved = metrics + [f"ties@{k}" for k in ks]
 
-    rows, seeds_of, meta_by_key = [], defaultdict(lambda: defaultdict(list)), defaultdict(list)
+    common.log.info("08: reference rankings (random, popularity, content centroid, oracle)")
+    refs = references(split, np.load(run / "item_text_emb.npy"), np.load(run / "neighbors.npz")["item_nbrs"],
+                      setups, ks, args.seed)
+    rows = []
+
+    def add_rows(ident, setting, m):
+        for name in saved:
+            v = m[name]
+            rows.append({**ident, "setting": setting, "metric": name, "value": float(np.nanmean(v)),
+                         "users": int(np.isfinite(v).sum()), "skipped_users": int(np.isnan(v).sum())})
+    for setting, by_name in refs.items():
+        for name, m in by_name.items():
+            common.save_npz(run / "results" / "per_user" / f"ref_{name.split(':')[0].replace(' ', '_')}_{setting}.npz",
+                            **{k: m[k] for k in saved})
+            add_rows({"backbone": name, "variant": "reference", "source": "none", "seed": None}, setting, m)
+
+    runs, meta_by_key = {s: defaultdict(list) for s in setups}, defaultdict(list)
     for folder in tqdm(folders, desc="08 evaluate", unit="model"):
         meta = json.loads((folder / "meta.json").read_text())
         key = (meta["backbone"], meta["variant"], meta["source"])
         meta_by_key[key].append(meta)
+        ident = dict(zip(("backbone", "variant", "source"), key), seed=meta["seed"])
         for setting, (exclude, test, subset) in setups.items():
-            m = evaluate_model(folder, meta, setting, exclude, test, subset, args.ks)
+            m = evaluate_model(folder, meta, setting, exclude, test, subset, ks)
             if m is None:
-                rows.append({**dict(zip(("backbone", "variant", "source"), key)), "seed": meta["seed"],
-                             "setting": setting, "metric": None, "value": None,
+                rows.append({**ident, "setting": setting, "metric": None, "value": None,
                              "note": "ID item embeddings cannot score cold items"})
                 continue
-            common.save_npz(run / "results" / "per_user" / f"{folder.name}_{setting}.npz", **m)
-            seeds_of[key][setting].append(m)
-            for name in metrics:
-                v = m[name]
-                rows.append({"backbone": key[0], "variant": key[1], "source": key[2], "seed": meta["seed"],
-                             "setting": setting, "metric": name, "value": float(np.nanmean(v)),
-                             "users": int(np.isfinite(v).sum()), "skipped_users": int(np.isnan(v).sum())})
-    # per-user metrics averaged over seeds; a setting is None where the model cannot score it
-    per_user = {key: {s: ({name: np.mean([m[name] for m in ms], axis=0) for name in metrics}
-                          if (ms := by_setting.get(s)) else None) for s in setups}
-                for key, by_setting in seeds_of.items()}
-    for key in meta_by_key:
-        per_user.setdefault(key, {s: None for s in setups})
-    md = tables(per_user, meta_by_key, metrics, args.alpha)
+            common.save_npz(run / "results" / "per_user" / f"{folder.name}_{setting}.npz", **{k: m[k] for k in saved})
+            runs[setting][key].append(m)
+            add_rows(ident, setting, m)
+
+    n_cold_users = int(np.isfinite(refs["zero"]["random"][f"recall@{ks[0]}"]).sum())
+    n_full_users = int(np.isfinite(refs["full"]["random"][f"recall@{ks[0]}"]).sum())
+    md = [f"# Results of {run}", "",
+          f"Mean ± std over seeds; 'vs' columns: change of the seed-averaged mean, * where a paired t-test over users "
+          f"gives p < {args.alpha}; ties@{ks[0]}: share of top-{ks[0]} slots tied with the next (⚠ above "
+          f"{args.tie_warn:.0%}); zero items: item vectors that are zero or non-finite (per seed).", "",
+          f"## Full-shot: all {split['n_items']} items, {n_full_users} users", "",
+          *setting_table(runs["full"], refs["full"], meta_by_key, metrics, ks, args.alpha, args.tie_warn), "",
+          f"## Zero-shot: the {len(split['cold_items'])} cold items, {n_cold_users} users with cold test items", "",
+          *setting_table(runs["zero"], refs["zero"], meta_by_key, metrics, ks, args.alpha, args.tie_warn), "",
+          "## Seconds per training epoch (training only), best epochs by validation Recall@20", "",
+          *timing_table(meta_by_key)]
+    md = "\n".join(md) + "\n"
     common.write_jsonl(run / "results" / "metrics.jsonl", rows)
     common.write_text(run / "results" / "tables.md", md)
     print(md)
-    outputs = ["results/metrics.jsonl", "results/tables.md"]
-    common.record_stage(run, "08_eval", args, inputs, outputs, started)
+    common.record_stage(run, "08_eval", args, inputs, ["results/metrics.jsonl", "results/tables.md"], started)
 
 
 if __name__ == "__main__":

@@ -850,10 +850,19 @@ def csr(u, i, n_rows):
     return torch.from_numpy(rowptr.astype(np.int64)), torch.from_numpy(cols.astype(np.int64))
 
 
+def tie_shares(scores, ks):
+    """Per user and K, the share of the top-K slots whose score equals the next slot's (slot K-1 is compared
+    with slot K, so `scores` needs max(ks) + 1 columns). A tied slot's order was decided by the tie rule, not by
+    the model. -inf fill (fewer candidates than slots) never counts as a tie."""
+    scores = torch.as_tensor(scores)
+    same = (scores[:, :-1] == scores[:, 1:]) & torch.isfinite(scores[:, 1:])
+    return {f"ties@{k}": same[:, :k].double().mean(1) for k in ks}
+
+
 @torch.no_grad()
 def rank_eval(user_emb, item_emb, exclude, test, ks=(20, 40), item_subset=None, users_per_chunk=4096):
-    """All-rank Recall@K / NDCG@K per user (NaN for users without test items).
-    exclude, test: (rowptr, col) over users; item_subset: int64 items to rank (zero-shot: cold items)."""
+    """All-rank Recall@K / NDCG@K per user (NaN for users without test items), and ties@K (tie_shares; NaN
+    where recall is). exclude, test: (rowptr, col) over users; item_subset: int64 items to rank (zero-shot)."""
     o = ops()
     kmax = max(ks)
     user_emb, item_emb = user_emb.detach().float().contiguous(), item_emb.detach().float().contiguous()
@@ -863,14 +872,18 @@ def rank_eval(user_emb, item_emb, exclude, test, ks=(20, 40), item_subset=None, 
     for start in range(0, user_emb.shape[0], users_per_chunk):
         stop = min(start + users_per_chunk, user_emb.shape[0])
         ex_ptr, ex_col = exclude[0][start:stop + 1], exclude[1]
-        _, idx = o.topk_scores(user_emb[start:stop], item_emb, k=kmax, item_subset=item_subset,
-                               exclude_rowptr=(ex_ptr - ex_ptr[0]).to(user_emb.device),
-                               exclude_col=ex_col[ex_ptr[0]:ex_ptr[-1]].to(user_emb.device))
+        scores, idx = o.topk_scores(user_emb[start:stop], item_emb, k=kmax + 1, item_subset=item_subset,
+                                    exclude_rowptr=(ex_ptr - ex_ptr[0]).to(user_emb.device),
+                                    exclude_col=ex_col[ex_ptr[0]:ex_ptr[-1]].to(user_emb.device))
         te_ptr, te_col = test[0][start:stop + 1], test[1]
-        m = o.rank_metrics(idx.cpu(), te_ptr - te_ptr[0], te_col[te_ptr[0]:te_ptr[-1]], list(ks))
+        m = o.rank_metrics(idx[:, :kmax].cpu(), te_ptr - te_ptr[0], te_col[te_ptr[0]:te_ptr[-1]], list(ks))
+        m.update(tie_shares(scores.cpu(), ks))
         for name, v in m.items():
             out.setdefault(name, []).append(v)
-    return {name: torch.cat(v).numpy() for name, v in out.items()}
+    out = {name: torch.cat(v).numpy() for name, v in out.items()}
+    for k in ks:   # ties only where the user is evaluated
+        out[f"ties@{k}"][np.isnan(out[f"recall@{k}"])] = np.nan
+    return out
 
 
 # ----------------------------------------------------------------------------- profiles and the inference prompt

@@ -40,7 +40,10 @@ def toy_run(tmp_path):
              "test_u": np.array(test_u), "test_i": np.array(test_i), "cold_items": np.array([8, 9]),
              "n_users": np.int64(n_users), "n_items": np.int64(n_items)}
     common.save_npz(run / "data" / "split.npz", **split)
-    common.record_stage(run, "01_neighbors", Args(), [], ["data/split.npz"], time.time())
+    common.save_npy(run / "item_text_emb.npy", np.eye(n_items, 4, dtype=np.float32) + 0.1)
+    common.save_npz(run / "neighbors.npz", item_nbrs=np.tile(np.arange(3), (n_items, 1)))
+    common.record_stage(run, "01_neighbors", Args(), [], ["data/split.npz", "item_text_emb.npy", "neighbors.npz"],
+                        time.time())
     items = np.eye(n_items)
     oracle = np.zeros((n_users, n_items))
     for u, i in zip(test_u, test_i):
@@ -81,8 +84,9 @@ def test_oracle_scores_perfectly_and_worst_scores_zero(toy_run):
     # the ID model's zero-shot rows say it cannot score cold items instead of reporting zeros
     assert rows[("id", "zero", None)]["note"].startswith("ID item embeddings cannot")
     md = (toy_run / "results" / "tables.md").read_text()
-    assert "| lightgcn | Augment | 0.7500* | 1.0000* |" in md  # base is 0: no % change, but significant
-    assert "n/a" in md and "Table 3" in md
+    # base is 0: the change is absolute, and significant; 4 metrics, then vs Base / vs centroid per headline metric
+    assert "| lightgcn | augment | ppo | 1 | 0.7500 | 1.0000 | 1.0000 | 1.0000 | +0.7500* |" in md
+    assert "| lightgcn | id | none | 1 | n/a |" in md and "Seconds per training epoch" in md
     per_user = np.load(toy_run / "results" / "per_user" / "lightgcn_augment_ppo_s0_zero.npz")
     assert np.isnan(per_user["recall@1"][1::2]).all()
 
@@ -110,5 +114,52 @@ def test_refuses_models_written_from_a_stale_split(toy_run):
     split = dict(np.load(toy_run / "data" / "split.npz"))
     split["test_i"] = split["test_i"][::-1].copy()
     common.save_npz(toy_run / "data" / "split.npz", **split)
-    with pytest.raises(common.StaleInputError, match="01_neighbors"):
+    with pytest.raises(SystemExit, match="01_neighbors"):
         eval08.main(["--run", str(toy_run)])
+
+
+def test_reference_rows(toy_run):
+    """The random row is the exact expectation; the oracle (test popularity) is flagged as reading test."""
+    eval08.main(["--run", str(toy_run), "--ks", "1", "2"])
+    refs = {(r["backbone"], r["setting"], r["metric"]): r for r in common.read_jsonl(toy_run / "results" / "metrics.jsonl")
+            if r["variant"] == "reference"}
+    # full-shot: 9 candidates per user (its training item masked); any one slot holds a test item w.p. t/9
+    assert refs[("random", "full", "recall@1")]["value"] == pytest.approx(1 / 9)
+    assert refs[("random", "full", "recall@2")]["value"] == pytest.approx(2 / 9)
+    odd, even = (1 + 1 / np.log2(3)) / 9, (2 + 2 / np.log2(3)) / 9 / (1 + 1 / np.log2(3))   # NDCG@2, t = 1 and 2
+    assert refs[("random", "full", "ndcg@2")]["value"] == pytest.approx((odd + even) / 2)
+    # zero-shot: 2 cold candidates, one of them is the user's
+    assert refs[("random", "zero", "recall@1")]["value"] == pytest.approx(0.5)
+    # the oracle: cold items 8 and 9 have 2 test rows each, so one list cannot beat 0.5 at K=1
+    assert refs[("oracle: test popularity", "zero", "recall@1")]["value"] == pytest.approx(0.5)
+    assert refs[("oracle: test popularity", "full", "ties@1")]["value"] == 0.0   # references break ties at random
+    md = (toy_run / "results" / "tables.md").read_text()
+    for name in eval08.REFERENCES:
+        assert md.count(f"| {name} | reference |") == 2
+
+
+def test_ties_are_counted_and_flagged(toy_run):
+    """A model that gives every item the same score: every top-K slot is a tie, and the row says so."""
+    write_model(toy_run, "biasmf_base_none_s0", {"backbone": "biasmf", "variant": "base", "source": "none",
+                                                 "scorer": "dot", "can_score_cold": True, "zero_items": 0},
+                np.ones((8, 2)), np.ones((10, 2)))
+    eval08.main(["--run", str(toy_run), "--ks", "1", "2"])
+    rows = {(r["backbone"], r["variant"], r["setting"], r["metric"]): r["value"]
+            for r in common.read_jsonl(toy_run / "results" / "metrics.jsonl")}
+    assert rows[("biasmf", "base", "full", "ties@2")] == 1.0 and rows[("biasmf", "base", "zero", "ties@1")] == 1.0
+    # the oracle model ties only where a user's two test items share the top score (the 4 even users)
+    assert rows[("lightgcn", "augment", "full", "ties@1")] == 0.5
+    md = (toy_run / "results" / "tables.md").read_text()
+    assert "| biasmf | base | none | 1 |" in md and "⚠ 100.0% | 0 |" in md
+
+
+def test_ncf_topk_without_a_tie_slot_is_refused(toy_run):
+    folder = toy_run / "cf" / "ncf_base_none_s0"
+    for setting in ("full", "zero"):
+        common.save_npz(folder / f"topk_{setting}.npz", indices=np.zeros((8, 2), np.int64), scores=np.zeros((8, 2), np.float32))
+    write_model(toy_run, "ncf_base_none_s0", {"backbone": "ncf", "variant": "base", "source": "none", "scorer": "ncf",
+                                              "can_score_cold": True})
+    common.record_stage(toy_run, "07_train_cf/ncf_base_none_s0", Args(), ["data/split.npz"],
+                        [f"cf/ncf_base_none_s0/{f}" for f in ("meta.json", "topk_full.npz", "topk_zero.npz")], time.time())
+    with pytest.raises(SystemExit, match="one more slot"):
+        eval08.main(["--run", str(toy_run), "--ks", "2"])
