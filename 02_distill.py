@@ -3,8 +3,10 @@ profile-quality probe of the teacher (SPEC sections 2, 4, 5, 6, 7; paper 2.3.1, 
 
 Reads   data/split.npz, data/items.jsonl, neighbors.npz, item_text_emb.npy
 Writes  distill.jsonl        {"user", "prompt" (chat messages sent to the teacher), "profile", "teacher",
-                              "teacher_model", "attempts"[, "fallback_from"]}, one row per sampled user,
-                              appended as the teacher answers (resumable), finally rewritten sorted by user
+                              "teacher_model", "attempts", "upstream"[, "fallback_from"]}, one row per sampled
+                              user, appended as the teacher answers, finally rewritten sorted by user. Resumable:
+                              a row is reused only if its prompt and "upstream" (hash of split.npz, items.jsonl,
+                              teacher and model) match the current ones, else redone (counted: stats "redone")
         user_sets.json       {"sft", "reward", "ppo", "eval"}: disjoint, seeded split of the distilled users
         reward_pairs.jsonl   {"user", "prompt" (common.inference_messages), "chosen", "rejected", "kind",
                               "variant", "set"} for the users of the "reward" and "eval" sets, one pair per kind:
@@ -24,9 +26,11 @@ Teachers (--teacher):
          answers that do not parse (--retries). Users still malformed after the retries get the rules profile
          ("teacher": "rules", "fallback_from": "local"; --on-fail skip leaves them out).
   api    any OpenAI-compatible endpoint: POST {--api-base}/chat/completions, key from the environment variable
-         named by --api-key-env (never logged), --concurrency parallel requests, exponential backoff on 429, 5xx,
-         timeouts and connection errors (Retry-After honoured), answers cached by prompt hash in
-         teacher_cache.jsonl; malformed answers are retried with temperature --temperature.
+         named by --api-key-env (required; never logged: it is redacted from every message), --concurrency parallel
+         requests, exponential backoff on 429, 5xx, timeouts and connection errors (Retry-After honoured), answers
+         cached by prompt hash in teacher_cache.jsonl; malformed answers are retried with temperature --temperature.
+         The run stops at the first unrecoverable error (another 4xx such as 401 or 404, MAX_CONNECTION_FAILURES
+         connection failures in a row, a request out of tries) and cancels what is queued; a re-run resumes.
 
 Reward pairs are written for the reward set (to train 04) and the eval set (04's held-out accuracy), not for the
 PPO set: the reward model then never saw the teacher profiles of the users PPO optimises on.
@@ -43,6 +47,7 @@ distillation); it reuses RulesTeacher, sample_and_example and run_api.
 import collections
 import concurrent.futures as cf
 import hashlib
+import http.client
 import json
 import logging
 import math
@@ -245,12 +250,40 @@ def sample_and_example(train, rules, args):
 
 # ----------------------------------------------------------------------------- api teacher
 
-class ApiError(RuntimeError):
-    pass
+class ApiError(common.StageError):
+    """The API teacher cannot go on; the message never holds the key."""
+
+
+class ApiCancelled(ApiError):
+    """A request given up because another one hit an unrecoverable error."""
+
+
+MAX_CONNECTION_FAILURES = 3  # connection failures in a row (over all requests) after which the endpoint is dead
+KEY_ENV_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+REDACTED = "[redacted]"
+
+
+def api_key(env_name):
+    """The key from the environment variable named `env_name`. Refuses (without echoing it) a value that looks
+    like a key rather than a variable name, and a variable that is unset or empty."""
+    if not KEY_ENV_RE.match(env_name or ""):
+        raise common.UsageError("--api-key-env takes the NAME of the environment variable that holds the key (e.g. "
+                                "OPENAI_API_KEY: upper-case letters, digits and _), but the value given is not such a "
+                                "name (it may be the key itself; it is not shown). export NAME=<key> and pass "
+                                "--api-key-env NAME")
+    key = os.environ.get(env_name, "").strip()
+    if not key:
+        state = "empty" if env_name in os.environ else "not set"
+        raise common.UsageError(f"--teacher api: the environment variable {env_name} is {state}; export "
+                                f"{env_name}=<your key> (or name another variable with --api-key-env)")
+    return key
 
 
 class ApiClient:
-    """POST {base}/chat/completions with retries (429, 5xx, timeouts, connection errors) and a prompt-hash cache."""
+    """POST {base}/chat/completions with retries (429, 5xx, timeouts, connection errors) and a prompt-hash cache.
+    An unrecoverable error (another 4xx, e.g. 401 or 404; MAX_CONNECTION_FAILURES connection failures in a row;
+    a request out of tries) sets `abort`, so that every other request stops at once; `error` keeps the first one.
+    Every message it logs or raises goes through redact(): the key, and any Bearer token, become [redacted]."""
 
     def __init__(self, base, model, key, cache_path, timeout=60.0, max_tries=6, backoff=1.0, max_tokens=80):
         self.url = base.rstrip("/") + "/chat/completions"
@@ -260,6 +293,23 @@ class ApiClient:
         self.cache = {r["hash"]: r["answer"] for r in common.read_jsonl(self.cache_path, repair=True)}
         self.lock = threading.Lock()
         self.n_requests = self.n_retries = self.n_cached = 0
+        self.n_failed_connections = 0  # in a row, over all threads
+        self.abort, self.error = threading.Event(), None
+
+    def redact(self, text):
+        text = str(text)
+        if self._key:
+            text = text.replace(self._key, REDACTED)
+        return re.sub(r"(?i)\b(bearer\s+)[^\s\"',;}]+", r"\1" + REDACTED, text)
+
+    def fail(self, msg):
+        """Raise the unrecoverable error `msg` (redacted) and stop every other request."""
+        err = ApiError(self.redact(msg))
+        with self.lock:
+            if self.error is None:
+                self.error = err
+        self.abort.set()
+        raise err
 
     def key_for(self, messages, temperature, attempt):
         blob = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
@@ -278,13 +328,18 @@ class ApiClient:
         if self._key:
             headers["Authorization"] = "Bearer " + self._key
         for t in range(self.max_tries):
+            if self.abort.is_set():
+                raise ApiCancelled("cancelled")
             wait = None
             try:
                 with self.lock:
                     self.n_requests += 1
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    data = json.loads(resp.read().decode())
+                    raw = resp.read()
+                with self.lock:
+                    self.n_failed_connections = 0
+                data = json.loads(raw.decode())
                 answer = data["choices"][0]["message"]["content"] or ""
                 with self.lock:
                     self.cache[h] = answer
@@ -292,9 +347,16 @@ class ApiClient:
                         common.append_jsonl(f, {"hash": h, "answer": answer})
                 return answer
             except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:
-                    detail = e.read()[:300].decode(errors="replace")
-                    raise ApiError(f"{self.url}: HTTP {e.code} ({detail}); not retried") from None
+                with self.lock:
+                    self.n_failed_connections = 0  # the server answered
+                if e.code not in (408, 429) and e.code < 500:
+                    try:
+                        detail = " ".join(e.read()[:300].decode(errors="replace").split())
+                    except Exception:  # noqa: BLE001 - the body is only a detail of the message
+                        detail = ""
+                    self.fail(f"{self.url}: HTTP {e.code} {e.reason}" + (f" ({detail})" if detail else "")
+                              + "; not retried" + (": check the key (--api-key-env)" if e.code in (401, 403) else
+                                                   ": check --api-base and --api-model" if e.code == 404 else ""))
                 why = f"HTTP {e.code}"
                 ra = e.headers.get("Retry-After") if e.headers else None
                 if ra:
@@ -302,17 +364,24 @@ class ApiClient:
                         wait = min(float(ra), 60.0)
                     except ValueError:
                         pass
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
                 why = type(e).__name__ + (f" ({e.reason})" if hasattr(e, "reason") else "")
-            except (KeyError, IndexError, json.JSONDecodeError) as e:
+                with self.lock:
+                    self.n_failed_connections += 1
+                    n_failed = self.n_failed_connections
+                if n_failed >= MAX_CONNECTION_FAILURES:
+                    self.fail(f"{self.url}: {n_failed} connection failures in a row (last: {why}); is --api-base "
+                              "right and the endpoint up?")
+            except (KeyError, IndexError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
                 why = f"unexpected response ({type(e).__name__})"
             if t == self.max_tries - 1:
-                raise ApiError(f"{self.url}: gave up after {self.max_tries} tries (last: {why})")
+                self.fail(f"{self.url}: gave up after {self.max_tries} tries (last: {why})")
             wait = wait if wait is not None else self.backoff * (2 ** t) * (1 + 0.25 * random.random())
             with self.lock:
                 self.n_retries += 1
-            log.warning("api: %s; retry %d/%d in %.2fs", why, t + 1, self.max_tries - 1, wait)
-            time.sleep(wait)
+            log.warning("api: %s; retry %d/%d in %.2fs", self.redact(why), t + 1, self.max_tries - 1, wait)
+            if self.abort.wait(wait):
+                raise ApiCancelled("cancelled")
 
 
 # ----------------------------------------------------------------------------- teachers -> rows
@@ -375,9 +444,7 @@ def run_local(todo, train, item_text, rules, example, args, f, stats):
 
 def run_api(todo, train, item_text, rules, example, args, f, stats):
     from tqdm import tqdm
-    key = os.environ.get(args.api_key_env, "")
-    if not key:
-        log.warning("api: environment variable %s is empty; sending requests without a key", args.api_key_env)
+    key = api_key(args.api_key_env)
     if not args.api_model:
         raise SystemExit("--teacher api needs --api-model")
     client = ApiClient(args.api_base, args.api_model, key, args.run / "teacher_cache.jsonl", args.api_timeout,
@@ -396,20 +463,58 @@ def run_api(todo, train, item_text, rules, example, args, f, stats):
 
     with cf.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
         futures = [pool.submit(one, u) for u in todo]
-        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="api teacher", unit="user"):
-            u, prompt, prof, attempts, bad = fut.result()
-            stats["malformed_answers"] += bad
-            stats["retries"] += min(bad, args.retries)
-            if prof is None:
-                finish_failed(u, prompt, train, rules, args, f, stats, attempts)
-                continue
-            common.append_jsonl(f, {"user": int(u), "prompt": prompt, "profile": prof, "teacher": "api",
-                                    "teacher_model": args.api_model, "attempts": attempts})
-            stats["written"] += 1
-            stats["retried_ok"] += attempts > 1
+        try:
+            for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="api teacher", unit="user"):
+                u, prompt, prof, attempts, bad = fut.result()
+                write_api_row(u, prompt, prof, attempts, bad, train, rules, args, f, stats)
+        except BaseException as e:  # stop everything at the first error (and on Ctrl-C): nothing queued is sent
+            client.abort.set()
+            n_cancelled = sum(fut.cancel() for fut in futures)
+            err = client.error or e
+            if isinstance(err, ApiError):
+                raise ApiError(f"api teacher stopped: {client.redact(err)} ({stats['written']} users written this "
+                               f"run, {n_cancelled} queued requests cancelled; a re-run resumes)") from None
+            raise
     stats.update(api_requests=client.n_requests, api_retries=client.n_retries, api_cached=client.n_cached)
     log.info("api: %d requests, %d transport retries, %d answers from the cache", client.n_requests,
              client.n_retries, client.n_cached)
+
+
+def write_api_row(u, prompt, prof, attempts, bad, train, rules, args, f, stats):
+    stats["malformed_answers"] += bad
+    stats["retries"] += min(bad, args.retries)
+    if prof is None:
+        finish_failed(u, prompt, train, rules, args, f, stats, attempts)
+        return
+    common.append_jsonl(f, {"user": int(u), "prompt": prompt, "profile": prof, "teacher": "api",
+                            "teacher_model": args.api_model, "attempts": attempts})
+    stats["written"] += 1
+    stats["retried_ok"] += attempts > 1
+
+
+# ----------------------------------------------------------------------------- resume
+
+class StampedRows:
+    """distill.jsonl as the teachers append to it (common.append_jsonl writes one whole line at a time): every row
+    also gets "upstream", the state it was built from, so that a resumed run reuses only rows of the same state."""
+
+    def __init__(self, f, upstream):
+        self.f, self.upstream = f, upstream
+
+    def write(self, line):
+        self.f.write(json.dumps({**json.loads(line), "upstream": self.upstream}, ensure_ascii=False) + "\n")
+
+    def flush(self):
+        self.f.flush()
+
+
+def upstream_key(run, args):
+    """What a distill row is built from besides its prompt: data/split.npz and data/items.jsonl (the rules
+    teacher's catalogue statistics too) and the teacher with its model."""
+    model = {"rules": "rules", "local": args.teacher_model, "api": f"{args.api_base} {args.api_model}"}[args.teacher]
+    files = {r: common.sha256_path(run, r) for r in ("data/split.npz", "data/items.jsonl")}
+    return common.prompt_hash(json.dumps({"inputs": files, "teacher": args.teacher, "model": str(model)},
+                                         sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- user sets, reward pairs
@@ -533,6 +638,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.teacher == "api":
+        api_key(args.api_key_env)  # no key (or a key given in place of its variable's name): refuse before any work
     if args.model:
         args.teacher_model = args.model
     run = args.run
@@ -560,15 +667,23 @@ def main(argv=None):
     if rows and teachers != {args.teacher}:
         raise SystemExit(f"{path} holds profiles from teacher(s) {sorted(teachers)}, not {args.teacher!r}; "
                          "pass --restart to start over")
-    done = {int(r["user"]) for r in rows}
+    # a row is reused only if built from the same upstream state and prompt (a new split, other item texts or
+    # another teacher model redo it); the others are dropped, and redone for the sampled users
+    upstream = upstream_key(run, args)
+    keep = [r for r in rows if r.get("upstream") == upstream and 0 <= int(r["user"]) < n_users and r["prompt"] ==
+            teacher_messages(train[int(r["user"])], item_text, example, args.max_items, args.max_chars)]
+    if len(keep) < len(rows):
+        common.write_jsonl(path, keep)
+    done = {int(r["user"]) for r in keep}
     todo = [int(u) for u in sorted(sample_set) if int(u) not in done]
-    log.info("teacher %s: %d users sampled, %d already done, %d to do", args.teacher, len(sample_set),
-             len(sample_set) - len(todo), len(todo))
-    stats = collections.Counter(written=0, failed=0, malformed_answers=0, retries=0, retried_ok=0)
+    n_redo = len(({int(r["user"]) for r in rows} - done) & sample_set)
+    log.info("teacher %s: %d users sampled, %d already done, %d to do (%d of them redone: built from another prompt "
+             "or upstream state)", args.teacher, len(sample_set), len(sample_set) - len(todo), len(todo), n_redo)
+    stats = collections.Counter(written=0, failed=0, malformed_answers=0, retries=0, retried_ok=0, redone=n_redo)
     t0 = time.time()
     with open(path, "a") as f:
         {"rules": run_rules, "local": run_local, "api": run_api}[args.teacher](
-            todo, train, item_text, rules, example, args, f, stats)
+            todo, train, item_text, rules, example, args, StampedRows(f, upstream), stats)
     stats["teacher_s"] = round(time.time() - t0, 1)
     # finalise: one row per user, sorted
     final = {}
@@ -614,4 +729,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_stage(main)

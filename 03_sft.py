@@ -252,7 +252,7 @@ def kd_neighbor_profiles(run, args, teacher, sets):
     adapter = run / "sft_gpt_kd"
     if not (adapter / "adapter_model.safetensors").exists():
         return {}, []
-    common.check_inputs(run, ["sft_gpt_kd/adapter_model.safetensors"], args.force)
+    common.check_inputs(run, ["sft_gpt_kd/"], args.force)  # the model directory it loads is an input
     sha = common.sha256_file(adapter / "adapter_model.safetensors")
     split = common.load_split(run)
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
@@ -362,7 +362,7 @@ def main(argv=None):
     if args.variant != "gpt_kd":
         kd, extra_outputs = kd_neighbor_profiles(run, args, teacher_profiles(run, sets), sets)
         if extra_outputs:
-            inputs += ["sft_gpt_kd/adapter_model.safetensors"]
+            inputs += ["sft_gpt_kd/"]
         else:
             log.info("no %s/sft_gpt_kd: neighbours the teacher did not see are left out of the dialogues "
                      "(run --variant gpt_kd first to fill them in)", run)
@@ -391,9 +391,10 @@ def main(argv=None):
     log.info("trained %d steps in %.1fs (%.2fs/step), mean loss %.4f", result.global_step, train_s,
              train_s / max(result.global_step, 1), result.training_loss)
     outputs = sorted(str(p.relative_to(run)) for p in final.rglob("*") if p.is_file()) + extra_outputs
-    common.record_stage(run, f"03_sft_{args.variant}", args, inputs, outputs, started)
+    absent = {"absent_inputs": ["sft_gpt_kd/"]} if args.variant != "gpt_kd" and not extra_outputs else None
+    common.record_stage(run, f"03_sft_{args.variant}", args, inputs, outputs, started, absent)
     return final
 
 
 if __name__ == "__main__":
-    main()
+    common.run_stage(main)

@@ -201,4 +201,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_stage(main)

@@ -19,8 +19,10 @@ KLController) and `train(policy, value_head, tok, prompts, reward_fn, cfg)`, whi
 reward_fn(prompts, texts, response_ids) -> scores, so tests can pass a programmatic reward.
 
 Resumable: every `--ckpt-every` steps the LoRA, value head, optimizer, beta and step go to ppo.partial/checkpoint.pt
-and ppo_log.jsonl is appended as it goes; a re-run with the same --sft adapter continues from there (`--restart`
-starts over). The finished folder is renamed to ppo/.
+and ppo_log.jsonl is appended as it goes; a re-run from the same inputs (data, --sft adapter, reward model) and
+arguments continues from there (`--restart` starts over). The checkpoint holds tensors, numbers, strings, lists and
+dicts only and is read back with torch.load(weights_only=True); a file that needs anything else is refused.
+The finished folder is renamed to ppo/.
 
 Reads  data/split.npz, data/items.jsonl, neighbors.npz, user_sets.json, <sft>/ (03), reward/ (04)
 Writes ppo/ : adapter_config.json + adapter_model.safetensors (the PPO LoRA, on top of the merged SFT model),
@@ -35,6 +37,7 @@ Time   a step = generation + 3 forward passes (policy, reference, reward model) 
 """
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, asdict
@@ -311,6 +314,29 @@ def ppo_prompts(run, users, sizes):
     return [common.user_prompt(u, train, nbrs, item_text, **sizes) for u in kept], kept
 
 
+CHECKPOINT_KEYS = ("step", "steps", "sft_sha", "beta", "state", "optimizer")
+RESUME_SKIP = ("run", "force", "restart", "device", "reward_batch", "ckpt_every")  # do not change what is computed
+
+
+def load_checkpoint(path):
+    """ppo.partial/checkpoint.pt, read with torch.load(weights_only=True): tensors, numbers, strings, lists and
+    dicts only (what on_checkpoint writes), so that a file planted in the run directory cannot run code. Anything
+    else (a pickled object, a truncated file, missing keys) is a DataError naming the file."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read it safely is the same refusal
+        m = re.search(r"unsupported global:? GLOBAL (\S+)", str(e), re.I)
+        why = (f"it asks to unpickle {m.group(1)}, which could run code" if m else
+               f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        raise common.DataError(f"{path}: refused to load this PPO checkpoint ({why}); 05 writes only tensors, "
+                               "numbers, strings, lists and dicts. Delete it, or pass --restart to start over") from None
+    if not (isinstance(ck, dict) and all(k in ck for k in CHECKPOINT_KEYS) and isinstance(ck["state"], dict)
+            and {"lora", "value_head"} <= set(ck["state"])):
+        raise common.DataError(f"{path}: not a checkpoint 05 wrote (expected the keys {', '.join(CHECKPOINT_KEYS)}); "
+                               "delete it, or pass --restart to start over")
+    return ck
+
+
 def parse_args(argv=None):
     p = common.stage_parser(__doc__)
     c = PPOConfig()
@@ -342,11 +368,19 @@ def main(argv=None):
     common.seed_everything(args.seed)
     sft_name = args.sft
     inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "user_sets.json",
-              f"{sft_name}/adapter_model.safetensors", f"{args.reward}/model.safetensors"]
+              f"{sft_name}/", f"{args.reward}/"]  # model directories are inputs: their files' hashes
     common.check_inputs(run, inputs, args.force)
     cfg = PPOConfig(**{k: getattr(args, k) for k in asdict(PPOConfig()) if hasattr(args, k)})
     cfg.seed = args.seed
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    work, final = run / "ppo.partial", run / "ppo"
+    sft_sha = common.sha256_file(run / sft_name / "adapter_model.safetensors")
+    ckpt_path = work / "checkpoint.pt"
+    ck = load_checkpoint(ckpt_path) if ckpt_path.exists() and not args.restart else None  # before any model loads
+    # a checkpoint is resumed only when written from these inputs (data, SFT adapter, reward model) and arguments
+    resume_key = common.prompt_hash(json.dumps({"inputs": {r: common.sha256_path(run, r) for r in inputs},
+                                                "args": {k: v for k, v in vars(args).items() if k not in RESUME_SKIP}},
+                                               sort_keys=True, default=str))
 
     sets = json.loads((run / "user_sets.json").read_text())
     prompts, users = ppo_prompts(run, sets["ppo"], {k: getattr(args, k) for k in PROMPT_DEFAULTS})
@@ -367,13 +401,9 @@ def main(argv=None):
     def reward_fn(batch_prompts, texts, _ids):
         return scorer(batch_prompts, texts)
 
-    work, final = run / "ppo.partial", run / "ppo"
-    sft_sha = common.sha256_file(run / sft_name / "adapter_model.safetensors")
-    ckpt_path = work / "checkpoint.pt"
     start, opt_state, beta = 0, None, None
-    if ckpt_path.exists() and not args.restart:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck.get("sft_sha") == sft_sha and ck.get("steps") == cfg.steps:
+    if ck is not None:
+        if ck.get("sft_sha") == sft_sha and ck.get("steps") == cfg.steps and ck.get("resume_key") == resume_key:
             cur = dict(policy.named_parameters())
             for k, v in ck["state"]["lora"].items():
                 cur[k].data.copy_(v.to(cur[k].device))
@@ -381,7 +411,8 @@ def main(argv=None):
             start, opt_state, beta = ck["step"], ck["optimizer"], ck["beta"]
             log.info("resuming from %s at step %d", ckpt_path, start)
         else:
-            log.info("%s is from another --sft adapter or --steps; starting over", ckpt_path)
+            log.info("%s was written from other inputs (data, --sft adapter, reward model) or arguments; starting "
+                     "over", ckpt_path)
     if start == 0:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -400,8 +431,9 @@ def main(argv=None):
 
     def on_checkpoint(step, opt, kl_ctl):
         with common.atomic_path(ckpt_path) as tmp:
-            torch.save({"step": step, "steps": cfg.steps, "sft_sha": sft_sha, "beta": kl_ctl.beta,
-                        "state": trainable_state(policy, value_head), "optimizer": opt.state_dict()}, tmp)
+            torch.save({"step": step, "steps": cfg.steps, "sft_sha": sft_sha, "resume_key": resume_key,
+                        "beta": kl_ctl.beta, "state": trainable_state(policy, value_head),
+                        "optimizer": opt.state_dict()}, tmp)
 
     t0 = time.time()
     history = train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=start, optimizer_state=opt_state,
@@ -424,4 +456,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_stage(main)

@@ -4,9 +4,9 @@ Reads   data/split.npz, data/items.jsonl, neighbors.npz, item_text_emb.npy (prob
         the probe's eval users), and the model of --source (common.load_profile_model:
         base_llm | sft_gpt_kd | sft_naive | sft_mask | ppo), or for --source teacher no model (see below;
         --teacher api also reads distill.jsonl and 02's arguments in manifest.json).
-Writes  profiles/<source>/users.jsonl   {"user", "profile", "prompt_hash", "valid"[, "teacher"]}
+Writes  profiles/<source>/users.jsonl   {"user", "profile", "prompt_hash", "valid"[, "upstream"][, "teacher"]}
         profiles/<source>/items.jsonl   {"item", "profile", "prompt_hash", "valid", "kind": "warm"|"cold"
-                                         [, "teacher", "from_users"|"from_items"]}
+                                         [, "upstream"][, "teacher", "from_users"|"from_items"]}
         profiles/<source>/user_emb.npy  float32 [n_users, d_t]   (common.encode_texts, --encoder)
         profiles/<source>/item_emb.npy  float32 [n_items, d_t]
         profiles/<source>/probe.json    profile-quality probe (SPEC section 7) + malformed-profile counts
@@ -22,7 +22,10 @@ training users) from the text and the item profiles of their text-similar warm i
 Generation (common.generate_batches): batched, left padding, prompts sorted by token length, the tokens every
 prompt shares (the system prompt) run once and held in a preallocated cache, stop at end-of-turn or once a whole
 profile line is written, greedy unless --temperature > 0, tqdm per phase. Resumable: rows are appended as
-batches finish; ids already written are skipped; a truncated last line is dropped and redone. A profile that does not parse (common.parse_profile,
+batches finish; ids already written are skipped if their row was built from the same prompt ("prompt_hash") and
+upstream state ("upstream": a hash of split.npz, items.jsonl, neighbors.npz, the --source model directory and
+--model), and redone otherwise (counted in the log and probe.json "redone"); a truncated last line is dropped and
+redone. A profile that does not parse (common.parse_profile,
 3+3 terms for users, 5+5 for items, after normalize_profile's light repairs) keeps its raw text (the embedding
 still carries signal), is marked "valid": false, and is counted in the log and probe.json.
 
@@ -156,21 +159,41 @@ def own_file(out, kind, shard):
     return out / (f"{kind}.jsonl" if n == 1 else f"{kind}.shard{i}of{n}.jsonl")
 
 
-def read_all(out, kind, own=None):
+def read_all(out, kind, own=None, fresh=None):
     """id -> row over the final file and every shard file. Only `own` (this process's file) is repaired; the
-    others may be mid-append by another process, their partial last lines are simply not read."""
+    others may be mid-append by another process, their partial last lines are simply not read. With
+    `fresh(id, row)`, rows it rejects (built from another prompt or upstream state) are left out; of several rows
+    of an id the later one wins (a redone row is appended after the stale one)."""
     key = "user" if kind == "users" else "item"
     rows = {}
     for path in [out / f"{kind}.jsonl"] + sorted(out.glob(f"{kind}.shard*of*.jsonl")):
         for r in common.read_jsonl(path, repair=(own is not None and path == own)):
-            rows.setdefault(int(r[key]), r)
+            if fresh is None or fresh(int(r[key]), r):
+                rows[int(r[key])] = r
     return rows
 
 
-def wait_for(out, kind, needed, args, what):
+def fresh_rows(upstream, hashes=None):
+    """fresh(id, row) for read_all: the row was built from the current upstream state (`upstream`: the hash of the
+    data files and the model that write the profiles) and, with `hashes` ({id: prompt hash}), the current prompt."""
+    if hashes is None:
+        return lambda k, r: r.get("upstream") == upstream
+    return lambda k, r: r.get("upstream") == upstream and r.get("prompt_hash") == hashes.get(k)
+
+
+def model_dirs(run, source):
+    """The run's model directories that --source loads (common.load_profile_model): inputs of this stage, so that
+    retraining one makes these profiles stale."""
+    if source == "ppo":
+        base = run / "ppo" / "base.json"
+        return ["ppo/"] + ([json.loads(base.read_text())["sft"] + "/"] if base.exists() else [])
+    return [f"{source}/"] if source.startswith("sft_") else []
+
+
+def wait_for(out, kind, needed, args, what, fresh=None):
     deadline = time.time() + args.wait_s
     while True:
-        rows = read_all(out, kind)
+        rows = read_all(out, kind, fresh=fresh)
         missing = [k for k in needed if k not in rows]
         if not missing:
             return rows
@@ -181,17 +204,25 @@ def wait_for(out, kind, needed, args, what):
         time.sleep(min(30, max(1, args.wait_s / 20)))
 
 
-def run_phase(name, ids, make_messages, kind, n_each, out, shard, model, tok, args, max_new_tokens, extra=None):
-    """Generate the profiles of `ids` that no file holds yet; append them to this process's file."""
+def run_phase(name, ids, make_messages, kind, n_each, out, shard, model, tok, args, max_new_tokens, extra=None,
+              upstream=None, redone=None):
+    """Generate the profiles of `ids` that no file holds from the current prompt and `upstream` state (rows of
+    another prompt or upstream state are redone, counted in `redone[name]`); append them to this process's file."""
     own = own_file(out, kind, shard)
     key = "user" if kind == "users" else "item"
-    done = read_all(out, kind, own=own)
+    prompts = {k: common.render(tok, make_messages(k)) for k in ids}
+    hashes = {k: common.prompt_hash(t) for k, t in prompts.items()}
+    present = read_all(out, kind, own=own)
+    done = read_all(out, kind, fresh=fresh_rows(upstream, hashes))
     todo = [k for k in ids if k not in done]
-    log.info("%s: %d to write, %d already done", name, len(todo), len(ids) - len(todo))
+    n_redo = sum(k in present for k in todo)
+    if redone is not None:
+        redone[name] = n_redo
+    log.info("%s: %d to write (%d of them redone: built from another prompt or upstream state), %d already done",
+             name, len(todo), n_redo, len(ids) - len(todo))
     if not todo:
         return 0
-    msgs = [make_messages(k) for k in todo]
-    texts = [common.render(tok, m) for m in msgs]
+    texts = [prompts[k] for k in todo]
     n_bad = 0
     with open(own, "a") as f:
         for idx, answers in common.generate_batches(model, tok, texts, max_new_tokens, args.batch_size, args.temperature,
@@ -199,8 +230,8 @@ def run_phase(name, ids, make_messages, kind, n_each, out, shard, model, tok, ar
             for k, a in zip(idx, answers):
                 prof = common.normalize_profile(a, n_each)
                 n_bad += prof is None
-                row = {key: int(todo[k]), "profile": prof if prof else a, "prompt_hash": common.prompt_hash(texts[k]),
-                       "valid": prof is not None}
+                row = {key: int(todo[k]), "profile": prof if prof else a, "prompt_hash": hashes[todo[k]],
+                       "upstream": upstream, "valid": prof is not None}
                 row.update(extra or {})
                 common.append_jsonl(f, row)
     log.info("%s: %d written, %d malformed (raw text kept)", name, len(todo), n_bad)
@@ -386,7 +417,16 @@ def main(argv=None):
     if teacher and args.teacher == "api":
         api_teacher_args(run, distill_module())  # fails early, with what to run, unless 02 used the API teacher
         inputs.append("distill.jsonl")  # 02's run fixes the API prompts: re-running 02 makes these profiles stale
+    models = [] if teacher else model_dirs(run, args.source)
+    inputs += models  # the model directories it loads are inputs: retraining one makes these profiles stale
+    recorded = {o for s in common.read_manifest(run)["stages"].values() for o in s.get("outputs", {})}
+    if (run / "user_sets.json").exists() and (args.probe_only or "user_sets.json" in recorded):
+        inputs.append("user_sets.json")  # the probe's eval users
     common.check_inputs(run, inputs, args.force)
+    # what the rows are built from besides their prompt: a resumed row is reused only if both match
+    upstream = common.prompt_hash(json.dumps({
+        "inputs": {r: common.sha256_path(run, r) for r in ["data/split.npz", "data/items.jsonl", "neighbors.npz"]
+                   + models}, "source": args.source, "model": str(args.model)}, sort_keys=True))
     out.mkdir(parents=True, exist_ok=True)
     if args.restart:
         for p in list(out.glob("*.jsonl")) + list(out.glob("*.npy")):
@@ -408,7 +448,7 @@ def main(argv=None):
         user_ids = sorted(json.loads((run / "user_sets.json").read_text())["eval"])[:args.limit]
         warm = other = []
     mine = (lambda ids: [k for k in ids if k % shard[1] == shard[0]])
-    t_gen, teacher_info = {}, {}
+    t_gen, teacher_info, redone = {}, {}, {}
 
     if teacher:
         t = time.time()
@@ -419,25 +459,32 @@ def main(argv=None):
         model, tok = common.load_profile_model(run, args.source, args.model, device=args.device)
         model = model.to(common.pick_dtype(args.dtype, args.device)).eval()
         log.info("model dtype %s, %d torch threads", next(model.parameters()).dtype, torch.get_num_threads())
+        user_msgs = (lambda u: user_messages(u, train, nb["user_nbrs"], item_text, args))
+
+        def fresh(ids, make):  # other shards' rows count only once built from the current prompt and upstream
+            return fresh_rows(upstream, {k: common.prompt_hash(common.render(tok, make(k))) for k in ids})
         if args.what in ("all", "users"):
             t = time.time()
-            run_phase("user profiles", mine(user_ids), lambda u: user_messages(u, train, nb["user_nbrs"], item_text,
-                                                                               args),
-                      "users", 3, out, shard, model, tok, args, args.max_new_tokens)
+            run_phase("user profiles", mine(user_ids), user_msgs, "users", 3, out, shard, model, tok, args,
+                      args.max_new_tokens, upstream=upstream, redone=redone)
             t_gen["users_s"] = round(time.time() - t, 1)
+        if args.what in ("all", "warm", "cold"):
+            user_rows = wait_for(out, "users", user_ids, args, "warm items", fresh(user_ids, user_msgs))
         if args.what in ("all", "warm"):
             t = time.time()
-            user_rows = wait_for(out, "users", user_ids, args, "warm items")
             run_phase("warm item profiles", mine(warm),
                       lambda i: warm_item_messages(i, item_text, users_of, user_rows, args),
-                      "items", 5, out, shard, model, tok, args, args.item_max_new_tokens, {"kind": "warm"})
+                      "items", 5, out, shard, model, tok, args, args.item_max_new_tokens, {"kind": "warm"},
+                      upstream=upstream, redone=redone)
             t_gen["warm_items_s"] = round(time.time() - t, 1)
         if args.what in ("all", "cold"):
             t = time.time()
-            item_rows = wait_for(out, "items", warm, args, "cold items")
+            item_rows = wait_for(out, "items", warm, args, "cold items",
+                                 fresh(warm, lambda i: warm_item_messages(i, item_text, users_of, user_rows, args)))
             run_phase("cold item profiles", mine(other),
                       lambda i: cold_item_messages(i, item_text, nb["item_nbrs"], item_rows, args),
-                      "items", 5, out, shard, model, tok, args, args.item_max_new_tokens, {"kind": "cold"})
+                      "items", 5, out, shard, model, tok, args, args.item_max_new_tokens, {"kind": "cold"},
+                      upstream=upstream, redone=redone)
             t_gen["cold_items_s"] = round(time.time() - t, 1)
         del model
         if shard[1] > 1 or args.what != "all":
@@ -448,7 +495,7 @@ def main(argv=None):
     result = {}
     for kind, ids in (("users", user_ids), ("items", warm + other)):
         key = "user" if kind == "users" else "item"
-        rows = read_all(out, kind, own=out / f"{kind}.jsonl")
+        rows = read_all(out, kind, own=out / f"{kind}.jsonl", fresh=None if teacher else fresh_rows(upstream))
         missing = [k for k in ids if k not in rows]
         if missing:
             raise SystemExit(f"{out}: {len(missing)} {kind} profiles missing (e.g. {key} {missing[0]}); "
@@ -469,7 +516,7 @@ def main(argv=None):
         text_emb, item_src = common.item_embeddings_for_probe(run, item_text_full, u_emb.shape[1], args.encoder,
                                                               args.device)
         probe = {"source": args.source, **teacher_info, "item_embeddings": item_src,
-                 "malformed_users": result["malformed_users"],
+                 "malformed_users": result["malformed_users"], "redone": redone,
                  "eval_users": common.profile_probe(split, user_ids, u_emb, text_emb)}
         common.write_json(out / "probe.json", probe)
         head = probe["eval_users"]
@@ -477,8 +524,7 @@ def main(argv=None):
                  len(user_ids), args.source, PROBE_K, head[f"recall@{PROBE_K}"],
                  head[f"centroid_recall@{PROBE_K}"], head[f"random_recall@{PROBE_K}"])
         rel = out.relative_to(run)
-        common.record_stage(run, stage, args, inputs + ["user_sets.json"], [f"{rel}/users.jsonl",
-                                                                            f"{rel}/probe.json"], started)
+        common.record_stage(run, stage, args, inputs, [f"{rel}/users.jsonl", f"{rel}/probe.json"], started)
         return probe
     item_prof = {r["item"]: r["profile"] for r in result["items"]}
     # --limit leaves some ids without a profile: embed their item text / an empty string instead
@@ -499,7 +545,7 @@ def main(argv=None):
              "malformed_users": result["malformed_users"], "malformed_items": result["malformed_items"],
              "all_users": common.profile_probe(split, np.arange(n_users), u_emb, text_emb),
              "all_users_vs_item_profiles": common.profile_probe(split, np.arange(n_users), u_emb, i_emb),
-             "seconds": t_gen}
+             "seconds": t_gen, "redone": redone}
     if eval_users:
         probe["eval_users"] = common.profile_probe(split, eval_users, u_emb[eval_users], text_emb)
     common.write_json(out / "probe.json", probe)
@@ -511,12 +557,9 @@ def main(argv=None):
     rel = f"profiles/{args.source}"
     outputs = [f"{rel}/users.jsonl", f"{rel}/items.jsonl", f"{rel}/user_emb.npy", f"{rel}/item_emb.npy",
                f"{rel}/probe.json"]
-    manifest = common.read_manifest(run)
-    recorded = {o for s in manifest["stages"].values() for o in s.get("outputs", {})}
-    extra_inputs = [r for r in ("user_sets.json",) if r in recorded and (run / r).exists()]
-    common.record_stage(run, stage, args, inputs + extra_inputs, outputs, started)
+    common.record_stage(run, stage, args, inputs, outputs, started)
     return probe
 
 
 if __name__ == "__main__":
-    main()
+    common.run_stage(main)

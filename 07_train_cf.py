@@ -46,7 +46,8 @@ cf/<backbone>_<variant>_<source>_s<seed>/:
                  `indices` int64 and `scores` float32 [n_users, --topk], the user's train and
                  valid items excluded, -1 / -inf where fewer candidates remain.
 Resume: a model whose folder and manifest record match the current inputs and arguments is skipped (its
-meta.json is reused), so an interrupted grid continues where it stopped; --redo retrains.
+meta.json is reused), so an interrupted grid continues where it stopped; --redo retrains. An input whose upstream
+is stale (a new split, profiles from a retrained model; common.stage_stale) retrains it instead.
 Run:
   python 07_train_cf.py --run runs/ml100k --backbone lightgcn --variant base
   python 07_train_cf.py --run runs/ml100k --backbone all --variant base augment --source ppo --seeds 0 1 2
@@ -507,10 +508,10 @@ def load_features(run, variant, source, split):
     """The fixed inputs of the towers: item text embeddings and, for the augment variants, profiles."""
     feats = {}
     if variant != "id":
-        feats["text"] = np.load(run / "item_text_emb.npy")
+        feats["text"] = common.load_npy(run / "item_text_emb.npy")
     if uses_profiles(variant):
-        feats["user_prof"] = np.load(run / "profiles" / source / "user_emb.npy")
-        feats["item_prof"] = np.load(run / "profiles" / source / "item_emb.npy")
+        feats["user_prof"] = common.load_npy(run / "profiles" / source / "user_emb.npy")
+        feats["item_prof"] = common.load_npy(run / "profiles" / source / "item_emb.npy")
     files = {"text": "item_text_emb.npy", "user_prof": f"profiles/{source}/user_emb.npy",
              "item_prof": f"profiles/{source}/item_emb.npy"}
     for key, n in (("text", split["n_items"]), ("user_prof", split["n_users"]), ("item_prof", split["n_items"])):
@@ -523,16 +524,22 @@ COMPARED_ARGS_SKIP = ("force", "redo", "device", "run")   # do not change what a
 
 
 def already_trained(run, name, used, run_args):
-    """True when cf/<name>/ was written by these arguments from the current inputs (all recorded hashes
-    match), so that a re-run of a grid skips it."""
-    rec = common.read_manifest(run)["stages"].get(f"07_train_cf/{name}")
+    """True when cf/<name>/ was written by these arguments from the current inputs, so that a re-run of a grid
+    skips it: its outputs are what it wrote, and its inputs are the files it read and fresh, transitively
+    (common.stage_stale: a new split or new profiles, or profiles from a retrained model, retrain it)."""
+    stage = f"07_train_cf/{name}"
+    rec = common.read_manifest(run)["stages"].get(stage)
     if rec is None:
         return False
     want = json.loads(json.dumps({k: v for k, v in vars(run_args).items() if k not in COMPARED_ARGS_SKIP},
                                  default=str))
     have = {k: v for k, v in rec["args"].items() if k not in COMPARED_ARGS_SKIP}
-    files = {**{r: rec["inputs"].get(r) for r in used}, **rec["outputs"]}
-    return want == have and all((run / r).exists() and common.sha256_file(run / r) == h for r, h in files.items())
+    if want != have or not set(used) <= set(rec["inputs"]):
+        return False
+    stale = common.stage_stale(run, stage)
+    if stale:
+        common.log.info("%s: retraining: %s", name, stale)
+    return stale is None
 
 
 def main(argv=None):
@@ -578,4 +585,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_stage(main)

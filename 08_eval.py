@@ -10,7 +10,9 @@ Writes into --run:
   results/tables.md       per setting: every model and reference, mean ± std over seeds, the change against Base
                           and against the content centroid with * for p < --alpha (paired t-test over users on
                           seed-averaged values), the share of top-K slots decided by ties, zero item vectors;
-                          then seconds per epoch (the paper's Table 3) with the best epochs
+                          then seconds per epoch (the paper's Table 3) with the best epochs; a line says which
+                          models were built by code that has changed since (their 07 record, or a stage upstream
+                          of it, holds another sha256 of its script or of common.py than the current file)
 Run:
   python 08_eval.py --run runs/ml100k [--ks 20 40]
 
@@ -79,10 +81,10 @@ def evaluate_model(folder, meta, setting, exclude, test, subset, ks):
     if setting == "zero" and not meta.get("can_score_cold", True):
         return None
     if meta.get("scorer", "dot") == "dot":
-        user = torch.from_numpy(np.load(folder / "user_emb.npy"))
-        item = torch.from_numpy(np.load(folder / "item_emb.npy"))
+        user = torch.from_numpy(common.load_npy(folder / "user_emb.npy"))
+        item = torch.from_numpy(common.load_npy(folder / "item_emb.npy"))
         return common.rank_eval(user, item, exclude, test, ks, subset)
-    topk = np.load(folder / f"topk_{setting}.npz")
+    topk = common.load_npz(folder / f"topk_{setting}.npz")
     idx, scores = torch.from_numpy(topk["indices"]), torch.from_numpy(topk["scores"])
     if idx.shape[1] < max(ks) + 1:
         raise SystemExit(f"08_eval: {folder}/topk_{setting}.npz holds top-{idx.shape[1]}, but K={max(ks)} needs "
@@ -214,6 +216,29 @@ def setting_table(runs, refs, meta_by_key, metrics, ks, alpha, tie_warn):
     return out
 
 
+def code_note(run, folders):
+    """One line for tables.md: which models were built (by 07, or upstream of it: 06's prompts, 03-05's models) by
+    code that has changed since (common.code_changes), or that every model comes from the current code."""
+    manifest = common.read_manifest(run)
+    changed, unknown = defaultdict(list), []
+    for f in folders:
+        stage = f"07_train_cf/{f.name}"
+        if "code" not in manifest["stages"].get(stage, {}):
+            unknown.append(f.name)
+            continue
+        files = sorted({x for fs in common.code_changes(run, stage, manifest).values() for x in fs})
+        if files:
+            changed[", ".join(files)].append(f.name)
+    parts = [f"{files} changed since {len(names)} model(s) were built ({', '.join(names[:3])}"
+             f"{', …' if len(names) > 3 else ''})" for files, names in changed.items()]
+    if unknown:
+        parts.append(f"{len(unknown)} model(s) were recorded without code hashes")
+    rev = common.git_revision() or "unknown"
+    if not parts:
+        return f"Code: every model was built by the current code (git {rev})."
+    return f"⚠ Code: {'; '.join(parts)}; re-run them to get results of the current code (git {rev})."
+
+
 def timing_table(meta_by_key):
     out = ["| Backbone | Variant | Source | s/epoch | vs Base | best epochs | epochs run |", "|---|---|---|---|---|---|---|"]
     for key in sorted(meta_by_key, key=model_order):
@@ -248,7 +273,7 @@ def main(argv=None):
     saved = metrics + [f"ties@{k}" for k in ks]
 
     common.log.info("08: reference rankings (random, popularity, content centroid, oracle)")
-    refs = references(split, np.load(run / "item_text_emb.npy"), np.load(run / "neighbors.npz")["item_nbrs"],
+    refs = references(split, common.load_npy(run / "item_text_emb.npy"), common.load_neighbors(run)["item_nbrs"],
                       setups, ks, args.seed)
     rows = []
 
@@ -285,6 +310,7 @@ def main(argv=None):
           f"Mean ± std over seeds; 'vs' columns: change of the seed-averaged mean, * where a paired t-test over users "
           f"gives p < {args.alpha}; ties@{ks[0]}: share of top-{ks[0]} slots tied with the next (⚠ above "
           f"{args.tie_warn:.0%}); zero items: item vectors that are zero or non-finite (per seed).", "",
+          code_note(run, folders), "",
           f"## Full-shot: all {split['n_items']} items, {n_full_users} users", "",
           *setting_table(runs["full"], refs["full"], meta_by_key, metrics, ks, args.alpha, args.tie_warn), "",
           f"## Zero-shot: the {len(split['cold_items'])} cold items, {n_cold_users} users with cold test items", "",
@@ -299,4 +325,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_stage(main)

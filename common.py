@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,12 @@ def stage_parser(doc):
     """An argparse parser with the options every stage shares; `--help` shows the defaults."""
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         """The docstring as written, and every option's default."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=Formatter)
+
+    class Parser(argparse.ArgumentParser):
+        """A bad argument is one line on stderr (no usage block), exit status 2."""
+        def error(self, message):
+            self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    p = Parser(description=doc, formatter_class=Formatter)
     p.add_argument("--run", required=True, type=Path, help="run directory (created by 01)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--force", action="store_true", help="use inputs even if manifest.json says they are stale")
@@ -57,6 +63,42 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class StageError(Exception):
+    """An error whose message says all the user needs: run_stage prints it as one line, without a traceback."""
+
+
+class UsageError(StageError, ValueError):
+    """A bad argument or combination of arguments."""
+
+
+def run_stage(main, argv=None):
+    """The `if __name__ == "__main__":` entry of every stage: run main(argv). A known error (DataError,
+    StaleInputError, StageError, a missing file, SystemExit with a message) becomes one line
+    `<stage>: error: <message>` on stderr (and in the stage's log file) with exit status 1, 2 for bad arguments;
+    any other exception keeps its traceback."""
+    stage = Path(sys.argv[0]).stem
+    try:
+        return main(argv)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        msg, status = e.code, 1
+    except (DataError, StaleInputError, StageError, FileNotFoundError) as e:
+        msg = f"{e.filename}: file not found" if isinstance(e, FileNotFoundError) and e.filename else str(e)
+        status = 2 if isinstance(e, UsageError) else 1
+    msg = " ".join(msg.split())
+    for prefix in (stage + ":", stage.split("_")[0] + ":"):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):].lstrip()
+    line = f"{stage}: error: {msg}"
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(logging.LogRecord("reclm", logging.ERROR, __file__, 0, line, None, None))
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    raise SystemExit(status)
 
 
 # ----------------------------------------------------------------------------- atomic IO
@@ -158,61 +200,215 @@ def read_manifest(run):
     return json.loads(path.read_text()) if path.exists() else {"stages": {}}
 
 
+def _dir_digest(entries):
+    """sha256 over sorted (path, sha256) pairs: the hash of a directory's files."""
+    h = hashlib.sha256()
+    for rel, sha in sorted(entries):
+        h.update(f"{rel}\t{sha}\n".encode())
+    return h.hexdigest()
+
+
+def sha256_path(run, rel):
+    """The hash of run/rel as the manifest records it: a file's sha256, or, for a directory (`rel` ends
+    with '/', e.g. "ppo/"), a sha256 over the paths and sha256s of every file under it, so that a retrained
+    model directory has another hash. None when it does not exist."""
+    run, rel = Path(run), str(rel)
+    path = run / rel
+    if rel.endswith("/"):
+        if not path.is_dir():
+            return None
+        return _dir_digest((p.relative_to(run).as_posix(), sha256_file(p)) for p in path.rglob("*") if p.is_file())
+    return sha256_file(path) if path.is_file() else None
+
+
+def _recorded(files, rel):
+    """The hash a stage's recorded {path: sha256} gives `rel`: a file's entry, or for a directory the hash over
+    the entries under it; None when nothing is recorded there."""
+    if not rel.endswith("/"):
+        return files.get(rel)
+    under = [(k, v) for k, v in files.items() if k.startswith(rel)]
+    return _dir_digest(under) if under else None
+
+
 def _producer(manifest, rel):
-    """The stage that last wrote `rel` (latest finish time wins)."""
-    best = None
+    """The stage that last wrote `rel` (a file, or a directory: "ppo/"); the latest record wins."""
+    best, best_key = None, None
     for name, rec in manifest["stages"].items():
-        if rel in rec.get("outputs", {}) and (best is None or rec["finished"] > manifest["stages"][best]["finished"]):
-            best = name
+        if _recorded(rec.get("outputs", {}), rel) is not None:
+            key = (rec.get("finished", ""), rec.get("seq", 0))
+            if best is None or key > best_key:
+                best, best_key = name, key
     return best
 
 
-def _stale_reason(run, manifest, rel, seen):
-    producer = _producer(manifest, rel)
-    path = Path(run) / rel
-    if producer is None:
-        return f"{rel} is not recorded as an output of any stage in {run}/manifest.json"
-    if not path.exists():
-        return f"{rel} is missing; re-run {producer}"
-    if sha256_file(path) != manifest["stages"][producer]["outputs"][rel]:
-        return f"{rel} changed since {producer} wrote it; re-run {producer}"
-    if producer not in seen:
-        seen.add(producer)
-        for up in manifest["stages"][producer].get("inputs", {}):
-            reason = _stale_reason(run, manifest, up, seen)
-            if reason:
-                return f"{rel} was written by {producer} from inputs that are now stale ({reason}); re-run {producer}"
-    return None
+class _Staleness:
+    """One staleness check of a run: an input is stale when it is not what its producer last wrote, or
+    when any stage upstream of it read inputs that have changed since (the hash a consumer recorded for an
+    input is compared with that input's current file, transitively). File hashes are computed once."""
+
+    def __init__(self, run, manifest):
+        self.run, self.manifest = Path(run), manifest
+        self.hashes, self.stages, self.producers = {}, {}, {}
+
+    def current(self, rel):
+        if rel not in self.hashes:
+            self.hashes[rel] = sha256_path(self.run, rel)
+        return self.hashes[rel]
+
+    def producer(self, rel):
+        if rel not in self.producers:
+            self.producers[rel] = _producer(self.manifest, rel)
+        return self.producers[rel]
+
+    def file(self, rel):
+        """None when `rel` is fresh, else (reason, stages to re-run, depth of the chain that reason follows)."""
+        producer = self.producer(rel)
+        if producer is None:
+            return f"{rel} is not recorded as an output of any stage in {self.run}/manifest.json", [], 0
+        up = self.stage(producer)
+        cur = self.current(rel)
+        if cur is None or cur != _recorded(self.manifest["stages"][producer]["outputs"], rel):
+            what = f"{rel} is missing" if cur is None else f"{rel} changed since {producer} wrote it"
+            return what, sorted(set((up[1] if up else []) + [producer])), (up[2] if up else 0) + 1
+        if up:
+            return f"{rel} was {up[0]}", up[1], up[2]
+        return None
+
+    def stage(self, name):
+        """None when every input `name` recorded is still that file and fresh (transitively), else
+        (how it was built from what changed, the stages to re-run: those upstream and itself, chain depth)."""
+        if name in self.stages:
+            return self.stages[name]
+        self.stages[name] = None  # a cycle counts as fresh
+        found, rerun = None, set()
+        for up, recorded in self.manifest["stages"][name].get("inputs", {}).items():
+            producer = self.producer(up)
+            sub = self.file(up) if producer else None
+            cur = self.current(up)
+            if sub:
+                cand = (f"written by {name} from inputs that are now stale: {sub[0]}", sub[2] + 1)
+                rerun.update(sub[1])
+            elif cur != recorded:
+                cand = (f"built by {name} from {up}, which " + (
+                    "is now missing" if cur is None else "did not exist then" if recorded is None
+                    else f"{producer} has since rewritten" if producer else "has changed since"), 1)
+            else:
+                continue
+            rerun.add(name)
+            if found is None or cand[1] > found[1]:
+                found = cand
+        self.stages[name] = (found[0], sorted(rerun), found[1]) if found else None
+        return self.stages[name]
+
+
+def _rerun(stages):
+    """'re-run A' or 're-run A, then B, C' (stage names sort in pipeline order: 01_ < 02_ < ...)."""
+    if not stages:
+        return ""
+    more = f", then {', '.join(stages[1:6])}" + (f" and {len(stages) - 6} more" if len(stages) > 6 else "")
+    return f"; re-run {stages[0]}" + (more if len(stages) > 1 else "")
 
 
 def check_inputs(run, rels, force=False):
-    """Refuse inputs that are not what the upstream stage last wrote (checked transitively)."""
-    manifest = read_manifest(run)
+    """Refuse inputs (files, or model directories as "name/") that are not what the upstream stage last wrote,
+    or whose upstream stages read inputs that have changed since (checked transitively); the error names the
+    stage(s) to re-run, most upstream first."""
+    check = _Staleness(run, read_manifest(run))
     for rel in rels:
-        reason = _stale_reason(run, manifest, str(rel), set())
-        if reason:
+        stale = check.file(str(rel))
+        if stale:
+            reason = stale[0] + _rerun(stale[1])
             if force:
                 log.warning("--force: using %s anyway: %s", rel, reason)
             else:
                 raise StaleInputError(f"{reason} (or pass --force)")
 
 
-def record_stage(run, stage, args, inputs, outputs, started):
-    """Add this stage's arguments, versions, and sha256 of every file read and written to manifest.json."""
+def stage_stale(run, stage):
+    """Why what `stage` last recorded is no longer current (an output changed or is gone, or an input it read
+    has changed since or is stale, transitively), or None when it is current or was never recorded."""
+    manifest = read_manifest(run)
+    rec = manifest["stages"].get(stage)
+    if rec is None:
+        return f"{stage} is not recorded in {run}/manifest.json"
+    check = _Staleness(run, manifest)
+    for rel, sha in rec.get("outputs", {}).items():
+        if check.current(rel) != sha:
+            return f"{rel} " + ("is missing" if check.current(rel) is None else f"changed since {stage} wrote it")
+    stale = check.stage(stage)
+    return f"what {stage} wrote was {stale[0]}{_rerun(stale[1])}" if stale else None
+
+
+_GIT = {}
+
+
+def git_revision():
+    """The repository's commit ("<sha>", or "<sha>+dirty" with uncommitted changes to tracked files), or None
+    without git; asked once per process."""
+    if "rev" not in _GIT:
+        import subprocess
+        try:
+            head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  timeout=10)
+            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=30)
+            _GIT["rev"] = (head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) if not head.returncode \
+                else None
+        except (OSError, subprocess.SubprocessError):
+            _GIT["rev"] = None
+    return _GIT["rev"]
+
+
+def stage_code(stage):
+    """The code files of a stage: its script (by the stage name's number: '06_profile_ppo' -> 06_profile.py)
+    and common.py (prompts, profile format, loaders)."""
+    m = re.match(r"(\d\d)_", stage)
+    scripts = sorted(REPO.glob(f"{m.group(1)}_*.py")) if m else []
+    return scripts[:1] + [REPO / "common.py"]
+
+
+def code_changes(run, stage, manifest=None):
+    """{stage: [code files]} for `stage` and every stage upstream of it (through the producers of the inputs it
+    recorded) whose recorded sha256 of a code file differs from the current file: results built by code that has
+    changed since. Stages recorded without code hashes are left out."""
+    manifest = manifest or read_manifest(run)
+    out, todo, seen = {}, [stage], set()
+    while todo:
+        name = todo.pop()
+        rec = manifest["stages"].get(name)
+        if name in seen or rec is None:
+            continue
+        seen.add(name)
+        changed = [f for f, sha in rec.get("code", {}).get("files", {}).items()
+                   if not (REPO / f).is_file() or sha256_file(REPO / f) != sha]
+        if changed:
+            out[name] = sorted(changed)
+        todo += [p for p in (_producer(manifest, up) for up in rec.get("inputs", {})) if p]
+    return out
+
+
+def record_stage(run, stage, args, inputs, outputs, started, extra=None):
+    """Add this stage's arguments, versions, code (git revision, sha256 of its script and of common.py), and the
+    hash of every file or model directory ("name/") read and written to manifest.json; `extra` adds fields."""
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     for mod in ("transformers", "peft", "trl", "scipy"):
         if mod in sys.modules:
             versions[mod] = sys.modules[mod].__version__
     run = Path(run)
+    code = {"git": git_revision(), "files": {p.name: sha256_file(p) for p in stage_code(stage) if p.is_file()}}
     with _manifest_locked(run) as manifest:
+        manifest["seq"] = manifest.get("seq", 0) + 1
         manifest["stages"][stage] = {
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "seed": getattr(args, "seed", None),
             "versions": versions,
-            "inputs": {str(r): sha256_file(run / r) for r in inputs},
-            "outputs": {str(r): sha256_file(run / r) for r in outputs},
+            "code": code,
+            "inputs": {str(r): sha256_path(run, r) for r in inputs},
+            "outputs": {str(r): sha256_path(run, r) for r in outputs},
             "wall_s": round(time.time() - started, 2),
             "finished": dt.datetime.now().isoformat(timespec="seconds"),
+            "seq": manifest["seq"],
+            **(extra or {}),
         }
     log.info("%s done in %.1fs; wrote %s", stage, time.time() - started, ", ".join(str(run / o) for o in outputs))
 
@@ -252,6 +448,21 @@ def _nonempty(path):
     return path
 
 
+def _lines(path):
+    """(line number, text) of a UTF-8 text file, line endings kept (as open(newline="") gives them) and a
+    byte-order mark dropped. Bytes that are not UTF-8 (e.g. a latin-1 export) are a DataError naming the line."""
+    path = _nonempty(path)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _fail(path, n, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode "
+                               f"the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8_{path.name}")
+
+
 def _merge_duplicates(users, items, times):
     """Keep the earliest occurrence of each (user, item) pair; return the arrays and the count merged."""
     order = np.lexsort((np.arange(len(times)), times))
@@ -275,14 +486,34 @@ def _finish(name, users, items, times, item_text, path_for_items):
     users, items, times, dups = _merge_duplicates(users, items, np.asarray(times, dtype=np.float64))
     if dups:
         log.info("%s: merged %d duplicated interactions (kept the earliest)", name, dups)
+    _warn_if_tied(name, times)
     return RawData(users, items, times, item_text, name, dups)
+
+
+TIED_SHARE = 0.5  # warn when more than this share of the interactions has one and the same timestamp
+
+
+def _warn_if_tied(name, times):
+    """A time-based split orders rows by timestamp; where most rows share one, ties decide it instead."""
+    if len(times) < 2:
+        return
+    values, counts = np.unique(times, return_counts=True)
+    top = int(counts.argmax())
+    if counts[top] > TIED_SHARE * len(times):
+        log.warning("%s: %d of %d interactions (%.0f%%) share the timestamp %r: a time-based split (cold items by "
+                    "first interaction, each user's latest rows) is then decided by raw-id and file order, not by "
+                    "time; give real timestamps if the split should mean anything", name, counts[top], len(times),
+                    100.0 * counts[top] / len(times), float(values[top]))
 
 
 def _parse_number(path, line, text, what):
     try:
-        return float(text)
+        x = float(text)
     except ValueError:
         _fail(path, line, f"expected a number for {what}, got {text!r}")
+    if not math.isfinite(x):
+        _fail(path, line, f"expected a finite number for {what}, got {text!r}")
+    return x
 
 
 def find_ml100k():
@@ -334,18 +565,18 @@ def load_mind(root):
     root = Path(root)
     news_path = _nonempty(root / "news.tsv")
     item_text = {}
-    with open(news_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
+    with contextlib.closing(_lines(news_path)) as f:
+        for n, line in f:
+            parts = line.rstrip("\r\n").split("\t")
             if len(parts) < 5:
                 _fail(news_path, n, f"expected at least 5 tab-separated fields (id, category, subcategory, title, abstract), got {len(parts)}")
             nid, cat, sub, title, abstract = parts[:5]
             item_text[nid] = f"{cat} / {sub}: {title.strip()}. {abstract.strip()}".strip()
     beh_path = _nonempty(root / "behaviors.tsv")
     users, items, times = [], [], []
-    with open(beh_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
+    with contextlib.closing(_lines(beh_path)) as f:
+        for n, line in f:
+            parts = line.rstrip("\r\n").split("\t")
             if len(parts) != 5:
                 _fail(beh_path, n, f"expected 5 tab-separated fields (impression id, user, time, history, impressions), got {len(parts)}")
             _, user, when, history, impressions = parts
@@ -414,19 +645,22 @@ def load_netflix(root, min_rating=0.0):
 
 def _parse_time(path, line, text):
     try:
-        return float(text)
+        t = float(text)
     except ValueError:
-        pass
-    try:
-        t = dt.datetime.fromisoformat(text)
-        return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
-    except ValueError:
-        _fail(path, line, f"expected a number or an ISO date for timestamp, got {text!r}")
+        try:
+            d = dt.datetime.fromisoformat(text)
+            t = (d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)).timestamp()
+        except ValueError:
+            _fail(path, line, f"expected a number or an ISO date for timestamp, got {text!r}")
+    if not math.isfinite(t):
+        _fail(path, line, f"expected a finite timestamp (a number or an ISO date), got {text!r}")
+    return t
 
 
 def _csv_rows(path, header):
-    with open(_nonempty(path), newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
+    """(line number, fields) of a UTF-8 CSV file with this header (a byte-order mark is fine)."""
+    with contextlib.closing(_lines(path)) as lines:
+        reader = csv.reader(line for _, line in lines)
         first = next(reader, None)
         if first is None or [h.strip() for h in first] != header:
             _fail(path, 1, f"expected the header {','.join(header)}, got {','.join(first or [])!r}")
@@ -438,10 +672,18 @@ def _csv_rows(path, header):
 
 
 def load_csv(root):
-    """Your own data: interactions.csv (user,item,timestamp) and items.csv (item,text), both with headers."""
+    """Your own data: interactions.csv (user,item,timestamp) and items.csv (item,text), both with headers and
+    UTF-8; one row per item, with a non-empty text; timestamps are finite numbers or ISO dates."""
     root = Path(root)
     items_path = root / "items.csv"
-    item_text = {iid: text.strip() for _, (iid, text) in _csv_rows(items_path, ["item", "text"])}
+    item_text, first_line = {}, {}
+    for n, (iid, text) in _csv_rows(items_path, ["item", "text"]):
+        if iid in first_line:
+            _fail(items_path, n, f"item id {iid!r} is repeated (first on line {first_line[iid]}); expected one row "
+                                 "per item")
+        if not text.strip():
+            _fail(items_path, n, f"item {iid!r} has an empty text; expected a text to describe and embed the item")
+        item_text[iid], first_line[iid] = text.strip(), n
     inter_path = root / "interactions.csv"
     users, items, times = [], [], []
     for n, (user, item, ts) in _csv_rows(inter_path, ["user", "item", "timestamp"]):
@@ -455,14 +697,14 @@ def load_dataset(name, root=None, min_rating=0.0):
     if name == "ml-100k":
         return load_ml100k(root, min_rating)
     if root is None:
-        raise ValueError(f"--data-dir is required for dataset {name!r}")
+        raise UsageError(f"--data-dir is required for dataset {name!r}")
     if name == "mind":
         return load_mind(root)
     if name == "netflix":
         return load_netflix(root, min_rating)
     if name == "csv":
         return load_csv(root)
-    raise ValueError(f"unknown dataset {name!r}; expected ml-100k, mind, netflix or csv")
+    raise UsageError(f"unknown dataset {name!r}; expected ml-100k, mind, netflix or csv")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -494,7 +736,7 @@ def _first_per_user(users, key, rows, n):
 def _cap_train(users, times, in_train, n, keep, rng):
     """The data-scarce setting: each user's training rows cut to at most n, the earliest n or n at random."""
     if keep not in ("random", "earliest"):
-        raise ValueError(f"unknown scarce_keep {keep!r}; expected random or earliest")
+        raise UsageError(f"unknown scarce_keep {keep!r}; expected random or earliest")
     key = times if keep == "earliest" else rng.random(len(times))  # a random key = a uniform random subset
     capped = np.zeros_like(in_train)
     capped[_first_per_user(users, key, np.flatnonzero(in_train), n)] = True
@@ -516,7 +758,7 @@ def make_split(data, split="cold-items", cold_frac=0.2, test_frac=0.2, cutoff=No
     Returns the arrays, the raw user and item ids by dense index, and the stats.
     """
     if max_train_per_user < 0:
-        raise ValueError(f"max_train_per_user must be >= 0 (0 = keep all), got {max_train_per_user}")
+        raise UsageError(f"max_train_per_user must be >= 0 (0 = keep all), got {max_train_per_user}")
     # two streams, so that capping the training rows leaves the numbering as it is without the cap
     ids_rng, keep_rng = (np.random.default_rng(ss) for ss in np.random.SeedSequence(seed).spawn(2))
     # the canonical order (natural raw-id order) only breaks ties in the split; the output is renumbered below
@@ -539,11 +781,11 @@ def make_split(data, split="cold-items", cold_frac=0.2, test_frac=0.2, cutoff=No
         test_rows = np.concatenate([rows[is_cold[items]], _latest_per_user(users, times, test_frac, warm_rows)])
     elif split == "snapshot":
         if cutoff is None:
-            raise ValueError("--split snapshot needs --cutoff (a timestamp or an ISO date)")
+            raise UsageError("--split snapshot needs --cutoff (a timestamp or an ISO date)")
         t = _parse_time("--cutoff", 0, str(cutoff))
         test_rows = rows[times >= t]
     else:
-        raise ValueError(f"unknown split {split!r}; expected cold-items or snapshot")
+        raise UsageError(f"unknown split {split!r}; expected cold-items or snapshot")
     in_test = np.zeros(len(items), dtype=bool)
     in_test[test_rows] = True
     train_rows = rows[~in_test]
@@ -598,9 +840,32 @@ def make_split(data, split="cold-items", cold_frac=0.2, test_frac=0.2, cutoff=No
     return out, user_raw, [item_raw[k] for k in np.argsort(new_item)], stats
 
 
+def load_npz(path):
+    """All arrays of an .npz file (no pickles). A truncated or otherwise unreadable file is a DataError naming it;
+    a missing one stays a FileNotFoundError."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e}); it may be truncated: re-run "
+                        "the stage that writes it") from None
+
+
+def load_npy(path):
+    """An .npy array (no pickles); a truncated or otherwise unreadable file is a DataError naming it."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy file ({type(e).__name__}: {e}); it may be truncated: re-run "
+                        "the stage that writes it") from None
+
+
 def load_split(run):
-    z = np.load(Path(run) / "data" / "split.npz")
-    s = {k: z[k] for k in z.files}
+    s = load_npz(Path(run) / "data" / "split.npz")
     s["n_users"], s["n_items"] = int(s["n_users"]), int(s["n_items"])
     return s
 
@@ -964,8 +1229,7 @@ def parse_profile(text, n_each=3):
 
 
 def load_neighbors(run):
-    z = np.load(Path(run) / "neighbors.npz")
-    return {k: z[k] for k in z.files}
+    return load_npz(Path(run) / "neighbors.npz")
 
 
 PROFILE_SOURCES = ("base_llm", "sft_gpt_kd", "sft_naive", "sft_mask", "ppo")
@@ -1179,7 +1443,7 @@ def profile_probe(split, users, user_emb, item_emb, k=20, chunk=1024):
 def item_embeddings_for_probe(run, items_text, d, encoder, device=None):
     """item_text_emb.npy, or (when its width differs from the profile encoder's, e.g. a synthetic run) the item
     texts re-encoded with `encoder`, with a warning."""
-    emb = np.load(Path(run) / "item_text_emb.npy")
+    emb = load_npy(Path(run) / "item_text_emb.npy")
     if emb.shape[1] == d:
         return emb, "item_text_emb.npy"
     log.warning("item_text_emb.npy is %d-d but the profile encoder gives %d-d: re-encoding the item texts with the "

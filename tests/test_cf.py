@@ -63,7 +63,7 @@ def test_every_variant_trains_and_writes_outputs(synthetic_run, backbone):
         assert [r["epoch"] for r in log] == list(range(1, len(log) + 1))
         assert log[-1]["loss"] < log[0]["loss"], f"{name}: training loss did not fall: {[r['loss'] for r in log]}"
         assert all("valid_recall@20" in r for r in log if r["epoch"] % 2 == 0)
-        state = torch.load(folder / "model.pt")
+        state = torch.load(folder / "model.pt", weights_only=True)
         assert "towers.user_id.weight" in state and ("towers.item_id.weight" in state) == (meta["variant"] == "id")
         assert not any(k.endswith(("text", "user_prof", "item_prof")) for k in state)  # inputs are not parameters
         if meta["scorer"] == "dot":

@@ -147,6 +147,71 @@ def test_csv_malformed(tmp_path, inter, match):
         common.load_csv(tmp_path)
 
 
+def test_csv_latin1_names_file_and_line(tmp_path):
+    write(tmp_path / "items.csv", "item,text\na,Plain\nb,Café au lait\n", "latin-1")
+    write(tmp_path / "interactions.csv", "user,item,timestamp\nu1,a,1\n")
+    with pytest.raises(DataError, match=r"items.csv:3: not valid UTF-8 \(byte 0xe9 at column 6\); re-encode the file "
+                                        r"as UTF-8, e.g. iconv -f latin1"):
+        common.load_csv(tmp_path)
+    write(tmp_path / "items.csv", "item,text\na,Plain\n")
+    write(tmp_path / "interactions.csv", "user,item,timestamp\nu1,a,1\nJosé,a,2\n", "latin-1")
+    with pytest.raises(DataError, match=r"interactions.csv:3: not valid UTF-8"):
+        common.load_csv(tmp_path)
+
+
+def test_csv_accepts_a_byte_order_mark(tmp_path):
+    write(tmp_path / "items.csv", "\ufeffitem,text\na,Café\nb,B\n")
+    write(tmp_path / "interactions.csv", "\ufeffuser,item,timestamp\r\nu1,a,1\r\nu1,b,2\r\n")
+    d = common.load_csv(tmp_path)
+    assert d.item_text == {"a": "Café", "b": "B"} and d.users == ["u1", "u1"] and d.items == ["a", "b"]
+
+
+@pytest.mark.parametrize("ts", ["nan", "inf", "-inf", "NaN", "Infinity"])
+def test_csv_rejects_non_finite_timestamps(tmp_path, ts):
+    write(tmp_path / "items.csv", "item,text\na,A\nb,B\n")
+    write(tmp_path / "interactions.csv", f"user,item,timestamp\nu1,a,1\nu1,b,{ts}\n")
+    with pytest.raises(DataError, match=rf"interactions.csv:3: expected a finite timestamp .*got '{ts}'"):
+        common.load_csv(tmp_path)
+
+
+def test_csv_rejects_repeated_item_ids_and_empty_texts(tmp_path):
+    write(tmp_path / "interactions.csv", "user,item,timestamp\nu1,a,1\n")
+    write(tmp_path / "items.csv", "item,text\na,First\nb,B\na,Second\n")
+    with pytest.raises(DataError, match=r"items.csv:4: item id 'a' is repeated \(first on line 2\)"):
+        common.load_csv(tmp_path)
+    write(tmp_path / "items.csv", 'item,text\na,A\nb,"  "\n')
+    with pytest.raises(DataError, match=r"items.csv:3: item 'b' has an empty text"):
+        common.load_csv(tmp_path)
+
+
+def test_csv_warns_when_timestamps_are_mostly_tied(tmp_path, caplog):
+    write(tmp_path / "items.csv", "item,text\n" + "".join(f"i{k},Item {k}\n" for k in range(6)))
+    write(tmp_path / "interactions.csv", "user,item,timestamp\n" + "".join(
+        f"u{k % 2},i{k},{0 if k < 4 else k}\n" for k in range(6)))
+    with caplog.at_level("WARNING", logger="reclm"):
+        common.load_csv(tmp_path)
+    assert "csv: 4 of 6 interactions (67%) share the timestamp 0.0" in caplog.text
+    caplog.clear()
+    write(tmp_path / "interactions.csv", "user,item,timestamp\n" + "".join(
+        f"u{k % 2},i{k},{k // 2}\n" for k in range(6)))  # pairs tied, no timestamp held by more than half
+    with caplog.at_level("WARNING", logger="reclm"):
+        common.load_csv(tmp_path)
+    assert "share the timestamp" not in caplog.text
+
+
+def test_truncated_npz_names_the_file(tmp_path):
+    run = tmp_path / "run"
+    common.save_npz(run / "data" / "split.npz", train_u=np.arange(1000), n_users=np.int64(3), n_items=np.int64(4))
+    path = run / "data" / "split.npz"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"split.npz: not a readable .npz file \(BadZipFile"):
+        common.load_split(run)
+    common.save_npy(run / "x.npy", np.ones((50, 4), np.float32))
+    (run / "x.npy").write_bytes((run / "x.npy").read_bytes()[:300])
+    with pytest.raises(DataError, match=r"x.npy: not a readable .npy file"):
+        common.load_npy(run / "x.npy")
+
+
 # ----------------------------------------------------------------------------- splits
 
 def random_data(seed=0, n_users=60, n_items=80, n=1500):

@@ -74,7 +74,8 @@ def test_rules_teacher_sets_pairs_probe(synthetic_run):
     assert "distill.jsonl" in man["outputs"] and "data/split.npz" in man["inputs"]
 
 
-def test_distill_resume_truncated(synthetic_run):
+def test_distill_resume_truncated(synthetic_run, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
     D.main(["--run", str(synthetic_run), "--n-users", "10", "--no-probe"])
     path = synthetic_run / "distill.jsonl"
     first = rows(path)
@@ -141,6 +142,15 @@ class FakeApi:
                 if what == "sleep":
                     time.sleep(1.0)
                     what = "ok"
+                if what == "drop":  # close the connection without an answer
+                    return
+                if what in (401, 404):  # an error body that echoes the request's Authorization header
+                    data = json.dumps({"error": f"invalid: {self.headers.get('Authorization')}"}).encode()
+                    self.send_response(what)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if what in (429, 500):
                     self.send_response(what)
                     self.send_header("Retry-After", "0")
@@ -162,8 +172,12 @@ class FakeApi:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+KEY = "sk-secret-123"
+
+
 @pytest.fixture
-def api():
+def api(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
     a = FakeApi()
     yield a
     a.server.shutdown()
@@ -200,6 +214,52 @@ def test_api_teacher_gives_up(synthetic_run, api):
     api.script = [500] * 3
     with pytest.raises(D.ApiError, match="gave up after 3 tries"):
         D.main(api_args(synthetic_run, api, "--n-users", "1", "--api-max-tries", "3"))
+
+
+def test_api_teacher_stops_at_an_unrecoverable_error(synthetic_run, api, capsys):
+    """401/404 are not retried: the first one stops the run, cancels what is queued, and its message (whose body
+    echoes the Authorization header) names the status without the key."""
+    for code, hint in ((401, "check the key"), (404, "check --api-base and --api-model")):
+        api.script, api.requests = [code], []
+        t0 = time.time()
+        with pytest.raises(D.ApiError, match=rf"api teacher stopped: .*HTTP {code} .*not retried: {hint}") as e:
+            D.main(api_args(synthetic_run, api, "--n-users", "12", "--concurrency", "2", "--restart"))
+        assert time.time() - t0 < 5 and len(api.requests) <= 2  # not 12 users x 3 tries
+        assert "cancelled" in str(e.value) and "Bearer [redacted]" in str(e.value) and KEY not in str(e.value)
+    assert KEY not in capsys.readouterr().err and KEY not in (synthetic_run / "02_distill.log").read_text()
+
+
+def test_api_teacher_stops_after_connection_failures(synthetic_run, api):
+    """A dead endpoint: MAX_CONNECTION_FAILURES failures in a row stop the run, instead of every queued user being
+    retried --api-max-tries times with backoff."""
+    api.script = ["drop"] * 100
+    t0 = time.time()
+    with pytest.raises(D.ApiError, match=rf"{D.MAX_CONNECTION_FAILURES} connection failures in a row"):
+        D.main(api_args(synthetic_run, api, "--n-users", "12", "--concurrency", "2", "--api-max-tries", "6"))
+    assert len(api.requests) <= D.MAX_CONNECTION_FAILURES + 2 and time.time() - t0 < 5
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api.base = f"http://127.0.0.1:{port}/v1"
+    with pytest.raises(D.ApiError, match=r"connection failures in a row \(last: URLError"):
+        D.main(api_args(synthetic_run, api, "--n-users", "12", "--concurrency", "2", "--api-max-tries", "6"))
+    assert not common.read_jsonl(synthetic_run / "distill.jsonl")
+
+
+def test_api_teacher_needs_a_key_by_name(synthetic_run, api, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(common.UsageError, match="the environment variable OPENAI_API_KEY is not set"):
+        D.main(api_args(synthetic_run, api, "--n-users", "2"))
+    monkeypatch.setenv("OPENAI_API_KEY", " ")
+    with pytest.raises(common.UsageError, match="the environment variable OPENAI_API_KEY is empty"):
+        D.main(api_args(synthetic_run, api, "--n-users", "2"))
+    pasted = "sk-proj-Abc123XyZ"  # a key given where the variable's name belongs
+    with pytest.raises(common.UsageError, match="takes the NAME of the environment variable") as e:
+        D.main(api_args(synthetic_run, api, "--n-users", "2", "--api-key-env", pasted))
+    log_file = synthetic_run / "02_distill.log"  # refused before any work: no log yet
+    assert pasted not in str(e.value) and pasted not in capsys.readouterr().err and not log_file.exists()
+    assert not api.requests and "02_distill" not in common.read_manifest(synthetic_run)["stages"]
 
 
 def test_teacher_source_api(synthetic_run, api):

@@ -164,6 +164,7 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
         assert key in log_a[0]
     assert json.loads((out / "base.json").read_text()) == {"sft": "sft_mask"}
     assert (out / "value_head.pt").exists()
+    assert {"sft_mask/", "reward/"} <= set(common.read_manifest(run)["stages"]["05_ppo"]["inputs"])  # model dirs
     model, tok = common.load_profile_model(run, "ppo", model=tiny_llm, device="cpu")
 
     # resume: interrupt after the step-2 checkpoint, re-run, get the same log as the uninterrupted run
@@ -179,6 +180,8 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         ppo.main(args + ["--restart"])
     assert (run / "ppo.partial" / "checkpoint.pt").exists()
+    ck = torch.load(run / "ppo.partial" / "checkpoint.pt", weights_only=True)  # plain tensors and numbers only
+    assert ck["step"] == 2 and ck["optimizer"]["state"]
     monkeypatch.setattr(ppo, "rollout", real)
     out = ppo.main(args)
     log_b = common.read_jsonl(out / "ppo_log.jsonl")
@@ -186,6 +189,42 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
     for a, b in zip(log_a, log_b):
         assert a["score"] == pytest.approx(b["score"], abs=1e-5) and a["kl"] == pytest.approx(b["kl"], abs=1e-4)
     assert not (run / "ppo.partial").exists()
+
+
+class Planted:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_ppo_refuses_a_checkpoint_that_would_run_code(synthetic_run, tiny_llm):
+    """A file planted where 05 resumes from is never unpickled: 05 stops with an error naming it, before loading
+    any model, and the planted code does not run."""
+    run = write_stage02(synthetic_run)
+    for f in ("sft_mask/adapter_model.safetensors", "reward/model.safetensors"):
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_bytes(b"not loaded before the checkpoint")
+    marker = run.parent / "marker"
+    ckpt = run / "ppo.partial" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    torch.save({"step": 2, "steps": 3, "sft_sha": "x", "beta": 0.1, "state": {"lora": {}, "value_head": {}},
+                "optimizer": Planted(marker)}, ckpt)
+    args = ["--run", str(run), "--model", tiny_llm, "--device", "cpu", "--force", "--steps", "3"]
+    with pytest.raises(common.DataError, match=r"checkpoint.pt: refused to load this PPO checkpoint \(it asks to "
+                                               r"unpickle \S*exec, which could run code\).*--restart"):
+        ppo.main(args)
+    assert not marker.exists()
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated
+    with pytest.raises(common.DataError, match=r"checkpoint.pt: refused to load this PPO checkpoint"):
+        ppo.main(args)
+    torch.save({"step": 2}, ckpt)  # safe, but not what 05 writes
+    with pytest.raises(common.DataError, match=r"checkpoint.pt: not a checkpoint 05 wrote"):
+        ppo.main(args)
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------- PPO core
