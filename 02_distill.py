@@ -3,24 +3,34 @@ profile-quality probe of the teacher (SPEC sections 2, 4, 5, 6, 7; paper 2.3.1, 
 
 Reads   data/split.npz, data/items.jsonl, neighbors.npz, item_text_emb.npy
 Writes  distill.jsonl        {"user", "prompt" (chat messages sent to the teacher), "profile", "teacher",
-                              "teacher_model", "attempts", "upstream"[, "fallback_from"]}, one row per sampled
-                              user, appended as the teacher answers, finally rewritten sorted by user. Resumable:
-                              a row is reused only if its prompt and "upstream" (hash of split.npz, items.jsonl,
-                              teacher and model) match the current ones, else redone (counted: stats "redone")
+                              "teacher_model", "attempts", "upstream"[, "fallback_from"], "items" (the shown
+                              items, newest --max-items, the profile is a function of), "n_items" (the history's
+                              length, which the prompts also show)}, one row per sampled user, appended as the
+                              teacher answers, finally rewritten sorted by user. Resumable: a row is reused only if
+                              its prompt and "upstream" (hash of split.npz, items.jsonl, teacher and model; for
+                              rules, of this file) match the current ones, else redone (counted: stats "redone")
         user_sets.json       {"sft", "reward", "ppo", "eval"}: disjoint, seeded split of the distilled users
         reward_pairs.jsonl   {"user", "prompt" (common.inference_messages), "chosen", "rejected", "kind",
                               "variant", "set"} for the users of the "reward" and "eval" sets, one pair per kind:
-                              substitution, oversmoothing, incomplete, repeated, empty, junk
+                              substitution, oversmoothing, incomplete, repeated, empty, junk; none whose rejected
+                              answer is the chosen profile's terms reordered; "reward" pairs substitute only
+                              profiles of sft and reward users (PAIR_DONORS)
         distill_probe.json   profile-quality probe (SPEC section 7) of the teacher profiles, eval users: Recall@20
-                             of their validation items (never test items; common.profile_probe)
+                             of their validation items (never test items; common.profile_probe); the teacher's
+                             diversity (common.profile_diversity; all and eval users); reward pairs per set and kind
         teacher_cache.jsonl  (--teacher api) answers by prompt hash, so a re-run makes no repeated requests
         manifest.json        stage "02_distill"
 
 Teachers (--teacher):
-  rules  a profile computed from the user's training items: genres/categories parsed from the rendered item text
-         ("Genres: Comedy, Drama." for ml-100k, "news / sub:" for MIND) weighted by frequency and lift over the
-         catalogue, title keywords, release era, breadth and activity. Deterministic, instant; a data-grounded
-         stand-in where no strong model is available. Every row says "teacher": "rules".
+  rules  a profile computed from what the prompts show of the user: the newest --max-items training items, their
+         texts cut at --max-chars, and the history's length. Genres/categories parsed from the shown text ("Genres:
+         Comedy, Drama." for ml-100k, "news / sub:" for MIND) and title keywords ranked by smoothed lift against
+         the population's shown items; identities: personas of the most over-represented genres, a decade the
+         items lean to, activity and breadth where they are in the population's outer thirds (see "rules
+         teacher" below). Deterministic, instant; a data-grounded stand-in where no strong model is available.
+         Every row says "teacher": "rules".
+  Every teacher is shown the same (its prompt lists the newest --max-items items cut at --max-chars and how many
+  older ones it leaves out): a target must be inferable from the student's prompt (SPEC section 5).
   local  an instruct model by path (--teacher-model, default SmolLM2-135M-Instruct), prompt with a worked example
          (another user's items and their rules profile), batched greedy generation, then sampled retries for
          answers that do not parse (--retries). Users still malformed after the retries get the rules profile
@@ -46,6 +56,7 @@ distillation); it reuses RulesTeacher, sample_and_example and run_api.
 """
 import collections
 import concurrent.futures as cf
+import functools
 import hashlib
 import http.client
 import json
@@ -71,10 +82,18 @@ log = logging.getLogger("reclm.02")
 TEACHERS = ("rules", "local", "api")
 DEFAULT_N_USERS = {"rules": None, "local": 200, "api": 500}   # None = every user with training items
 FRACTIONS = {"sft": 0.5, "reward": 0.2, "ppo": 0.15, "eval": 0.15}
-MAX_ITEMS = 20            # newest training items shown to the teacher
-MAX_CHARS = 80
+# The teacher is shown what the student's prompts show (the inference prompt's target list, which the SFT prompts
+# of 03 also show): a profile is then a function of its prompt's input. The reward queries must show at least this.
+MAX_ITEMS = common.PROMPT_SIZES["max_items"]  # newest training items
+MAX_CHARS = common.PROMPT_SIZES["max_chars"]  # item text cut, as the prompts cut it
 RETRIES = 3
 KINDS = ("substitution", "oversmoothing", "incomplete", "repeated", "empty", "junk")
+# Users whose profiles a set's pairs may use as the substitution negative. The reward model trains on the "reward"
+# pairs: never an eval user's profile (held out) nor a PPO user's (PPO optimises on users the reward model has not
+# seen). Held-out pairs (other sets) may use any distilled user's: nothing of them is trained on.
+PAIR_DONORS = {"reward": ("sft", "reward")}
+GENERIC_PROFILE = ("User identity: casual viewer, general audience, curious viewer; "
+                   "User interests: popular titles, new releases, classics")  # substitution without donors
 
 # ----------------------------------------------------------------------------- teacher prompt
 TEACHER_SYSTEM = (
@@ -94,17 +113,36 @@ UNRELATED = [
 ]
 
 # ----------------------------------------------------------------------------- rules teacher
+# The teacher sees exactly what the prompts that carry its profile show (SPEC section 5): the newest MAX_ITEMS
+# training items, each item's text cut at MAX_CHARS as the prompts cut it (a genre cut to a prefix that only one
+# catalogue genre has, "Thr…", still reads as Thriller; a genre cut away is not seen), and the history's length
+# (the prompts say how many older items they leave out). A target the student cannot see is a target it cannot
+# learn: it learns the population's modal profile instead. Neighbours' items never enter a user's profile: the KD
+# prompt shows none, and one profile per user then serves the KD, two-turn and inference prompts alike, and stays
+# apart from the substitution negative (the neighbour's own profile).
+# Terms are chosen by smoothed lift against the population of shown items (every user's newest MAX_ITEMS), so
+# that a profile says what sets the user apart: Drama, in most ml-100k windows, names only users who watch more of
+# it than most, and a decade names only users whose items lean to it (not "90s film fan" for everyone).
 
 STOP = set("""a an the of and or in on at to for with from by is are was be as it its this that these those his her
 their our your my me you he she they we i not no new one two three part ii iii iv vs de la le les el los das der die
 und about after into over under out up down how what when who why where which all more most than then there here
 just like own movie film story""".split())
-GROUP = [  # dominant genre group -> identity term (ml-100k / Netflix-style genres)
-    ({"action", "adventure", "thriller", "war", "western", "crime", "sci-fi"}, "thrill seeker"),
-    ({"comedy", "children's", "animation", "musical", "fantasy"}, "lighthearted family audience"),
-    ({"drama", "romance", "film-noir", "mystery", "documentary"}, "thoughtful drama lover"),
-    ({"horror"}, "horror buff"),
-]
+PRIOR_ITEMS = 3.0   # pseudo-items of the population's mix pooled with the shown items: one item of a rare genre
+                    # cannot outweigh a genre that fills the window, and a lift needs more than one item to be large
+MIN_LIFT = 1.5      # smoothed lift a genre, keyword or decade needs to describe the user (below it: the population)
+KW_WEIGHT = 0.5     # title keywords rank below genres of the same score (they name a franchise, not a taste)
+CLASSIC_BEFORE = 1960
+PERSONA = {  # over-represented genre (lower case) -> identity; others: "<genre> enthusiast" ("<category> follower")
+    "action": "action junkie", "adventure": "adventure seeker", "animation": "animation lover",
+    "children's": "family viewer", "comedy": "comedy lover", "crime": "crime story buff",
+    "documentary": "documentary watcher", "drama": "drama lover", "fantasy": "fantasy fan",
+    "film-noir": "film noir aficionado", "horror": "horror buff", "musical": "musical lover",
+    "mystery": "mystery solver", "romance": "romantic", "sci-fi": "science fiction geek",
+    "thriller": "suspense seeker", "war": "history and war buff", "western": "western fan",
+}
+INTEREST_FILL = ("popular titles", "new releases", "classics")
+IDENTITY_FILL = ("curious {noun}", "general audience")
 
 
 def parse_item(text):
@@ -126,99 +164,155 @@ def parse_item(text):
     return text.strip(" ."), year, genres
 
 
+def visible_item(text, max_chars, vocab):
+    """parse_item of the text as a prompt shows it (cut at max_chars; 0 = whole). A genre cut short ("Thr…") is
+    read as the one catalogue genre (`vocab`: lower case -> name) it is a prefix of, else dropped."""
+    title, year, genres = parse_item(common.clip(text, max_chars) if max_chars else text)
+    seen = []
+    for g in genres:
+        if g.endswith("…"):
+            stem = g[:-1].strip().lower()
+            full = [name for low, name in vocab.items() if stem and low.startswith(stem)]
+            if len(full) != 1:
+                continue
+            g = full[0]
+        seen.append(g)
+    return title, year, seen
+
+
 def clean_term(t):
     return re.sub(r"\s+", " ", re.sub(r"[,;:\n]", " ", t)).strip(" .'\"")
 
 
-class RulesTeacher:
-    """Frequency/lift-weighted genres and title keywords (interests) and coarse cues (identity)."""
+def distinct(terms):
+    """The non-empty terms, the first of each case-insensitive spelling, in order (a profile's terms must differ
+    in more than case: a title keyword "drama" and the genre "Drama" are one term)."""
+    out = {}
+    for t in terms:
+        if t:
+            out.setdefault(t.lower(), t)
+    return list(out.values())
 
-    def __init__(self, item_text, train):
-        self.items = [parse_item(t) for t in item_text]
+
+def shares(counter, total):
+    return {k: v / max(total, 1) for k, v in counter.items()}
+
+
+def lift_scores(counts, n, base):
+    """{term: (score, lift)} of the terms counted in n shown items against their population shares `base`:
+    smoothed rate r = (c + PRIOR_ITEMS·p) / (n + PRIOR_ITEMS), lift = r / p, score = r·log(lift) (the term's part
+    of the KL divergence of the user's mix from the population's: frequent and over-represented terms first)."""
+    out = {}
+    for k, c in counts.items():
+        p = max(base.get(k, 0.0), 1e-3)
+        r = (c + PRIOR_ITEMS * p) / (n + PRIOR_ITEMS)
+        out[k] = (r * math.log(r / p), r / p)
+    return out
+
+
+class RulesTeacher:
+    """A profile from what a prompt shows of a user (see above). Interests: the genres/categories (and title
+    keywords met twice) of the shown items by smoothed lift. Identities: personas of the most over-represented
+    genres, a decade the items lean to, activity (history length) and breadth (genre entropy) where they sit in
+    the population's outer thirds. Deterministic, instant."""
+
+    def __init__(self, item_text, train, max_items=MAX_ITEMS, max_chars=MAX_CHARS):
+        self.max_items = max_items
         self.news = any(re.match(r"\s*[^/:]{1,40} / [^:]{1,40}:", t) for t in item_text[:50])
         self.noun = "reader" if self.news else "viewer"
-        g = collections.Counter(x.lower() for _, _, gs in self.items for x in gs)
-        self.g_freq = {k: v / max(len(self.items), 1) for k, v in g.items()}
-        kw = collections.Counter(w for t, _, _ in self.items for w in set(self.words(t)))
-        self.kw_freq = {k: v / max(len(self.items), 1) for k, v in kw.items()}
+        vocab = {g.lower(): g for t in item_text for g in parse_item(t)[2]}  # catalogue genres, for cut ones
+        self.items = [visible_item(t, max_chars, vocab) for t in item_text]
+        windows = [self.shown(x) for x in train if len(x)]
+        n_shown = sum(len(w) for w in windows)
+        g, kw = collections.Counter(), collections.Counter()
+        for w in windows:
+            g.update(self.genre_counts(w))
+            kw.update(self.keyword_counts(w))
+        self.g_base, self.kw_base = shares(g, n_shown), shares(kw, n_shown)
+        dated = [self.items[i][1] for w in windows for i in w if self.items[i][1]]
+        self.era_base = shares(collections.Counter(y // 10 * 10 for y in dated), len(dated))
         lens = [len(x) for x in train if len(x)]
-        self.q_lo, self.q_hi = (np.quantile(lens, [0.33, 0.67]) if lens else (5, 20))
-        breadth = [self.breadth(x) for x in train if len(x)]
-        self.b_hi = float(np.quantile(breadth, 0.5)) if breadth else 3.0
+        self.q_lo, self.q_hi = (np.quantile(lens, [1 / 3, 2 / 3]) if lens else (5, 20))
+        breadth = [self.breadth(w) for w in windows]
+        self.b_lo, self.b_hi = (np.quantile(breadth, [1 / 3, 2 / 3]) if breadth else (1.0, 3.0))
 
-    def breadth(self, items):
-        """Effective number of genres (exp of the entropy of the user's genre distribution)."""
-        c = collections.Counter(x.lower() for i in items for x in self.items[i][2])
-        p = np.array(list(c.values()), dtype=float)
+    def shown(self, items):
+        return [int(i) for i in common.shown_items(items, self.max_items)]
+
+    def genre_counts(self, shown):
+        """{genre (lower case): number of shown items with it}."""
+        return collections.Counter(g for i in shown for g in {x.lower() for x in self.items[i][2]})
+
+    def keyword_counts(self, shown):
+        return collections.Counter(w for i in shown for w in set(self.words(self.items[i][0])))
+
+    def breadth(self, shown):
+        """Effective number of genres (exp of the entropy of the shown items' genre mix)."""
+        p = np.array(list(self.genre_counts(shown).values()), dtype=float)
         return float(np.exp(-(p / p.sum() * np.log(p / p.sum())).sum())) if len(p) else 0.0
 
     @staticmethod
     def words(title):
         return [w for w in re.findall(r"[a-z][a-z'\-]{3,}", title.lower()) if w not in STOP]
 
-    def interests(self, items):
-        scores = collections.Counter()
-        names = {}
-        n = max(len(items), 1)
-        for i in items:
-            title, _, gs = self.items[i]
-            for x in gs:
-                scores[x.lower()] += 1.0
-                names[x.lower()] = clean_term(x)
-            for w in set(self.words(title)):
-                scores["kw:" + w] += 1.0
-                names["kw:" + w] = w
-        weighted = {}
-        for k, c in scores.items():
-            frac = c / n
-            if k.startswith("kw:"):
-                if c < 2:
-                    continue  # a keyword must recur to be an interest
-                base = self.kw_freq.get(k[3:], 1e-3)
-                weighted[k] = 0.5 * frac * math.sqrt(frac / max(base, 1e-3))
-            else:
-                weighted[k] = frac * math.sqrt(frac / max(self.g_freq.get(k, 1e-3), 1e-3))  # frequency x lift
-        ranked = sorted(weighted, key=lambda k: (-weighted[k], k))
-        out = []
-        for k in ranked:
-            term = names[k]
-            if term and term.lower() not in {o.lower() for o in out}:
-                out.append(term)
-        return out, ranked
+    def names(self, shown):
+        """{genre (lower case): its name as the items write it}."""
+        return {g.lower(): clean_term(g) for i in shown for g in self.items[i][2]}
 
-    def identity(self, items, ranked_genres):
-        ids = []
-        years = [self.items[i][1] for i in items if self.items[i][1]]
-        if years:
-            y = int(np.median(years))
-            ids.append("classic film buff" if y < 1970 else f"{y // 10 * 10 % 100:02d}s film fan" if y < 2000
-                       else f"{y // 10 * 10}s release fan")
-        top = [k for k in ranked_genres if not k.startswith("kw:")]
-        if top:
-            if self.news:
-                ids.append(f"{clean_term(top[0])} follower")
-            else:
-                persona = next((p for grp, p in GROUP if top[0] in grp), f"{clean_term(top[0])} enthusiast")
-                ids.append(persona)
-        ids.append(f"eclectic {self.noun}" if self.breadth(items) > self.b_hi else f"focused {self.noun}")
-        act = f"heavy {self.noun}" if len(items) >= self.q_hi else (
-            f"casual {self.noun}" if len(items) <= self.q_lo else f"regular {self.noun}")
-        for extra in (act, f"curious {self.noun}", "general audience"):
-            if len(ids) >= 3:
-                break
-            ids.append(extra)
-        return ids[:3]
+    def ranked_genres(self, shown):
+        """[(genre, score, lift)] of the shown items' genres, highest score first."""
+        scores = lift_scores(self.genre_counts(shown), len(shown), self.g_base)
+        return sorted(((g, s, l) for g, (s, l) in scores.items()), key=lambda t: (-t[1], t[0]))
+
+    def interests(self, shown, ranked):
+        """Over-represented genres and twice-met title keywords by score, then the other shown genres, then
+        fillers (a window of one genre)."""
+        names = self.names(shown)
+        kws = self.keyword_counts(shown)
+        kw_scores = lift_scores({k: c for k, c in kws.items() if c >= 2}, len(shown), self.kw_base)
+        cands = [(s, names[g]) for g, s, l in ranked if l >= MIN_LIFT]
+        cands += [(KW_WEIGHT * s, w) for w, (s, l) in kw_scores.items() if l >= MIN_LIFT]
+        out = [t for _, t in sorted(cands, key=lambda c: (-c[0], c[1]))]
+        out += [names[g] for g, _, l in ranked if l < MIN_LIFT] + list(INTEREST_FILL)
+        return distinct(out)
+
+    def era(self, shown):
+        """The decade the shown items lean to (by smoothed lift), as an identity, or None."""
+        years = [self.items[i][1] for i in shown if self.items[i][1]]
+        scores = lift_scores(collections.Counter(y // 10 * 10 for y in years), len(years), self.era_base)
+        best = sorted(((s, d) for d, (s, l) in scores.items() if l >= MIN_LIFT), reverse=True)
+        if not best:
+            return None
+        d = best[0][1]
+        return "classic film buff" if d < CLASSIC_BEFORE else f"{d % 100:02d}s film fan" if d < 2000 else \
+            f"{d}s release fan"
+
+    def persona(self, genre):
+        if self.news:
+            return f"{clean_term(genre)} follower"
+        return PERSONA.get(genre, f"{clean_term(genre)} enthusiast")
+
+    def identity(self, shown, n_total, ranked):
+        """Personas of the two most over-represented genres, the era, activity and breadth where distinctive
+        (outer thirds), then the middle third's activity and fillers; the first three distinct."""
+        over = [self.persona(g) for g, _, l in ranked if l >= MIN_LIFT][:2]
+        b = self.breadth(shown)
+        act = f"heavy {self.noun}" if n_total >= self.q_hi else f"casual {self.noun}" if n_total <= self.q_lo \
+            else None
+        wide = f"eclectic {self.noun}" if b > self.b_hi else f"focused {self.noun}" if b < self.b_lo else None
+        cands = over[:1] + [self.era(shown)] + over[1:] + [act, wide, act or f"regular {self.noun}"]
+        cands += [t.format(noun=self.noun) for t in IDENTITY_FILL]
+        return distinct(cands)[:3]
 
     def profile(self, items):
-        interests, ranked = self.interests(items)
-        for filler in ("popular titles", "new releases", "classics"):
-            if len(interests) >= 3:
-                break
-            if filler not in interests:
-                interests.append(filler)
-        ident = self.identity(items, ranked)
-        prof = common.parse_profile(f"User identity: {', '.join(ident)}; User interests: {', '.join(interests[:3])}")
-        assert prof, (ident, interests)
+        """The profile of a history `items` (oldest to newest): a function of its shown items (the newest
+        max_items, their texts cut at max_chars) and of its length only."""
+        shown = self.shown(items)
+        ranked = self.ranked_genres(shown)
+        ident = self.identity(shown, len(items), ranked)
+        prof = common.parse_profile(f"User identity: {', '.join(ident)}; "
+                                    f"User interests: {', '.join(self.interests(shown, ranked)[:3])}")
+        assert prof, (ident, items)
         return prof
 
 
@@ -237,15 +331,16 @@ def teacher_messages(items, item_text, example, max_items=MAX_ITEMS, max_chars=M
 def sample_and_example(train, rules, args):
     """(the users to distil, the worked example shown to the local and api teachers). The users: a seeded sample
     (--seed, --n-users) of those with --min-items training items. The example: a user outside the sample (if
-    any) with a mid-length history and its rules profile. 06 (--source teacher --teacher api) calls this with
-    02's recorded arguments, so that it sends the API exactly the prompts 02 sends."""
+    any) with a mid-length history and its rules profile; its whole history, so that the prompt shows the newest
+    items and how many older ones it leaves out, all that the profile depends on. 06 (--source teacher --teacher
+    api) calls this with 02's recorded arguments, so that it sends the API exactly the prompts 02 sends."""
     eligible = np.array([u for u in range(len(train)) if len(train[u]) >= args.min_items], dtype=np.int64)
     n = args.n_users if args.n_users is not None else DEFAULT_N_USERS[args.teacher]
     sample = np.random.default_rng(args.seed).permutation(eligible)[:n if n is not None else len(eligible)]
     sample_set = set(int(u) for u in sample)
     outside = [u for u in eligible if int(u) not in sample_set] or list(eligible)
     ex_user = int(sorted(outside, key=lambda u: (abs(len(train[u]) - 8), u))[0])
-    return sample_set, (train[ex_user][-8:], rules.profile(train[ex_user]))
+    return sample_set, (train[ex_user], rules.profile(train[ex_user]))
 
 
 # ----------------------------------------------------------------------------- api teacher
@@ -510,8 +605,10 @@ class StampedRows:
 
 def upstream_key(run, args):
     """What a distill row is built from besides its prompt: data/split.npz and data/items.jsonl (the rules
-    teacher's catalogue statistics too) and the teacher with its model."""
-    model = {"rules": "rules", "local": args.teacher_model, "api": f"{args.api_base} {args.api_model}"}[args.teacher]
+    teacher's catalogue statistics too) and the teacher with its model; for the rules teacher, this file (its rules:
+    they are instant to rerun, and a changed rule must not leave old profiles in place)."""
+    rules = "rules " + common.sha256_file(Path(__file__))
+    model = {"rules": rules, "local": args.teacher_model, "api": f"{args.api_base} {args.api_model}"}[args.teacher]
     files = {r: common.sha256_path(run, r) for r in ("data/split.npz", "data/items.jsonl")}
     return common.prompt_hash(json.dumps({"inputs": files, "teacher": args.teacher, "model": str(model)},
                                          sort_keys=True))
@@ -537,26 +634,45 @@ def split_profile(p):
     return ([t.strip() for t in m.group("identity").split(",")], [t.strip() for t in m.group("interests").split(",")])
 
 
-def negatives(u, profiles, nbrs, item_text, rng):
-    """{kind: (rejected, variant)} for user u (SPEC section 5; paper appendix 6.6)."""
+@functools.lru_cache(maxsize=None)
+def terms_key(p):
+    """A profile's terms as two sets, order and case ignored; None unless `p` is one well-formed profile. A negative
+    with the chosen profile's key is the chosen profile reordered: no worse an answer, so not a negative."""
+    p = common.parse_profile(p)
+    if p is None:
+        return None
+    ident, interests = split_profile(p)
+    return frozenset(t.lower() for t in ident), frozenset(t.lower() for t in interests)
+
+
+def substitute(u, profiles, donors, nbrs, rng):
+    """(another user's profile, variant) whose terms differ from u's: u's first such neighbour among `donors`, else
+    a random such donor, else a generic profile."""
+    own = terms_key(profiles[u])
+    usable = [int(v) for v in nbrs[u] if int(v) != u and int(v) in donors and terms_key(profiles[int(v)]) != own]
+    if usable:
+        return profiles[usable[0]], "neighbour"
+    pool = [v for v in sorted(donors) if v != u and terms_key(profiles[v]) != own]
+    if pool:
+        return profiles[pool[int(rng.integers(len(pool)))]], "random_user"
+    return GENERIC_PROFILE, "generic"
+
+
+def negatives(u, profiles, donors, nbrs, item_text, rng):
+    """{kind: (rejected, variant)} for user u (SPEC section 5; paper appendix 6.6); the substitution from `donors`."""
     own = profiles[u]
-    cands = [int(v) for v in nbrs[u] if int(v) != u and int(v) in profiles and profiles[int(v)] != own]
-    if cands:
-        other, how = profiles[cands[0]], "neighbour"
-    else:
-        pool = [v for v in profiles if v != u and profiles[v] != own]
-        other, how = (profiles[pool[int(rng.integers(len(pool)))]], "random_user") if pool else (
-            "User identity: casual viewer, general audience, curious viewer; "
-            "User interests: popular titles, new releases, classics", "generic")
+    other, how = substitute(u, profiles, donors, nbrs, rng)
     oi, on = split_profile(own)
     ni, nn = split_profile(other)
     out = {"substitution": (other, how)}
-    if rng.random() < 0.5:
+    mi = list(dict.fromkeys([oi[0], ni[0], ni[1], oi[1], ni[2]]))
+    mn = list(dict.fromkeys([on[0], nn[0], nn[1], on[1], nn[2]]))
+    merged = f"User identity: {', '.join(mi[:3])}; User interests: {', '.join(mn[:3])}"
+    # a merge that keeps only u's own terms (the neighbour shares them) is u's profile reordered: concatenate then
+    if rng.random() < 0.5 or terms_key(merged) == terms_key(own):
         out["oversmoothing"] = (own + " " + other, "concatenated")
     else:
-        mi = list(dict.fromkeys([oi[0], ni[0], ni[1], oi[1], ni[2]]))
-        mn = list(dict.fromkeys([on[0], nn[0], nn[1], on[1], nn[2]]))
-        out["oversmoothing"] = (f"User identity: {', '.join(mi[:3])}; User interests: {', '.join(mn[:3])}", "merged")
+        out["oversmoothing"] = (merged, "merged")
     out["incomplete"] = (f"User identity: {', '.join(oi)}", "identity_only")
     if rng.random() < 0.5:
         out["repeated"] = (f"User identity: {', '.join([oi[0]] * 3)}; User interests: {', '.join([on[0]] * 3)}",
@@ -572,16 +688,48 @@ def negatives(u, profiles, nbrs, item_text, rng):
     return out
 
 
+def check_pair_sizes(args):
+    """The reward queries must show every item and character the teacher saw: the chosen profile is then a function
+    of its query (a reward model cannot tell a profile of hidden items from a neighbour's). 0 = no limit."""
+    def size(name):
+        return getattr(args, name) or math.inf
+    short = [f"--pair-{k.replace('_', '-')} {getattr(args, 'pair_' + k)} < --{k.replace('_', '-')} {getattr(args, k)}"
+             for k in ("max_items", "max_chars") if size("pair_" + k) < size(k)]
+    if short:
+        raise common.UsageError("the reward queries would hide what the teacher saw (" + "; ".join(short) + "): "
+                                "raise the --pair-* sizes or lower the teacher's")
+
+
+def pair_donors(set_name, sets, profiles):
+    """The users whose profiles `set_name`'s pairs may substitute (PAIR_DONORS)."""
+    allowed = PAIR_DONORS.get(set_name)
+    if allowed is None:
+        return set(profiles)
+    return {int(v) for s in allowed for v in sets.get(s, []) if int(v) in profiles}
+
+
 def build_pairs(sets, profiles, train, nbrs, item_text, seed, for_sets=("reward", "eval"), sizes=None):
+    """(rows, counts): a pair of every kind for every user of `for_sets`. A rejected answer with the chosen
+    profile's terms is dropped; counts[set] holds the pairs per kind, the dropped ones ("same_terms_<kind>") and
+    the substitution variants ("substitution_<variant>")."""
     rng = np.random.default_rng(seed + 1)
-    rows = []
+    rows, counts = [], {}
     for set_name in for_sets:
+        donors = pair_donors(set_name, sets, profiles)
+        c = counts[set_name] = collections.Counter()
         for u in sets[set_name]:
             prompt = common.user_prompt(u, train, nbrs, item_text, **(sizes or {}))
-            for kind, (rejected, variant) in negatives(u, profiles, nbrs, item_text, rng).items():
+            for kind, (rejected, variant) in negatives(u, profiles, donors, nbrs, item_text, rng).items():
+                if terms_key(rejected) is not None and terms_key(rejected) == terms_key(profiles[u]):
+                    c["same_terms_" + kind] += 1
+                    continue
                 rows.append({"user": int(u), "prompt": prompt, "chosen": profiles[u], "rejected": rejected,
                              "kind": kind, "variant": variant, "set": set_name})
-    return rows
+                c[kind] += 1
+                if kind == "substitution":
+                    c["substitution_" + variant] += 1
+        counts[set_name] = dict(sorted(c.items()))
+    return rows, counts
 
 
 # ----------------------------------------------------------------------------- probe of the teacher
@@ -605,8 +753,11 @@ def build_parser():
     p.add_argument("--retries", type=int, default=RETRIES, help="re-asks for malformed answers (default: %(default)s)")
     p.add_argument("--on-fail", default="rules", choices=["rules", "skip"],
                    help="users still malformed after the retries: rules profile or no row (default: %(default)s)")
-    p.add_argument("--max-items", type=int, default=MAX_ITEMS, help="items shown to the teacher (default: %(default)s)")
-    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help="item text cut (default: %(default)s)")
+    p.add_argument("--max-items", type=int, default=MAX_ITEMS,
+                   help="newest items shown to the teacher, whose profile depends on these only; the reward queries "
+                        "(--pair-max-items) must show at least as many (default: %(default)s, the inference prompt's)")
+    p.add_argument("--max-chars", type=int, default=MAX_CHARS,
+                   help="item text cut, as the prompts cut it (default: %(default)s)")
     p.add_argument("--teacher-model", default=common.DEFAULT_LLM, help="local teacher (default: SmolLM2-135M)")
     p.add_argument("--model", default=None, help="alias of --teacher-model")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
@@ -640,6 +791,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.teacher == "api":
         api_key(args.api_key_env)  # no key (or a key given in place of its variable's name): refuse before any work
+    check_pair_sizes(args)
     if args.model:
         args.teacher_model = args.model
     run = args.run
@@ -655,7 +807,7 @@ def main(argv=None):
     item_text = common.load_items(run)
     nbrs = common.load_neighbors(run)["user_nbrs"]
     train = common.user_items(split["train_u"], split["train_i"], n_users)
-    rules = RulesTeacher(item_text, train)
+    rules = RulesTeacher(item_text, train, args.max_items, args.max_chars)
 
     sample_set, example = sample_and_example(train, rules, args)
 
@@ -689,6 +841,8 @@ def main(argv=None):
     final = {}
     for r in common.read_jsonl(path, repair=True):
         final.setdefault(int(r["user"]), r)
+    for u, r in final.items():  # what the profile is a function of: 03 shows these, and the test checks it
+        r.update(items=rules.shown(train[u]), n_items=len(train[u]))
     common.write_jsonl(path, [final[u] for u in sorted(final)])
     log.info("distill.jsonl: %d users (%d written now; %d malformed answers, %d retried, %d still failed -> %s)",
              len(final), stats["written"], stats["malformed_answers"], stats["retries"], stats["failed"], args.on_fail)
@@ -698,11 +852,20 @@ def main(argv=None):
     sets = make_user_sets(list(profiles), fractions, args.seed)
     common.write_json(run / "user_sets.json", sets)
     pair_sets = tuple(s for s in args.pairs_for.split(",") if s)
-    pairs = build_pairs(sets, profiles, train, nbrs, item_text, args.seed, pair_sets,
-                        {k: getattr(args, "pair_" + k) for k in common.PROMPT_SIZES})
+    pairs, pair_counts = build_pairs(sets, profiles, train, nbrs, item_text, args.seed, pair_sets,
+                                     {k: getattr(args, "pair_" + k) for k in common.PROMPT_SIZES})
     common.write_jsonl(run / "reward_pairs.jsonl", pairs)
     log.info("user sets: %s; reward pairs: %d (%s users)", {k: len(v) for k, v in sets.items()}, len(pairs),
              "+".join(pair_sets))
+    for name, c in pair_counts.items():
+        log.info("reward pairs of the %s set: %s", name, json.dumps(c))
+    diversity = {"all_users": common.profile_diversity(list(profiles.values())),
+                 "eval_users": common.profile_diversity([profiles[u] for u in sets["eval"]])}
+    d = diversity["all_users"]
+    log.info("teacher diversity (%d users): %d distinct profiles, most common identity %.1f%% (%s), most common "
+             "identity term %.1f%% (%s), %d distinct interest triples", d["n"], d["distinct_profiles"],
+             100 * d["top_identity_share"], d["top_identity"], 100 * d["top_identity_term_share"],
+             d["top_identity_term"], d["distinct_interest_triples"])
 
     outputs = ["distill.jsonl", "user_sets.json", "reward_pairs.jsonl"]
     probe = None
@@ -711,7 +874,7 @@ def main(argv=None):
         probe = {"teacher": args.teacher, "teacher_model": args.teacher_model if args.teacher == "local" else
                  (args.api_model if args.teacher == "api" else "rules"),
                  "eval_users": teacher_probe(run, split, profiles, eval_users, item_text, args.encoder, args.device),
-                 "stats": dict(stats)}
+                 "stats": dict(stats), "diversity": diversity, "reward_pairs": pair_counts}
         if args.teacher != "rules":  # the rules profiles of the same users, for comparison
             rp = {u: rules.profile(train[u]) for u in eval_users}
             probe["rules_same_users"] = teacher_probe(run, split, rp, eval_users, item_text, args.encoder,
@@ -725,7 +888,7 @@ def main(argv=None):
         outputs.append("teacher_cache.jsonl")
     common.record_stage(run, "02_distill", args, inputs, outputs, started)
     return {"rows": len(final), "stats": dict(stats), "sets": {k: len(v) for k, v in sets.items()},
-            "pairs": len(pairs), "probe": probe}
+            "pairs": len(pairs), "pair_counts": pair_counts, "diversity": diversity, "probe": probe}
 
 
 if __name__ == "__main__":

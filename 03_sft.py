@@ -6,6 +6,11 @@ Variants (`--variant`):
   naive   the two-turn dialogue below; loss only on the turn-2 answer (Yes/No).
   mask    the two-turn dialogue; loss on every response segment (the turn-1 profiles and the turn-2 answer),
           every system/user token masked (sec. 2.3.2, "Tuning Strategy").
+  naive and mask are built on GPT_KD, as the paper's ablation (appendix 6.4) describes: they continue training the
+  `sft_gpt_kd` LoRA (its weights and its LoRA settings; --lora-* do not apply), so that `sft_naive`, whose loss is
+  on Yes/No only, keeps the profile-writing it learnt there. Without run/sft_gpt_kd they stop with an error that
+  says to train it first; `--init fresh` trains a new LoRA on the base model instead (not the paper's ablation).
+  sft_info.json and the manifest record which ("init": "sft_gpt_kd" | "fresh", with the adapter's sha256).
 
 Two-turn dialogue (one per target user, targets = the "sft" user set of user_sets.json):
   system  explains collaborative filtering and the two stages (TWO_TURN_SYSTEM).
@@ -15,10 +20,12 @@ Two-turn dialogue (one per target user, targets = the "sft" user set of user_set
           neighbours the teacher did not see, from the trained `sft_gpt_kd` model when `run/sft_gpt_kd` exists
           (generated once, cached resumably in `sft_kd_profiles.jsonl`, keyed by the adapter's sha256); neighbours
           with no (valid) profile are left out of the dialogue, and the log says how many.
-  turn 2  "will the target user interact with item v?"; answer Yes or No. Positive (50%): v is a training item of
+  turn 2  "will the target user interact with item v?"; answer Yes or No. Positive: v is a training item of
           the target that also appears in a shown neighbour's list; v is removed from the target's turn-1 list.
-          Negative: v is a shown neighbour's item the target never interacted with in train or valid. When a target
-          has no positive candidate the example becomes a negative (counted in the log).
+          Negative: v is a shown neighbour's item the target never interacted with in train or valid. The labels
+          are balanced, Yes and No equal up to one (balanced_labels, seeded): a target with candidates of one kind
+          only gets that label, the others are split so that the totals balance, and a surplus of one-kind targets
+          is left out (counted: "dropped_for_balance"); a model that sees more No than Yes learns to say No.
   Prompts longer than --max-length tokens keep each user's newest items (halving the shown counts) and say how
   many older items were dropped; an example that still does not fit is skipped (counted).
 
@@ -28,13 +35,14 @@ labels = input_ids on supervised tokens (for `naive`: only the last assistant tu
 pre-tokenised dataset (input_ids + labels) is trained with trl's SFTTrainer and a peft LoRA.
 
 Reads  data/split.npz, data/items.jsonl, neighbors.npz, distill.jsonl, user_sets.json
-       (two-turn variants, if present: sft_gpt_kd/ for the neighbours' profiles)
+       (two-turn variants: sft_gpt_kd/, the starting LoRA and the neighbours' profiles)
 Writes sft_<variant>/ : adapter_config.json, adapter_model.safetensors, tokenizer files, train_log.jsonl (per-step
-       loss), sft_info.json (counts, options); sft_kd_profiles.jsonl (two-turn variants with sft_gpt_kd present).
+       loss), sft_info.json (counts, options, "init", and "prompt": the template and sizes of the prompt it was
+       trained on, which 06 reads to give sft_gpt_kd its own prompt); sft_kd_profiles.jsonl (two-turn variants).
        The folder is trained in sft_<variant>.tmp/ and renamed when finished.
 
 Run    python 03_sft.py --run runs/ml100k --variant gpt_kd
-       python 03_sft.py --run runs/ml100k --variant mask      # after gpt_kd, to fill in neighbours' profiles
+       python 03_sft.py --run runs/ml100k --variant mask      # after gpt_kd: starts from it
 Time   (SmolLM2-135M, 2 CPU cores, measured on a synthetic run) see TIMING below.
 """
 import json
@@ -65,7 +73,9 @@ DEFAULTS = dict(
     n_neighbors=2,         # similar users per dialogue (<= k of neighbors.npz)
     item_chars=48,         # item text cut to this many characters (as common.PROMPT_SIZES)
     kd_gen_batch=8, kd_max_new_tokens=48,
+    init="gpt_kd",         # naive/mask: continue the sft_gpt_kd LoRA (the paper's ablation) | fresh
 )
+KD_ADAPTER = "sft_gpt_kd"
 # TIMING (SmolLM2-135M, 1 CPU thread, bf16 autocast where the CPU has bf16 FMA (1.8x fp32 here), measured in
 # the pipeline beside 07 on the other core): a mask step (batch 2 x ~636 tokens) 18.4 s, so the 16-step default
 # takes ~5 min; a gpt_kd step (batch 4 x ~300 tokens) ~21 s in fp32. 16 steps at lr 2e-3 with LoRA on every
@@ -155,6 +165,31 @@ def teacher_profiles(run, sets):
     return prof
 
 
+def balanced_labels(can_pos, can_neg, rng):
+    """Turn-2 labels, 1 (Yes), 0 (No) or None (left out), with as many Yes as No up to one. can_pos/can_neg: bool
+    arrays, whether a target has a positive / negative candidate. One-kind targets get their kind; targets with
+    both are split so that the totals balance (an odd half rounded at random); if one-kind targets alone outnumber
+    the other label, a seeded sample of them is left out."""
+    can_pos, can_neg = np.asarray(can_pos, bool), np.asarray(can_neg, bool)
+    idx = np.arange(len(can_pos))
+    pos_only, neg_only = idx[can_pos & ~can_neg], idx[can_neg & ~can_pos]
+    both = rng.permutation(idx[can_pos & can_neg])
+    half = (len(neg_only) + len(both) - len(pos_only)) / 2  # Yes among `both` that equals the totals
+    n_yes = int(np.clip(np.floor(half) + (half % 1 and rng.random() < 0.5), 0, len(both)))
+    labels = np.full(len(idx), -1)
+    labels[pos_only], labels[neg_only] = 1, 0
+    labels[both[:n_yes]], labels[both[n_yes:]] = 1, 0
+    labels[_surplus(labels, pos_only, neg_only, rng)] = -1
+    return [None if v < 0 else int(v) for v in labels]
+
+
+def _surplus(labels, pos_only, neg_only, rng):
+    """Indices to leave out so that |Yes - No| <= 1: a seeded sample of the larger label's one-kind targets."""
+    n_yes, n_no = int((labels == 1).sum()), int((labels == 0).sum())
+    extra, pool = (n_yes - n_no - 1, pos_only) if n_yes > n_no else (n_no - n_yes - 1, neg_only)
+    return rng.choice(pool, extra, replace=False) if extra > 0 else np.array([], int)
+
+
 def _fit(build, tok, max_length, max_items, max_nbr_items):
     """Build messages, halving the shown item counts until the tokenised example fits; None if it never does."""
     mi, mn = max_items, max_nbr_items
@@ -197,8 +232,9 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
 
     nbr_table = common.load_neighbors(run)["user_nbrs"]
     kd_profiles = kd_profiles or {}
-    stats.update(nbrs_teacher=0, nbrs_kd=0, nbrs_skipped=0, positives=0, negatives=0, forced_negative=0,
-                 no_candidate=0)
+    stats.update(nbrs_teacher=0, nbrs_kd=0, nbrs_skipped=0, positives=0, negatives=0, pos_only=0, neg_only=0,
+                 no_candidate=0, dropped_for_balance=0)
+    plans = []  # (target, its shown neighbours, positive candidates, negative candidates)
     for u in targets:
         nbrs = []
         for v in nbr_table[u][:args.n_neighbors]:
@@ -215,16 +251,17 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
         own = set(int(i) for i in train[u]) | set(int(i) for i in valid[u])
         pos_cand = sorted(shown & set(int(i) for i in train[u]))
         neg_cand = sorted(shown - own)
-        want_pos = rng.random() < 0.5
-        if want_pos and not pos_cand:
-            stats["forced_negative"] += 1
-            want_pos = False
-        if not want_pos and not neg_cand:
-            if not pos_cand:
-                stats["no_candidate"] += 1
-                continue
-            want_pos = True
-        label = int(want_pos)
+        if not pos_cand and not neg_cand:
+            stats["no_candidate"] += 1
+            continue
+        stats["pos_only"] += bool(pos_cand) and not neg_cand
+        stats["neg_only"] += bool(neg_cand) and not pos_cand
+        plans.append((u, nbrs, pos_cand, neg_cand))
+    labels = balanced_labels([bool(p[2]) for p in plans], [bool(p[3]) for p in plans], rng)
+    for (u, nbrs, pos_cand, neg_cand), label in zip(plans, labels):
+        if label is None:
+            stats["dropped_for_balance"] += 1
+            continue
         v_item = int(rng.choice(pos_cand if label else neg_cand))
         target_items = [i for i in train[u] if int(i) != v_item] if label else list(train[u])
 
@@ -236,10 +273,16 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
             stats["too_long"] += 1
             continue
         stats["truncated"] += (mi, mn) != (args.max_items, args.max_nbr_items)
-        stats["positives" if label else "negatives"] += 1
-        ids, labels = tokenize_example(tok, msgs, last_turn_only=(variant == "naive"))
-        examples.append({"user": u, "messages": msgs, "input_ids": ids, "labels": labels, "label": label,
+        ids, token_labels = tokenize_example(tok, msgs, last_turn_only=(variant == "naive"))
+        examples.append({"user": u, "messages": msgs, "input_ids": ids, "labels": token_labels, "label": label,
                          "item": v_item})
+    # examples too long to fit can unbalance the labels again
+    got = np.array([e["label"] for e in examples])
+    drop = set(_surplus(got, np.flatnonzero(got == 1), np.flatnonzero(got == 0), rng).tolist())
+    stats["dropped_for_balance"] += len(drop)
+    examples = [e for k, e in enumerate(examples) if k not in drop]
+    stats["positives"] = sum(e["label"] for e in examples)
+    stats["negatives"] = len(examples) - stats["positives"]
     return examples, stats
 
 
@@ -290,8 +333,17 @@ def kd_neighbor_profiles(run, args, teacher, sets):
 
 # ----------------------------------------------------------------------------- training
 
-def train_sft(model_path, tok, examples, out_dir, args):
-    """LoRA SFT with trl's SFTTrainer on pre-tokenised input_ids + labels; saves adapter + tokenizer to out_dir."""
+def start_lora(model, args, init_adapter=None):
+    """The LoRA to train: `init_adapter`'s, trainable (naive and mask continue sft_gpt_kd's), or a new one."""
+    if init_adapter is None:
+        return common.lora_model(model, args)
+    from peft import PeftModel
+    return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+
+
+def train_sft(model_path, tok, examples, out_dir, args, init_adapter=None):
+    """LoRA SFT with trl's SFTTrainer on pre-tokenised input_ids + labels, from a new LoRA or from the one in
+    `init_adapter`; saves adapter + tokenizer to out_dir."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
@@ -299,7 +351,7 @@ def train_sft(model_path, tok, examples, out_dir, args):
     use_bf16 = common.pick_dtype("auto", device) == torch.bfloat16  # autocast; on CPUs with bf16 FMA ~1.8x faster
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
-    model = common.lora_model(model, args)
+    model = start_lora(model, args, init_adapter)
     ds = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
     cfg = SFTConfig(
         output_dir=str(out_dir / "trainer"), per_device_train_batch_size=args.batch_size,
@@ -343,7 +395,35 @@ def parse_args(argv=None):
     p.add_argument("--item-chars", type=int, default=d["item_chars"], help="item text cut (default: %(default)s)")
     p.add_argument("--kd-gen-batch", type=int, default=d["kd_gen_batch"], help="default: %(default)s")
     p.add_argument("--kd-max-new-tokens", type=int, default=d["kd_max_new_tokens"], help="default: %(default)s")
+    p.add_argument("--init", choices=["gpt_kd", "fresh"], default=d["init"],
+                   help="naive/mask: continue the sft_gpt_kd LoRA (the paper's ablation; it must exist) or train a "
+                        "new LoRA on the base model (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def init_name(init_adapter):
+    return "fresh" if init_adapter is None else KD_ADAPTER
+
+
+def init_adapter_of(run, args):
+    """The adapter naive/mask start from: run/sft_gpt_kd (refused clearly when it is missing), or None (a new LoRA:
+    gpt_kd itself, or --init fresh)."""
+    if args.variant == "gpt_kd" or args.init == "fresh":
+        return None
+    path = run / KD_ADAPTER
+    if not (path / "adapter_model.safetensors").exists():
+        raise common.DataError(f"{path}: no adapter; --variant {args.variant} continues training the GPT_KD LoRA "
+                               f"(the paper's ablation): run `python 03_sft.py --run {run} --variant gpt_kd` first, "
+                               "or pass --init fresh to train a new LoRA on the base model instead")
+    return path
+
+
+def prompt_info(args):
+    """The prompt a variant is trained on, for 06: sft_gpt_kd must be asked with its own single-turn prompt."""
+    if args.variant == "gpt_kd":
+        return {"template": "kd", "max_items": args.max_items, "item_chars": args.item_chars}
+    return {"template": "two_turn", "max_items": args.max_items, "max_nbr_items": args.max_nbr_items,
+            "n_neighbors": args.n_neighbors, "item_chars": args.item_chars}
 
 
 def main(argv=None):
@@ -358,6 +438,7 @@ def main(argv=None):
     tok = common.load_tokenizer(model_path)
     sets = json.loads((run / "user_sets.json").read_text())
 
+    init_adapter = init_adapter_of(run, args)  # before any work: a missing sft_gpt_kd is refused at once
     kd, extra_outputs = {}, []
     if args.variant != "gpt_kd":
         kd, extra_outputs = kd_neighbor_profiles(run, args, teacher_profiles(run, sets), sets)
@@ -381,18 +462,22 @@ def main(argv=None):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.time()
-    result = train_sft(model_path, tok, examples, tmp, args)
+    if init_adapter is not None:
+        log.info("%s continues the LoRA of %s (its LoRA settings; --lora-* do not apply)", args.variant, init_adapter)
+    result = train_sft(model_path, tok, examples, tmp, args, init_adapter)
     train_s = time.time() - t0
+    init = {"init": init_name(init_adapter), "init_adapter_sha256":
+            common.sha256_file(init_adapter / "adapter_model.safetensors") if init_adapter else None}
     info = {"variant": args.variant, "base_model": str(args.model), "resolved_model": model_path,
             "n_examples": len(examples), "stats": stats, "train_seconds": round(train_s, 1),
-            "train_loss": result.training_loss, "steps": result.global_step}
+            "train_loss": result.training_loss, "steps": result.global_step, **init, "prompt": prompt_info(args)}
     common.write_json(tmp / "sft_info.json", info)
     common.replace_dir(tmp, final)
     log.info("trained %d steps in %.1fs (%.2fs/step), mean loss %.4f", result.global_step, train_s,
              train_s / max(result.global_step, 1), result.training_loss)
     outputs = sorted(str(p.relative_to(run)) for p in final.rglob("*") if p.is_file()) + extra_outputs
-    absent = {"absent_inputs": ["sft_gpt_kd/"]} if args.variant != "gpt_kd" and not extra_outputs else None
-    common.record_stage(run, f"03_sft_{args.variant}", args, inputs, outputs, started, absent)
+    extra = {**init, "absent_inputs": ["sft_gpt_kd/"]} if args.variant != "gpt_kd" and not extra_outputs else init
+    common.record_stage(run, f"03_sft_{args.variant}", args, inputs, outputs, started, extra)
     return final
 
 

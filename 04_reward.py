@@ -9,8 +9,11 @@ score is read at the last token of the rendered assistant turn, the same renderi
 
 Held-out evaluation (`--heldout`): `eval` = pairs of the "eval" user set; `split` = `--holdout-frac` of the reward
 users (by user, seeded), removed from training; `auto` (default) = eval-set pairs if there are any, else split.
-Pairwise accuracy (r(chosen) > r(rejected)) overall and per negative `kind`, mean margin, before and after
-training, go to reward/eval.json and the log. Pairs longer than --max-length tokens are dropped (counted).
+Every held-out pair is scored (`--max-eval-pairs N` caps them, for a quick look only: eval.json then says
+"subsampled"). Pairwise accuracy (r(chosen) > r(rejected); a tie counts as wrong) overall and per negative `kind`,
+each with its 95% Wilson interval ("ci95"), and the mean margin, before and after training, go to reward/eval.json
+and the log: with a few dozen pairs per kind an accuracy is uncertain by +-0.1 or more, and the interval says so.
+Pairs longer than --max-length tokens are dropped (counted).
 
 Reads  reward_pairs.jsonl, user_sets.json (02)
 Writes reward/ : config.json + model.safetensors (merged full weights) + tokenizer files, loadable with
@@ -19,9 +22,11 @@ Writes reward/ : config.json + model.safetensors (merged full weights) + tokeniz
 
 Run    python 04_reward.py --run runs/ml100k
 Time   02's queries are the compact inference prompt (common.PROMPT_SIZES, ~300 SmolLM2 tokens), so a step of 4 pairs
-       is 8 sequences of ~330 tokens: ~21 s on one CPU thread with bf16 autocast; the whole stage (8 steps, 48
-       held-out pairs, merge, save) took ~5 min beside 03 in the pipeline. The defaults are sized for CPU; on a GPU
-       use --max-steps 0 (one epoch) and a larger --max-eval-pairs.
+       is 8 sequences of ~330 tokens: ~21 s on one CPU thread with bf16 autocast; the stage (8 steps, 48 held-out
+       pairs, merge, save) took ~5 min beside 03 in the pipeline. Scoring a held-out pair is 2 forward passes
+       (estimated from that step: ~0.3 s on one CPU thread), so all ~850 pairs of ml-100k's eval users add a few
+       minutes (not measured yet). The training defaults are sized
+       for CPU; on a GPU use --max-steps 0 (one epoch).
 """
 import json
 import shutil
@@ -39,12 +44,32 @@ log = common.log
 DEFAULTS = dict(
     max_steps=8, epochs=1.0, batch_size=4, grad_accum=1, lr=3e-4,   # CPU-sized: see the docstring
     lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,o_proj",
-    max_length=2048, holdout_frac=0.2, heldout="auto", eval_batch=8, max_eval_pairs=48,
+    max_length=2048, holdout_frac=0.2, heldout="auto", eval_batch=8,
+    max_eval_pairs=0,      # 0 = every held-out pair (a sample of 48 could not tell 0.7 from 0.9 on one kind)
     center_rewards=0.01,
 )
+CI_Z = 1.96                # 95% Wilson intervals on the accuracies
 
 
 # ----------------------------------------------------------------------------- shared with 05: rendering and scoring
+
+def wilson_interval(k, n, z=CI_Z):
+    """The Wilson score interval of a proportion k/n: stays inside [0, 1] and is honest at 0/n and n/n, where the
+    normal approximation gives zero width."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def accuracy_row(margins):
+    m = np.asarray(margins, dtype=float)
+    k = int((m > 0).sum())
+    return {"n": len(m), "correct": k, "accuracy": k / len(m) if len(m) else None,
+            "ci95": wilson_interval(k, len(m)), "mean_margin": float(m.mean()) if len(m) else None}
+
 
 def pairwise_eval(model, tok, pairs, batch_size):
     """Accuracy and mean margin overall and per kind over tokenised pairs."""
@@ -55,11 +80,13 @@ def pairwise_eval(model, tok, pairs, batch_size):
     by = defaultdict(list)
     for p, m in zip(pairs, margin):
         by[p["kind"]].append(m)
-    res = {"n": len(pairs), "accuracy": float(np.mean(margin > 0)) if len(pairs) else None,
-           "mean_margin": float(np.mean(margin)) if len(pairs) else None,
-           "per_kind": {k: {"n": len(v), "accuracy": float(np.mean(np.array(v) > 0)),
-                            "mean_margin": float(np.mean(v))} for k, v in sorted(by.items())}}
-    return res
+    return {**accuracy_row(margin), "per_kind": {k: accuracy_row(v) for k, v in sorted(by.items())}}
+
+
+def describe(res):
+    """One log line: overall and per-kind accuracy with their 95% intervals."""
+    row = (lambda r: f"{r['accuracy']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] of {r['n']}")
+    return row(res) + "; per kind: " + ", ".join(f"{k} {row(v)}" for k, v in res["per_kind"].items())
 
 
 # ----------------------------------------------------------------------------- data
@@ -98,7 +125,10 @@ def load_pairs(run, tok, args):
             counts["too_long"] += 1
             continue
         dest.append({"user": u, "kind": r.get("kind", "?"), "chosen_ids": c, "rejected_ids": j})
-    if len(held) > args.max_eval_pairs:  # keep evaluation cheap on CPU: a seeded subsample
+    counts["subsampled"] = bool(args.max_eval_pairs) and len(held) > args.max_eval_pairs
+    if counts["subsampled"]:  # --max-eval-pairs: a seeded subsample, for a quick look only
+        log.warning("scoring %d of %d held-out pairs (--max-eval-pairs): the accuracies are a sample's",
+                    args.max_eval_pairs, len(held))
         rng = np.random.default_rng(args.seed + 1)
         held = [held[k] for k in sorted(rng.choice(len(held), args.max_eval_pairs, replace=False))]
     counts.update(train_pairs=len(train), heldout_pairs=len(held), train_users=len(train_users),
@@ -125,7 +155,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=d["max_length"], help="longer pairs are dropped (default: %(default)s)")
     p.add_argument("--heldout", choices=["auto", "eval", "split"], default=d["heldout"], help="default: %(default)s")
     p.add_argument("--holdout-frac", type=float, default=d["holdout_frac"], help="default: %(default)s")
-    p.add_argument("--max-eval-pairs", type=int, default=d["max_eval_pairs"], help="default: %(default)s")
+    p.add_argument("--max-eval-pairs", type=int, default=d["max_eval_pairs"],
+                   help="score a seeded sample of this many held-out pairs; 0 = all (default: %(default)s)")
     p.add_argument("--eval-batch", type=int, default=d["eval_batch"], help="default: %(default)s")
     p.add_argument("--center-rewards", type=float, default=d["center_rewards"],
                    help="RewardConfig.center_rewards_coefficient; 0 = off (default: %(default)s)")
@@ -160,7 +191,7 @@ def main(argv=None):
     before = None
     if held and args.eval_before:
         before = pairwise_eval(model, tok, held, args.eval_batch)
-        log.info("held-out pairwise accuracy before training: %.3f (%d pairs)", before["accuracy"], before["n"])
+        log.info("held-out pairwise accuracy before training: %s", describe(before))
 
     tmp, final = run / "reward.tmp", run / "reward"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -186,8 +217,7 @@ def main(argv=None):
     model.config.pad_token_id = tok.pad_token_id
     after = pairwise_eval(model, tok, held, args.eval_batch) if held else None
     if after:
-        log.info("held-out pairwise accuracy after training: %.3f (%d pairs); per kind: %s", after["accuracy"],
-                 after["n"], ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in after["per_kind"].items()))
+        log.info("held-out pairwise accuracy after training (95%% Wilson intervals): %s", describe(after))
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

@@ -3,14 +3,22 @@
 Policy    = the SFT model (`--sft`, default sft_mask; its adapter merged into the base LLM) + a new LoRA.
 Reference = the same network with that LoRA disabled (`with policy.disable_adapter():`), i.e. the SFT model.
 Value     = Linear(hidden, 1) on the policy's last hidden state (detached by default: `--value-backprop` lets the
-            value loss train the LoRA too).
+            value loss train the LoRA too), initialised to output zero (new_value_head): a random head started at
+            values ~+1.2 against scores ~-0.6 and its few minibatch steps per rollout never caught up. Each step
+            logs the critic's explained variance of the returns.
 Prompts   = common.inference_messages for the "ppo" user set (target's and neighbours' training items; neighbours
             from neighbors.npz), cycled in a seeded order, `--batch-size` per step.
-Rollout   = sampling (temperature, top_p, top_k=0, max_new_tokens), left padding; a response ends at the first
-            end-of-turn token (included) or at max_new_tokens.
-Reward    = per token: -beta * (log pi(a_t) - log pi_ref(a_t)) (the sampled-token KL estimate), plus the reward-model
-            score of (prompt, response) on the last response token (eq. 8), minus `--missing-eos-penalty` for a
-            response cut at max_new_tokens. beta fixed, or adaptive (`--target-kl`, Ziegler et al.'s controller).
+Rollout   = sampling (temperature, top_p, top_k=0, max_new_tokens), left padding; a response ends where 06's
+            generation ends it (common.answer_end): at the first end-of-turn token (common.stop_token_ids, included)
+            or at the token that completes the first profile line (common.ProfileLineDone), else at max_new_tokens.
+            06 keeps that first profile line, so it is what PPO optimises (`--no-profile-stop`: end-of-turn only).
+Reward    = per token: -beta * (log pi(a_t) - log pi_ref(a_t)) (the sampled-token KL estimate), plus the sequence
+            score on the last response token (eq. 8): for a response that completes a profile line 06 can parse,
+            the reward-model score of (prompt, the profile 06 keeps: common.normalize_profile of the response, the
+            form of 02's chosen/rejected pairs), else `--incomplete-score` (INCOMPLETE_SCORE; the reward model is
+            not asked). Minus `--missing-eos-penalty` for a response cut at
+            max_new_tokens. beta fixed, or adaptive (`--target-kl`, Ziegler et al.'s controller). Each step logs
+            the share of rollouts that complete a profile line ("complete_frac").
 Update    = GAE (gamma, lambda) -> whitened advantages; `--ppo-epochs` passes over the rollout in minibatches of the
             clipped policy loss and the clipped value loss (vf_coef), AdamW, gradient clipping.
 
@@ -26,8 +34,10 @@ The finished folder is renamed to ppo/.
 
 Reads  data/split.npz, data/items.jsonl, neighbors.npz, user_sets.json, <sft>/ (03), reward/ (04)
 Writes ppo/ : adapter_config.json + adapter_model.safetensors (the PPO LoRA, on top of the merged SFT model),
-       base.json {"sft": "<sft>"}, value_head.pt, tokenizer files, ppo_log.jsonl (per step: score, kl, kl_per_token,
-       response length, clip fraction, value loss, policy loss, beta, ...), ppo_info.json.
+       base.json {"sft": "<sft>"}, value_head.pt, tokenizer files, ppo_log.jsonl (per step: score (the sequence
+       scores PPO optimises), rm_score (reward-model score of the complete responses), complete_frac, kl,
+       kl_per_token, response length, clip fraction, value loss, explained_variance, policy loss, beta, ...),
+       ppo_info.json.
 
 Run    python 05_ppo.py --run runs/ml100k [--sft sft_mask] [--steps 10]
 Time   a step = generation + 3 forward passes (policy, reference, reward model) + ppo_epochs x forward/backward over
@@ -36,7 +46,6 @@ Time   a step = generation + 3 forward passes (policy, reference, reward model) 
        (with 02's --pair-* and 06's, so that the reward model sees the same prompts).
 """
 import json
-import math
 import re
 import shutil
 import time
@@ -48,6 +57,12 @@ import torch
 import common
 
 log = common.log
+
+# The sequence score of a rollout that never completes a profile line 06 can parse: 06 keeps nothing of such an
+# answer, so it must score below what the reward model gives real profiles (its scores sit within a few units of
+# 0: RewardConfig.center_rewards_coefficient keeps them centred), and the reward model, trained on profiles, is
+# not asked to judge text it never saw.
+INCOMPLETE_SCORE = -3.0
 
 
 @dataclass
@@ -72,6 +87,8 @@ class PPOConfig:
     whiten_advantages: bool = True
     value_backprop: bool = False  # let the value loss flow into the LoRA (shared backbone)
     missing_eos_penalty: float = 0.0
+    stop_at_profile: bool = True  # end a rollout at its first complete profile line (06's rule) and score it there
+    incomplete_score: float = INCOMPLETE_SCORE  # the score of a rollout without a parseable profile line
     seed: int = 0
     ckpt_every: int = 5
 
@@ -188,35 +205,84 @@ def forward_response(policy, value_head, input_ids, attention_mask, n_prompt, te
     return logp, values
 
 
-def response_mask(resp, eos_id, pad_id):
-    """1 on tokens up to and including the first eos; the rest is set to pad. Returns (resp, mask, ended)."""
-    is_eos = resp == eos_id
-    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first eos
-    mask = (~after).long()
-    resp = resp.masked_fill(after, pad_id)
-    return resp, mask, is_eos.any(1)
+def new_value_head(hidden):
+    """Linear(hidden, 1) that outputs zero: the critic starts at the scores' scale (a few units around 0) instead of
+    a random offset, so the first advantages are the returns themselves, not the head's error."""
+    head = torch.nn.Linear(hidden, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over response tokens: 1 = the critic predicts the returns, 0 = no
+    better than their mean, < 0 = worse."""
+    var = masked_var(returns, mask)
+    return float(1.0 - masked_var(returns - values, mask) / var) if var > 0 else float("nan")
+
+
+def response_ends(tok, resp, stop_ids, at_profile=True):
+    """Per row of generated ids [B, T]: (tokens kept, how it ended: "eot" | "profile" | None). With at_profile,
+    06's rule (common.answer_end: the first stop token or the token completing the first profile line, whichever
+    comes first); else the first stop token only. None: cut at max_new_tokens."""
+    out, stops = [], set(stop_ids)
+    for row in resp.tolist():
+        if at_profile:
+            out.append(common.answer_end(tok, row, stop_ids))
+        else:
+            eot = next((k for k, t in enumerate(row) if t in stops), None)
+            out.append((len(row), None) if eot is None else (eot + 1, "eot"))
+    return out
+
+
+def response_mask(resp, lengths, pad_id):
+    """1 on the first lengths[b] tokens of row b; the rest is set to pad. Returns (resp, mask)."""
+    keep = torch.arange(resp.shape[1], device=resp.device)[None] < torch.as_tensor(lengths, device=resp.device)[:, None]
+    return resp.masked_fill(~keep, pad_id), keep.long()
 
 
 @torch.no_grad()
 def rollout(policy, value_head, tok, prompts, cfg):
     """Generate responses for chat-message prompts; logprobs under policy and reference, values."""
+    from transformers import StoppingCriteriaList
     device = next(policy.parameters()).device
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     n_prompt = enc["input_ids"].shape[1]
+    stop_ids = common.stop_token_ids(tok, policy)  # as 06: any end-of-turn token ends a response
+    stopping = [common.ProfileLineDone(tok, n_prompt)] if cfg.stop_at_profile else []
     gen = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                           max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id)
-    resp, mask, ended = response_mask(gen[:, n_prompt:], tok.eos_token_id, tok.pad_token_id)
+                          eos_token_id=stop_ids, stopping_criteria=StoppingCriteriaList(stopping))
+    ends = response_ends(tok, gen[:, n_prompt:], stop_ids, cfg.stop_at_profile)
+    resp, mask = response_mask(gen[:, n_prompt:], [n for n, _ in ends], tok.pad_token_id)
     input_ids = torch.cat([enc["input_ids"], resp], 1)
     att = torch.cat([enc["attention_mask"], mask], 1)
     logp, values = forward_response(policy, value_head, input_ids, att, n_prompt, cfg.temperature)
     with policy.disable_adapter():
         ref_logp, _ = forward_response(policy, None, input_ids, att, n_prompt, cfg.temperature, with_values=False)
     resp_texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, mask)]
+    ended = torch.tensor([how is not None for _, how in ends], device=device)
+    # what 06 would keep of each answer: the profile normalize_profile parses from an answer that ended
+    profiles = [common.normalize_profile(t) if how else None for (_, how), t in zip(ends, resp_texts)]
     return dict(input_ids=input_ids, attention_mask=att, n_prompt=n_prompt, mask=mask.float(), logprobs=logp,
-                ref_logprobs=ref_logp, values=values, texts=resp_texts, resp=resp, ended=ended)
+                ref_logprobs=ref_logp, values=values, texts=resp_texts, resp=resp, ended=ended,
+                how=[how for _, how in ends], profiles=profiles, complete=[p is not None for p in profiles])
+
+
+def rollout_scores(reward_fn, prompts, ro, cfg):
+    """Sequence scores [B]: reward_fn's of every response text (stop_at_profile off), or of the profile 06 keeps
+    from each complete response (the form the reward model was trained on), and cfg.incomplete_score for the
+    others (06 keeps nothing of them)."""
+    if not cfg.stop_at_profile:
+        return torch.as_tensor(reward_fn(prompts, ro["texts"], ro["resp"]), dtype=torch.float32)
+    scores = torch.full((len(prompts),), float(cfg.incomplete_score))
+    keep = [k for k, c in enumerate(ro["complete"]) if c]
+    if keep:
+        got = reward_fn([prompts[k] for k in keep], [ro["profiles"][k] for k in keep], ro["resp"][keep])
+        scores[keep] = torch.as_tensor(got, dtype=torch.float32).cpu()
+    return scores
 
 
 def prompt_batch(n_prompts, batch_size, step, seed):
@@ -239,8 +305,9 @@ def trainable_state(policy, value_head):
 def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimizer_state=None, beta=None,
           on_step=None, on_checkpoint=None, progress=True):
     """Hand-written PPO. policy: a peft model (reference = adapter disabled); value_head: nn.Module;
-    prompts: list of chat-message lists; reward_fn(prompts, texts, response_ids) -> scores [B].
-    on_step(row) receives each step's log row; on_checkpoint(step, optimizer, kl_ctl) is called every
+    prompts: list of chat-message lists; reward_fn(prompts, texts, response_ids) -> scores [B] (with
+    cfg.stop_at_profile it is asked about the complete responses only, texts = their profiles: rollout_scores).
+    on_step(row, rollout) receives each step's log row; on_checkpoint(step, optimizer, kl_ctl) is called every
     cfg.ckpt_every steps. Returns the list of log rows."""
     from tqdm import tqdm
     device = next(policy.parameters()).device
@@ -259,8 +326,8 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
         idx = prompt_batch(len(prompts), cfg.batch_size, step, cfg.seed)
         batch = [prompts[k] for k in idx]
         ro = rollout(policy, value_head, tok, batch, cfg)
-        scores = torch.as_tensor(reward_fn(batch, ro["texts"], ro["resp"]), dtype=torch.float32).to(device)
-        raw_scores = scores.clone()
+        scores = rollout_scores(reward_fn, batch, ro, cfg).to(device)
+        ro["scores"] = raw_scores = scores.clone()
         if cfg.missing_eos_penalty:
             scores = scores - cfg.missing_eos_penalty * (~ro["ended"]).float()
         mask = ro["mask"]
@@ -286,11 +353,15 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
                 opt.step()
                 stats.append({**st, "pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "grad_norm": float(gn)})
         kl_seq = kl.sum(1)
+        complete = torch.tensor(ro["complete"], dtype=torch.bool, device=device)
+        rm = raw_scores[complete] if cfg.stop_at_profile else raw_scores
         row = {"step": step + 1, "score": raw_scores.mean().item(), "score_std": raw_scores.std().item() if B > 1 else 0.0,
+               "rm_score": rm.mean().item() if len(rm) else None, "complete_frac": complete.float().mean().item(),
                "kl": kl_seq.mean().item(), "kl_per_token": masked_mean(kl, mask).item(), "beta": beta,
                "non_score_reward": (-beta * kl_seq).mean().item(),
                "response_length": mask.sum(1).mean().item(), "ended_frac": ro["ended"].float().mean().item(),
                "value_mean": masked_mean(ro["values"], mask).item(), "return_mean": masked_mean(returns, mask).item(),
+               "explained_variance": explained_variance(ro["values"], returns, mask),
                **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "seconds": round(time.time() - t0, 2)}
         row["policy_loss"], row["value_loss"] = row.pop("pg_loss"), row.pop("vf_loss")
         row["clip_fraction"] = row.pop("clipfrac")
@@ -345,7 +416,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=common.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     for name, val in asdict(c).items():
-        if name in ("seed", "whiten_advantages"):  # --seed is shared; --no-whiten below
+        if name in ("seed", "whiten_advantages", "stop_at_profile"):  # --seed is shared; --no-* below
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(val, bool):
@@ -353,6 +424,8 @@ def parse_args(argv=None):
         else:
             p.add_argument(flag, type=type(val), default=val, help="default: %(default)s")
     p.add_argument("--no-whiten", dest="whiten_advantages", action="store_false", help="do not whiten advantages")
+    p.add_argument("--no-profile-stop", dest="stop_at_profile", action="store_false",
+                   help="end rollouts at end-of-turn only and let the reward model score every response")
     for name, val in {**LORA_DEFAULTS, **PROMPT_DEFAULTS}.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(val), default=val, help="default: %(default)s")
     p.add_argument("--reward-batch", type=int, default=8, help="default: %(default)s")
@@ -392,10 +465,7 @@ def main(argv=None):
     merged = llm.merge_and_unload()
     policy = common.lora_model(merged, args)
     hidden = merged.config.hidden_size
-    value_head = torch.nn.Linear(hidden, 1)
-    torch.nn.init.normal_(value_head.weight, std=1.0 / math.sqrt(hidden + 1))
-    torch.nn.init.zeros_(value_head.bias)
-    value_head.to(device)
+    value_head = new_value_head(hidden).to(device)
     scorer = common.RewardScorer(run / args.reward, device=device, batch_size=args.reward_batch)
 
     def reward_fn(batch_prompts, texts, _ids):
@@ -425,9 +495,10 @@ def main(argv=None):
         row["valid_profile_frac"] = float(np.mean([common.parse_profile(t) is not None for t in ro["texts"]]))
         row["example"] = ro["texts"][0][:300]
         common.append_jsonl(logf, row)
-        log.info("step %d: score %.3f, kl %.3f, len %.1f, clip %.3f, vf %.4f, pg %.4f, beta %s, valid %.2f (%.1fs)",
-                 row["step"], row["score"], row["kl"], row["response_length"], row["clip_fraction"],
-                 row["value_loss"], row["policy_loss"], row["beta"], row["valid_profile_frac"], row["seconds"])
+        log.info("step %d: score %.3f, complete %.2f, kl %.3f, len %.1f, clip %.3f, vf %.4f, ev %.2f, pg %.4f, "
+                 "beta %s, valid %.2f (%.1fs)", row["step"], row["score"], row["complete_frac"], row["kl"],
+                 row["response_length"], row["clip_fraction"], row["value_loss"], row["explained_variance"],
+                 row["policy_loss"], row["beta"], row["valid_profile_frac"], row["seconds"])
 
     def on_checkpoint(step, opt, kl_ctl):
         with common.atomic_path(ckpt_path) as tmp:

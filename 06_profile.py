@@ -13,7 +13,8 @@ Writes  profiles/<source>/users.jsonl   {"user", "profile", "prompt_hash", "vali
         manifest.json                   stage "06_profile_<source>"
 
 Order of the work (item profiles need user profiles): 1. users (inference prompt of common.inference_messages:
-the target's and its --n-nbrs neighbours' training items, asking for the target's profile only);
+the target's and its --n-nbrs neighbours' training items, asking for the target's profile only; for --source
+sft_gpt_kd the single-turn prompt 03 trained it on, kd_user_messages);
 2. warm items (items with training interactions): "the users this item suits" from the item text and the
 profiles of its (up to --item-users) most recent training users; 3. the other items (cold, and any item without
 training users) from the text and the item profiles of their text-similar warm items (neighbors.npz item_nbrs);
@@ -119,6 +120,17 @@ COLD_ITEM_PROMPT = (
 
 def user_messages(u, train, nbrs, item_text, args):
     return common.user_prompt(u, train, nbrs, item_text, **{k: getattr(args, k) for k in PROMPT})
+
+
+def kd_user_messages(run, train, item_text_full):
+    """sft_gpt_kd's user prompt: the single-turn prompt 03 trained it on (03_sft.kd_messages: the user's own items,
+    no neighbours), with the sizes sft_gpt_kd/sft_info.json records (03's defaults for an adapter trained before it
+    recorded them). Asked with the inference prompt instead, GPT_KD answers a prompt it never saw."""
+    sft = importlib.import_module("03_sft")
+    info_path = run / "sft_gpt_kd" / "sft_info.json"
+    shown = json.loads(info_path.read_text()).get("prompt") if info_path.exists() else None
+    shown = shown or {"max_items": sft.DEFAULTS["max_items"], "item_chars": sft.DEFAULTS["item_chars"]}
+    return lambda u: sft.kd_messages(train[u], item_text_full, shown["max_items"], shown["item_chars"])
 
 
 def short_profile(row):
@@ -459,7 +471,8 @@ def main(argv=None):
         model, tok = common.load_profile_model(run, args.source, args.model, device=args.device)
         model = model.to(common.pick_dtype(args.dtype, args.device)).eval()
         log.info("model dtype %s, %d torch threads", next(model.parameters()).dtype, torch.get_num_threads())
-        user_msgs = (lambda u: user_messages(u, train, nb["user_nbrs"], item_text, args))
+        user_msgs = (kd_user_messages(run, train, item_text_full) if args.source == "sft_gpt_kd" else
+                     (lambda u: user_messages(u, train, nb["user_nbrs"], item_text, args)))
 
         def fresh(ids, make):  # other shards' rows count only once built from the current prompt and upstream
             return fresh_rows(upstream, {k: common.prompt_hash(common.render(tok, make(k))) for k in ids})

@@ -4,6 +4,7 @@ splits, the text encoder, the language-model loader, graph/evaluation helpers an
 Every stage script imports this module; nothing here runs on import.
 """
 import argparse
+import collections
 import contextlib
 import csv
 import datetime as dt
@@ -1176,9 +1177,15 @@ def clip(text, max_chars):
     return text if len(text) <= max_chars else text[:max_chars - 1].rstrip() + "…"
 
 
+def shown_items(items, max_items):
+    """The items a prompt shows of a history (oldest to newest): the newest `max_items` (0 = all). The one rule,
+    shared by the prompts (item_list) and 02's teachers, whose profiles must be a function of what is shown."""
+    return list(items)[-max_items:] if max_items else list(items)
+
+
 def item_list(items, item_text, max_items, max_chars=80):
     """A numbered list of the newest `max_items` items (texts cut to max_chars), and how many were dropped."""
-    kept = list(items)[-max_items:] if max_items else list(items)
+    kept = shown_items(items, max_items)
     lines = [f"{n}. {clip(item_text[i], max_chars)}" for n, i in enumerate(kept, 1)]
     return "\n".join(lines), len(items) - len(kept)
 
@@ -1226,6 +1233,28 @@ def parse_profile(text, n_each=3):
             return None
         parts.append(", ".join(terms))
     return f"User identity: {parts[0]}; User interests: {parts[1]}"
+
+
+def most_common(counter):
+    """(key, count) of the highest count, ties to the smallest key (Counter.most_common ties by insertion order);
+    (None, 0) when empty."""
+    return min(counter.items(), key=lambda kv: (-kv[1], kv[0]), default=(None, 0))
+
+
+def profile_diversity(profiles):
+    """How far a set of profiles tells users apart (SPEC section 7): distinct profiles, the share of the most common
+    identity part (its three terms, in any order) and of the most common identity term, distinct interest triples
+    (in any order). Unparseable profiles are counted and left out."""
+    parts = [m for m in (PROFILE_RE.search(p or "") for p in profiles) if m]
+    terms = [[[t.strip().lower() for t in m.group(k).split(",")] for k in ("identity", "interests")] for m in parts]
+    n = len(terms)
+    ident = most_common(collections.Counter(", ".join(sorted(set(i))) for i, _ in terms))
+    term = most_common(collections.Counter(t for i, _ in terms for t in set(i)))
+    return {"n": n, "malformed": len(profiles) - n,
+            "distinct_profiles": len({(frozenset(i), frozenset(x)) for i, x in terms}),
+            "top_identity": ident[0], "top_identity_share": ident[1] / n if n else float("nan"),
+            "top_identity_term": term[0], "top_identity_term_share": term[1] / n if n else float("nan"),
+            "distinct_interest_triples": len({frozenset(x) for _, x in terms})}
 
 
 def load_neighbors(run):
@@ -1283,13 +1312,22 @@ def normalize_profile(text, n_each=3):
     return parse_profile(f"User identity: {parts[0]}; User interests: {parts[1]}", n_each=n_each)
 
 
-def stop_token_ids(tok):
+# End-of-turn tokens of common chat templates (ChatML, Llama-3, Phi-3, Gemma): an answer ends at any of them, also
+# where the tokenizer's eos_token is another one (Llama-3's base eos is <|end_of_text|>, its turns end at <|eot_id|>).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+def stop_token_ids(tok, model=None):
+    """Token ids that end an answer: the tokenizer's eos, the end-of-turn tokens it knows, and (with `model`) the
+    eos ids of the model's generation config. Shared by 06's generation (generate_batches) and 05's rollouts."""
     ids = {tok.eos_token_id}
-    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+    for t in END_OF_TURN_TOKENS:
         k = tok.convert_tokens_to_ids(t)
         if isinstance(k, int) and k != tok.unk_token_id and k is not None:
             ids.add(k)
-    return sorted(i for i in ids if i is not None)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return sorted(i for i in ids if isinstance(i, int))
 
 
 def pick_dtype(name, device=None):
@@ -1325,9 +1363,15 @@ def shared_prefix(id_lists):
     return first[:max(n, 0)]
 
 
+def profile_line_complete(text):
+    """06's stop rule on an answer's text: it holds a whole profile line (PROFILE_RE followed by a newline)."""
+    m = PROFILE_RE.search(text)
+    return m is not None and text[m.end():].startswith("\n")
+
+
 class ProfileLineDone:
     """A transformers stopping criterion: a sequence is done once its answer holds a whole profile line
-    (PROFILE_RE followed by a newline). Tuned models go on to write their neighbours' profiles (the two-turn
+    (profile_line_complete). Tuned models go on to write their neighbours' profiles (the two-turn
     training answer) until max_new_tokens; these tokens are discarded anyway."""
 
     def __init__(self, tok, prompt_len):
@@ -1335,8 +1379,21 @@ class ProfileLineDone:
 
     def __call__(self, input_ids, scores, **kwargs):
         texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        done = [(m := PROFILE_RE.search(t)) is not None and t[m.end():].startswith("\n") for t in texts]
+        done = [profile_line_complete(t) for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def answer_end(tok, ids, stop_ids):
+    """Where generate_batches' rule ends one generated answer `ids` (a list of token ids): (n, how), n tokens kept,
+    up to and including the first stop token (how = "eot") or the token that completes the first profile line
+    (how = "profile"), whichever comes first; (len(ids), None) when neither occurs (cut at max_new_tokens). Tokens
+    after the end (padding of a finished row, or a batch's later tokens) are not looked at."""
+    stops = set(stop_ids)
+    eot = next((k for k, t in enumerate(ids) if t in stops), None)
+    for n in range(1, (len(ids) if eot is None else eot) + 1):
+        if profile_line_complete(tok.decode(ids[:n], skip_special_tokens=True)):
+            return n, "profile"
+    return (len(ids), None) if eot is None else (eot + 1, "eot")
 
 
 @torch.no_grad()
@@ -1365,7 +1422,7 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
     if prefix:
         prefix_kv = DynamicCache()
         model(torch.tensor([prefix], device=device), cache=prefix_kv, use_cache=True)
-    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
+    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tok, model), pad_token_id=tok.pad_token_id)
     gen.update(dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else
                dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]

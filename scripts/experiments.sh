@@ -46,7 +46,8 @@ for setting in $SETTINGS; do
   esac
   step 01 python 01_neighbors.py --run "$RUN" $split_opts
   step 02 python 02_distill.py --run "$RUN"
-  step 03+04 both "03_sft.py --run $RUN --variant mask" "04_reward.py --run $RUN"
+  step 03kd+04 both "03_sft.py --run $RUN --variant gpt_kd" "04_reward.py --run $RUN"
+  step 03 python 03_sft.py --run "$RUN" --variant mask  # continues the gpt_kd LoRA (the paper's ablation)
   step 05 python 05_ppo.py --run "$RUN" --sft sft_mask
   step 06-teacher python 06_profile.py --run "$RUN" --source teacher
   step 06-ppo-shards both "06_profile.py --run $RUN --source ppo --shard 0/2" "06_profile.py --run $RUN --source ppo --shard 1/2"

@@ -28,7 +28,7 @@ both() {  # two stage commands side by side; fails if either fails
 stage 01_neighbors.py --run "$RUN"
 stage 02_distill.py --run "$RUN"                      # rules teacher: the offline default (see README)
 # One process per core, the work split so that both finish together (measured stage times, see README):
-#   this shell:  03 -> 05 (needs 04 too) -> 07 base simgcl
+#   this shell:  03 gpt_kd -> 03 mask (continues gpt_kd's LoRA) -> 05 (needs 04 too) -> 07 base simgcl
 #   background:  04 -> 07 base sgl biasmf ncf lightgcn            (log: $RUN/track2.out)
 t=$SECONDS
 rm -f "$RUN/.reward_ready"
@@ -36,6 +36,7 @@ echo "== 04_reward.py, then 07_train_cf.py --variant base --backbone sgl biasmf 
 ( stage 04_reward.py --run "$RUN" && touch "$RUN/.reward_ready" &&
   stage 07_train_cf.py --run "$RUN" --backbone sgl biasmf ncf lightgcn --variant base ) > "$RUN/track2.out" 2>&1 &
 track2=$!
+stage 03_sft.py --run "$RUN" --variant gpt_kd
 stage 03_sft.py --run "$RUN" --variant mask
 until [ -e "$RUN/.reward_ready" ]; do  # 05 needs the reward model
   kill -0 $track2 2>/dev/null || { tail -n 20 "$RUN/track2.out"; exit 1; }

@@ -1,11 +1,80 @@
-"""common's generation speed-ups against the plain paths they replace: the CPU decode attention against sdpa, and
-batched generation from a shared-prefix cache against generation from whole prompts. Fast: tiny random models."""
+"""common's generation speed-ups against the plain paths they replace: the CPU decode attention against sdpa,
+batched generation from a shared-prefix cache against generation from whole prompts, and the whole fast path
+(prefix cache, static cache, stop rule) against stock `model.generate` on a left-padded batch. Fast: tiny models."""
+import string
+
 import pytest
 import torch
 
 import common
 
 torch.set_num_threads(1)
+
+# ----------------------------------------------------------------------------- a tiny model that says something
+# A character-level chat model trained (in seconds) to answer by the last letter of the user turn, so that greedy
+# answers take every way an answer can end: a profile line followed by more text (the two-turn habit; 06 stops
+# after the line), a short answer closed by a Llama-3 end-of-turn token that is not the tokenizer's eos, and text
+# that runs past max_new_tokens. Its pad token is its eos (<|im_end|>, as SmolLM2's), which every ChatML prompt
+# also holds between turns.
+CHAR_SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>", "<|eot_id|>"]
+CHAR_SYSTEM = "Write profiles."
+CHAR_PROFILE = "User identity: ab, cd, ef; User interests: gh, ij, kl"
+CHAR_ANSWERS = {"p": CHAR_PROFILE + "\nSimilar 1: xy, zz", "s": "No idea.<|eot_id|>", "l": "la " * 30}
+CHAR_MAX_NEW = 64  # > the profile line (54 tokens), < the "l" answer (90)
+
+
+def char_messages(k, kind):
+    """Prompt k (its user turn k+1 characters long, so a batch is left-padded) asking for an answer of `kind`."""
+    return [{"role": "system", "content": CHAR_SYSTEM}, {"role": "user", "content": "x" * (k + 1) + " " + kind}]
+
+
+def char_prompts(n):
+    return [char_messages(k, "psl"[k % 3]) for k in range(n)]
+
+
+def build_char_llm(path, steps=200, seed=0):
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    vocab = {t: k for k, t in enumerate(CHAR_SPECIAL + list(string.printable[:95]) + ["\n"])}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per character
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  additional_special_tokens=["<|eot_id|>"])
+    tok.chat_template = common.CHATML_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=2, eos_token_id=2, bos_token_id=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    rows = []
+    for k, msgs in enumerate(char_prompts(6)):
+        prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        rows.append((tok(prompt + CHAR_ANSWERS["psl"[k % 3]], add_special_tokens=False)["input_ids"], n))
+    width = max(len(ids) for ids, _ in rows)
+    x = torch.full((len(rows), width), tok.pad_token_id)
+    y = torch.full((len(rows), width), -100)
+    for r, (ids, n) in enumerate(rows):
+        x[r, :len(ids)] = torch.tensor(ids)
+        y[r, n:len(ids)] = torch.tensor(ids[n:])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=steps)
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert loss.item() < 0.05, loss.item()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def char_llm(tmp_path_factory):
+    return build_char_llm(tmp_path_factory.mktemp("char_llm"))
 
 
 def gqa_llama(attn):
@@ -93,3 +162,71 @@ def test_profile_line_done():
     ids = torch.tensor([[ord(c) for c in prompt] + [0] * (width - len(a)) + [ord(c) for c in a] for a in answers])
     done = common.ProfileLineDone(CharTokenizer(), len(prompt))(ids, None)
     assert done.tolist() == [True, False, False, False]
+
+
+def first_profile_line(text):
+    """06's rule written out plainly: the answer up to the end of its first whole profile line (or all of it)."""
+    m = common.PROFILE_RE.search(text)
+    return text[:m.end()] if m and text[m.end():].startswith("\n") else text
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_fast_generation_matches_stock_generate(char_llm, batch_size):
+    """generate_batches (prefix cache, static cache, CPU attention, ProfileLineDone, stop_token_ids) against stock
+    greedy `model.generate` on one left-padded batch of whole prompts, with 06's stop rule applied afterwards."""
+    from transformers import AutoModelForCausalLM
+    tok = common.load_tokenizer(char_llm)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert tok.pad_token_id == tok.eos_token_id != eot
+    # the six trained prompts, and unseen ones whose answers hang on small differences in the logits
+    msgs = char_prompts(6) + [char_messages(k, kind) for k, kind in [(0, "q"), (7, "z"), (3, "a"), (9, "pz")]]
+    texts = [common.render(tok, m) for m in msgs]
+    assert len(common.shared_prefix(tok(texts, add_special_tokens=False)["input_ids"])) > 20
+
+    stock = AutoModelForCausalLM.from_pretrained(char_llm, dtype=torch.float32).eval()
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (enc["attention_mask"] == 0).any()  # left padding
+    with torch.no_grad():
+        out = stock.generate(**enc, do_sample=False, max_new_tokens=CHAR_MAX_NEW, eos_token_id=[tok.eos_token_id, eot],
+                             pad_token_id=tok.pad_token_id)
+    raw = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = [first_profile_line(a).strip() for a in raw]
+
+    model, _ = common.load_llm(char_llm, device="cpu", dtype=torch.float32)
+    got = {}
+    for idx, answers in common.generate_batches(model, tok, texts, CHAR_MAX_NEW, batch_size, progress=False):
+        got.update(zip(idx, answers))
+    assert [got[k] for k in range(len(texts))] == expected
+    # every way of ending occurred: a profile line with more after it, an early <|eot_id|>, max_new_tokens
+    assert expected[0] == CHAR_PROFILE and raw[0].startswith(CHAR_PROFILE + "\nSimilar")
+    assert expected[1] == "No idea." and (out[1] == eot).any()
+    assert len(tok(raw[2], add_special_tokens=False)["input_ids"]) == CHAR_MAX_NEW
+    assert len(set(expected)) >= 5
+
+
+def test_answer_end(char_llm):
+    tok = common.load_tokenizer(char_llm)
+    stops = common.stop_token_ids(tok)
+    ids = (lambda text: tok(text, add_special_tokens=False)["input_ids"])
+    line = ids(CHAR_PROFILE + "\n")
+    assert common.answer_end(tok, ids(CHAR_PROFILE + "\nSimilar 1: xy<|im_end|>"), stops) == (len(line), "profile")
+    assert common.answer_end(tok, ids("No.<|eot_id|>la la"), stops) == (4, "eot")
+    assert common.answer_end(tok, ids(CHAR_PROFILE + "<|im_end|>\n"), stops) == (len(line), "eot")
+    assert common.answer_end(tok, ids("la la"), stops) == (5, None)
+
+
+def test_stop_token_ids_know_other_templates():
+    """Llama-3 ends a turn with <|eot_id|> while its base eos is <|end_of_text|>: both stop an answer, and so do the
+    eos ids of the model's generation config."""
+    from types import SimpleNamespace
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|eot_id|>": 2, "a": 3, "<|reserved_4|>": 4}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab)),
+                                  bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                  additional_special_tokens=["<|eot_id|>", "<|reserved_4|>"])
+    assert common.stop_token_ids(tok) == [1, 2]
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[1, 4]))
+    assert common.stop_token_ids(tok, model) == [1, 2, 4]
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
+    assert common.stop_token_ids(tok, model) == [1, 2]

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import common
+from test_generate import CHAR_MAX_NEW, CHAR_PROFILE, build_char_llm, char_prompts
 
 torch.set_num_threads(1)
 sft = importlib.import_module("03_sft")
 rw = importlib.import_module("04_reward")
 ppo = importlib.import_module("05_ppo")
+prof = importlib.import_module("06_profile")
 
 IDENTITIES = ["student", "fan", "teen", "adult", "parent", "critic"]
 GENRES = ["comedy", "drama", "horror", "romance", "action", "animation"]
@@ -115,7 +117,9 @@ def test_sft_supervised_spans(synthetic_run, tiny_llm):
                 assert v not in set(train[e["user"]].tolist()) | set(valid[e["user"]].tolist())
             assert f"Movie {v} (" in e["messages"][1]["content"].split("Similar user", 1)[1]
         if variant != "gpt_kd":
-            assert stats["positives"] > 0 and stats["negatives"] > 0
+            labels = [e["label"] for e in examples]
+            assert stats["positives"] == sum(labels) and stats["negatives"] == len(labels) - sum(labels)
+            assert abs(stats["positives"] - stats["negatives"]) <= 1, stats  # Yes/No balanced
             assert stats["nbrs_skipped"] > 0  # eval users' profiles are never taught, and no sft_gpt_kd exists yet
     # a long prompt is cut to the newest items and says how many were dropped
     args = sft.parse_args(["--run", str(run), "--variant", "mask", "--max-length", "400", "--max-items", "12", "--max-nbr-items", "6"])
@@ -123,6 +127,37 @@ def test_sft_supervised_spans(synthetic_run, tiny_llm):
     assert stats["truncated"] > 0
     assert len(examples) == 16 and all(len(e["input_ids"]) <= 400 for e in examples)
     assert any("older items not shown" in e["messages"][1]["content"] for e in examples)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_labels(seed):
+    """As many Yes as No up to one; one-kind targets keep their kind; a surplus of them is left out (seeded)."""
+    rng = np.random.default_rng(seed)
+    cases = [([1] * 3 + [0] * 9 + [1] * 8, [0] * 3 + [1] * 9 + [1] * 8),  # 3 Yes-only, 9 No-only, 8 either
+             ([1] * 10 + [0] * 2 + [1], [0] * 10 + [1] * 2 + [1]),        # too many Yes-only: some left out
+             ([1] * 7, [1] * 7), ([], [])]
+    for can_pos, can_neg in cases:
+        labels = sft.balanced_labels(can_pos, can_neg, rng)
+        kept = [v for v in labels if v is not None]
+        assert abs(sum(kept) - (len(kept) - sum(kept))) <= 1, labels
+        for v, p, n in zip(labels, can_pos, can_neg):
+            assert v is None or (v == 1 and p) or (v == 0 and n)
+        assert len(kept) == min(len(labels), 2 * min(sum(can_pos), sum(can_neg)) + 1)
+    assert sft.balanced_labels([1] * 9, [1] * 9, np.random.default_rng(7)) == \
+        sft.balanced_labels([1] * 9, [1] * 9, np.random.default_rng(7))
+
+
+def test_naive_and_mask_need_gpt_kd(synthetic_run, tiny_llm):
+    """Naive and Mask are built on GPT_KD: without sft_gpt_kd they refuse with what to run, unless --init fresh."""
+    run = write_stage02(synthetic_run)
+    base = ["--run", str(run), "--model", tiny_llm, "--device", "cpu", "--max-steps", "1", "--batch-size", "2"]
+    with pytest.raises(common.DataError, match=r"sft_gpt_kd: no adapter; --variant mask continues training the "
+                                               r"GPT_KD LoRA.*--variant gpt_kd.*--init fresh"):
+        sft.main(base + ["--variant", "mask"])
+    assert not (run / "sft_mask").exists()
+    out = sft.main(base + ["--variant", "mask", "--init", "fresh"])
+    assert json.loads((out / "sft_info.json").read_text())["init"] == "fresh"
+    assert common.read_manifest(run)["stages"]["03_sft_mask"]["init"] == "fresh"
 
 
 # ----------------------------------------------------------------------------- 03 -> 04 -> 05 on the tiny model
@@ -140,28 +175,52 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
     assert cache and {r["user"] for r in cache} <= {0, 1}
     manifest = common.read_manifest(run)
     assert {"03_sft_gpt_kd", "03_sft_naive", "03_sft_mask"} <= set(manifest["stages"])
+    kd_sha = common.sha256_file(run / "sft_gpt_kd" / "adapter_model.safetensors")
+    for variant in ["naive", "mask"]:  # built on GPT_KD (the paper's ablation), and the record says so
+        info = json.loads((run / f"sft_{variant}" / "sft_info.json").read_text())
+        assert (info["init"], info["init_adapter_sha256"]) == ("sft_gpt_kd", kd_sha)
+        assert manifest["stages"][f"03_sft_{variant}"]["init"] == "sft_gpt_kd"
+    # it continues the GPT_KD LoRA itself: with a zero learning rate naive's adapter is GPT_KD's
+    from safetensors.torch import load_file
+    out = sft.main(base + ["--variant", "naive", "--max-steps", "1", "--lr", "0"])
+    kd_w = load_file(run / "sft_gpt_kd" / "adapter_model.safetensors")
+    naive_w = load_file(out / "adapter_model.safetensors")
+    assert kd_w.keys() == naive_w.keys() and all(torch.equal(kd_w[k], naive_w[k]) for k in kd_w)
+    # 06 asks sft_gpt_kd with the prompt it was trained on
+    split = common.load_split(run)
+    train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
+    trained = sft.build_examples(run, "gpt_kd", common.load_tokenizer(tiny_llm),
+                                 sft.parse_args(["--run", str(run), "--variant", "gpt_kd"]))[0]
+    asked = prof.kd_user_messages(run, train, common.load_items(run))
+    assert all(e["messages"][:-1] == asked(e["user"]) for e in trained)
     llm, _ = common.load_profile_model(run, "sft_mask", model=tiny_llm, device="cpu")
 
-    # 04: trains, reports per-kind held-out accuracy, reloads as a sequence classifier
-    out = rw.main(base + ["--max-steps", "3", "--batch-size", "4", "--max-eval-pairs", "12"])
+    # 04: trains, scores every held-out pair, reports per-kind accuracy with a 95% interval, reloads as a classifier
+    out = rw.main(base + ["--max-steps", "3", "--batch-size", "4"])
     ev = json.loads((out / "eval.json").read_text())
-    assert ev["counts"]["heldout_mode"] == "eval" and ev["heldout"]["n"] == 12
-    assert set(ev["heldout"]["per_kind"]) <= set(KINDS) and len(ev["heldout"]["per_kind"]) >= 4
+    assert ev["counts"]["heldout_mode"] == "eval" and ev["heldout"]["n"] == 12 and not ev["counts"]["subsampled"]
+    assert set(ev["heldout"]["per_kind"]) == set(KINDS)
     assert 0.0 <= ev["heldout"]["accuracy"] <= 1.0
+    for r in [ev["heldout"]] + list(ev["heldout"]["per_kind"].values()):
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["correct"] == round(r["accuracy"] * r["n"])
     scorer = common.RewardScorer(out)
     rows = common.read_jsonl(run / "reward_pairs.jsonl")[:3]
     batched = scorer([r["prompt"] for r in rows], ["", "a b", rows[2]["chosen"]])
     single = [scorer([r["prompt"]], [t])[0] for r, t in zip(rows, ["", "a b", rows[2]["chosen"]])]
     torch.testing.assert_close(batched, torch.stack(single), atol=1e-4, rtol=1e-4)  # left padding is harmless
 
-    # 05: runs, logs, writes an adapter that common.load_profile_model stacks on the SFT model
+    # 05: runs, logs, writes an adapter that common.load_profile_model stacks on the SFT model. The tiny model
+    # never writes a profile line, so --no-profile-stop lets the reward model score its answers here
     args = base + ["--steps", "3", "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "6",
-                   "--ckpt-every", "2", "--ppo-epochs", "1"]
+                   "--ckpt-every", "2", "--ppo-epochs", "1", "--no-profile-stop"]
     out = ppo.main(args)
     log_a = common.read_jsonl(out / "ppo_log.jsonl")
     assert [r["step"] for r in log_a] == [1, 2, 3]
-    for key in ("score", "kl", "response_length", "clip_fraction", "value_loss", "policy_loss", "beta"):
+    for key in ("score", "rm_score", "complete_frac", "kl", "response_length", "clip_fraction", "value_loss",
+                "explained_variance", "policy_loss", "beta"):
         assert key in log_a[0]
+    assert log_a[0]["value_mean"] == 0.0 and log_a[0]["explained_variance"] == pytest.approx(0.0)  # zero critic
+    assert len({r["score"] for r in log_a}) > 1  # reward-model scores
     assert json.loads((out / "base.json").read_text()) == {"sft": "sft_mask"}
     assert (out / "value_head.pt").exists()
     assert {"sft_mask/", "reward/"} <= set(common.read_manifest(run)["stages"]["05_ppo"]["inputs"])  # model dirs
@@ -189,6 +248,31 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
     for a, b in zip(log_a, log_b):
         assert a["score"] == pytest.approx(b["score"], abs=1e-5) and a["kl"] == pytest.approx(b["kl"], abs=1e-4)
     assert not (run / "ppo.partial").exists()
+
+    # by default no answer of the tiny model completes a profile line: each scores INCOMPLETE_SCORE
+    out = ppo.main([a for a in args if a != "--no-profile-stop"] + ["--steps", "1"])
+    (row,) = common.read_jsonl(out / "ppo_log.jsonl")
+    assert row["complete_frac"] == 0.0 and row["rm_score"] is None and row["score"] == ppo.INCOMPLETE_SCORE
+
+
+def test_reward_eval_scores_every_heldout_pair(synthetic_run, tiny_llm):
+    run = write_stage02(synthetic_run)
+    rows = common.read_jsonl(run / "reward_pairs.jsonl")
+    common.write_jsonl(run / "reward_pairs.jsonl", rows + [r for r in rows if r["user"] in (0, 1)] * 4)  # 60 held out
+    tok = common.load_tokenizer(tiny_llm)
+    train, held, counts = rw.load_pairs(run, tok, rw.parse_args(["--run", str(run)]))
+    assert len(held) == 60 and not counts["subsampled"]
+    _, held, counts = rw.load_pairs(run, tok, rw.parse_args(["--run", str(run), "--max-eval-pairs", "12"]))
+    assert len(held) == 12 and counts["subsampled"]
+
+
+def test_wilson_interval():
+    lo, hi = rw.wilson_interval(8, 10)
+    assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook values for 8/10
+    assert rw.wilson_interval(0, 5)[0] == 0.0 and rw.wilson_interval(0, 5)[1] > 0.4  # not [0, 0]
+    assert rw.wilson_interval(5, 5)[1] == 1.0 and rw.wilson_interval(5, 5)[0] < 0.6
+    row = rw.accuracy_row([1.0, -0.5, 0.0, 2.0])  # a tie is not a win
+    assert (row["n"], row["correct"], row["accuracy"]) == (4, 2, 0.5)
 
 
 class Planted:
@@ -309,13 +393,65 @@ def test_ppo_raises_a_programmatic_reward(synthetic_run, tiny_llm):
     policy, vh, tok = tiny_policy(tiny_llm)
     prompts = short_prompts(synthetic_run)
     cfg = ppo.PPOConfig(steps=30, batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-2, max_new_tokens=8,
-                        beta=0.05, seed=0)
+                        beta=0.05, seed=0, stop_at_profile=False)  # a reward of any text, not of profile lines
     hist = ppo.train(policy, vh, tok, prompts, even_token_reward, cfg, progress=False)
     scores = [h["score"] for h in hist]
     first, last = np.mean(scores[:5]), np.mean(scores[-10:])
     assert last > first + 0.1, scores   # measured: ~0.49 -> ~0.63 (a random policy sits at 0.5)
     assert all(math.isfinite(h["kl"]) and h["kl"] < 10.0 for h in hist)
     assert all(0.0 <= h["clip_fraction"] <= 1.0 for h in hist)
+
+
+@pytest.fixture(scope="module")
+def char_llm(tmp_path_factory):
+    return build_char_llm(tmp_path_factory.mktemp("char_llm"))
+
+
+def test_ppo_rollouts_end_where_06_stops(char_llm):
+    """A rollout ends at its first complete profile line (06's rule) or at any end-of-turn token (here Llama-3's
+    <|eot_id|>, which is not the tokenizer's eos); the reward model scores only answers that complete a parseable
+    profile line, the others get INCOMPLETE_SCORE; the log reports the share that completed one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    tok = common.load_tokenizer(char_llm)
+    model = AutoModelForCausalLM.from_pretrained(char_llm, dtype=torch.float32)
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    asked, seen = [], []
+
+    def reward_fn(prompts, texts, resp):
+        asked.extend(texts)
+        return torch.full((len(texts),), 1.5)
+    cfg = ppo.PPOConfig(steps=1, batch_size=6, minibatch_size=3, max_new_tokens=CHAR_MAX_NEW, seed=0)
+    hist = ppo.train(policy, ppo.new_value_head(model.config.hidden_size), tok, char_prompts(6), reward_fn, cfg,
+                     on_step=lambda row, ro: seen.append(ro), progress=False)
+    ro, eot = seen[0], tok.convert_tokens_to_ids("<|eot_id|>")
+    lengths = ro["mask"].sum(1).long().tolist()
+    assert sorted(map(str, ro["how"])) == ["None", "None", "eot", "eot", "profile", "profile"]
+    for k, how in enumerate(ro["how"]):
+        kept = ro["resp"][k, :lengths[k]].tolist()
+        if how == "profile":  # cut right after the line's newline, although the model goes on
+            assert ro["texts"][k] == CHAR_PROFILE and tok.decode(kept).endswith("\n")
+            assert ro["complete"][k] and ro["scores"][k] == 1.5
+        elif how == "eot":
+            assert ro["texts"][k] == "No idea." and kept[-1] == eot
+            assert not ro["complete"][k] and ro["scores"][k] == ppo.INCOMPLETE_SCORE
+        else:
+            assert lengths[k] == CHAR_MAX_NEW and not ro["complete"][k] and ro["scores"][k] == ppo.INCOMPLETE_SCORE
+        assert (ro["resp"][k, lengths[k]:] == tok.pad_token_id).all()
+    assert asked == [CHAR_PROFILE] * 2  # the reward model sees complete answers only
+    assert hist[0]["complete_frac"] == pytest.approx(2 / 6) and hist[0]["rm_score"] == pytest.approx(1.5)
+    assert hist[0]["score"] == pytest.approx((2 * 1.5 + 4 * ppo.INCOMPLETE_SCORE) / 6)
+    assert hist[0]["value_mean"] == 0.0 and hist[0]["explained_variance"] == pytest.approx(0.0)
+
+
+def test_value_head_and_explained_variance():
+    head = ppo.new_value_head(16)
+    assert torch.equal(head(torch.randn(3, 5, 16)), torch.zeros(3, 5, 1))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).float()
+    returns = torch.tensor([[1.0, 2.0, 3.0, 9.0], [-1.0, 0.5, 9.0, 9.0]])
+    assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.zeros_like(returns), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    assert ppo.explained_variance(-returns, returns, mask) < 0
 
 
 def exact_kl(policy, tok, prompts):
@@ -340,7 +476,7 @@ def test_ppo_huge_beta_stays_at_reference(synthetic_run, tiny_llm):
     for beta in (0.0, 1e3):
         policy, vh, tok = tiny_policy(tiny_llm)
         cfg = ppo.PPOConfig(steps=10, batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-2, max_new_tokens=8,
-                            beta=beta, seed=0)
+                            beta=beta, seed=0, stop_at_profile=False)
         hist = ppo.train(policy, vh, tok, prompts, even_token_reward, cfg, progress=False)
         out[beta] = exact_kl(policy, tok, prompts) + (np.mean([h["score"] for h in hist[-3:]]),)
         assert hist[0]["kl"] == 0.0  # the new LoRA starts as the identity: policy == reference
