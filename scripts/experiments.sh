@@ -37,8 +37,10 @@ timed() {  # timed NAME COMMAND...: always runs (the stage resumes by itself), l
   mkdir -p "$RUN/.done" && echo "$name $((SECONDS - t)) s" | tee -a "$RUN/.done/times"
 }
 
+run_dir() { RUN=$ROOT/$1; }
+# 1. the split, the language-model stages and both profile sources, per setting
 for setting in $SETTINGS; do
-  RUN=$ROOT/$setting
+  run_dir "$setting"
   case $setting in
     dense) split_opts="" ;;
     sparse*) split_opts="--max-train-per-user ${setting#sparse}" ;;
@@ -52,12 +54,19 @@ for setting in $SETTINGS; do
   step 06-teacher python 06_profile.py --run "$RUN" --source teacher
   step 06-ppo-shards both "06_profile.py --run $RUN --source ppo --shard 0/2" "06_profile.py --run $RUN --source ppo --shard 1/2"
   step 06-ppo-merge python 06_profile.py --run "$RUN" --source ppo --merge
-  # two processes with about equal work: the graph models with contrastive views are the slow ones
-  for source in teacher ppo; do
-    timed "07-$source" both \
-      "07_train_cf.py --run $RUN --backbone sgl biasmf --variant base augment --source $source --seeds $SEEDS" \
-      "07_train_cf.py --run $RUN --backbone simgcl ncf lightgcn --variant base augment --source $source --seeds $SEEDS"
+done
+# 2. the recommenders, seeds outermost, so that a partial run already has every setting, backbone, variant and
+# source at seed 0; two processes with about equal work (the graph models with contrastive views are the slow
+# ones). 07 skips models already trained on the current inputs.
+for seed in $SEEDS; do
+  for setting in $SETTINGS; do
+    run_dir "$setting"
+    for source in teacher ppo; do
+      timed "07-$source-s$seed" both \
+        "07_train_cf.py --run $RUN --backbone lightgcn biasmf sgl --variant base augment --source $source --seeds $seed" \
+        "07_train_cf.py --run $RUN --backbone ncf simgcl --variant base augment --source $source --seeds $seed"
+    done
+    timed "08-s$seed" python 08_eval.py --run "$RUN"   # tables of what exists so far
   done
-  timed 08 python 08_eval.py --run "$RUN"
 done
 echo "== experiments done; tables in $ROOT/*/results/tables.md"
