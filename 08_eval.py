@@ -181,20 +181,25 @@ def model_order(key):
 
 
 def setting_table(runs, refs, meta_by_key, metrics, ks, alpha, tie_warn):
-    """One markdown table: the references, then every model. runs[key] = list of per-seed per-user dicts;
-    refs[name] = per-user dict."""
+    """One markdown table: the references, then every model. runs[key] = {seed: per-user dict}; refs[name] =
+    per-user dict. A change against Base is measured on the seeds both have (seed-averaged per user)."""
     k0 = ks[0]
     heads = [f"recall@{k0}", f"ndcg@{k0}"]
     cols = (["Model", "Variant", "Source", "seeds"] + metrics
             + [f"{h} vs {w}" for h in heads for w in ("Base", "centroid")] + [f"ties@{k0}", "zero items"])
     centroid = refs["content centroid"]
 
-    def line(name, variant, source, per_seed, base, zero):
-        avg = {m: np.mean([p[m] for p in per_seed], axis=0) for m in per_seed[0]}
-        cells = [name, variant, source, str(len(per_seed))]
-        cells += [mean_std([np.nanmean(p[m]) for p in per_seed]) for m in metrics]
+    def seed_avg(by_seed, names, seeds=None):
+        seeds = sorted(by_seed) if seeds is None else seeds
+        return {m: np.mean([by_seed[x][m] for x in seeds], axis=0) for m in names}
+
+    def line(name, variant, source, by_seed, base, zero):
+        avg = seed_avg(by_seed, list(next(iter(by_seed.values()))))
+        both = sorted(set(by_seed) & set(base)) if base else []
+        cells = [name, variant, source, str(len(by_seed))]
+        cells += [mean_std([np.nanmean(p[m]) for p in by_seed.values()]) for m in metrics]
         for h in heads:
-            cells.append(change(base[h], avg[h], alpha) if base is not None else "")
+            cells.append(change(seed_avg(base, [h], both)[h], seed_avg(by_seed, [h], both)[h], alpha) if both else "")
             cells.append(change(centroid[h], avg[h], alpha) if name != "content centroid" else "")
         ties = float(np.nanmean(avg[f"ties@{k0}"]))
         cells += [("⚠ " if ties > tie_warn else "") + f"{ties:.1%}", zero]
@@ -202,7 +207,7 @@ def setting_table(runs, refs, meta_by_key, metrics, ks, alpha, tie_warn):
 
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name in REFERENCES:
-        out.append(line(name, "reference", "—", [refs[name]], None, "—"))
+        out.append(line(name, "reference", "—", {None: refs[name]}, None, "—"))
     for key in sorted(meta_by_key, key=model_order):
         b, v, s = key
         zero = ", ".join(sorted({str(m.get("zero_items", "—")) for m in meta_by_key[key]}))
@@ -211,8 +216,7 @@ def setting_table(runs, refs, meta_by_key, metrics, ks, alpha, tie_warn):
                                          + ["", zero]) + " |")
             continue
         base = runs.get((b, "base", "none")) if v != "base" else None
-        base_avg = {h: np.mean([p[h] for p in base], axis=0) for h in heads} if base else None
-        out.append(line(b, v, s, runs[key], base_avg, zero))
+        out.append(line(b, v, s, runs[key], base, zero))
     return out
 
 
@@ -288,7 +292,7 @@ def main(argv=None):
                             **{k: m[k] for k in saved})
             add_rows({"backbone": name, "variant": "reference", "source": "none", "seed": None}, setting, m)
 
-    runs, meta_by_key = {s: defaultdict(list) for s in setups}, defaultdict(list)
+    runs, meta_by_key = {s: defaultdict(dict) for s in setups}, defaultdict(list)
     for folder in tqdm(folders, desc="08 evaluate", unit="model"):
         meta = json.loads((folder / "meta.json").read_text())
         key = (meta["backbone"], meta["variant"], meta["source"])
@@ -301,7 +305,7 @@ def main(argv=None):
                              "note": "ID item embeddings cannot score cold items"})
                 continue
             common.save_npz(run / "results" / "per_user" / f"{folder.name}_{setting}.npz", **{k: m[k] for k in saved})
-            runs[setting][key].append(m)
+            runs[setting][key][meta["seed"]] = m
             add_rows(ident, setting, m)
 
     n_cold_users = int(np.isfinite(refs["zero"]["random"][f"recall@{ks[0]}"]).sum())

@@ -163,3 +163,21 @@ def test_ncf_topk_without_a_tie_slot_is_refused(toy_run):
                         [f"cf/ncf_base_none_s0/{f}" for f in ("meta.json", "topk_full.npz", "topk_zero.npz")], time.time())
     with pytest.raises(SystemExit, match="one more slot"):
         eval08.main(["--run", str(toy_run), "--ks", "2"])
+
+
+def test_change_against_base_uses_the_seeds_both_have(toy_run):
+    """Base trained at seeds 0 and 1, Augment at seed 1 only: the change is measured against Base's seed 1."""
+    good = np.zeros((8, 10))
+    for u in range(8):
+        good[u, (u + 1) % 8] = 1.0
+    meta = {"backbone": "biasmf", "source": "none", "scorer": "dot", "can_score_cold": True}
+    write_model(toy_run, "biasmf_base_none_s0", {**meta, "variant": "base", "seed": 0}, good, np.eye(10))
+    write_model(toy_run, "biasmf_base_none_s1", {**meta, "variant": "base", "seed": 1}, -good, np.eye(10))
+    write_model(toy_run, "biasmf_augment_ppo_s1", {**meta, "variant": "augment", "source": "ppo", "seed": 1},
+                good, np.eye(10))
+    eval08.main(["--run", str(toy_run), "--ks", "1"])
+    md = (toy_run / "results" / "tables.md").read_text()
+    full = md.split("## Zero-shot")[0]
+    row = next(line for line in full.splitlines() if line.startswith("| biasmf | augment |"))
+    # Recall@1 0.75 against seed 1 of Base (0): an absolute change; the two-seed mean (0.375) would give +100%
+    assert row.split(" | ")[6] == "+0.7500*", row
