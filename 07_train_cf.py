@@ -192,8 +192,8 @@ class Towers(nn.Module):
 
 
 # ----------------------------------------------------------------------------- backbones
-# Each forward(u, pos, neg) returns (positive scores, negative scores, extra loss). Dot-product backbones also give dot_reps(): all users' and
-# all items' final vectors, whose dot product is the score.
+# Each forward(u, pos, neg) returns (positive scores, negative scores, extra loss). Dot-product
+# backbones also give dot_reps(): all users' and all items' final vectors, whose dot product is the score.
 
 class BiasMF(nn.Module):
     scorer = "dot"

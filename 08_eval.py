@@ -89,10 +89,9 @@ def evaluate_model(folder, meta, setting, exclude, test, subset, ks):
     if idx.shape[1] < max(ks) + 1:
         raise SystemExit(f"08_eval: {folder}/topk_{setting}.npz holds top-{idx.shape[1]}, but K={max(ks)} needs "
                          f"{max(ks) + 1} (one more slot, to see ties); re-run 07 with --topk {max(ks) + 1}")
-    m = {name: v.numpy() for name, v in common.ops().rank_metrics(idx[:, :max(ks)], test[0], test[1], list(ks)).items()}
-    for name, v in common.tie_shares(scores[:, :max(ks) + 1], ks).items():
-        m[name] = np.where(np.isnan(m[f"recall@{name.split('@')[1]}"]), np.nan, v.numpy())
-    return m
+    m = common.ops().rank_metrics(idx[:, :max(ks)], test[0], test[1], list(ks))
+    m.update(common.tie_shares(scores[:, :max(ks) + 1], ks))
+    return common.metrics_numpy(m, ks)
 
 
 # ----------------------------------------------------------------------------- references
@@ -102,17 +101,16 @@ def random_ranking(exclude, test, subset, n_items, ks):
     holds one of the user's t test items with probability t / n (n candidates)."""
     cand = np.ones(n_items, dtype=bool) if subset is None else np.isin(np.arange(n_items), subset.numpy())
     ex_ptr, ex_col = exclude[0].numpy(), exclude[1].numpy()
-    te_ptr, te_col = test[0].numpy(), test[1].numpy()
-    n_users = len(te_ptr) - 1
-    excluded = np.array([cand[ex_col[ex_ptr[u]:ex_ptr[u + 1]]].sum() for u in range(n_users)])
-    n = cand.sum() - excluded
-    t = np.array([len(np.unique(te_col[te_ptr[u]:te_ptr[u + 1]])) for u in range(n_users)])
-    disc = 1.0 / np.log2(np.arange(max(ks)) + 2)
+    n_users = len(ex_ptr) - 1
+    excluded = np.bincount(np.repeat(np.arange(n_users), np.diff(ex_ptr)), weights=cand[ex_col], minlength=n_users)
+    n = (cand.sum() - excluded).astype(np.int64)
+    t = np.diff(test[0].numpy())   # common.csr rows hold unique items
+    cum = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(max(ks)) + 2))])   # cum[j]: DCG of j hits
     out = {}
     for k in ks:
         slots = np.minimum(k, n)
-        dcg = np.array([disc[:s].sum() for s in slots]) * t / np.maximum(n, 1)
-        idcg = np.array([disc[:max(min(x, k), 1)].sum() for x in t])
+        dcg = cum[slots] * t / np.maximum(n, 1)
+        idcg = cum[np.clip(t, 1, k)]
         has = t > 0
         out[f"recall@{k}"] = np.where(has, slots / np.maximum(n, 1), np.nan)
         out[f"ndcg@{k}"] = np.where(has, dcg / idcg, np.nan)
@@ -139,7 +137,7 @@ def references(split, text_emb, item_nbrs, setups, ks, seed):
     nbr_pop[cold] = train_pop[item_nbrs[cold]].mean(1)
     emb = text_emb / np.maximum(np.linalg.norm(text_emb, axis=1, keepdims=True), 1e-12)
     train = common.user_items(split["train_u"], split["train_i"], n_users)
-    cent = np.stack([emb[t].mean(0) if len(t) else np.zeros(emb.shape[1]) for t in train]).astype(np.float32)
+    cent = common.history_centroids(train, emb)
     cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
     out = {}
     for setting, (exclude, test, subset) in setups.items():
@@ -266,10 +264,7 @@ def main(argv=None):
     inputs = ["data/split.npz", "item_text_emb.npy", "neighbors.npz"] + [
         str(f.relative_to(run) / n) for f in folders for n in sorted(
             x.name for x in f.iterdir() if x.suffix in (".npy", ".npz", ".json"))]
-    try:
-        common.check_inputs(run, inputs, args.force)
-    except common.StaleInputError as e:
-        raise SystemExit(f"08_eval: {e}") from None
+    common.check_inputs(run, inputs, args.force)
     split = common.load_split(run)
     setups = settings(split)
     ks = sorted(args.ks)
@@ -279,7 +274,12 @@ def main(argv=None):
     common.log.info("08: reference rankings (random, popularity, content centroid, oracle)")
     refs = references(split, common.load_npy(run / "item_text_emb.npy"), common.load_neighbors(run)["item_nbrs"],
                       setups, ks, args.seed)
-    rows = []
+    rows, per_user_files = [], []
+
+    def save_per_user(name, m):
+        rel = f"results/per_user/{name}.npz"
+        common.save_npz(run / rel, **{k: m[k] for k in saved})
+        per_user_files.append(rel)
 
     def add_rows(ident, setting, m):
         for name in saved:
@@ -288,8 +288,7 @@ def main(argv=None):
                          "users": int(np.isfinite(v).sum()), "skipped_users": int(np.isnan(v).sum())})
     for setting, by_name in refs.items():
         for name, m in by_name.items():
-            common.save_npz(run / "results" / "per_user" / f"ref_{name.split(':')[0].replace(' ', '_')}_{setting}.npz",
-                            **{k: m[k] for k in saved})
+            save_per_user(f"ref_{name.split(':')[0].replace(' ', '_')}_{setting}", m)
             add_rows({"backbone": name, "variant": "reference", "source": "none", "seed": None}, setting, m)
 
     runs, meta_by_key = {s: defaultdict(dict) for s in setups}, defaultdict(list)
@@ -304,7 +303,7 @@ def main(argv=None):
                 rows.append({**ident, "setting": setting, "metric": None, "value": None,
                              "note": "ID item embeddings cannot score cold items"})
                 continue
-            common.save_npz(run / "results" / "per_user" / f"{folder.name}_{setting}.npz", **{k: m[k] for k in saved})
+            save_per_user(f"{folder.name}_{setting}", m)
             runs[setting][key][meta["seed"]] = m
             add_rows(ident, setting, m)
 
@@ -325,7 +324,8 @@ def main(argv=None):
     common.write_jsonl(run / "results" / "metrics.jsonl", rows)
     common.write_text(run / "results" / "tables.md", md)
     print(md)
-    common.record_stage(run, "08_eval", args, inputs, ["results/metrics.jsonl", "results/tables.md"], started)
+    common.record_stage(run, "08_eval", args, inputs, ["results/metrics.jsonl", "results/tables.md", *per_user_files],
+                        started)
 
 
 if __name__ == "__main__":

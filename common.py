@@ -1146,8 +1146,14 @@ def rank_eval(user_emb, item_emb, exclude, test, ks=(20, 40), item_subset=None, 
         m.update(tie_shares(scores.cpu(), ks))
         for name, v in m.items():
             out.setdefault(name, []).append(v)
-    out = {name: torch.cat(v).numpy() for name, v in out.items()}
-    for k in ks:   # ties only where the user is evaluated
+    return metrics_numpy({name: torch.cat(v) for name, v in out.items()}, ks)
+
+
+def metrics_numpy(m, ks):
+    """rank_metrics + tie_shares tensors as numpy arrays, ties@K NaN where the user is not evaluated (no test
+    items), as recall@K is."""
+    out = {name: v.numpy() for name, v in m.items()}
+    for k in ks:
         out[f"ties@{k}"][np.isnan(out[f"recall@{k}"])] = np.nan
     return out
 
@@ -1452,6 +1458,16 @@ def heldout_items(split):
     return held, train
 
 
+def history_centroids(item_lists, item_emb):
+    """float32 [len(item_lists), d]: the mean embedding of each list's items (zeros for an empty list), the
+    profile-free reference of the probe and of 08's content-centroid ranking."""
+    out = np.zeros((len(item_lists), item_emb.shape[1]), np.float32)
+    for r, items in enumerate(item_lists):
+        if len(items):
+            out[r] = item_emb[items].mean(0)
+    return out
+
+
 def profile_probe(split, users, user_emb, item_emb, k=20, chunk=1024):
     """SPEC section 7: for each of `users` (rows of `user_emb` aligned with it), rank every item by cosine with
     `item_emb` (training items excluded) and compute Recall@k of the user's validation items (never test items:
@@ -1474,8 +1490,7 @@ def profile_probe(split, users, user_emb, item_emb, k=20, chunk=1024):
     n_items = ie.shape[0]
     keep = np.array([len(held[u]) > 0 for u in users], dtype=bool)
     users, ue = users[keep], ue[keep]
-    cent = np.stack([ie[train[u]].mean(0) if len(train[u]) else np.zeros(ie.shape[1], np.float32) for u in users]) \
-        if len(users) else np.zeros((0, ie.shape[1]), np.float32)
+    cent = history_centroids([train[u] for u in users], ie)
 
     def recall(q):
         out = np.zeros(len(users))

@@ -114,7 +114,7 @@ def test_refuses_models_written_from_a_stale_split(toy_run):
     split = dict(np.load(toy_run / "data" / "split.npz"))
     split["test_i"] = split["test_i"][::-1].copy()
     common.save_npz(toy_run / "data" / "split.npz", **split)
-    with pytest.raises(SystemExit, match="01_neighbors"):
+    with pytest.raises(common.StaleInputError, match="01_neighbors"):
         eval08.main(["--run", str(toy_run)])
 
 
