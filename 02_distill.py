@@ -15,6 +15,9 @@ Writes  distill.jsonl        {"user", "prompt" (chat messages sent to the teache
                               substitution, oversmoothing, incomplete, repeated, empty, junk; none whose rejected
                               answer is the chosen profile's terms reordered; "reward" pairs substitute only
                               profiles of sft and reward users (PAIR_DONORS)
+        prompt.json          the prompt sizes: "teacher" (--max-items, --max-chars; 03's training prompts show the
+                             same) and "inference" (the --pair-* sizes; 05 and 06 show the same); no later stage
+                             has flags for them (common.prompt_settings)
         distill_probe.json   profile-quality probe (SPEC section 7) of the teacher profiles, eval users: Recall@20
                              of their validation items (never test items; common.profile_probe); the teacher's
                              diversity (common.profile_diversity; all and eval users); reward pairs per set and kind
@@ -867,7 +870,11 @@ def main(argv=None):
              100 * d["top_identity_share"], d["top_identity"], 100 * d["top_identity_term_share"],
              d["top_identity_term"], d["distinct_interest_triples"])
 
-    outputs = ["distill.jsonl", "user_sets.json", "reward_pairs.jsonl"]
+    # the prompt sizes every later stage shows: 03 trains on the teacher's, 05 and 06 answer the inference prompt's
+    common.write_json(run / common.PROMPT_FILE, {
+        "teacher": {"max_items": args.max_items, "max_chars": args.max_chars},
+        "inference": {k: getattr(args, "pair_" + k) for k in common.PROMPT_SIZES}})
+    outputs = ["distill.jsonl", "user_sets.json", "reward_pairs.jsonl", common.PROMPT_FILE]
     probe = None
     if not args.no_probe:
         eval_users = sets["eval"] or sorted(profiles)

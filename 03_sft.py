@@ -1,11 +1,16 @@
 """03_sft — LoRA instruction tuning of the profile LLM (paper sec. 2.3, appendix 6.4 / 6.6).
 
+Every prompt shows a user as 02's teacher saw it (prompt.json "teacher": the newest max_items items, texts cut at
+max_chars, and how many older ones are left out; there are no flags for these here), so that every profile the
+model is taught is a function of what its prompt shows. Prompts are never cut: an example longer than --max-length
+is left out (counted: "too_long").
+
 Variants (`--variant`):
-  gpt_kd  single turn: prompt = the user's training items (KD_PROMPT below), response = the teacher profile
-          (knowledge distillation, sec. 2.3.1).
+  gpt_kd  single turn: prompt = the user's items (KD_PROMPT below), response = the teacher profile (knowledge
+          distillation, sec. 2.3.1); plus item-profile examples (below).
   naive   the two-turn dialogue below; loss only on the turn-2 answer (Yes/No).
   mask    the two-turn dialogue; loss on every response segment (the turn-1 profiles and the turn-2 answer),
-          every system/user token masked (sec. 2.3.2, "Tuning Strategy").
+          every system/user token masked (sec. 2.3.2, "Tuning Strategy"); plus item-profile examples.
   naive and mask are built on GPT_KD, as the paper's ablation (appendix 6.4) describes: they continue training the
   `sft_gpt_kd` LoRA (its weights and its LoRA settings; --lora-* do not apply), so that `sft_naive`, whose loss is
   on Yes/No only, keeps the profile-writing it learnt there. Without run/sft_gpt_kd they stop with an error that
@@ -14,20 +19,26 @@ Variants (`--variant`):
 
 Two-turn dialogue (one per target user, targets = the "sft" user set of user_sets.json):
   system  explains collaborative filtering and the two stages (TWO_TURN_SYSTEM).
-  turn 1  the target's and its similar users' (neighbors.npz user_nbrs) item lists with item text; asks for every
-          user's profile. Answer: the profiles, one per line (TURN1_ANSWER_LINE). Profiles come from the teacher
-          (distill.jsonl; users of the "eval" set are never taught, so their teacher profiles are not used), and for
-          neighbours the teacher did not see, from the trained `sft_gpt_kd` model when `run/sft_gpt_kd` exists
-          (generated once, cached resumably in `sft_kd_profiles.jsonl`, keyed by the adapter's sha256); neighbours
-          with no (valid) profile are left out of the dialogue, and the log says how many.
-  turn 2  "will the target user interact with item v?"; answer Yes or No. Positive: v is a training item of
-          the target that also appears in a shown neighbour's list; v is removed from the target's turn-1 list.
-          Negative: v is a shown neighbour's item the target never interacted with in train or valid. The labels
+  turn 1  the target's and its similar users' (neighbors.npz user_nbrs) item lists; asks for every user's
+          profile. Answer: the profiles, one per line (TURN1_ANSWER_LINE). Profiles come from the teacher
+          (distill.jsonl), and for neighbours the teacher did not see, from the trained `sft_gpt_kd` model when
+          `run/sft_gpt_kd` exists (generated once, cached resumably in `sft_kd_profiles.jsonl`, keyed by the
+          adapter's sha256). Users of the "eval" set are held out of every training set: never a target, and left
+          out as neighbours. Neighbours with no (valid) profile are left out too; the log counts each case.
+  turn 2  "will the target user interact with item v?"; answer Yes or No. Positive: a training item of the
+          target that a shown neighbour shows. It is drawn from the target's items older than its shown window
+          (the list and profile stay the teacher's), or, when 02's teacher was the rules teacher, from all its
+          training items: a shown v is then removed from the target's list, which shows one older item instead,
+          and the target's turn-1 profile is the rules teacher's profile of that list (counted: "pos_reprofiled").
+          Negative: a shown neighbour's item the target never interacted with in train or valid. The labels
           are balanced, Yes and No equal up to one (balanced_labels, seeded): a target with candidates of one kind
           only gets that label, the others are split so that the totals balance, and a surplus of one-kind targets
           is left out (counted: "dropped_for_balance"); a model that sees more No than Yes learns to say No.
-  Prompts longer than --max-length tokens keep each user's newest items (halving the shown counts) and say how
-  many older items were dropped; an example that still does not fit is skipped (counted).
+Item-profile examples (gpt_kd and mask; --item-frac per user example; item_examples): 06's item prompts
+  (common.warm_item_messages / cold_item_messages), the answer in the user format: warm, the profiles of 1 to
+  ITEM_USERS of an item's most recent taught users -> their most common terms (common.merge_profiles); cold, up
+  to ITEM_NBRS text-similar warm items with their item profiles -> those merged. 06 then asks items for a form
+  the model was trained on.
 
 Tokenisation: the chat template's {% generation %} markers give the assistant-token mask
 (`apply_chat_template(..., return_assistant_tokens_mask=True)`, as SFTTrainer's `assistant_only_loss` does);
@@ -45,6 +56,7 @@ Run    python 03_sft.py --run runs/ml100k --variant gpt_kd
        python 03_sft.py --run runs/ml100k --variant mask      # after gpt_kd: starts from it
 Time   (SmolLM2-135M, 2 CPU cores, measured on a synthetic run) see TIMING below.
 """
+import collections
 import json
 import shutil
 import time
@@ -67,15 +79,15 @@ DEFAULTS = dict(
     lr=2e-3,               # high for LoRA: 16 steps must teach SmolLM2-135M the profile format (see TIMING)
     lora_r=8, lora_alpha=16, lora_dropout=0.05,
     lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-    max_length=1024,       # tokens per example (prompt + responses)
-    max_items=6,           # newest target items shown
-    max_nbr_items=3,       # newest items shown per neighbour
+    max_length=1024,       # tokens per example (prompt + responses); longer examples are left out, never cut
     n_neighbors=2,         # similar users per dialogue (<= k of neighbors.npz)
-    item_chars=48,         # item text cut to this many characters (as common.PROMPT_SIZES)
+    item_frac=0.5,         # gpt_kd and mask: item-profile examples per user example (06 asks items in this form)
     kd_gen_batch=8, kd_max_new_tokens=48,
     init="gpt_kd",         # naive/mask: continue the sft_gpt_kd LoRA (the paper's ablation) | fresh
 )
 KD_ADAPTER = "sft_gpt_kd"
+ITEM_USERS = 5             # warm item examples show 1-5 of the item's most recent users (the SPEC's 5; 06 may show fewer)
+ITEM_NBRS = 3              # cold item examples show this many text-similar warm items (06's --item-nbrs default)
 # TIMING (SmolLM2-135M, 1 CPU thread, bf16 autocast where the CPU has bf16 FMA (1.8x fp32 here), measured in
 # the pipeline beside 07 on the other core): a mask step (batch 2 x ~636 tokens) 18.4 s, so the 16-step default
 # takes ~5 min; a gpt_kd step (batch 4 x ~300 tokens) ~21 s in fp32. 16 steps at lr 2e-3 with LoRA on every
@@ -190,25 +202,71 @@ def _surplus(labels, pos_only, neg_only, rng):
     return rng.choice(pool, extra, replace=False) if extra > 0 else np.array([], int)
 
 
-def _fit(build, tok, max_length, max_items, max_nbr_items):
-    """Build messages, halving the shown item counts until the tokenised example fits; None if it never does."""
-    mi, mn = max_items, max_nbr_items
-    while True:
-        msgs = build(mi, mn)
-        n = len(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
-        if n <= max_length:
-            return msgs, mi, mn
-        if mi <= 1 and mn <= 1:
-            return None, mi, mn
-        mi, mn = max(1, mi // 2), max(1, mn // 2)
+def fits(tok, msgs, max_length):
+    """Prompts are never cut: a shorter list would no longer be what the teacher profiled (an example longer than
+    --max-length is left out and counted)."""
+    return len(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]) <= max_length
+
+
+def rules_reprofiler(run, rows, train, item_text, shown):
+    """02's RulesTeacher when every distill row is its profile (then a target whose shown list loses the positive
+    item gets the profile of the list it shows), else None (such positives are not drawn)."""
+    if not rows or any(r.get("teacher") != "rules" for r in rows):
+        return None
+    import importlib
+    teacher = importlib.import_module("02_distill").RulesTeacher(item_text, train, shown["max_items"],
+                                                                   shown["max_chars"])
+    return teacher.profile
+
+
+def add_example(examples, stats, tok, args, msgs, last_turn_only=False, **info):
+    if not fits(tok, msgs, args.max_length):
+        stats["too_long"] += 1
+        return
+    ids, labels = tokenize_example(tok, msgs, last_turn_only)
+    examples.append({"messages": msgs, "input_ids": ids, "labels": labels, **info})
+
+
+def item_examples(run, tok, args, teacher, n, rng, stats):
+    """Up to n single-turn item-profile examples, half warm, half cold (06's item prompts, common.*_item_messages):
+    warm, the profiles of an item's 1-ITEM_USERS most recent taught training users -> their merged profile; cold,
+    up to ITEM_NBRS text-similar warm items with their warm item profiles -> those profiles merged. Each target is
+    a function of its prompt."""
+    split = common.load_split(run)
+    n_items = split["n_items"]
+    text = [common.clip(t, args.prompt["inference"]["max_chars"]) for t in common.load_items(run)]
+    users_of = common.user_items(split["train_i"], split["train_u"], n_items)  # chronological per item
+    taught = [[int(u) for u in users_of[i] if int(u) in teacher][::-1] for i in range(n_items)]  # newest first
+    warm_profile = {i: common.merge_profiles([teacher[u] for u in us[:ITEM_USERS]]) for i, us in enumerate(taught)
+                    if us}
+    item_nbrs = common.load_neighbors(run)["item_nbrs"]
+    examples = []
+    for i in rng.permutation(sorted(warm_profile))[:(n + 1) // 2]:
+        users = taught[i][:int(rng.integers(1, ITEM_USERS + 1))]  # 06 shows --item-users of them: any count
+        msgs = common.warm_item_messages(text[i], [teacher[u] for u in users])
+        target = common.merge_profiles([teacher[u] for u in users])
+        add_example(examples, stats, tok, args, msgs + [{"role": "assistant", "content": target}], item=int(i),
+                    kind="warm_item")
+    for i in rng.permutation(n_items):
+        if len(examples) >= n:
+            break
+        similar = [int(j) for j in item_nbrs[i] if int(j) != i and int(j) in warm_profile][:ITEM_NBRS]
+        if similar:
+            msgs = common.cold_item_messages(text[i], [(text[j], warm_profile[j]) for j in similar])
+            target = common.merge_profiles([warm_profile[j] for j in similar])
+            add_example(examples, stats, tok, args, msgs + [{"role": "assistant", "content": target}],
+                        item=int(i), kind="cold_item")
+    return examples
 
 
 def build_examples(run, variant, tok, args, kd_profiles=None):
-    """The tokenised training examples of one variant and counts for the log. Each example:
-    {"user", "messages", "input_ids", "labels", "label" (two-turn: 1/0), "item" (two-turn: v)}."""
+    """The tokenised training examples of one variant and counts for the log. Each example: {"user" (or "item"),
+    "kind", "messages", "input_ids", "labels"; two-turn: "label" (1/0), "item" (v), "reprofiled"}."""
     run = Path(run)
     rng = np.random.default_rng(args.seed)
+    shown = args.prompt["teacher"]  # what the teacher saw of a user: every prompt here shows the same
     sets = json.loads((run / "user_sets.json").read_text())
+    eval_users = {int(u) for u in sets.get("eval", [])}
     split = common.load_split(run)
     n_users = split["n_users"]
     item_text = common.load_items(run)
@@ -216,24 +274,30 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
     valid = common.user_items(split["valid_u"], split["valid_i"], n_users)
     teacher = teacher_profiles(run, sets)
     targets = [int(u) for u in sets["sft"] if int(u) in teacher and len(train[int(u)])]
-    stats = {"targets": len(sets["sft"]), "targets_with_profile": len(targets), "too_long": 0, "truncated": 0}
+    stats = collections.Counter(targets=len(sets["sft"]), targets_with_profile=len(targets), too_long=0)
     examples = []
     if variant == "gpt_kd":
         for u in targets:
-            msgs, mi, _ = _fit(lambda mi, mn: kd_messages(train[u], item_text, mi, args.item_chars, teacher[u]),
-                               tok, args.max_length, args.max_items, args.max_nbr_items)
-            if msgs is None:
-                stats["too_long"] += 1
-                continue
-            stats["truncated"] += mi < args.max_items and len(train[u]) > mi
-            ids, labels = tokenize_example(tok, msgs, last_turn_only=False)
-            examples.append({"user": u, "messages": msgs, "input_ids": ids, "labels": labels})
-        return examples, stats
+            msgs = kd_messages(train[u], item_text, shown["max_items"], shown["max_chars"], teacher[u])
+            add_example(examples, stats, tok, args, msgs, user=u, kind="user")
+    else:
+        examples = two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher, targets, eval_users,
+                                     kd_profiles or {}, rng, stats)
+    if variant != "naive" and args.item_frac > 0:
+        items = item_examples(run, tok, args, teacher, round(args.item_frac * len(examples)), rng, stats)
+        stats.update(item_examples=len(items))
+        examples += items
+    return examples, dict(stats)
 
+
+def two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher, targets, eval_users, kd_profiles,
+                      rng, stats):
+    shown = args.prompt["teacher"]
+    mi = shown["max_items"]
+    reprofile = rules_reprofiler(run, common.read_jsonl(Path(run) / "distill.jsonl"), train, item_text, shown)
     nbr_table = common.load_neighbors(run)["user_nbrs"]
-    kd_profiles = kd_profiles or {}
-    stats.update(nbrs_teacher=0, nbrs_kd=0, nbrs_skipped=0, positives=0, negatives=0, pos_only=0, neg_only=0,
-                 no_candidate=0, dropped_for_balance=0)
+    stats.update(nbrs_teacher=0, nbrs_kd=0, nbrs_eval=0, nbrs_skipped=0, positives=0, negatives=0, pos_only=0,
+                 neg_only=0, no_candidate=0, dropped_for_balance=0, pos_hidden=0, pos_reprofiled=0)
     plans = []  # (target, its shown neighbours, positive candidates, negative candidates)
     for u in targets:
         nbrs = []
@@ -241,41 +305,44 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
             v = int(v)
             if v < 0 or v == u or not len(train[v]):
                 continue
-            if v in teacher:
+            if v in eval_users:  # held out of every training set, as a neighbour too
+                stats["nbrs_eval"] += 1
+            elif v in teacher:
                 nbrs.append((train[v], teacher[v])); stats["nbrs_teacher"] += 1
             elif v in kd_profiles:
                 nbrs.append((train[v], kd_profiles[v])); stats["nbrs_kd"] += 1
             else:
                 stats["nbrs_skipped"] += 1
-        shown = set(int(i) for items, _ in nbrs for i in list(items)[-args.max_nbr_items:])
+        nbr_shown = set(int(i) for items, _ in nbrs for i in common.shown_items(items, mi))
         own = set(int(i) for i in train[u]) | set(int(i) for i in valid[u])
-        pos_cand = sorted(shown & set(int(i) for i in train[u]))
-        neg_cand = sorted(shown - own)
+        # a positive is an item of the target's that a neighbour shows: one older than the target's shown window
+        # (its list and profile stay as they are), or, with a re-profiling teacher, one of its shown items (the
+        # list then shows one older item instead, and its profile is of that list)
+        hidden = set(int(i) for i in train[u][:-mi]) if mi else set()
+        pos_cand = sorted(nbr_shown & (set(int(i) for i in train[u]) if reprofile else hidden))
+        neg_cand = sorted(nbr_shown - own)
         if not pos_cand and not neg_cand:
             stats["no_candidate"] += 1
             continue
         stats["pos_only"] += bool(pos_cand) and not neg_cand
         stats["neg_only"] += bool(neg_cand) and not pos_cand
-        plans.append((u, nbrs, pos_cand, neg_cand))
+        plans.append((u, nbrs, pos_cand, neg_cand, hidden))
     labels = balanced_labels([bool(p[2]) for p in plans], [bool(p[3]) for p in plans], rng)
-    for (u, nbrs, pos_cand, neg_cand), label in zip(plans, labels):
+    examples = []
+    for (u, nbrs, pos_cand, neg_cand, hidden), label in zip(plans, labels):
         if label is None:
             stats["dropped_for_balance"] += 1
             continue
         v_item = int(rng.choice(pos_cand if label else neg_cand))
-        target_items = [i for i in train[u] if int(i) != v_item] if label else list(train[u])
-
-        def build(mi, mn):
-            return two_turn_messages(target_items, nbrs, item_text, v_item, label, teacher[u], mi, mn,
-                                     args.item_chars)
-        msgs, mi, mn = _fit(build, tok, args.max_length, args.max_items, args.max_nbr_items)
-        if msgs is None:
-            stats["too_long"] += 1
-            continue
-        stats["truncated"] += (mi, mn) != (args.max_items, args.max_nbr_items)
-        ids, token_labels = tokenize_example(tok, msgs, last_turn_only=(variant == "naive"))
-        examples.append({"user": u, "messages": msgs, "input_ids": ids, "labels": token_labels, "label": label,
-                         "item": v_item})
+        target_items, profile, reprofiled = list(train[u]), teacher[u], False
+        if label and v_item not in hidden:
+            target_items = [i for i in train[u] if int(i) != v_item]
+            profile, reprofiled = reprofile(target_items), True
+        stats["pos_hidden"] += bool(label) and not reprofiled
+        stats["pos_reprofiled"] += reprofiled
+        msgs = two_turn_messages(target_items, nbrs, item_text, v_item, label, profile, mi, mi, shown["max_chars"])
+        add_example(examples, stats, tok, args, msgs, last_turn_only=(variant == "naive"), user=u, kind="two_turn",
+                    label=label, item=v_item, reprofiled=reprofiled)
     # examples too long to fit can unbalance the labels again
     got = np.array([e["label"] for e in examples])
     drop = set(_surplus(got, np.flatnonzero(got == 1), np.flatnonzero(got == 0), rng).tolist())
@@ -283,7 +350,7 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
     examples = [e for k, e in enumerate(examples) if k not in drop]
     stats["positives"] = sum(e["label"] for e in examples)
     stats["negatives"] = len(examples) - stats["positives"]
-    return examples, stats
+    return examples
 
 
 # ----------------------------------------------------------------------------- neighbours' profiles from sft_gpt_kd
@@ -300,8 +367,9 @@ def kd_neighbor_profiles(run, args, teacher, sets):
     split = common.load_split(run)
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     nbr_table = common.load_neighbors(run)["user_nbrs"]
+    eval_users = {int(u) for u in sets.get("eval", [])}  # held out: never a training target, as a neighbour too
     need = sorted({int(v) for u in sets["sft"] for v in nbr_table[int(u)][:args.n_neighbors]
-                   if int(v) >= 0 and int(v) not in teacher and len(train[int(v)])})
+                   if int(v) >= 0 and int(v) not in teacher and int(v) not in eval_users and len(train[int(v)])})
     cache = run / "sft_kd_profiles.jsonl"
     rows = [r for r in common.read_jsonl(cache, repair=True) if r.get("adapter_sha") == sha]
     if not cache.exists() or len(rows) != len(common.read_jsonl(cache)):
@@ -317,7 +385,8 @@ def kd_neighbor_profiles(run, args, teacher, sets):
         with open(cache, "a") as f:
             for s in range(0, len(todo), args.kd_gen_batch * 4):
                 chunk = todo[s:s + args.kd_gen_batch * 4]
-                msgs = [kd_messages(train[v], item_text, args.max_items, args.item_chars) for v in chunk]
+                shown = args.prompt["teacher"]
+                msgs = [kd_messages(train[v], item_text, shown["max_items"], shown["max_chars"]) for v in chunk]
                 texts = common.generate_texts(model, tok, msgs, args.kd_max_new_tokens, args.kd_gen_batch, desc="kd profiles")
                 for v, t in zip(chunk, texts):
                     row = {"user": v, "raw": t, "profile": common.parse_profile(t), "adapter_sha": sha}
@@ -388,11 +457,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=d["lora_dropout"], help="default: %(default)s")
     p.add_argument("--lora-targets", default=d["lora_targets"], help="default: %(default)s")
     p.add_argument("--max-length", type=int, default=d["max_length"], help="tokens per example (default: %(default)s)")
-    p.add_argument("--max-items", type=int, default=d["max_items"], help="newest target items shown (default: %(default)s)")
-    p.add_argument("--max-nbr-items", type=int, default=d["max_nbr_items"],
-                   help="newest items shown per similar user (default: %(default)s)")
     p.add_argument("--n-neighbors", type=int, default=d["n_neighbors"], help="similar users per dialogue (default: %(default)s)")
-    p.add_argument("--item-chars", type=int, default=d["item_chars"], help="item text cut (default: %(default)s)")
+    p.add_argument("--item-frac", type=float, default=d["item_frac"],
+                   help="gpt_kd, mask: item-profile examples per user example (default: %(default)s)")
     p.add_argument("--kd-gen-batch", type=int, default=d["kd_gen_batch"], help="default: %(default)s")
     p.add_argument("--kd-max-new-tokens", type=int, default=d["kd_max_new_tokens"], help="default: %(default)s")
     p.add_argument("--init", choices=["gpt_kd", "fresh"], default=d["init"],
@@ -420,10 +487,10 @@ def init_adapter_of(run, args):
 
 def prompt_info(args):
     """The prompt a variant is trained on, for 06: sft_gpt_kd must be asked with its own single-turn prompt."""
+    shown = args.prompt["teacher"]
     if args.variant == "gpt_kd":
-        return {"template": "kd", "max_items": args.max_items, "item_chars": args.item_chars}
-    return {"template": "two_turn", "max_items": args.max_items, "max_nbr_items": args.max_nbr_items,
-            "n_neighbors": args.n_neighbors, "item_chars": args.item_chars}
+        return {"template": "kd", **shown}
+    return {"template": "two_turn", **shown, "n_neighbors": args.n_neighbors}
 
 
 def main(argv=None):
@@ -432,8 +499,10 @@ def main(argv=None):
     started = time.time()
     common.setup_logging(run, f"03_sft_{args.variant}")
     common.seed_everything(args.seed)
-    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "distill.jsonl", "user_sets.json"]
+    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "distill.jsonl", "user_sets.json",
+              common.PROMPT_FILE]
     common.check_inputs(run, inputs, args.force)
+    args.prompt = common.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
     model_path = common.resolve_llm(args.model)
     tok = common.load_tokenizer(model_path)
     sets = json.loads((run / "user_sets.json").read_text())

@@ -94,8 +94,8 @@ class PPOConfig:
 
 
 LORA_DEFAULTS = dict(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,o_proj")
-# The inference prompt exactly as 02's reward queries and 06's user prompts show it (n_nbrs 0 = all neighbours).
-PROMPT_DEFAULTS = dict(common.PROMPT_SIZES)
+# Rollouts answer the inference prompt exactly as 02's reward queries and 06's user prompts show it: its sizes come
+# from 02's prompt.json (common.prompt_settings), never from a flag here.
 
 
 # ----------------------------------------------------------------------------- PPO core (pure functions)
@@ -426,7 +426,7 @@ def parse_args(argv=None):
     p.add_argument("--no-whiten", dest="whiten_advantages", action="store_false", help="do not whiten advantages")
     p.add_argument("--no-profile-stop", dest="stop_at_profile", action="store_false",
                    help="end rollouts at end-of-turn only and let the reward model score every response")
-    for name, val in {**LORA_DEFAULTS, **PROMPT_DEFAULTS}.items():
+    for name, val in LORA_DEFAULTS.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(val), default=val, help="default: %(default)s")
     p.add_argument("--reward-batch", type=int, default=8, help="default: %(default)s")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in ppo.partial/ and start over")
@@ -440,9 +440,10 @@ def main(argv=None):
     common.setup_logging(run, "05_ppo")
     common.seed_everything(args.seed)
     sft_name = args.sft
-    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "user_sets.json",
+    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "user_sets.json", common.PROMPT_FILE,
               f"{sft_name}/", f"{args.reward}/"]  # model directories are inputs: their files' hashes
     common.check_inputs(run, inputs, args.force)
+    args.prompt = common.prompt_settings(run)["inference"]
     cfg = PPOConfig(**{k: getattr(args, k) for k in asdict(PPOConfig()) if hasattr(args, k)})
     cfg.seed = args.seed
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -456,7 +457,7 @@ def main(argv=None):
                                                sort_keys=True, default=str))
 
     sets = json.loads((run / "user_sets.json").read_text())
-    prompts, users = ppo_prompts(run, sets["ppo"], {k: getattr(args, k) for k in PROMPT_DEFAULTS})
+    prompts, users = ppo_prompts(run, sets["ppo"], args.prompt)
     if not prompts:
         raise common.DataError(f"{run}/user_sets.json: the ppo user set has no user with training items")
     log.info("PPO prompts: %d users of the ppo set", len(prompts))

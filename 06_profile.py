@@ -13,8 +13,8 @@ Writes  profiles/<source>/users.jsonl   {"user", "profile", "prompt_hash", "vali
         manifest.json                   stage "06_profile_<source>"
 
 Order of the work (item profiles need user profiles): 1. users (inference prompt of common.inference_messages:
-the target's and its --n-nbrs neighbours' training items, asking for the target's profile only; for --source
-sft_gpt_kd the single-turn prompt 03 trained it on, kd_user_messages);
+the target's and its neighbours' training items, shown as 02's prompt.json "inference" says, asking for the
+target's profile only; for --source sft_gpt_kd the single-turn prompt 03 trained it on, kd_user_messages);
 2. warm items (items with training interactions): "the users this item suits" from the item text and the
 profiles of its (up to --item-users) most recent training users; 3. the other items (cold, and any item without
 training users) from the text and the item profiles of their text-similar warm items (neighbors.npz item_nbrs);
@@ -26,9 +26,9 @@ profile line is written, greedy unless --temperature > 0, tqdm per phase. Resuma
 batches finish; ids already written are skipped if their row was built from the same prompt ("prompt_hash") and
 upstream state ("upstream": a hash of split.npz, items.jsonl, neighbors.npz, the --source model directory and
 --model), and redone otherwise (counted in the log and probe.json "redone"); a truncated last line is dropped and
-redone. A profile that does not parse (common.parse_profile,
-3+3 terms for users, 5+5 for items, after normalize_profile's light repairs) keeps its raw text (the embedding
-still carries signal), is marked "valid": false, and is counted in the log and probe.json.
+redone. A profile that does not parse (common.parse_profile, 3+3 terms, items too: they are asked for the user
+format, which 03 trains on teacher item profiles; after normalize_profile's light repairs) keeps its raw text (the
+embedding still carries signal), is marked "valid": false, and is counted in the log and probe.json.
 
 Several processes:  for i in 0 1; do python 06_profile.py --run R --source S --shard $i/2 & done; wait
                     python 06_profile.py --run R --source S --merge
@@ -51,12 +51,12 @@ profile is written by 02's teacher itself, no LLM is loaded, in seconds (plus th
          02 last ran with (manifest.json; 02 must have run with --teacher api): same prompts, worked example,
          model and retries, answers from teacher_cache.jsonl where 02 already asked (new answers are appended
          to it), rules profile for a user the API never answers in form (02's --on-fail rules).
-  items  the item format above (5 identities + 5 interests): warm items take the most common identity and
-         interest terms of the teacher profiles of their (up to --item-users, default 5 here) most recent
-         training users; the other items (cold, and any without training users) those of the teacher item
-         profiles of their (up to --item-nbrs) text-similar warm items (neighbors.npz item_nbrs). Ties go to the
-         term met first (newest user / most similar item first, then the order within the profile); fewer than
-         five distinct terms are topped up from the rules profile of the item alone, then generic terms.
+  items  the item format above (the user format): warm items take the most common identity and interest terms
+         of the teacher profiles of their (up to --item-users, default 5 here) most recent training users; the
+         other items (cold, and any without training users) those of the teacher item profiles of their (up to
+         --item-nbrs) text-similar warm items (neighbors.npz item_nbrs); common.merge_profiles, as 03's item
+         examples. Ties go to the term met first (newest user / most similar item first, then the order within the
+         profile); fewer than three distinct terms are topped up from the rules profile of the item alone.
          Each row names the users or items it came from ("from_users" / "from_items"); "prompt_hash" hashes
          what the profile was computed from (the teacher prompt for --teacher api).
   Written in one pass (no shards or resume: --shard, --merge, --what and --limit are refused); --probe-only
@@ -64,7 +64,7 @@ profile is written by 02's teacher itself, no LLM is loaded, in seconds (plus th
 
 CPU budget: generation is prefill-bound (~2 ms per prompt token per core for SmolLM2-135M in bf16), so prompts are
 kept short (common.PROMPT_SIZES, --item-users 2) and run as two shards on 2 cores; see README for the measured
-time. Levers: a GPU (--device cuda), --shard, --max-items/--n-nbrs/--max-chars/--item-users. float32
+time. Levers: a GPU (--device cuda), --shard, --item-users (prompt sizes: 02's --pair-* flags). float32
 (--dtype float32) is ~2x slower than bf16 on a CPU with AVX512-BF16.
 """
 import collections
@@ -84,17 +84,14 @@ log = logging.getLogger("reclm.06")
 # ----------------------------------------------------------------------------- defaults
 BATCH_SIZE = 64
 MAX_NEW_TOKENS = 40            # a 3+3 user profile is ~25-30 SmolLM2 tokens
-ITEM_MAX_NEW_TOKENS = 64       # a 5+5 item profile is ~45-55 tokens
-PROMPT = common.PROMPT_SIZES   # user prompts: newest target items, items per neighbour, neighbours, item text chars
+# User prompts show what 02's prompt.json "inference" says (newest target items, items per neighbour, neighbours,
+# item text chars), as 02's reward queries and 05's rollouts do: no flags here (common.prompt_settings).
 ITEM_USERS = 2                 # warm items: profiles of up to this many most recent training users (SPEC: 5;
                                # 2 keeps ml-100k inside the CPU budget, --item-users 5 for the paper setting)
 ITEM_NBRS = 3                  # cold items: this many text-similar warm items
 TEACHER = "teacher"            # --source teacher: 02's teacher writes every profile (no LLM)
 SOURCES = common.PROFILE_SOURCES + (TEACHER,)
 TEACHER_ITEM_USERS = 5         # the teacher costs nothing per user: the SPEC's 5 recent users per warm item
-# top-up terms for teacher item profiles with fewer than five distinct terms (items with one or two users)
-GENERIC_TERMS = (("general audience", "curious {noun}", "casual {noun}", "regular {noun}", "loyal {noun}"),
-                 ("popular titles", "new releases", "classics", "hidden gems", "crowd pleasers"))
 PROBE_K = 20
 # One torch thread per process, parallelism through --shard: on a busy 2-core box, small-batch decode matmuls
 # ([32 x 576] x [576 x 1536]) took 24 ms with 2 OpenMP threads against 0.6 ms with 1 (threads spin at barriers
@@ -102,35 +99,23 @@ PROBE_K = 20
 THREADS = 1
 
 # ----------------------------------------------------------------------------- prompt templates
-# User prompts are common.inference_messages (shared with 02's reward pairs and 05's PPO prompts).
-ITEM_SYSTEM = (
-    "You are a recommendation assistant that describes which users an item suits. An item profile describes "
-    "the users the item targets. Reply with " + common.PROFILE_FORM.format(n="five") + ".")
-WARM_ITEM_PROMPT = (
-    "Item: {item}\n\n"
-    "Profiles of users who chose this item:\n{profiles}\n\n"
-    "Write the profile of the users this item suits.")
-COLD_ITEM_PROMPT = (
-    "Item: {item}\n\n"
-    "Similar items and the users they suit:\n{similar}\n\n"
-    "Write the profile of the users this item suits.")
+# User prompts are common.inference_messages (shared with 02's reward pairs and 05's PPO prompts); item prompts are
+# common.warm_item_messages / cold_item_messages (shared with 03, which trains them).
 
 
 # ----------------------------------------------------------------------------- prompts
 
 def user_messages(u, train, nbrs, item_text, args):
-    return common.user_prompt(u, train, nbrs, item_text, **{k: getattr(args, k) for k in PROMPT})
+    return common.user_prompt(u, train, nbrs, item_text, **args.prompt["inference"])
 
 
 def kd_user_messages(run, train, item_text_full):
     """sft_gpt_kd's user prompt: the single-turn prompt 03 trained it on (03_sft.kd_messages: the user's own items,
-    no neighbours), with the sizes sft_gpt_kd/sft_info.json records (03's defaults for an adapter trained before it
-    recorded them). Asked with the inference prompt instead, GPT_KD answers a prompt it never saw."""
+    no neighbours), with the sizes sft_gpt_kd/sft_info.json records. Asked with the inference prompt instead,
+    GPT_KD answers a prompt it never saw."""
     sft = importlib.import_module("03_sft")
-    info_path = run / "sft_gpt_kd" / "sft_info.json"
-    shown = json.loads(info_path.read_text()).get("prompt") if info_path.exists() else None
-    shown = shown or {"max_items": sft.DEFAULTS["max_items"], "item_chars": sft.DEFAULTS["item_chars"]}
-    return lambda u: sft.kd_messages(train[u], item_text_full, shown["max_items"], shown["item_chars"])
+    shown = json.loads((run / "sft_gpt_kd" / "sft_info.json").read_text())["prompt"]
+    return lambda u: sft.kd_messages(train[u], item_text_full, shown["max_items"], shown["max_chars"])
 
 
 def short_profile(row):
@@ -139,18 +124,12 @@ def short_profile(row):
 
 def warm_item_messages(i, item_text, users_of, user_rows, args):
     recent = [int(u) for u in users_of[i] if int(u) in user_rows][-args.item_users:][::-1]  # newest first
-    lines = [f"{n}. {short_profile(user_rows[u])}" for n, u in enumerate(recent, 1)]
-    return [{"role": "system", "content": ITEM_SYSTEM},
-            {"role": "user", "content": WARM_ITEM_PROMPT.format(item=item_text[i], profiles="\n".join(lines))}]
+    return common.warm_item_messages(item_text[i], [short_profile(user_rows[u]) for u in recent])
 
 
 def cold_item_messages(i, item_text, item_nbrs, item_rows, args):
-    lines = []
-    for j in [int(j) for j in item_nbrs[i] if int(j) != i and int(j) in item_rows][:args.item_nbrs]:
-        lines.append(f"{len(lines) + 1}. {item_text[j]} -> {short_profile(item_rows[j])}")
-    return [{"role": "system", "content": ITEM_SYSTEM},
-            {"role": "user", "content": COLD_ITEM_PROMPT.format(item=item_text[i],
-                                                               similar="\n".join(lines) or "(none)")}]
+    similar = [int(j) for j in item_nbrs[i] if int(j) != i and int(j) in item_rows][:args.item_nbrs]
+    return common.cold_item_messages(item_text[i], [(item_text[j], short_profile(item_rows[j])) for j in similar])
 
 
 # ----------------------------------------------------------------------------- files
@@ -216,7 +195,7 @@ def wait_for(out, kind, needed, args, what, fresh=None):
         time.sleep(min(30, max(1, args.wait_s / 20)))
 
 
-def run_phase(name, ids, make_messages, kind, n_each, out, shard, model, tok, args, max_new_tokens, extra=None,
+def run_phase(name, ids, make_messages, kind, out, shard, model, tok, args, max_new_tokens, extra=None,
               upstream=None, redone=None):
     """Generate the profiles of `ids` that no file holds from the current prompt and `upstream` state (rows of
     another prompt or upstream state are redone, counted in `redone[name]`); append them to this process's file."""
@@ -240,7 +219,7 @@ def run_phase(name, ids, make_messages, kind, n_each, out, shard, model, tok, ar
         for idx, answers in common.generate_batches(model, tok, texts, max_new_tokens, args.batch_size, args.temperature,
                                              desc=name):
             for k, a in zip(idx, answers):
-                prof = common.normalize_profile(a, n_each)
+                prof = common.normalize_profile(a)
                 n_bad += prof is None
                 row = {key: int(todo[k]), "profile": prof if prof else a, "prompt_hash": hashes[todo[k]],
                        "upstream": upstream, "valid": prof is not None}
@@ -300,33 +279,11 @@ def teacher_user_rows(run, users, train, item_text, rules, args, D):
     return rows, {"teacher": "api", "teacher_model": a.api_model, "stats": dict(stats)}
 
 
-def top_terms(term_lists, fill, n=5):
-    """The profile of the n most common identity and n most common interest terms of `term_lists` (each an
-    (identities, interests) pair; case-insensitive; ties to the term met first), topped up from `fill`."""
-    parts = []
-    for side in (0, 1):
-        count, first, name = collections.Counter(), {}, {}
-        for terms in term_lists:
-            for t in terms[side]:
-                count[t.lower()] += 1
-                first.setdefault(t.lower(), len(first))
-                name.setdefault(t.lower(), t)
-        chosen = [name[k] for k in sorted(count, key=lambda k: (-count[k], first[k]))][:n]
-        for t in (t for terms in fill for t in terms[side]):
-            if len(chosen) < n and t.lower() not in {c.lower() for c in chosen}:
-                chosen.append(t)
-        parts.append(", ".join(chosen))
-    return f"User identity: {parts[0]}; User interests: {parts[1]}"
-
-
 def teacher_item_rows(warm, other, users_of, user_rows, item_nbrs, rules, args, D):
     """{item: row}: warm items from their recent users' teacher profiles, the others from their text-similar warm
     items' teacher item profiles (see the module docstring)."""
-    generic = tuple(tuple(t.format(noun=rules.noun) for t in side) for side in GENERIC_TERMS)
-
     def row(i, kind, profiles, src):
-        fill = [D.split_profile(rules.profile([i])), generic]  # the item's own genres and era, then generic terms
-        prof = top_terms([D.split_profile(p) for p in profiles], fill)
+        prof = common.merge_profiles(profiles, fill=[rules.profile([i])])  # topped up by the item's own genres
         return {"item": i, "profile": prof, "kind": kind, "teacher": args.teacher, **src,
                 "prompt_hash": common.prompt_hash(json.dumps({"teacher": args.teacher, "from": profiles}))}
 
@@ -345,14 +302,14 @@ def write_teacher_profiles(run, out, user_ids, warm, other, train, users_of, ite
     """--source teacher: users.jsonl and items.jsonl (when items are asked for) in one pass; returns what the
     probe records about the teacher."""
     D = distill_module()
-    rules = D.RulesTeacher(item_text, train)  # as 02 builds it: full item texts, training items
+    rules = D.RulesTeacher(item_text, train, **args.prompt["teacher"])  # as 02 built it: full texts, 02's sizes
     users, info = teacher_user_rows(run, user_ids, train, item_text, rules, args, D)
     rows = {"users": users}
     if warm or other:
         rows["items"] = teacher_item_rows(warm, other, users_of, users, item_nbrs, rules, args, D)
     for kind, by_id in rows.items():
         for r in by_id.values():
-            r["valid"] = common.parse_profile(r["profile"], 3 if kind == "users" else 5) == r["profile"]
+            r["valid"] = common.parse_profile(r["profile"]) == r["profile"]
         common.write_jsonl(out / f"{kind}.jsonl", [by_id[k] for k in sorted(by_id)])
         log.info("teacher %s: %d profiles of %s, %d malformed", args.teacher, len(by_id), kind,
                  sum(not r["valid"] for r in by_id.values()))
@@ -378,14 +335,7 @@ def build_parser():
     p.add_argument("--encoder", default=None, help="text encoder for the embeddings (default: the shipped MiniLM)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="generation batch (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="user profiles (default: %(default)s)")
-    p.add_argument("--item-max-new-tokens", type=int, default=ITEM_MAX_NEW_TOKENS,
-                   help="item profiles (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--max-items", type=int, default=PROMPT["max_items"], help="target items shown (default: %(default)s)")
-    p.add_argument("--max-nbr-items", type=int, default=PROMPT["max_nbr_items"],
-                   help="items shown per neighbour (default: %(default)s)")
-    p.add_argument("--n-nbrs", type=int, default=PROMPT["n_nbrs"], help="neighbours shown (default: %(default)s)")
-    p.add_argument("--max-chars", type=int, default=PROMPT["max_chars"], help="item text cut (default: %(default)s)")
     p.add_argument("--item-users", type=int, default=None,
                    help="warm items: profiles of up to this many recent users (default: %d, %d for --source "
                         "teacher)" % (ITEM_USERS, TEACHER_ITEM_USERS))
@@ -425,7 +375,7 @@ def main(argv=None):
     shard = parse_shard(args.shard)
     if args.merge and args.shard:
         raise SystemExit("--merge combines all shards; do not pass --shard with it")
-    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "item_text_emb.npy"]
+    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "item_text_emb.npy", common.PROMPT_FILE]
     if teacher and args.teacher == "api":
         api_teacher_args(run, distill_module())  # fails early, with what to run, unless 02 used the API teacher
         inputs.append("distill.jsonl")  # 02's run fixes the API prompts: re-running 02 makes these profiles stale
@@ -435,6 +385,7 @@ def main(argv=None):
     if (run / "user_sets.json").exists() and (args.probe_only or "user_sets.json" in recorded):
         inputs.append("user_sets.json")  # the probe's eval users
     common.check_inputs(run, inputs, args.force)
+    args.prompt = common.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
     # what the rows are built from besides their prompt: a resumed row is reused only if both match
     upstream = common.prompt_hash(json.dumps({
         "inputs": {r: common.sha256_path(run, r) for r in ["data/split.npz", "data/items.jsonl", "neighbors.npz"]
@@ -447,7 +398,7 @@ def main(argv=None):
     split = common.load_split(run)
     n_users, n_items = split["n_users"], split["n_items"]
     item_text_full = common.load_items(run)
-    item_text = [common.clip(t, args.max_chars) for t in item_text_full]
+    item_text = [common.clip(t, args.prompt["inference"]["max_chars"]) for t in item_text_full]
     nb = common.load_neighbors(run)
     train = common.user_items(split["train_u"], split["train_i"], n_users)
     users_of = common.user_items(split["train_i"], split["train_u"], n_items)  # chronological per item
@@ -478,7 +429,7 @@ def main(argv=None):
             return fresh_rows(upstream, {k: common.prompt_hash(common.render(tok, make(k))) for k in ids})
         if args.what in ("all", "users"):
             t = time.time()
-            run_phase("user profiles", mine(user_ids), user_msgs, "users", 3, out, shard, model, tok, args,
+            run_phase("user profiles", mine(user_ids), user_msgs, "users", out, shard, model, tok, args,
                       args.max_new_tokens, upstream=upstream, redone=redone)
             t_gen["users_s"] = round(time.time() - t, 1)
         if args.what in ("all", "warm", "cold"):
@@ -487,7 +438,7 @@ def main(argv=None):
             t = time.time()
             run_phase("warm item profiles", mine(warm),
                       lambda i: warm_item_messages(i, item_text, users_of, user_rows, args),
-                      "items", 5, out, shard, model, tok, args, args.item_max_new_tokens, {"kind": "warm"},
+                      "items", out, shard, model, tok, args, args.max_new_tokens, {"kind": "warm"},
                       upstream=upstream, redone=redone)
             t_gen["warm_items_s"] = round(time.time() - t, 1)
         if args.what in ("all", "cold"):
@@ -496,7 +447,7 @@ def main(argv=None):
                                  fresh(warm, lambda i: warm_item_messages(i, item_text, users_of, user_rows, args)))
             run_phase("cold item profiles", mine(other),
                       lambda i: cold_item_messages(i, item_text, nb["item_nbrs"], item_rows, args),
-                      "items", 5, out, shard, model, tok, args, args.item_max_new_tokens, {"kind": "cold"},
+                      "items", out, shard, model, tok, args, args.max_new_tokens, {"kind": "cold"},
                       upstream=upstream, redone=redone)
             t_gen["cold_items_s"] = round(time.time() - t, 1)
         del model

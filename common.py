@@ -1201,6 +1201,18 @@ def item_list(items, item_text, max_items, max_chars=80):
 # are what CPU generation pays for (it is prefill-bound): these keep a prompt near 300 SmolLM2 tokens on ml-100k
 # (SmolLM2 spells out every digit of a year), ~80 of them the shared system prompt.
 PROMPT_SIZES = dict(max_items=5, max_nbr_items=2, n_nbrs=2, max_chars=48)
+PROMPT_FILE = "prompt.json"  # 02 writes the sizes it ran with; 03, 05 and 06 read them (one source of truth)
+
+
+def prompt_settings(run):
+    """The prompt sizes 02 ran with: {"teacher": {max_items, max_chars}, what the teacher saw of a user, which 03's
+    training prompts show too; "inference": PROMPT_SIZES' keys, the inference prompt of 02's reward queries, 05's
+    rollouts and 06's user profiles}. A stage that trained or answers on other sizes would learn or be scored on
+    prompts it never sees, so there are no per-stage flags for them: change them in 02."""
+    path = Path(run) / PROMPT_FILE
+    if not path.exists():
+        raise StaleInputError(f"{path} is missing: run 02_distill.py first (it records the prompt sizes)")
+    return json.loads(path.read_text())
 
 
 def inference_messages(target_items, neighbor_items, item_text, max_items=PROMPT_SIZES["max_items"],
@@ -1224,6 +1236,54 @@ def user_prompt(u, train, user_nbrs, item_text, max_items=PROMPT_SIZES["max_item
     nb = [int(v) for v in user_nbrs[u] if int(v) >= 0 and int(v) != u]
     nb = nb[:n_nbrs] if n_nbrs else nb
     return inference_messages(train[u], [train[v] for v in nb], item_text, max_items, max_nbr_items, max_chars)
+
+
+# Item profiles ("the users this item suits") are written in the user format, which 03 teaches on teacher item
+# profiles: a warm item's is the most common terms of the profiles of its recent training users, a cold item's
+# those of its text-similar warm items' item profiles (merge_profiles), each a function of what its prompt shows.
+ITEM_SYSTEM = (
+    "You are a recommendation assistant that describes which users an item suits. An item profile describes "
+    "the users the item targets. Reply with " + PROFILE_FORM.format(n="three") + ".")
+WARM_ITEM_PROMPT = (
+    "Item: {item}\n\n"
+    "Profiles of users who chose this item:\n{profiles}\n\n"
+    "Write the profile of the users this item suits.")
+COLD_ITEM_PROMPT = (
+    "Item: {item}\n\n"
+    "Similar items and the users they suit:\n{similar}\n\n"
+    "Write the profile of the users this item suits.")
+
+
+def warm_item_messages(item, profiles):
+    """item: its text; profiles: its recent users' profiles, newest first."""
+    lines = [f"{n}. {p}" for n, p in enumerate(profiles, 1)]
+    return [{"role": "system", "content": ITEM_SYSTEM},
+            {"role": "user", "content": WARM_ITEM_PROMPT.format(item=item, profiles="\n".join(lines))}]
+
+
+def cold_item_messages(item, similar):
+    """item: its text; similar: [(text, item profile)] of its text-similar warm items, most similar first."""
+    lines = [f"{n}. {t} -> {p}" for n, (t, p) in enumerate(similar, 1)]
+    return [{"role": "system", "content": ITEM_SYSTEM},
+            {"role": "user", "content": COLD_ITEM_PROMPT.format(item=item, similar="\n".join(lines) or "(none)")}]
+
+
+def merge_profiles(profiles, fill=(), n=3):
+    """The profile of the n most common identity and n most common interest terms of `profiles` (case-insensitive;
+    ties to the term met first), topped up from the profiles in `fill`; None if fewer than n terms a side."""
+    parts = []
+    for side in ("identity", "interests"):
+        count, first, name = collections.Counter(), {}, {}
+        for weight, p in [(1, p) for p in profiles] + [(0, p) for p in fill]:  # fill terms rank after counted ones
+            m = PROFILE_RE.search(p or "")
+            for t in (m.group(side).split(",") if m else []):
+                t = t.strip(" .\"'")
+                if t:
+                    count[t.lower()] += weight
+                    first.setdefault(t.lower(), len(first))
+                    name.setdefault(t.lower(), t)
+        parts.append(", ".join(name[k] for k in sorted(count, key=lambda k: (-count[k], first[k]))[:n]))
+    return parse_profile(f"User identity: {parts[0]}; User interests: {parts[1]}", n)
 
 
 def parse_profile(text, n_each=3):

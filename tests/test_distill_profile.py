@@ -292,7 +292,7 @@ def test_teacher_source_api_needs_02_api(synthetic_run):
 
 def profile_args(run, llm, *extra):
     return ["--run", str(run), "--model", llm, "--source", "base_llm", "--device", "cpu", "--max-new-tokens", "10",
-            "--item-max-new-tokens", "12", *extra]
+            *extra]
 
 
 def test_profiles_embeddings_resume(synthetic_run, tiny_llm):
@@ -337,6 +337,7 @@ def test_probe_only_matches_full_run(synthetic_run, tiny_llm):
 
 
 def test_shards_merge_equal_single_run(synthetic_run, tiny_llm, tmp_path):
+    D.main(["--run", str(synthetic_run), "--no-probe"])  # prompt.json
     other = tmp_path / "sharded"
     shutil.copytree(synthetic_run, other)
     opts = ["--batch-size", "1", "--limit", "8"]  # one prompt per batch: identical numerics in both runs

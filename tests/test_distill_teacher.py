@@ -56,7 +56,9 @@ def test_distill_rows_depend_only_on_shown_items(synthetic_run):
     split, text, train = load(synthetic_run)
     for u, r in first.items():
         assert r["items"] == [int(i) for i in train[u][-D.MAX_ITEMS:]] and r["n_items"] == len(train[u])
-        kd = S.kd_messages(train[u], text, S.DEFAULTS["max_items"], S.DEFAULTS["item_chars"])[1]["content"]
+        shown = common.prompt_settings(synthetic_run)["teacher"]
+        assert shown == {"max_items": D.MAX_ITEMS, "max_chars": D.MAX_CHARS}
+        kd = S.kd_messages(train[u], text, shown["max_items"], shown["max_chars"])[1]["content"]
         assert all(line in kd for line in shown_lines(r["items"], text, D.MAX_CHARS))
     for p in rows(synthetic_run / "reward_pairs.jsonl"):
         target = p["prompt"][1]["content"].split("Similar users' items")[0]

@@ -30,8 +30,12 @@ def profile_of(u):
     return f"User identity: {', '.join(ids)}; User interests: {', '.join(GENRES[(u % 2)::2])}"
 
 
-def write_stage02(run):
-    """Users 0-1 are the held-out eval set (never taught), so most SFT targets have an untaught neighbour."""
+UNTAUGHT = (2,)  # a reward user without a teacher profile: sft_gpt_kd writes theirs as neighbours
+
+
+def write_stage02(run, teacher="rules"):
+    """Users 0-1 are the held-out eval set (never taught, never shown), 2 has no teacher profile: SFT targets
+    have an eval neighbour, the even ones an untaught one too (neighbours: the same parity, lowest ids first)."""
     split = common.load_split(run)
     n = split["n_users"]
     items = common.load_items(run)
@@ -40,7 +44,8 @@ def write_stage02(run):
     sets = {"eval": [0, 1], "sft": list(range(6, 22)), "reward": list(range(2, 6)) + list(range(22, 34)),
             "ppo": list(range(34, n))}
     prompt = {u: common.inference_messages(train[u], [train[v] for v in nbrs[u]], items) for u in range(n)}
-    distill = [{"user": u, "prompt": prompt[u], "profile": profile_of(u), "teacher": "rules"} for u in range(2, n)]
+    distill = [{"user": u, "prompt": prompt[u], "profile": profile_of(u), "teacher": teacher} for u in range(2, n)
+               if u not in UNTAUGHT]
     pairs = []
     for u in sets["reward"] + sets["eval"]:
         good = profile_of(u)
@@ -51,11 +56,13 @@ def write_stage02(run):
     common.write_jsonl(run / "distill.jsonl", distill)
     common.write_jsonl(run / "reward_pairs.jsonl", pairs)
     common.write_json(run / "user_sets.json", sets)
+    common.write_json(run / common.PROMPT_FILE, {"teacher": {"max_items": 5, "max_chars": 48},
+                                                 "inference": common.PROMPT_SIZES})
 
     class Args:
         seed = 0
-    common.record_stage(run, "02_distill", Args(), [], ["distill.jsonl", "reward_pairs.jsonl", "user_sets.json"],
-                        time.time())
+    common.record_stage(run, "02_distill", Args(), [], ["distill.jsonl", "reward_pairs.jsonl", "user_sets.json",
+                                                        common.PROMPT_FILE], time.time())
     return run
 
 
@@ -79,6 +86,12 @@ def segments(labels):
 
 # ----------------------------------------------------------------------------- 03: data and supervised spans
 
+def sft_args(run, variant, tiny_llm, *extra):
+    args = sft.parse_args(["--run", str(run), "--variant", variant, "--model", tiny_llm, *extra])
+    args.prompt = common.prompt_settings(run)  # as main sets it
+    return args
+
+
 def test_sft_supervised_spans(synthetic_run, tiny_llm):
     run = write_stage02(synthetic_run)
     tok = common.load_tokenizer(tiny_llm)
@@ -88,45 +101,67 @@ def test_sft_supervised_spans(synthetic_run, tiny_llm):
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     valid = common.user_items(split["valid_u"], split["valid_i"], split["n_users"])
     texts = common.load_items(run)
+    rules = importlib.import_module("02_distill").RulesTeacher(texts, train, 5, 48)
     for variant in ["gpt_kd", "naive", "mask"]:
-        args = sft.parse_args(["--run", str(run), "--variant", variant, "--model", tiny_llm])
-        examples, stats = sft.build_examples(run, variant, tok, args)
-        assert len(examples) == 16, stats
+        examples, stats = sft.build_examples(run, variant, tok, sft_args(run, variant, tiny_llm, "--n-neighbors", "3"))
+        users = [e for e in examples if e["kind"] in ("user", "two_turn")]
+        items = [e for e in examples if e["kind"] not in ("user", "two_turn")]
+        assert len(users) >= 15 and len(items) == (0 if variant == "naive" else round(len(users) / 2)), stats
+        assert {e["kind"] for e in items} == (set() if variant == "naive" else {"warm_item", "cold_item"})
         for e in examples:
             segs = segments(e["labels"])
             for start, _ in segs:  # every supervised span opens an assistant turn
                 assert e["input_ids"][start - len(header):start] == header
             answers = [m["content"] for m in e["messages"] if m["role"] == "assistant"]
-            if variant == "gpt_kd":
-                assert answers == [profile_of(e["user"])]
+            if e["kind"] != "two_turn":
                 assert [s for _, s in segs] == [ids_of(tok, answers[0]) + eot]
+            if e["kind"] == "user":
+                assert answers == [profile_of(e["user"])]
+                continue
+            if e["kind"] in ("warm_item", "cold_item"):  # the answer is the merge of the profiles the prompt shows
+                shown = [line.split(" -> ")[-1].split(". ", 1)[-1] for line in
+                         e["messages"][1]["content"].split("\n") if "User identity:" in line]
+                assert shown and answers == [common.merge_profiles(shown)]
                 continue
             turn1, turn2 = answers
             assert turn2 == ("Yes" if e["label"] else "No")
-            assert turn1.splitlines()[0] == "Target user: " + profile_of(e["user"])
+            target_block = e["messages"][1]["content"].split("Similar user")[0]
+            v = e["item"]
+            shown_items = [i for i in train[e["user"]] if int(i) != v][-5:] if e["reprofiled"] else train[e["user"]][-5:]
+            assert all(f"{texts[i][:30]}" in target_block for i in shown_items)
+            # the target's profile is a function of its shown list: the teacher's, or the rules profile of the list
+            expect_profile = rules.profile([i for i in train[e["user"]] if int(i) != v]) if e["reprofiled"] \
+                else profile_of(e["user"])
+            assert turn1.splitlines()[0] == "Target user: " + expect_profile
             expect = [ids_of(tok, turn2) + eot] if variant == "naive" else [ids_of(tok, turn1) + eot,
                                                                               ids_of(tok, turn2) + eot]
             assert [s for _, s in segs] == expect
             # no leakage: a positive item is absent from the turn-1 target list; a negative is not the target's
-            target_block = e["messages"][1]["content"].split("Similar user")[0]
-            v = e["item"]
             assert f"Movie {v} (" not in target_block
             if e["label"]:
                 assert v in set(train[e["user"]].tolist())
+                assert e["reprofiled"] == (v in set(train[e["user"]][-5:].tolist()))
             else:
                 assert v not in set(train[e["user"]].tolist()) | set(valid[e["user"]].tolist())
             assert f"Movie {v} (" in e["messages"][1]["content"].split("Similar user", 1)[1]
+            # neighbours are shown as the teacher saw them (their profiles are answers too)
+            assert "Similar user 1's items (" in e["messages"][1]["content"]
         if variant != "gpt_kd":
-            labels = [e["label"] for e in examples]
+            labels = [e["label"] for e in users]
             assert stats["positives"] == sum(labels) and stats["negatives"] == len(labels) - sum(labels)
             assert abs(stats["positives"] - stats["negatives"]) <= 1, stats  # Yes/No balanced
-            assert stats["nbrs_skipped"] > 0  # eval users' profiles are never taught, and no sft_gpt_kd exists yet
-    # a long prompt is cut to the newest items and says how many were dropped
-    args = sft.parse_args(["--run", str(run), "--variant", "mask", "--max-length", "400", "--max-items", "12", "--max-nbr-items", "6"])
-    examples, stats = sft.build_examples(run, "mask", tok, args)
-    assert stats["truncated"] > 0
-    assert len(examples) == 16 and all(len(e["input_ids"]) <= 400 for e in examples)
-    assert any("older items not shown" in e["messages"][1]["content"] for e in examples)
+            assert stats["nbrs_eval"] > 0  # eval users are never shown
+            assert stats["nbrs_skipped"] > 0  # untaught ones are left out until sft_gpt_kd exists
+            assert stats["pos_hidden"] > 0 and stats["pos_reprofiled"] > 0, stats
+    # a teacher that cannot be re-asked here: positives come from items older than the shown window only
+    run = write_stage02(synthetic_run, teacher="api")
+    examples, stats = sft.build_examples(run, "mask", tok, sft_args(run, "mask", tiny_llm))
+    pos = [e for e in examples if e.get("label") == 1]
+    assert pos and not any(e["reprofiled"] for e in pos) and stats["pos_reprofiled"] == 0
+    assert all(e["item"] in set(train[e["user"]][:-5].tolist()) for e in pos)
+    # prompts are never cut (a shorter list is not what the teacher saw): too long examples are left out
+    examples, stats = sft.build_examples(run, "mask", tok, sft_args(run, "mask", tiny_llm, "--max-length", "200"))
+    assert stats["too_long"] > 0 and all(len(e["input_ids"]) <= 200 for e in examples)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -172,7 +207,7 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
         assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     # the two-turn variants asked sft_gpt_kd for the untaught neighbours' profiles and cached them
     cache = common.read_jsonl(run / "sft_kd_profiles.jsonl")
-    assert cache and {r["user"] for r in cache} <= {0, 1}
+    assert cache and {r["user"] for r in cache} <= set(UNTAUGHT)  # never an eval user
     manifest = common.read_manifest(run)
     assert {"03_sft_gpt_kd", "03_sft_naive", "03_sft_mask"} <= set(manifest["stages"])
     kd_sha = common.sha256_file(run / "sft_gpt_kd" / "adapter_model.safetensors")
@@ -190,9 +225,9 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
     split = common.load_split(run)
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     trained = sft.build_examples(run, "gpt_kd", common.load_tokenizer(tiny_llm),
-                                 sft.parse_args(["--run", str(run), "--variant", "gpt_kd"]))[0]
+                                 sft_args(run, "gpt_kd", tiny_llm))[0]
     asked = prof.kd_user_messages(run, train, common.load_items(run))
-    assert all(e["messages"][:-1] == asked(e["user"]) for e in trained)
+    assert all(e["messages"][:-1] == asked(e["user"]) for e in trained if e["kind"] == "user")
     llm, _ = common.load_profile_model(run, "sft_mask", model=tiny_llm, device="cpu")
 
     # 04: trains, scores every held-out pair, reports per-kind accuracy with a 95% interval, reloads as a classifier

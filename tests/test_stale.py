@@ -47,7 +47,7 @@ def resplit(run, n=6):
 
 def profile_args(run, llm, source="base_llm", *extra):
     return ["--run", str(run), "--model", llm, "--source", source, "--device", "cpu", "--max-new-tokens", "6",
-            "--item-max-new-tokens", "6", "--batch-size", "8", *extra]
+            "--batch-size", "8", *extra]
 
 
 # ----------------------------------------------------------------------------- the check itself
@@ -127,7 +127,7 @@ def test_new_split_makes_every_later_stage_refuse(synthetic_run, tiny_llm):
                                                      r"data/split.npz, which 01_neighbors has since rewritten; "
                                                      r"re-run 02_distill \("):
         RW.main(["--run", str(run), "--model", tiny_llm, "--device", "cpu"])
-    with pytest.raises(common.StaleInputError, match=r"user_sets.json was built by 02_distill .* re-run 02_distill"):
+    with pytest.raises(common.StaleInputError, match=r"(user_sets|prompt).json was built by 02_distill .* re-run 02_distill"):
         P.main(profile_args(run, tiny_llm, "base_llm", "--probe-only"))
     with pytest.raises(REFUSED, match=r"profiles/base_llm/user_emb.npy was written by 06_profile_base_llm from "
                                       r"inputs that are now stale: .*re-run 02_distill, then 06_profile_base_llm"):
@@ -146,6 +146,7 @@ def test_retrained_ppo_makes_profiles_and_models_stale(synthetic_run, tiny_llm, 
     """06 records the model directories it loads (ppo/ and the SFT adapter under it): a retrained 05 makes its
     profiles stale, 07 refuses them, and with --force retrains instead of skipping the model."""
     run = synthetic_run
+    D.main(["--run", str(run), "--no-probe"])  # prompt.json: the prompt sizes 06 shows
     for name, stage, files in (("sft_mask", "03_sft_mask", ["adapter_model.safetensors"]),
                                ("ppo", "05_ppo", ["adapter_model.safetensors", "base.json"])):
         for f in files:
@@ -212,6 +213,7 @@ def test_distill_redoes_rows_of_another_prompt_or_upstream(synthetic_run):
 def test_profile_rows_redone_when_prompt_or_upstream_changed(synthetic_run, tiny_llm):
     run = synthetic_run
     argv = profile_args(run, tiny_llm, "base_llm", "--limit", "4")
+    D.main(["--run", str(run), "--no-probe"])
     P.main(argv)
     out = run / "profiles" / "base_llm"
     users, items = rows(out / "users.jsonl"), rows(out / "items.jsonl")
@@ -225,6 +227,7 @@ def test_profile_rows_redone_when_prompt_or_upstream_changed(synthetic_run, tiny
     assert rows(out / "users.jsonl") == users and rows(out / "items.jsonl") == items
     assert probe["redone"] == {"user profiles": 2, "warm item profiles": 0, "cold item profiles": 0}
     resplit(run)  # 01 re-run: every row was built from the old split
+    D.main(["--run", str(run), "--no-probe"])
     probe = P.main(argv)
     assert rows(out / "users.jsonl") != users
     assert probe["redone"] == {"user profiles": 4, "warm item profiles": 4, "cold item profiles": 4}
