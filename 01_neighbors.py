@@ -1,28 +1,21 @@
 """Stage 01: the split, item text embeddings, LightGCN user embeddings, similar users and items.
 
-Reads the raw data (ml-100k from the recbole wheel by default; MIND, Netflix or your CSV with --data-dir).
+Reads the raw data: ml-100k from the recbole wheel by default; MIND, Netflix or your CSV with --dataset and
+--data-dir (the formats: data.py and README, "Your own data").
 Writes into --run:
   data/split.npz        train/valid/test (u, i) arrays in time order, cold_items, n_users, n_items
   data/items.jsonl      {"item", "raw_id", "text"}       data/users.jsonl  {"user", "raw_id"}
-  data/split_stats.json sizes, cold counts, merged duplicates, id order, the training cap and what it did
+  data/split_stats.json sizes, cold counts, merged duplicates, id order, the training cap and what it did, and the
+                        LightGCN's validation Recall@20 (logged too, so that a bad neighbour model shows)
   item_text_emb.npy     L2-normalised text-encoder embeddings of the item texts [n_items, d_t]
   lightgcn_users.npy    user embeddings of a LightGCN trained with BPR on the training graph
-  neighbors.npz         user_nbrs/user_sims: top-k cosine over LightGCN users (self excluded);
-                        item_nbrs/item_sims: top-k cosine over item texts among warm items (self excluded),
-                        so that cold items get warm neighbours (warm: items with training rows)
-Ids: users and items are numbered in a random order seeded by --seed (raw ids are kept in users.jsonl and
-items.jsonl), so that index order carries no information: top-K breaks score ties toward the lower index, and
-raw ids often follow catalogue or release order. Another seed gives the same split under another numbering.
-Data-scarce setting (--max-train-per-user N): after the split each user keeps at most N training rows, N at
-random (seeded by --seed) or the earliest N (--scarce-keep earliest); validation and test are unchanged. Test
-items left with no training or validation row join cold_items (split_stats.json: n_cold_items_from_cap,
-n_train_u_before_cap). The LightGCN and both neighbour lists are computed on the reduced training set.
+  neighbors.npz         user_nbrs/user_sims: top-k cosine over LightGCN users; item_nbrs/item_sims: top-k cosine over
+                        item texts among warm items (those with training rows); self excluded
+Users and items are numbered in a random order seeded by --seed; the raw ids are kept in users.jsonl and items.jsonl.
 Run:
   python 01_neighbors.py --run runs/ml100k
   python 01_neighbors.py --run runs/mind --dataset mind --data-dir MINDsmall_train --split snapshot --cutoff 2019-11-14
   python 01_neighbors.py --run runs/ml100k_n5 --max-train-per-user 5        # the data-scarce setting
-The LightGCN's validation Recall@20 is logged (and kept in split_stats.json) so that a bad neighbour
-model shows.
 """
 import sys
 import time
@@ -33,9 +26,14 @@ import torch
 from tqdm import tqdm
 
 import common
+import data
 
 # ----------------------------------------------------------------------------- defaults
 DATASET, SPLIT, COLD_FRAC, TEST_FRAC, VALID_FRAC = "ml-100k", "cold-items", 0.2, 0.2, 0.1
+# The data-scarce setting (--max-train-per-user N): after the split each user keeps at most N training rows, N at
+# random (seeded by --seed) or the earliest N (--scarce-keep earliest); validation and test are unchanged, and test
+# items left with no training or validation row join cold_items (split_stats.json: n_cold_items_from_cap,
+# n_train_u_before_cap). The LightGCN and both neighbour lists are computed on the reduced training set.
 MAX_TRAIN_PER_USER, SCARCE_KEEP = 0, "random"  # 0: no cap (the dense setting)
 K_NEIGHBORS = 5
 DIM, LAYERS, LR, L2, BATCH = 64, 2, 5e-3, 1e-4, 2048
@@ -70,6 +68,10 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def bpr_loss(u, pos, neg):
+    return torch.nn.functional.softplus(-((u * pos).sum(-1) - (u * neg).sum(-1))).mean()
+
+
 def train_lightgcn(split, args):
     """BPR LightGCN with ID embeddings; returns the best (by validation Recall@20) user embeddings."""
     n_users, n_items = split["n_users"], split["n_items"]
@@ -88,7 +90,7 @@ def train_lightgcn(split, args):
             out = common.lightgcn(adj, emb, args.layers)
             eu, ep, en = out[u], out[n_users + pos], out[n_users + neg]
             reg = (emb[u].square().sum() + emb[n_users + pos].square().sum() + emb[n_users + neg].square().sum()) / len(u)
-            loss = common.bpr_loss(eu, ep, en) + args.l2 * reg
+            loss = bpr_loss(eu, ep, en) + args.l2 * reg
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -129,24 +131,24 @@ def main(argv=None):
     common.seed_everything(args.seed)
     run = Path(args.run)
 
-    data = common.load_dataset(args.dataset, args.data_dir, args.min_rating)
-    split, user_raw, item_raw, stats = common.make_split(data, args.split, args.cold_frac, args.test_frac,
-                                                         args.cutoff, args.valid_frac, args.seed,
-                                                         args.max_train_per_user, args.scarce_keep)
-    common.log.info("%s split %s: %s", data.name, args.split, stats)
-    texts = [data.item_text[r] for r in item_raw]
+    raw = data.load_dataset(args.dataset, args.data_dir, args.min_rating)
+    split, user_raw, item_raw, stats = data.make_split(raw, args.split, args.cold_frac, args.test_frac,
+                                                       args.cutoff, args.valid_frac, args.seed,
+                                                       args.max_train_per_user, args.scarce_keep)
+    common.log.info("%s split %s: %s", raw.name, args.split, stats)
+    texts = [raw.item_text[r] for r in item_raw]
 
     item_emb = common.encode_texts(texts, args.encoder, desc="01 item texts")
     user_emb, best_recall, best_epoch = train_lightgcn(split, args)
-    # neighbour candidates are items with training rows (06's warm items, the ones with profiles); under
-    # --max-train-per-user some non-cold items keep only validation rows, or none
+    # neighbour candidates are items with training rows (06's warm items, the ones with profiles), so that cold items
+    # get warm neighbours; under --max-train-per-user some non-cold items keep only validation rows, or none
     warm = np.unique(split["train_i"])
     if split["n_users"] <= args.k or len(warm) <= args.k:
         sys.exit(f"01: need more than k={args.k} users and warm items for neighbours")
     user_nbrs, user_sims = top_k_cosine(user_emb, user_emb, args.k, np.arange(split["n_users"]))
     item_nbrs, item_sims = top_k_cosine(item_emb, item_emb[warm], args.k, key_ids=warm)
 
-    stats.update(dataset=data.name, lightgcn_valid_recall20=best_recall, lightgcn_best_epoch=best_epoch)
+    stats.update(dataset=raw.name, lightgcn_valid_recall20=best_recall, lightgcn_best_epoch=best_epoch)
     common.save_npz(run / "data" / "split.npz", **split)
     common.write_jsonl(run / "data" / "items.jsonl",
                        [{"item": k, "raw_id": r, "text": t} for k, (r, t) in enumerate(zip(item_raw, texts))])

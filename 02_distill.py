@@ -2,60 +2,22 @@
 profile-quality probe of the teacher (SPEC sections 2, 4, 5, 6, 7; paper 2.3.1, 2.4 and appendix 6.6).
 
 Reads   data/split.npz, data/items.jsonl, neighbors.npz, item_text_emb.npy
-Writes  distill.jsonl        {"user", "prompt" (chat messages sent to the teacher), "profile", "teacher",
-                              "teacher_model", "attempts", "upstream"[, "fallback_from"], "items" (the shown
-                              items, newest --max-items, the profile is a function of), "n_items" (the history's
-                              length, which the prompts also show)}, one row per sampled user, appended as the
-                              teacher answers, finally rewritten sorted by user. Resumable: a row is reused only if
-                              its prompt and "upstream" (hash of split.npz, items.jsonl, teacher and model; for
-                              rules, of this file) match the current ones, else redone (counted: stats "redone")
-        user_sets.json       {"sft", "reward", "ppo", "eval"}: disjoint, seeded split of the distilled users
-        reward_pairs.jsonl   {"user", "prompt" (common.inference_messages), "chosen", "rejected", "kind",
-                              "variant", "set"} for the users of the "reward" and "eval" sets, one pair per kind:
-                              substitution, oversmoothing, incomplete, repeated, empty, junk; none whose rejected
-                              answer is the chosen profile's terms reordered; "reward" pairs substitute only
-                              profiles of sft and reward users (PAIR_DONORS)
-        prompt.json          the prompt sizes: "teacher" (--max-items, --max-chars; 03's training prompts show the
-                             same) and "inference" (the --pair-* sizes; 05 and 06 show the same); no later stage
-                             has flags for them (common.prompt_settings)
-        distill_probe.json   profile-quality probe (SPEC section 7) of the teacher profiles, eval users: Recall@20
-                             of their validation items (never test items; common.profile_probe); the teacher's
-                             diversity (common.profile_diversity; all and eval users); reward pairs per set and kind
+Writes  distill.jsonl        {"user", "prompt", "profile", "teacher", "teacher_model", "attempts", "upstream"
+                              [, "fallback_from"], "items" (the shown items), "n_items"}, one row per sampled user;
+                              resumable: a row is redone when its prompt or upstream state changed (stats "redone")
+        user_sets.json       {"sft", "reward", "ppo", "eval"}: a disjoint, seeded split of the distilled users
+        reward_pairs.jsonl   {"user", "prompt" (llm.inference_messages), "chosen", "rejected", "kind", "variant",
+                              "set"}: one pair per negative kind for each user of the "reward" and "eval" sets
+        prompt.json          the prompt sizes of every later stage, which has no flags for them: "teacher"
+                             (--max-items, --max-chars; 03 trains on these) and "inference" (--pair-*; 05, 06)
+        distill_probe.json   the probe of the teacher's profiles (eval users, validation items), diversity, pairs
         teacher_cache.jsonl  (--teacher api) answers by prompt hash, so a re-run makes no repeated requests
-        manifest.json        stage "02_distill"
-
-Teachers (--teacher):
-  rules  a profile computed from what the prompts show of the user: the newest --max-items training items, their
-         texts cut at --max-chars, and the history's length. Genres/categories parsed from the shown text ("Genres:
-         Comedy, Drama." for ml-100k, "news / sub:" for MIND) and title keywords ranked by smoothed lift against
-         the population's shown items; identities: personas of the most over-represented genres, a decade the
-         items lean to, activity and breadth where they are in the population's outer thirds (see "rules
-         teacher" below). Deterministic, instant; a data-grounded stand-in where no strong model is available.
-         Every row says "teacher": "rules".
-  Every teacher is shown the same (its prompt lists the newest --max-items items cut at --max-chars and how many
-  older ones it leaves out): a target must be inferable from the student's prompt (SPEC section 5).
-  local  an instruct model by path (--teacher-model, default SmolLM2-135M-Instruct), prompt with a worked example
-         (another user's items and their rules profile), batched greedy generation, then sampled retries for
-         answers that do not parse (--retries). Users still malformed after the retries get the rules profile
-         ("teacher": "rules", "fallback_from": "local"; --on-fail skip leaves them out).
-  api    any OpenAI-compatible endpoint: POST {--api-base}/chat/completions, key from the environment variable
-         named by --api-key-env (required; never logged: it is redacted from every message), --concurrency parallel
-         requests, exponential backoff on 429, 5xx, timeouts and connection errors (Retry-After honoured), answers
-         cached by prompt hash in teacher_cache.jsonl; malformed answers are retried with temperature --temperature.
-         The run stops at the first unrecoverable error (another 4xx such as 401 or 404, MAX_CONNECTION_FAILURES
-         connection failures in a row, a request out of tries) and cancels what is queued; a re-run resumes.
-
-Reward pairs are written for the reward set (to train 04) and the eval set (04's held-out accuracy), not for the
-PPO set: the reward model then never saw the teacher profiles of the users PPO optimises on.
-
+Teachers (--teacher): rules (default; a profile computed from the shown items, instant), local (an instruct model,
+--teacher-model), api (an OpenAI-compatible endpoint; the key is read from the variable that --api-key-env names).
 Run     python 02_distill.py --run runs/ml100k                       # rules teacher, every training user
         python 02_distill.py --run runs/ml100k --teacher local --n-users 200
         OPENAI_API_KEY=... python 02_distill.py --run runs/ml100k --teacher api \\
             --api-base https://api.openai.com/v1 --api-model gpt-4o-mini --concurrency 8
-Offline default teacher: rules (it beat the local SmolLM2 teacher on the probe; numbers in the engineer's report
-and distill_probe.json). Teachers are compared on validation items only: the probe never reads test items.
-06_profile.py --source teacher writes this teacher's profiles for every user and item (the upper bound of
-distillation); it reuses RulesTeacher, sample_and_example and run_api.
 """
 import collections
 import concurrent.futures as cf
@@ -78,17 +40,20 @@ import numpy as np
 import torch
 
 import common
+import llm
 
 log = logging.getLogger("reclm.02")
 
 # ----------------------------------------------------------------------------- defaults
+# The offline default teacher is rules: it beat the local SmolLM2 teacher on the probe (distill_probe.json), which
+# compares teachers on validation items only (it never reads test items).
 TEACHERS = ("rules", "local", "api")
 DEFAULT_N_USERS = {"rules": None, "local": 200, "api": 500}   # None = every user with training items
 FRACTIONS = {"sft": 0.5, "reward": 0.2, "ppo": 0.15, "eval": 0.15}
 # The teacher is shown what the student's prompts show (the inference prompt's target list, which the SFT prompts
 # of 03 also show): a profile is then a function of its prompt's input. The reward queries must show at least this.
-MAX_ITEMS = common.PROMPT_SIZES["max_items"]  # newest training items
-MAX_CHARS = common.PROMPT_SIZES["max_chars"]  # item text cut, as the prompts cut it
+MAX_ITEMS = llm.PROMPT_SIZES["max_items"]  # newest training items
+MAX_CHARS = llm.PROMPT_SIZES["max_chars"]  # item text cut, as the prompts cut it
 RETRIES = 3
 KINDS = ("substitution", "oversmoothing", "incomplete", "repeated", "empty", "junk")
 # Users whose profiles a set's pairs may use as the substitution negative. The reward model trains on the "reward"
@@ -116,6 +81,8 @@ UNRELATED = [
 ]
 
 # ----------------------------------------------------------------------------- rules teacher
+# 06 (--source teacher, the upper bound of distillation) writes every user's and item's profile with this teacher:
+# it reuses RulesTeacher, sample_and_example and run_api.
 # The teacher sees exactly what the prompts that carry its profile show (SPEC section 5): the newest MAX_ITEMS
 # training items, each item's text cut at MAX_CHARS as the prompts cut it (a genre cut to a prefix that only one
 # catalogue genre has, "Thr…", still reads as Thriller; a genre cut away is not seen), and the history's length
@@ -170,7 +137,7 @@ def parse_item(text):
 def visible_item(text, max_chars, vocab):
     """parse_item of the text as a prompt shows it (cut at max_chars; 0 = whole). A genre cut short ("Thr…") is
     read as the one catalogue genre (`vocab`: lower case -> name) it is a prefix of, else dropped."""
-    title, year, genres = parse_item(common.clip(text, max_chars) if max_chars else text)
+    title, year, genres = parse_item(llm.clip(text, max_chars) if max_chars else text)
     seen = []
     for g in genres:
         if g.endswith("…"):
@@ -240,7 +207,7 @@ class RulesTeacher:
         self.b_lo, self.b_hi = (np.quantile(breadth, [1 / 3, 2 / 3]) if breadth else (1.0, 3.0))
 
     def shown(self, items):
-        return [int(i) for i in common.shown_items(items, self.max_items)]
+        return [int(i) for i in llm.shown_items(items, self.max_items)]
 
     def genre_counts(self, shown):
         """{genre (lower case): number of shown items with it}."""
@@ -313,16 +280,18 @@ class RulesTeacher:
         shown = self.shown(items)
         ranked = self.ranked_genres(shown)
         ident = self.identity(shown, len(items), ranked)
-        prof = common.parse_profile(f"User identity: {', '.join(ident)}; "
-                                    f"User interests: {', '.join(self.interests(shown, ranked)[:3])}")
+        prof = llm.parse_profile(f"User identity: {', '.join(ident)}; "
+                                 f"User interests: {', '.join(self.interests(shown, ranked)[:3])}")
         assert prof, (ident, items)
         return prof
 
 
 def teacher_messages(items, item_text, example, max_items=MAX_ITEMS, max_chars=MAX_CHARS):
-    """System + worked example (another user's items and their rules profile) + this user's items."""
+    """System + worked example (another user's items and their rules profile) + this user's items. Every teacher is
+    shown the same: the newest max_items items cut at max_chars and how many older ones are left out, so that a
+    target is inferable from the student's prompt (SPEC section 5)."""
     def user_turn(its):
-        text, dropped = common.item_list(its, item_text, max_items, max_chars)
+        text, dropped = llm.item_list(its, item_text, max_items, max_chars)
         return TEACHER_USER.format(dropped=f" ({dropped} older items not shown)" if dropped else "", items=text)
     ex_items, ex_profile = example
     return [{"role": "system", "content": TEACHER_SYSTEM},
@@ -504,27 +473,31 @@ def finish_failed(u, prompt, train, rules, args, f, stats, attempts):
 
 
 def run_local(todo, train, item_text, rules, example, args, f, stats):
-    model, tok = common.load_llm(args.teacher_model, device=args.device)
-    model = model.to(common.pick_dtype(args.dtype, args.device)).eval()
-    name = Path(common.resolve_llm(args.teacher_model)).name
+    """The local teacher: an instruct model (--teacher-model) prompted with a worked example, batched greedy
+    generation, then sampled retries (--retries, --temperature) of the answers that do not parse. Users still
+    malformed after the retries get the rules profile ("teacher": "rules", "fallback_from": "local"; --on-fail skip
+    leaves them out)."""
+    model, tok = llm.load_llm(args.teacher_model, device=args.device)
+    model = model.to(llm.pick_dtype(args.dtype, args.device)).eval()
+    name = Path(llm.resolve_llm(args.teacher_model)).name
     chunk = args.batch_size * 4  # rows are appended after every chunk (resumable)
     for s in range(0, len(todo), chunk):
         users = todo[s:s + chunk]
         prompts = {u: teacher_messages(train[u], item_text, example, args.max_items, args.max_chars) for u in users}
-        texts = {u: common.render(tok, prompts[u]) for u in users}
+        texts = {u: llm.render(tok, prompts[u]) for u in users}
         pending = list(users)
         for attempt in range(args.retries + 1):
             if not pending:
                 break
             temp = 0.0 if attempt == 0 else args.temperature
             answers = {}
-            for idx, ans in common.generate_batches(model, tok, [texts[u] for u in pending], args.max_new_tokens,
+            for idx, ans in llm.generate_batches(model, tok, [texts[u] for u in pending], args.max_new_tokens,
                                                  args.batch_size, temp, desc=f"local teacher (try {attempt + 1})"):
                 for k, a in zip(idx, ans):
                     answers[pending[k]] = a
             still = []
             for u in pending:
-                prof = common.normalize_profile(answers[u], 3)
+                prof = llm.normalize_profile(answers[u], 3)
                 if prof is None:
                     stats["malformed_answers"] += 1
                     still.append(u)
@@ -541,6 +514,11 @@ def run_local(todo, train, item_text, rules, example, args, f, stats):
 
 
 def run_api(todo, train, item_text, rules, example, args, f, stats):
+    """The API teacher: --concurrency parallel requests through ApiClient (backoff on 429, 5xx, timeouts and
+    connection errors, Retry-After honoured; answers cached by prompt hash in teacher_cache.jsonl; the key never
+    logged), malformed answers retried at --temperature. It stops at the first unrecoverable error (another 4xx such
+    as 401 or 404, MAX_CONNECTION_FAILURES connection failures in a row, a request out of tries) and cancels what is
+    queued; a re-run resumes."""
     from tqdm import tqdm
     key = api_key(args.api_key_env)
     if not args.api_model:
@@ -553,7 +531,7 @@ def run_api(todo, train, item_text, rules, example, args, f, stats):
         bad = 0
         for attempt in range(args.retries + 1):
             ans = client.complete(prompt, 0.0 if attempt == 0 else args.temperature, attempt)
-            prof = common.normalize_profile(ans, 3)
+            prof = llm.normalize_profile(ans, 3)
             if prof:
                 return u, prompt, prof, attempt + 1, bad
             bad += 1
@@ -613,8 +591,8 @@ def upstream_key(run, args):
     rules = "rules " + common.sha256_file(Path(__file__))
     model = {"rules": rules, "local": args.teacher_model, "api": f"{args.api_base} {args.api_model}"}[args.teacher]
     files = {r: common.sha256_path(run, r) for r in ("data/split.npz", "data/items.jsonl")}
-    return common.prompt_hash(json.dumps({"inputs": files, "teacher": args.teacher, "model": str(model)},
-                                         sort_keys=True))
+    return llm.prompt_hash(json.dumps({"inputs": files, "teacher": args.teacher, "model": str(model)},
+                                      sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- user sets, reward pairs
@@ -633,7 +611,7 @@ def make_user_sets(users, fractions, seed):
 
 
 def split_profile(p):
-    m = common.PROFILE_RE.search(p)
+    m = llm.PROFILE_RE.search(p)
     return ([t.strip() for t in m.group("identity").split(",")], [t.strip() for t in m.group("interests").split(",")])
 
 
@@ -641,7 +619,7 @@ def split_profile(p):
 def terms_key(p):
     """A profile's terms as two sets, order and case ignored; None unless `p` is one well-formed profile. A negative
     with the chosen profile's key is the chosen profile reordered: no worse an answer, so not a negative."""
-    p = common.parse_profile(p)
+    p = llm.parse_profile(p)
     if p is None:
         return None
     ident, interests = split_profile(p)
@@ -712,16 +690,18 @@ def pair_donors(set_name, sets, profiles):
 
 
 def build_pairs(sets, profiles, train, nbrs, item_text, seed, for_sets=("reward", "eval"), sizes=None):
-    """(rows, counts): a pair of every kind for every user of `for_sets`. A rejected answer with the chosen
+    """(rows, counts): a pair of every kind (KINDS) for every user of `for_sets`. A rejected answer with the chosen
     profile's terms is dropped; counts[set] holds the pairs per kind, the dropped ones ("same_terms_<kind>") and
-    the substitution variants ("substitution_<variant>")."""
+    the substitution variants ("substitution_<variant>"). The default sets are "reward" (to train 04) and "eval"
+    (04's held-out accuracy), not "ppo": the reward model then never saw the teacher profiles of the users PPO
+    optimises on."""
     rng = np.random.default_rng(seed + 1)
     rows, counts = [], {}
     for set_name in for_sets:
         donors = pair_donors(set_name, sets, profiles)
         c = counts[set_name] = collections.Counter()
         for u in sets[set_name]:
-            prompt = common.user_prompt(u, train, nbrs, item_text, **(sizes or {}))
+            prompt = llm.user_prompt(u, train, nbrs, item_text, **(sizes or {}))
             for kind, (rejected, variant) in negatives(u, profiles, donors, nbrs, item_text, rng).items():
                 if terms_key(rejected) is not None and terms_key(rejected) == terms_key(profiles[u]):
                     c["same_terms_" + kind] += 1
@@ -737,11 +717,33 @@ def build_pairs(sets, profiles, train, nbrs, item_text, seed, for_sets=("reward"
 
 # ----------------------------------------------------------------------------- probe of the teacher
 
+def most_common(counter):
+    """(key, count) of the highest count, ties to the smallest key (Counter.most_common ties by insertion order);
+    (None, 0) when empty."""
+    return min(counter.items(), key=lambda kv: (-kv[1], kv[0]), default=(None, 0))
+
+
+def profile_diversity(profiles):
+    """How far a set of profiles tells users apart (SPEC section 7): distinct profiles, the share of the most common
+    identity part (its three terms, in any order) and of the most common identity term, distinct interest triples
+    (in any order). Unparseable profiles are counted and left out."""
+    parts = [m for m in (llm.PROFILE_RE.search(p or "") for p in profiles) if m]
+    terms = [[[t.strip().lower() for t in m.group(k).split(",")] for k in ("identity", "interests")] for m in parts]
+    n = len(terms)
+    ident = most_common(collections.Counter(", ".join(sorted(set(i))) for i, _ in terms))
+    term = most_common(collections.Counter(t for i, _ in terms for t in set(i)))
+    return {"n": n, "malformed": len(profiles) - n,
+            "distinct_profiles": len({(frozenset(i), frozenset(x)) for i, x in terms}),
+            "top_identity": ident[0], "top_identity_share": ident[1] / n if n else float("nan"),
+            "top_identity_term": term[0], "top_identity_term_share": term[1] / n if n else float("nan"),
+            "distinct_interest_triples": len({frozenset(x) for _, x in terms})}
+
+
 def teacher_probe(run, split, profiles, users, item_text, encoder, device):
     users = [u for u in users if u in profiles]
     emb = common.encode_texts([profiles[u] for u in users], encoder, device=device, desc="encode teacher profiles")
-    item_emb, src = common.item_embeddings_for_probe(run, item_text, emb.shape[1], encoder, device)
-    return {**common.profile_probe(split, users, emb, item_emb), "item_embeddings": src}
+    item_emb, src = llm.item_embeddings_for_probe(run, item_text, emb.shape[1], encoder, device)
+    return {**llm.profile_probe(split, users, emb, item_emb), "item_embeddings": src}
 
 
 # ----------------------------------------------------------------------------- main
@@ -761,7 +763,7 @@ def build_parser():
                         "(--pair-max-items) must show at least as many (default: %(default)s, the inference prompt's)")
     p.add_argument("--max-chars", type=int, default=MAX_CHARS,
                    help="item text cut, as the prompts cut it (default: %(default)s)")
-    p.add_argument("--teacher-model", default=common.DEFAULT_LLM, help="local teacher (default: SmolLM2-135M)")
+    p.add_argument("--teacher-model", default=llm.DEFAULT_LLM, help="local teacher (default: SmolLM2-135M)")
     p.add_argument("--model", default=None, help="alias of --teacher-model")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=1,
@@ -781,9 +783,9 @@ def build_parser():
     for name, frac in FRACTIONS.items():
         p.add_argument(f"--frac-{name}", type=float, default=frac, help=f"share of users in the {name} set")
     p.add_argument("--pairs-for", default="reward,eval", help="user sets that get reward pairs (default: %(default)s)")
-    for name, val in common.PROMPT_SIZES.items():  # the inference prompt's sizes, as 05 and 06 show it
+    for name, val in llm.PROMPT_SIZES.items():  # the inference prompt's sizes, as 05 and 06 show it
         p.add_argument("--pair-" + name.replace("_", "-"), type=int, default=val,
-                       help="reward-pair prompts (common.user_prompt): %s (default: %%(default)s)" % name)
+                       help="reward-pair prompts (llm.user_prompt): %s (default: %%(default)s)" % name)
     p.add_argument("--encoder", default=None, help="text encoder for the probe (default: the shipped MiniLM)")
     p.add_argument("--no-probe", action="store_true", help="skip the profile-quality probe")
     p.add_argument("--restart", action="store_true", help="delete distill.jsonl (not the api cache) first")
@@ -856,14 +858,14 @@ def main(argv=None):
     common.write_json(run / "user_sets.json", sets)
     pair_sets = tuple(s for s in args.pairs_for.split(",") if s)
     pairs, pair_counts = build_pairs(sets, profiles, train, nbrs, item_text, args.seed, pair_sets,
-                                     {k: getattr(args, "pair_" + k) for k in common.PROMPT_SIZES})
+                                     {k: getattr(args, "pair_" + k) for k in llm.PROMPT_SIZES})
     common.write_jsonl(run / "reward_pairs.jsonl", pairs)
     log.info("user sets: %s; reward pairs: %d (%s users)", {k: len(v) for k, v in sets.items()}, len(pairs),
              "+".join(pair_sets))
     for name, c in pair_counts.items():
         log.info("reward pairs of the %s set: %s", name, json.dumps(c))
-    diversity = {"all_users": common.profile_diversity(list(profiles.values())),
-                 "eval_users": common.profile_diversity([profiles[u] for u in sets["eval"]])}
+    diversity = {"all_users": profile_diversity(list(profiles.values())),
+                 "eval_users": profile_diversity([profiles[u] for u in sets["eval"]])}
     d = diversity["all_users"]
     log.info("teacher diversity (%d users): %d distinct profiles, most common identity %.1f%% (%s), most common "
              "identity term %.1f%% (%s), %d distinct interest triples", d["n"], d["distinct_profiles"],
@@ -871,10 +873,10 @@ def main(argv=None):
              d["top_identity_term"], d["distinct_interest_triples"])
 
     # the prompt sizes every later stage shows: 03 trains on the teacher's, 05 and 06 answer the inference prompt's
-    common.write_json(run / common.PROMPT_FILE, {
+    common.write_json(run / llm.PROMPT_FILE, {
         "teacher": {"max_items": args.max_items, "max_chars": args.max_chars},
-        "inference": {k: getattr(args, "pair_" + k) for k in common.PROMPT_SIZES}})
-    outputs = ["distill.jsonl", "user_sets.json", "reward_pairs.jsonl", common.PROMPT_FILE]
+        "inference": {k: getattr(args, "pair_" + k) for k in llm.PROMPT_SIZES}})
+    outputs = ["distill.jsonl", "user_sets.json", "reward_pairs.jsonl", llm.PROMPT_FILE]
     probe = None
     if not args.no_probe:
         eval_users = sets["eval"] or sorted(profiles)

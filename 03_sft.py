@@ -1,60 +1,22 @@
 """03_sft — LoRA instruction tuning of the profile LLM (paper sec. 2.3, appendix 6.4 / 6.6).
 
-Every prompt shows a user as 02's teacher saw it (prompt.json "teacher": the newest max_items items, texts cut at
-max_chars, and how many older ones are left out; there are no flags for these here), so that every profile the
-model is taught is a function of what its prompt shows. Prompts are never cut: an example longer than --max-length
-is left out (counted: "too_long").
+Variants (--variant):
+  gpt_kd  single turn: the user's items -> its teacher profile (knowledge distillation, sec. 2.3.1)
+  naive   two turns: the target's and its similar users' items -> their profiles; "will the target interact with
+          item v?" -> Yes/No. Loss on the Yes/No answer only.
+  mask    the same dialogue, loss on every response segment (sec. 2.3.2, "Tuning Strategy")
+gpt_kd and mask also train on item-profile examples (06's item prompts). naive and mask continue training the
+sft_gpt_kd LoRA, as in the paper's ablation (appendix 6.4): train gpt_kd first, or pass --init fresh. Every prompt
+shows a user as 02's teacher saw it (prompt.json "teacher"); examples longer than --max-length are left out.
 
-Variants (`--variant`):
-  gpt_kd  single turn: prompt = the user's items (KD_PROMPT below), response = the teacher profile (knowledge
-          distillation, sec. 2.3.1); plus item-profile examples (below).
-  naive   the two-turn dialogue below; loss only on the turn-2 answer (Yes/No).
-  mask    the two-turn dialogue; loss on every response segment (the turn-1 profiles and the turn-2 answer),
-          every system/user token masked (sec. 2.3.2, "Tuning Strategy"); plus item-profile examples.
-  naive and mask are built on GPT_KD, as the paper's ablation (appendix 6.4) describes: they continue training the
-  `sft_gpt_kd` LoRA (its weights and its LoRA settings; --lora-* do not apply), so that `sft_naive`, whose loss is
-  on Yes/No only, keeps the profile-writing it learnt there. Without run/sft_gpt_kd they stop with an error that
-  says to train it first; `--init fresh` trains a new LoRA on the base model instead (not the paper's ablation).
-  sft_info.json and the manifest record which ("init": "sft_gpt_kd" | "fresh", with the adapter's sha256).
-
-Two-turn dialogue (one per target user, targets = the "sft" user set of user_sets.json):
-  system  explains collaborative filtering and the two stages (TWO_TURN_SYSTEM).
-  turn 1  the target's and its similar users' (neighbors.npz user_nbrs) item lists; asks for every user's
-          profile. Answer: the profiles, one per line (TURN1_ANSWER_LINE). Profiles come from the teacher
-          (distill.jsonl), and for neighbours the teacher did not see, from the trained `sft_gpt_kd` model when
-          `run/sft_gpt_kd` exists (generated once, cached resumably in `sft_kd_profiles.jsonl`, keyed by the
-          adapter's sha256). Users of the "eval" set are held out of every training set: never a target, and left
-          out as neighbours. Neighbours with no (valid) profile are left out too; the log counts each case.
-  turn 2  "will the target user interact with item v?"; answer Yes or No. Positive: a training item of the
-          target that a shown neighbour shows. It is drawn from the target's items older than its shown window
-          (the list and profile stay the teacher's), or, when 02's teacher was the rules teacher, from all its
-          training items: a shown v is then removed from the target's list, which shows one older item instead,
-          and the target's turn-1 profile is the rules teacher's profile of that list (counted: "pos_reprofiled").
-          Negative: a shown neighbour's item the target never interacted with in train or valid. The labels
-          are balanced, Yes and No equal up to one (balanced_labels, seeded): a target with candidates of one kind
-          only gets that label, the others are split so that the totals balance, and a surplus of one-kind targets
-          is left out (counted: "dropped_for_balance"); a model that sees more No than Yes learns to say No.
-Item-profile examples (gpt_kd and mask; --item-frac per user example; item_examples): 06's item prompts
-  (common.warm_item_messages / cold_item_messages), the answer in the user format: warm, the profiles of 1 to
-  ITEM_USERS of an item's most recent taught users -> their most common terms (common.merge_profiles); cold, up
-  to ITEM_NBRS text-similar warm items with their item profiles -> those merged. 06 then asks items for a form
-  the model was trained on.
-
-Tokenisation: the chat template's {% generation %} markers give the assistant-token mask
-(`apply_chat_template(..., return_assistant_tokens_mask=True)`, as SFTTrainer's `assistant_only_loss` does);
-labels = input_ids on supervised tokens (for `naive`: only the last assistant turn), -100 elsewhere. The
-pre-tokenised dataset (input_ids + labels) is trained with trl's SFTTrainer and a peft LoRA.
-
-Reads  data/split.npz, data/items.jsonl, neighbors.npz, distill.jsonl, user_sets.json
-       (two-turn variants: sft_gpt_kd/, the starting LoRA and the neighbours' profiles)
-Writes sft_<variant>/ : adapter_config.json, adapter_model.safetensors, tokenizer files, train_log.jsonl (per-step
-       loss), sft_info.json (counts, options, "init", and "prompt": the template and sizes of the prompt it was
-       trained on, which 06 reads to give sft_gpt_kd its own prompt); sft_kd_profiles.jsonl (two-turn variants).
-       The folder is trained in sft_<variant>.tmp/ and renamed when finished.
-
+Reads  data/split.npz, data/items.jsonl, neighbors.npz, distill.jsonl, user_sets.json, prompt.json
+       (naive, mask: sft_gpt_kd/, the LoRA they start from, which also writes the profiles of neighbours the teacher
+       did not see)
+Writes sft_<variant>/ (trained in sft_<variant>.tmp/, renamed when finished): adapter_config.json,
+       adapter_model.safetensors, tokenizer files, train_log.jsonl (per-step loss), sft_info.json (counts, options,
+       "init", and "prompt": what it was trained on, which 06 reads); naive, mask: sft_kd_profiles.jsonl (resumable)
 Run    python 03_sft.py --run runs/ml100k --variant gpt_kd
        python 03_sft.py --run runs/ml100k --variant mask      # after gpt_kd: starts from it
-Time   (SmolLM2-135M, 2 CPU cores, measured on a synthetic run) see TIMING below.
 """
 import collections
 import json
@@ -66,6 +28,7 @@ import numpy as np
 import torch
 
 import common
+import llm
 
 log = common.log
 
@@ -88,14 +51,13 @@ DEFAULTS = dict(
 KD_ADAPTER = "sft_gpt_kd"
 ITEM_USERS = 5             # warm item examples show 1-5 of the item's most recent users (the SPEC's 5; 06 may show fewer)
 ITEM_NBRS = 3              # cold item examples show this many text-similar warm items (06's --item-nbrs default)
-# TIMING (SmolLM2-135M, 1 CPU thread, bf16 autocast where the CPU has bf16 FMA (1.8x fp32 here), measured in
-# the pipeline beside 07 on the other core): a mask step (batch 2 x ~636 tokens) 18.4 s, so the 16-step default
-# takes ~5 min; a gpt_kd step (batch 4 x ~300 tokens) ~21 s in fp32. 16 steps at lr 2e-3 with LoRA on every
-# projection teach the format: 27 of 32 users' profiles from the inference prompt parse after mask, 32 of 32 after
-# 15 gpt_kd steps (5 steps at lr 2e-4 on attention only: 0 of 943). On a GPU raise --max-steps (0 = 1 epoch).
+# TIMING: the defaults are sized for a CPU (step times: bench/RESULTS.md, "Stage timings"). 16 steps at lr 2e-3 with
+# LoRA on every projection teach SmolLM2-135M the format: 27 of 32 users' profiles from the inference prompt parse
+# after mask, 32 of 32 after 15 gpt_kd steps (5 steps at lr 2e-4 on attention only: 0 of 943). On a GPU raise
+# --max-steps (0 = 1 epoch).
 
 # ----------------------------------------------------------------------------- prompt templates
-KD_SYSTEM = common.SYSTEM_PROMPT
+KD_SYSTEM = llm.SYSTEM_PROMPT
 KD_PROMPT = (
     "Items the user interacted with, oldest to newest{dropped}:\n{items}\n\n"
     "Write this user's profile.")
@@ -105,7 +67,7 @@ TWO_TURN_SYSTEM = (
     "histories share interests, so similar users' histories and profiles help predict what a user will like. "
     "The task has two stages: first you write a profile for the target user and for each similar user from "
     "their items, then you use these profiles to predict whether the target user will interact with a new item. "
-    "A profile is " + common.PROFILE_FORM.format(n="three") + ".")
+    "A profile is " + llm.PROFILE_FORM.format(n="three") + ".")
 TURN1_PROMPT = (
     "Target user's items, oldest to newest{dropped}:\n{target}\n\n"
     "{neighbors}\n\n"
@@ -124,7 +86,7 @@ def dropped_note(n):
 # ----------------------------------------------------------------------------- data
 
 def kd_messages(items, item_text, max_items, item_chars, profile=None):
-    text, dropped = common.item_list(items, item_text, max_items, max_chars=item_chars)
+    text, dropped = llm.item_list(items, item_text, max_items, max_chars=item_chars)
     msgs = [{"role": "system", "content": KD_SYSTEM},
             {"role": "user", "content": KD_PROMPT.format(dropped=dropped_note(dropped), items=text)}]
     if profile is not None:
@@ -135,10 +97,10 @@ def kd_messages(items, item_text, max_items, item_chars, profile=None):
 def two_turn_messages(target_items, nbrs, item_text, v, label, target_profile, max_items, max_nbr_items,
                       item_chars):
     """nbrs: list of (items, profile). target_items must already exclude a positive v."""
-    text, dropped = common.item_list(target_items, item_text, max_items, max_chars=item_chars)
+    text, dropped = llm.item_list(target_items, item_text, max_items, max_chars=item_chars)
     blocks, answers = [], [TURN1_ANSWER_LINE.format(who="Target user", profile=target_profile)]
     for n, (items, profile) in enumerate(nbrs, 1):
-        t, d = common.item_list(items, item_text, max_nbr_items, max_chars=item_chars)
+        t, d = llm.item_list(items, item_text, max_nbr_items, max_chars=item_chars)
         blocks.append(TURN1_NEIGHBOR.format(n=n, dropped=dropped_note(d), items=t))
         answers.append(TURN1_ANSWER_LINE.format(who=f"Similar user {n}", profile=profile))
     return [
@@ -152,7 +114,9 @@ def two_turn_messages(target_items, nbrs, item_text, v, label, target_profile, m
 
 
 def tokenize_example(tok, messages, last_turn_only):
-    """input_ids and labels (-100 off the supervised spans) from the template's generation markers."""
+    """input_ids and labels (-100 off the supervised spans) from the template's {% generation %} markers: the
+    assistant-token mask of apply_chat_template(..., return_assistant_tokens_mask=True), as SFTTrainer's
+    assistant_only_loss uses it; `last_turn_only` (naive) keeps the last assistant turn only."""
     out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     if 1 not in mask:
@@ -228,23 +192,24 @@ def add_example(examples, stats, tok, args, msgs, last_turn_only=False, **info):
 
 
 def item_examples(run, tok, args, teacher, n, rng, stats):
-    """Up to n single-turn item-profile examples, half warm, half cold (06's item prompts, common.*_item_messages):
-    warm, the profiles of an item's 1-ITEM_USERS most recent taught training users -> their merged profile; cold,
-    up to ITEM_NBRS text-similar warm items with their warm item profiles -> those profiles merged. Each target is
-    a function of its prompt."""
+    """Up to n single-turn item-profile examples, half warm, half cold (06's item prompts, llm.*_item_messages), the
+    answer in the user format: warm, the profiles of an item's 1-ITEM_USERS most recent taught training users ->
+    their merged profile (llm.merge_profiles); cold, up to ITEM_NBRS text-similar warm items with their warm item
+    profiles -> those profiles merged. Each target is a function of its prompt, and 06 then asks items for a form
+    the model was trained on."""
     split = common.load_split(run)
     n_items = split["n_items"]
-    text = [common.clip(t, args.prompt["inference"]["max_chars"]) for t in common.load_items(run)]
+    text = [llm.clip(t, args.prompt["inference"]["max_chars"]) for t in common.load_items(run)]
     users_of = common.user_items(split["train_i"], split["train_u"], n_items)  # chronological per item
     taught = [[int(u) for u in users_of[i] if int(u) in teacher][::-1] for i in range(n_items)]  # newest first
-    warm_profile = {i: common.merge_profiles([teacher[u] for u in us[:ITEM_USERS]]) for i, us in enumerate(taught)
+    warm_profile = {i: llm.merge_profiles([teacher[u] for u in us[:ITEM_USERS]]) for i, us in enumerate(taught)
                     if us}
     item_nbrs = common.load_neighbors(run)["item_nbrs"]
     examples = []
     for i in rng.permutation(sorted(warm_profile))[:(n + 1) // 2]:
         users = taught[i][:int(rng.integers(1, ITEM_USERS + 1))]  # 06 shows --item-users of them: any count
-        msgs = common.warm_item_messages(text[i], [teacher[u] for u in users])
-        target = common.merge_profiles([teacher[u] for u in users])
+        msgs = llm.warm_item_messages(text[i], [teacher[u] for u in users])
+        target = llm.merge_profiles([teacher[u] for u in users])
         add_example(examples, stats, tok, args, msgs + [{"role": "assistant", "content": target}], item=int(i),
                     kind="warm_item")
     for i in rng.permutation(n_items):
@@ -252,8 +217,8 @@ def item_examples(run, tok, args, teacher, n, rng, stats):
             break
         similar = [int(j) for j in item_nbrs[i] if int(j) != i and int(j) in warm_profile][:ITEM_NBRS]
         if similar:
-            msgs = common.cold_item_messages(text[i], [(text[j], warm_profile[j]) for j in similar])
-            target = common.merge_profiles([warm_profile[j] for j in similar])
+            msgs = llm.cold_item_messages(text[i], [(text[j], warm_profile[j]) for j in similar])
+            target = llm.merge_profiles([warm_profile[j] for j in similar])
             add_example(examples, stats, tok, args, msgs + [{"role": "assistant", "content": target}],
                         item=int(i), kind="cold_item")
     return examples
@@ -292,6 +257,19 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
 
 def two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher, targets, eval_users, kd_profiles,
                       rng, stats):
+    """The two-turn dialogues (naive, mask), one per target user (the "sft" set of user_sets.json).
+    System: collaborative filtering and the two stages (TWO_TURN_SYSTEM).
+    Turn 1: the target's and its similar users' (neighbors.npz user_nbrs) item lists -> every user's profile, one
+    per line. Profiles come from the teacher (distill.jsonl) and, for neighbours the teacher did not see, from
+    sft_gpt_kd (`kd_profiles`). Users of the "eval" set are held out: never a target, left out as neighbours;
+    neighbours with no (valid) profile are left out too (each case counted).
+    Turn 2: "will the target interact with item v?" -> Yes or No. Positive: a training item of the target that a
+    shown neighbour shows, drawn from the target's items older than its shown window (the list and profile stay the
+    teacher's), or, when 02's teacher was the rules teacher, from all its training items: a shown v is then removed
+    from the target's list, which shows one older item instead, and the target's turn-1 profile is the rules
+    teacher's profile of that list ("pos_reprofiled"). Negative: a shown neighbour's item the target never
+    interacted with in train or valid. The labels are balanced (balanced_labels): a model that sees more No than Yes
+    learns to say No."""
     shown = args.prompt["teacher"]
     mi = shown["max_items"]
     reprofile = rules_reprofiler(run, common.read_jsonl(Path(run) / "distill.jsonl"), train, item_text, shown)
@@ -313,7 +291,7 @@ def two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher,
                 nbrs.append((train[v], kd_profiles[v])); stats["nbrs_kd"] += 1
             else:
                 stats["nbrs_skipped"] += 1
-        nbr_shown = set(int(i) for items, _ in nbrs for i in common.shown_items(items, mi))
+        nbr_shown = set(int(i) for items, _ in nbrs for i in llm.shown_items(items, mi))
         own = set(int(i) for i in train[u]) | set(int(i) for i in valid[u])
         # a positive is an item of the target's that a neighbour shows: one older than the target's shown window
         # (its list and profile stay as they are), or, with a re-profiling teacher, one of its shown items (the
@@ -355,6 +333,16 @@ def two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher,
 
 # ----------------------------------------------------------------------------- neighbours' profiles from sft_gpt_kd
 
+def generate_texts(model, tok, message_lists, max_new_tokens, batch_size, desc="generate", temperature=0.0):
+    """generate_batches over chat messages; the answers in input order."""
+    out = [None] * len(message_lists)
+    texts = [llm.render(tok, m) for m in message_lists]
+    for idx, answers in llm.generate_batches(model, tok, texts, max_new_tokens, batch_size, temperature, desc=desc):
+        for k, a in zip(idx, answers):
+            out[k] = a
+    return out
+
+
 def kd_neighbor_profiles(run, args, teacher, sets):
     """{user: profile} written by sft_gpt_kd for the sft targets' neighbours that the teacher did not see;
     cached in sft_kd_profiles.jsonl (resumable; rows of another adapter version are ignored)."""
@@ -380,16 +368,16 @@ def kd_neighbor_profiles(run, args, teacher, sets):
              len(need) - len(todo), len(todo))
     if todo:
         item_text = common.load_items(run)
-        model, tok = common.load_llm(args.model, adapter=adapter, device=args.device)
+        model, tok = llm.load_llm(args.model, adapter=adapter, device=args.device)
         model.eval()
         with open(cache, "a") as f:
             for s in range(0, len(todo), args.kd_gen_batch * 4):
                 chunk = todo[s:s + args.kd_gen_batch * 4]
                 shown = args.prompt["teacher"]
                 msgs = [kd_messages(train[v], item_text, shown["max_items"], shown["max_chars"]) for v in chunk]
-                texts = common.generate_texts(model, tok, msgs, args.kd_max_new_tokens, args.kd_gen_batch, desc="kd profiles")
+                texts = generate_texts(model, tok, msgs, args.kd_max_new_tokens, args.kd_gen_batch, desc="kd profiles")
                 for v, t in zip(chunk, texts):
-                    row = {"user": v, "raw": t, "profile": common.parse_profile(t), "adapter_sha": sha}
+                    row = {"user": v, "raw": t, "profile": llm.parse_profile(t), "adapter_sha": sha}
                     common.append_jsonl(f, row)
                     rows.append(row)
         del model
@@ -405,7 +393,7 @@ def kd_neighbor_profiles(run, args, teacher, sets):
 def start_lora(model, args, init_adapter=None):
     """The LoRA to train: `init_adapter`'s, trainable (naive and mask continue sft_gpt_kd's), or a new one."""
     if init_adapter is None:
-        return common.lora_model(model, args)
+        return llm.lora_model(model, args)
     from peft import PeftModel
     return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
 
@@ -417,7 +405,7 @@ def train_sft(model_path, tok, examples, out_dir, args, init_adapter=None):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    use_bf16 = common.pick_dtype("auto", device) == torch.bfloat16  # autocast; on CPUs with bf16 FMA ~1.8x faster
+    use_bf16 = llm.pick_dtype("auto", device) == torch.bfloat16  # autocast; on CPUs with bf16 FMA ~1.8x faster
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     model = start_lora(model, args, init_adapter)
@@ -431,7 +419,7 @@ def train_sft(model_path, tok, examples, out_dir, args, init_adapter=None):
         disable_tqdm=False, dataloader_num_workers=0, remove_unused_columns=True,
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
-                         callbacks=[common.step_logger(out_dir / "train_log.jsonl")])
+                         callbacks=[llm.step_logger(out_dir / "train_log.jsonl")])
     result = trainer.train()
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -444,7 +432,7 @@ def parse_args(argv=None):
     d = DEFAULTS
     p.add_argument("--variant", choices=["gpt_kd", "naive", "mask"], default=d["variant"],
                    help="default: %(default)s")
-    p.add_argument("--model", default=common.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
+    p.add_argument("--model", default=llm.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--max-steps", type=int, default=d["max_steps"],
                    help="optimizer steps; 0 = --epochs full epochs (default: %(default)s)")
@@ -474,7 +462,9 @@ def init_name(init_adapter):
 
 def init_adapter_of(run, args):
     """The adapter naive/mask start from: run/sft_gpt_kd (refused clearly when it is missing), or None (a new LoRA:
-    gpt_kd itself, or --init fresh)."""
+    gpt_kd itself, or --init fresh, which is not the paper's ablation). Continuing GPT_KD's LoRA (its weights and its
+    LoRA settings; --lora-* do not apply) keeps the profile-writing it learnt, which sft_naive's Yes/No loss alone
+    would not teach. sft_info.json and the manifest record which ("init", with the adapter's sha256)."""
     if args.variant == "gpt_kd" or args.init == "fresh":
         return None
     path = run / KD_ADAPTER
@@ -500,11 +490,11 @@ def main(argv=None):
     common.setup_logging(run, f"03_sft_{args.variant}")
     common.seed_everything(args.seed)
     inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "distill.jsonl", "user_sets.json",
-              common.PROMPT_FILE]
+              llm.PROMPT_FILE]
     common.check_inputs(run, inputs, args.force)
-    args.prompt = common.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
-    model_path = common.resolve_llm(args.model)
-    tok = common.load_tokenizer(model_path)
+    args.prompt = llm.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
+    model_path = llm.resolve_llm(args.model)
+    tok = llm.load_tokenizer(model_path)
     sets = json.loads((run / "user_sets.json").read_text())
 
     init_adapter = init_adapter_of(run, args)  # before any work: a missing sft_gpt_kd is refused at once
@@ -541,7 +531,7 @@ def main(argv=None):
             "n_examples": len(examples), "stats": stats, "train_seconds": round(train_s, 1),
             "train_loss": result.training_loss, "steps": result.global_step, **init, "prompt": prompt_info(args)}
     common.write_json(tmp / "sft_info.json", info)
-    common.replace_dir(tmp, final)
+    llm.replace_dir(tmp, final)
     log.info("trained %d steps in %.1fs (%.2fs/step), mean loss %.4f", result.global_step, train_s,
              train_s / max(result.global_step, 1), result.training_loss)
     outputs = sorted(str(p.relative_to(run)) for p in final.rglob("*") if p.is_file()) + extra_outputs

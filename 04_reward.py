@@ -1,32 +1,17 @@
 """04_reward — the reward model of RecLM (paper eq. 6, sec. 2.4): r(query, response) -> scalar.
 
-Model: AutoModelForSequenceClassification(num_labels=1) on the LLM (`--model`), the pad token set in its config;
-LoRA on the attention projections with the score head trained in full (`--lora-r 0`: train every weight), merged
-into full weights at the end. Trained with trl's RewardTrainer (loss -log sigmoid(r(q, chosen) - r(q, rejected)))
-on the reward_pairs.jsonl rows of the "reward" user set; query = the row's prompt messages (the inference prompt
-of common.inference_messages), response = an assistant turn, rendered with the tokenizer's chat template (so the
-score is read at the last token of the rendered assistant turn, the same rendering 05 uses).
-
-Held-out evaluation (`--heldout`): `eval` = pairs of the "eval" user set; `split` = `--holdout-frac` of the reward
-users (by user, seeded), removed from training; `auto` (default) = eval-set pairs if there are any, else split.
-Every held-out pair is scored (`--max-eval-pairs N` caps them, for a quick look only: eval.json then says
-"subsampled"). Pairwise accuracy (r(chosen) > r(rejected); a tie counts as wrong) overall and per negative `kind`,
-each with its 95% Wilson interval ("ci95"), and the mean margin, before and after training, go to reward/eval.json
-and the log: with a few dozen pairs per kind an accuracy is uncertain by +-0.1 or more, and the interval says so.
-Pairs longer than --max-length tokens are dropped (counted).
+AutoModelForSequenceClassification(num_labels=1) on the LLM (--model): LoRA on the attention projections with the
+score head trained in full (--lora-r 0: every weight), merged into full weights at the end. Trained with trl's
+RewardTrainer (loss -log sigmoid(r(q, chosen) - r(q, rejected))) on the reward_pairs.jsonl rows of the "reward" user
+set. Every held-out pair (--heldout: eval = the "eval" set's pairs, split = --holdout-frac of the reward users, auto
+= eval when there are any) is scored: pairwise accuracy overall and per negative kind, each with its 95% Wilson
+interval, and the mean margin. Pairs longer than --max-length tokens are dropped (counted).
 
 Reads  reward_pairs.jsonl, user_sets.json (02)
-Writes reward/ : config.json + model.safetensors (merged full weights) + tokenizer files, loadable with
-       AutoModelForSequenceClassification.from_pretrained; train_log.jsonl (per-step loss, accuracy); eval.json.
-       Trained in reward.tmp/ and renamed when finished.
-
-Run    python 04_reward.py --run runs/ml100k
-Time   02's queries are the compact inference prompt (common.PROMPT_SIZES, ~300 SmolLM2 tokens), so a step of 4 pairs
-       is 8 sequences of ~330 tokens: ~21 s on one CPU thread with bf16 autocast; the stage (8 steps, 48 held-out
-       pairs, merge, save) took ~5 min beside 03 in the pipeline. Scoring a held-out pair is 2 forward passes
-       (estimated from that step: ~0.3 s on one CPU thread), so all ~850 pairs of ml-100k's eval users add a few
-       minutes (not measured yet). The training defaults are sized
-       for CPU; on a GPU use --max-steps 0 (one epoch).
+Writes reward/ (trained in reward.tmp/, renamed when finished): config.json + model.safetensors (merged full
+       weights) + tokenizer files, loadable with AutoModelForSequenceClassification.from_pretrained;
+       train_log.jsonl (per-step loss, accuracy); eval.json (held-out accuracies, counts)
+Run    python 04_reward.py --run runs/ml100k       # the defaults are sized for CPU; on a GPU add --max-steps 0
 """
 import json
 import shutil
@@ -38,20 +23,22 @@ import numpy as np
 import torch
 
 import common
+import llm
 
 log = common.log
 
 DEFAULTS = dict(
-    max_steps=8, epochs=1.0, batch_size=4, grad_accum=1, lr=3e-4,   # CPU-sized: see the docstring
+    max_steps=8, epochs=1.0, batch_size=4, grad_accum=1, lr=3e-4,   # CPU-sized (bench/RESULTS.md, Stage timings)
     lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,o_proj",
     max_length=2048, holdout_frac=0.2, heldout="auto", eval_batch=8,
     max_eval_pairs=0,      # 0 = every held-out pair (a sample of 48 could not tell 0.7 from 0.9 on one kind)
     center_rewards=0.01,
 )
-CI_Z = 1.96                # 95% Wilson intervals on the accuracies
+CI_Z = 1.96                # 95% Wilson intervals on the accuracies: with a few dozen pairs per kind an accuracy is
+                           # uncertain by +-0.1 or more, and the interval says so
 
 
-# ----------------------------------------------------------------------------- shared with 05: rendering and scoring
+# ----------------------------------------------------------------------------- held-out evaluation
 
 def wilson_interval(k, n, z=CI_Z):
     """The Wilson score interval of a proportion k/n: stays inside [0, 1] and is honest at 0/n and n/n, where the
@@ -74,8 +61,8 @@ def accuracy_row(margins):
 def pairwise_eval(model, tok, pairs, batch_size):
     """Accuracy and mean margin overall and per kind over tokenised pairs."""
     model.eval()
-    ch = common.score_ids(model, tok, [p["chosen_ids"] for p in pairs], batch_size)
-    rj = common.score_ids(model, tok, [p["rejected_ids"] for p in pairs], batch_size)
+    ch = llm.score_ids(model, tok, [p["chosen_ids"] for p in pairs], batch_size)
+    rj = llm.score_ids(model, tok, [p["rejected_ids"] for p in pairs], batch_size)
     margin = (ch - rj).numpy()
     by = defaultdict(list)
     for p, m in zip(pairs, margin):
@@ -92,7 +79,10 @@ def describe(res):
 # ----------------------------------------------------------------------------- data
 
 def load_pairs(run, tok, args):
-    """(train pairs, held-out pairs, counts); each pair tokenised: chosen_ids, rejected_ids, kind, user."""
+    """(train pairs, held-out pairs, counts); each pair tokenised: chosen_ids, rejected_ids, kind, user. A query is
+    the row's prompt messages (llm.inference_messages), a response one assistant turn after it, rendered with the
+    tokenizer's chat template (llm.render_ids): the score is read at the last token of the rendered assistant turn,
+    the same rendering 05 scores its rollouts with."""
     run = Path(run)
     sets = json.loads((run / "user_sets.json").read_text())
     rows = common.read_jsonl(run / "reward_pairs.jsonl")
@@ -119,8 +109,8 @@ def load_pairs(run, tok, args):
         if dest is None:
             counts["other_users"] += 1
             continue
-        c = common.render_ids(tok, r["prompt"], r["chosen"])
-        j = common.render_ids(tok, r["prompt"], r["rejected"])
+        c = llm.render_ids(tok, r["prompt"], r["chosen"])
+        j = llm.render_ids(tok, r["prompt"], r["rejected"])
         if max(len(c), len(j)) > args.max_length:
             counts["too_long"] += 1
             continue
@@ -141,7 +131,7 @@ def load_pairs(run, tok, args):
 def parse_args(argv=None):
     p = common.stage_parser(__doc__)
     d = DEFAULTS
-    p.add_argument("--model", default=common.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
+    p.add_argument("--model", default=llm.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--max-steps", type=int, default=d["max_steps"], help="0 = --epochs full epochs (default: %(default)s)")
     p.add_argument("--epochs", type=float, default=d["epochs"], help="default: %(default)s")
@@ -176,8 +166,8 @@ def main(argv=None):
     inputs = ["reward_pairs.jsonl", "user_sets.json"]
     common.check_inputs(run, inputs, args.force)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model_path = common.resolve_llm(args.model)
-    tok = common.load_tokenizer(model_path)
+    model_path = llm.resolve_llm(args.model)
+    tok = llm.load_tokenizer(model_path)
     train, held, counts = load_pairs(run, tok, args)
     log.info("reward pairs: %s", json.dumps(counts))
     if not train:
@@ -186,7 +176,7 @@ def main(argv=None):
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     if args.lora_r > 0:
-        model = common.lora_model(model, args, task_type="SEQ_CLS")  # the score head is trained in full
+        model = llm.lora_model(model, args, task_type="SEQ_CLS")  # the score head is trained in full
     model.to(device)
     before = None
     if held and args.eval_before:
@@ -196,7 +186,7 @@ def main(argv=None):
     tmp, final = run / "reward.tmp", run / "reward"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    use_bf16 = common.pick_dtype("auto", device) == torch.bfloat16  # autocast, also on CPUs with bf16 FMA
+    use_bf16 = llm.pick_dtype("auto", device) == torch.bfloat16  # autocast, also on CPUs with bf16 FMA
     cfg = RewardConfig(
         output_dir=str(tmp / "trainer"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
@@ -207,7 +197,7 @@ def main(argv=None):
     )
     ds = Dataset.from_list([{"chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"]} for p in train])
     trainer = RewardTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
-                            callbacks=[common.step_logger(tmp / "train_log.jsonl")])
+                            callbacks=[llm.step_logger(tmp / "train_log.jsonl")])
     t0 = time.time()
     result = trainer.train()
     train_s = time.time() - t0
@@ -224,7 +214,7 @@ def main(argv=None):
     common.write_json(tmp / "eval.json", {"heldout": after, "heldout_before_training": before, "counts": counts,
                                           "train_loss": result.training_loss, "steps": result.global_step,
                                           "train_seconds": round(train_s, 1), "base_model": str(args.model)})
-    common.replace_dir(tmp, final)
+    llm.replace_dir(tmp, final)
     outputs = sorted(str(p.relative_to(run)) for p in final.rglob("*") if p.is_file())
     common.record_stage(run, "04_reward", args, inputs, outputs, started)
     return final

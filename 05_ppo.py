@@ -1,49 +1,21 @@
 """05_ppo — PPO on the instruction-tuned LLM against the reward model (paper eqs. 7-8, sec. 2.4), written by hand.
 
-Policy    = the SFT model (`--sft`, default sft_mask; its adapter merged into the base LLM) + a new LoRA.
-Reference = the same network with that LoRA disabled (`with policy.disable_adapter():`), i.e. the SFT model.
-Value     = Linear(hidden, 1) on the policy's last hidden state (detached by default: `--value-backprop` lets the
-            value loss train the LoRA too), initialised to output zero (new_value_head): a random head started at
-            values ~+1.2 against scores ~-0.6 and its few minibatch steps per rollout never caught up. Each step
-            logs the critic's explained variance of the returns.
-Prompts   = common.inference_messages for the "ppo" user set (target's and neighbours' training items; neighbours
-            from neighbors.npz), cycled in a seeded order, `--batch-size` per step.
-Rollout   = sampling (temperature, top_p, top_k=0, max_new_tokens), left padding; a response ends where 06's
-            generation ends it (common.answer_end): at the first end-of-turn token (common.stop_token_ids, included)
-            or at the token that completes the first profile line (common.ProfileLineDone), else at max_new_tokens.
-            06 keeps that first profile line, so it is what PPO optimises (`--no-profile-stop`: end-of-turn only).
-Reward    = per token: -beta * (log pi(a_t) - log pi_ref(a_t)) (the sampled-token KL estimate), plus the sequence
-            score on the last response token (eq. 8): for a response that completes a profile line 06 can parse,
-            the reward-model score of (prompt, the profile 06 keeps: common.normalize_profile of the response, the
-            form of 02's chosen/rejected pairs), else `--incomplete-score` (INCOMPLETE_SCORE; the reward model is
-            not asked). Minus `--missing-eos-penalty` for a response cut at
-            max_new_tokens. beta fixed, or adaptive (`--target-kl`, Ziegler et al.'s controller). Each step logs
-            the share of rollouts that complete a profile line ("complete_frac").
-Update    = GAE (gamma, lambda) -> whitened advantages; `--ppo-epochs` passes over the rollout in minibatches of the
-            clipped policy loss and the clipped value loss (vf_coef), AdamW, gradient clipping.
+Policy = the SFT model (--sft, default sft_mask; its adapter merged into the base LLM) + a new LoRA; reference = the
+same network with that LoRA disabled; value = Linear(hidden, 1) on the policy's last hidden state, starting at zero
+(--value-backprop: its loss trains the LoRA too). Prompts: the inference prompt (llm.inference_messages) of the
+"ppo" user set, --batch-size per step. A rollout ends where 06's generation ends it: at end-of-turn or at the token
+that completes the first profile line (--no-profile-stop: end-of-turn only). Its reward: the reward model's score of
+the profile 06 would keep (--incomplete-score when there is none; minus --missing-eos-penalty when cut at
+--max-new-tokens), minus beta times the per-token KL to the reference (beta fixed, or adaptive with --target-kl).
+Resumable: every --ckpt-every steps ppo.partial/checkpoint.pt is written (tensors and numbers only, read back with
+weights_only=True); a re-run with the same inputs and arguments continues from it (--restart starts over).
 
-The PPO core is a set of small pure functions (kl_penalised_rewards, gae, masked_whiten, ppo_losses,
-KLController) and `train(policy, value_head, tok, prompts, reward_fn, cfg)`, which takes any
-reward_fn(prompts, texts, response_ids) -> scores, so tests can pass a programmatic reward.
-
-Resumable: every `--ckpt-every` steps the LoRA, value head, optimizer, beta and step go to ppo.partial/checkpoint.pt
-and ppo_log.jsonl is appended as it goes; a re-run from the same inputs (data, --sft adapter, reward model) and
-arguments continues from there (`--restart` starts over). The checkpoint holds tensors, numbers, strings, lists and
-dicts only and is read back with torch.load(weights_only=True); a file that needs anything else is refused.
-The finished folder is renamed to ppo/.
-
-Reads  data/split.npz, data/items.jsonl, neighbors.npz, user_sets.json, <sft>/ (03), reward/ (04)
-Writes ppo/ : adapter_config.json + adapter_model.safetensors (the PPO LoRA, on top of the merged SFT model),
-       base.json {"sft": "<sft>"}, value_head.pt, tokenizer files, ppo_log.jsonl (per step: score (the sequence
-       scores PPO optimises), rm_score (reward-model score of the complete responses), complete_frac, kl,
-       kl_per_token, response length, clip fraction, value loss, explained_variance, policy loss, beta, ...),
-       ppo_info.json.
-
+Reads  data/split.npz, data/items.jsonl, neighbors.npz, user_sets.json, prompt.json, <sft>/ (03), reward/ (04)
+Writes ppo/: adapter_config.json + adapter_model.safetensors (the PPO LoRA, on top of the merged SFT model),
+       base.json {"sft": "<sft>"}, value_head.pt, tokenizer files, ppo_log.jsonl (per step: score, rm_score,
+       complete_frac, kl, response length, clip fraction, value loss, explained_variance, beta, ...), ppo_info.json
 Run    python 05_ppo.py --run runs/ml100k [--sft sft_mask] [--steps 10]
-Time   a step = generation + 3 forward passes (policy, reference, reward model) + ppo_epochs x forward/backward over
-       batch_size prompts of ~300 tokens (common.PROMPT_SIZES): ~37 s per step on one CPU thread for SmolLM2-135M
-       (float32), so the 3-step default takes ~2 min. On a GPU raise --steps, --batch-size and the prompt sizes
-       (with 02's --pair-* and 06's, so that the reward model sees the same prompts).
+       (the defaults are sized for CPU; on a GPU raise --steps and --batch-size)
 """
 import json
 import re
@@ -55,6 +27,7 @@ import numpy as np
 import torch
 
 import common
+import llm
 
 log = common.log
 
@@ -67,7 +40,7 @@ INCOMPLETE_SCORE = -3.0
 
 @dataclass
 class PPOConfig:
-    steps: int = 3                # rollout batches (PPO iterations); CPU-sized, see Time in the docstring
+    steps: int = 3                # rollout batches (PPO iterations); CPU-sized (bench/RESULTS.md, Stage timings)
     batch_size: int = 4           # prompts per rollout
     minibatch_size: int = 2
     ppo_epochs: int = 1           # passes over each rollout batch
@@ -95,10 +68,12 @@ class PPOConfig:
 
 LORA_DEFAULTS = dict(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,o_proj")
 # Rollouts answer the inference prompt exactly as 02's reward queries and 06's user prompts show it: its sizes come
-# from 02's prompt.json (common.prompt_settings), never from a flag here.
+# from 02's prompt.json (llm.prompt_settings), never from a flag here.
 
 
 # ----------------------------------------------------------------------------- PPO core (pure functions)
+# Small pure functions (masked_whiten, kl_penalised_rewards, gae, ppo_losses, KLController) and train(), which takes
+# any reward_fn(prompts, texts, response_ids) -> scores, so that tests can pass a programmatic reward.
 
 def masked_mean(x, mask, dim=None):
     if dim is None:
@@ -207,7 +182,9 @@ def forward_response(policy, value_head, input_ids, attention_mask, n_prompt, te
 
 def new_value_head(hidden):
     """Linear(hidden, 1) that outputs zero: the critic starts at the scores' scale (a few units around 0) instead of
-    a random offset, so the first advantages are the returns themselves, not the head's error."""
+    a random offset, so the first advantages are the returns themselves, not the head's error (a random head started
+    at values ~+1.2 against scores ~-0.6, and its few minibatch steps per rollout never caught up; each step logs
+    the critic's explained variance of the returns)."""
     head = torch.nn.Linear(hidden, 1)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
@@ -223,12 +200,12 @@ def explained_variance(values, returns, mask):
 
 def response_ends(tok, resp, stop_ids, at_profile=True):
     """Per row of generated ids [B, T]: (tokens kept, how it ended: "eot" | "profile" | None). With at_profile,
-    06's rule (common.answer_end: the first stop token or the token completing the first profile line, whichever
+    06's rule (llm.answer_end: the first stop token or the token completing the first profile line, whichever
     comes first); else the first stop token only. None: cut at max_new_tokens."""
     out, stops = [], set(stop_ids)
     for row in resp.tolist():
         if at_profile:
-            out.append(common.answer_end(tok, row, stop_ids))
+            out.append(llm.answer_end(tok, row, stop_ids))
         else:
             eot = next((k for k, t in enumerate(row) if t in stops), None)
             out.append((len(row), None) if eot is None else (eot + 1, "eot"))
@@ -250,8 +227,8 @@ def rollout(policy, value_head, tok, prompts, cfg):
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     n_prompt = enc["input_ids"].shape[1]
-    stop_ids = common.stop_token_ids(tok, policy)  # as 06: any end-of-turn token ends a response
-    stopping = [common.ProfileLineDone(tok, n_prompt)] if cfg.stop_at_profile else []
+    stop_ids = llm.stop_token_ids(tok, policy)  # as 06: any end-of-turn token ends a response
+    stopping = [llm.ProfileLineDone(tok, n_prompt)] if cfg.stop_at_profile else []
     gen = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                           max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
                           eos_token_id=stop_ids, stopping_criteria=StoppingCriteriaList(stopping))
@@ -265,7 +242,7 @@ def rollout(policy, value_head, tok, prompts, cfg):
     resp_texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, mask)]
     ended = torch.tensor([how is not None for _, how in ends], device=device)
     # what 06 would keep of each answer: the profile normalize_profile parses from an answer that ended
-    profiles = [common.normalize_profile(t) if how else None for (_, how), t in zip(ends, resp_texts)]
+    profiles = [llm.normalize_profile(t) if how else None for (_, how), t in zip(ends, resp_texts)]
     return dict(input_ids=input_ids, attention_mask=att, n_prompt=n_prompt, mask=mask.float(), logprobs=logp,
                 ref_logprobs=ref_logp, values=values, texts=resp_texts, resp=resp, ended=ended,
                 how=[how for _, how in ends], profiles=profiles, complete=[p is not None for p in profiles])
@@ -308,7 +285,9 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
     prompts: list of chat-message lists; reward_fn(prompts, texts, response_ids) -> scores [B] (with
     cfg.stop_at_profile it is asked about the complete responses only, texts = their profiles: rollout_scores).
     on_step(row, rollout) receives each step's log row; on_checkpoint(step, optimizer, kl_ctl) is called every
-    cfg.ckpt_every steps. Returns the list of log rows."""
+    cfg.ckpt_every steps. Returns the list of log rows. A step: rollout, sequence scores, KL-penalised per-token
+    rewards (eq. 8), GAE (gamma, lambda) and whitened advantages, then cfg.ppo_epochs passes over the rollout in
+    minibatches of the clipped policy loss plus vf_coef times the clipped value loss, AdamW, gradient clipping."""
     from tqdm import tqdm
     device = next(policy.parameters()).device
     value_head.to(device)
@@ -355,6 +334,7 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
         kl_seq = kl.sum(1)
         complete = torch.tensor(ro["complete"], dtype=torch.bool, device=device)
         rm = raw_scores[complete] if cfg.stop_at_profile else raw_scores
+        # score: the sequence scores PPO optimises; rm_score: the reward model's, of the complete responses only
         row = {"step": step + 1, "score": raw_scores.mean().item(), "score_std": raw_scores.std().item() if B > 1 else 0.0,
                "rm_score": rm.mean().item() if len(rm) else None, "complete_frac": complete.float().mean().item(),
                "kl": kl_seq.mean().item(), "kl_per_token": masked_mean(kl, mask).item(), "beta": beta,
@@ -376,13 +356,29 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
 
 # ----------------------------------------------------------------------------- stage
 
+class RewardScorer:
+    """reward_fn(prompts, responses) -> scores, with the reward model 04 saved."""
+
+    def __init__(self, path, device=None, batch_size=8):
+        from transformers import AutoModelForSequenceClassification
+        self.tok = llm.load_tokenizer(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        self.model.config.pad_token_id = self.tok.pad_token_id
+        self.model.to(device or "cpu").eval()
+        self.batch_size = batch_size
+
+    def __call__(self, prompts, responses):
+        return llm.score_ids(self.model, self.tok,
+                             [llm.render_ids(self.tok, p, r) for p, r in zip(prompts, responses)], self.batch_size)
+
+
 def ppo_prompts(run, users, sizes):
     split = common.load_split(run)
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     item_text = common.load_items(run)
     nbrs = common.load_neighbors(run)["user_nbrs"]
     kept = [int(u) for u in users if len(train[int(u)])]
-    return [common.user_prompt(u, train, nbrs, item_text, **sizes) for u in kept], kept
+    return [llm.user_prompt(u, train, nbrs, item_text, **sizes) for u in kept], kept
 
 
 CHECKPOINT_KEYS = ("step", "steps", "sft_sha", "beta", "state", "optimizer")
@@ -413,7 +409,7 @@ def parse_args(argv=None):
     c = PPOConfig()
     p.add_argument("--sft", default="sft_mask", help="SFT adapter folder in the run (default: %(default)s)")
     p.add_argument("--reward", default="reward", help="reward-model folder in the run (default: %(default)s)")
-    p.add_argument("--model", default=common.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
+    p.add_argument("--model", default=llm.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     for name, val in asdict(c).items():
         if name in ("seed", "whiten_advantages", "stop_at_profile"):  # --seed is shared; --no-* below
@@ -440,10 +436,10 @@ def main(argv=None):
     common.setup_logging(run, "05_ppo")
     common.seed_everything(args.seed)
     sft_name = args.sft
-    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "user_sets.json", common.PROMPT_FILE,
+    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "user_sets.json", llm.PROMPT_FILE,
               f"{sft_name}/", f"{args.reward}/"]  # model directories are inputs: their files' hashes
     common.check_inputs(run, inputs, args.force)
-    args.prompt = common.prompt_settings(run)["inference"]
+    args.prompt = llm.prompt_settings(run)["inference"]
     cfg = PPOConfig(**{k: getattr(args, k) for k in asdict(PPOConfig()) if hasattr(args, k)})
     cfg.seed = args.seed
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -452,9 +448,9 @@ def main(argv=None):
     ckpt_path = work / "checkpoint.pt"
     ck = load_checkpoint(ckpt_path) if ckpt_path.exists() and not args.restart else None  # before any model loads
     # a checkpoint is resumed only when written from these inputs (data, SFT adapter, reward model) and arguments
-    resume_key = common.prompt_hash(json.dumps({"inputs": {r: common.sha256_path(run, r) for r in inputs},
-                                                "args": {k: v for k, v in vars(args).items() if k not in RESUME_SKIP}},
-                                               sort_keys=True, default=str))
+    resume_key = llm.prompt_hash(json.dumps({"inputs": {r: common.sha256_path(run, r) for r in inputs},
+                                             "args": {k: v for k, v in vars(args).items() if k not in RESUME_SKIP}},
+                                            sort_keys=True, default=str))
 
     sets = json.loads((run / "user_sets.json").read_text())
     prompts, users = ppo_prompts(run, sets["ppo"], args.prompt)
@@ -462,12 +458,12 @@ def main(argv=None):
         raise common.DataError(f"{run}/user_sets.json: the ppo user set has no user with training items")
     log.info("PPO prompts: %d users of the ppo set", len(prompts))
 
-    llm, tok = common.load_llm(args.model, adapter=run / sft_name, device=device)
-    merged = llm.merge_and_unload()
-    policy = common.lora_model(merged, args)
+    sft_llm, tok = llm.load_llm(args.model, adapter=run / sft_name, device=device)
+    merged = sft_llm.merge_and_unload()
+    policy = llm.lora_model(merged, args)
     hidden = merged.config.hidden_size
     value_head = new_value_head(hidden).to(device)
-    scorer = common.RewardScorer(run / args.reward, device=device, batch_size=args.reward_batch)
+    scorer = RewardScorer(run / args.reward, device=device, batch_size=args.reward_batch)
 
     def reward_fn(batch_prompts, texts, _ids):
         return scorer(batch_prompts, texts)
@@ -493,7 +489,7 @@ def main(argv=None):
     logf = open(log_path, "a")
 
     def on_step(row, ro):
-        row["valid_profile_frac"] = float(np.mean([common.parse_profile(t) is not None for t in ro["texts"]]))
+        row["valid_profile_frac"] = float(np.mean([llm.parse_profile(t) is not None for t in ro["texts"]]))
         row["example"] = ro["texts"][0][:300]
         common.append_jsonl(logf, row)
         log.info("step %d: score %.3f, complete %.2f, kl %.3f, len %.1f, clip %.3f, vf %.4f, ev %.2f, pg %.4f, "
@@ -521,7 +517,7 @@ def main(argv=None):
                                                "last": history[-1] if history else None})
     if ckpt_path.exists():
         ckpt_path.unlink()
-    common.replace_dir(work, final)
+    llm.replace_dir(work, final)
     outputs = sorted(str(p.relative_to(run)) for p in final.rglob("*") if p.is_file())
     common.record_stage(run, "05_ppo", args, inputs, outputs, started)
     return final

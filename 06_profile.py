@@ -1,71 +1,26 @@
 """06_profile — user profiles, item profiles (warm and cold) and their text embeddings (SPEC sections 5, 6, 7).
 
-Reads   data/split.npz, data/items.jsonl, neighbors.npz, item_text_emb.npy (probe), user_sets.json (optional,
-        the probe's eval users), and the model of --source (common.load_profile_model:
-        base_llm | sft_gpt_kd | sft_naive | sft_mask | ppo), or for --source teacher no model (see below;
-        --teacher api also reads distill.jsonl and 02's arguments in manifest.json).
+A user's profile answers the inference prompt (its and its neighbours' training items, as prompt.json "inference"
+shows them; sft_gpt_kd: the single-turn prompt 03 trained it on); a warm item's (one with training users) is written
+from its text and its most recent users' profiles (--item-users), any other item's from its text and the item
+profiles of its text-similar warm items (--item-nbrs). Rows are appended as batches finish; a re-run reuses those
+built from the same prompt and upstream state. A profile that does not parse keeps its raw text, "valid": false.
+
+Reads   data/split.npz, data/items.jsonl, neighbors.npz, item_text_emb.npy, prompt.json, user_sets.json (the probe's
+        eval users, if any), and the model of --source: base_llm (the untuned --model), sft_gpt_kd | sft_naive |
+        sft_mask (03's adapters), ppo (05's, on the SFT model it was trained from); teacher --teacher api: distill.jsonl
 Writes  profiles/<source>/users.jsonl   {"user", "profile", "prompt_hash", "valid"[, "upstream"][, "teacher"]}
         profiles/<source>/items.jsonl   {"item", "profile", "prompt_hash", "valid", "kind": "warm"|"cold"
                                          [, "upstream"][, "teacher", "from_users"|"from_items"]}
-        profiles/<source>/user_emb.npy  float32 [n_users, d_t]   (common.encode_texts, --encoder)
-        profiles/<source>/item_emb.npy  float32 [n_items, d_t]
-        profiles/<source>/probe.json    profile-quality probe (SPEC section 7) + malformed-profile counts
-        manifest.json                   stage "06_profile_<source>"
-
-Order of the work (item profiles need user profiles): 1. users (inference prompt of common.inference_messages:
-the target's and its neighbours' training items, shown as 02's prompt.json "inference" says, asking for the
-target's profile only; for --source sft_gpt_kd the single-turn prompt 03 trained it on, kd_user_messages);
-2. warm items (items with training interactions): "the users this item suits" from the item text and the
-profiles of its (up to --item-users) most recent training users; 3. the other items (cold, and any item without
-training users) from the text and the item profiles of their text-similar warm items (neighbors.npz item_nbrs);
-4. embeddings + probe.
-
-Generation (common.generate_batches): batched, left padding, prompts sorted by token length, the tokens every
-prompt shares (the system prompt) run once and held in a preallocated cache, stop at end-of-turn or once a whole
-profile line is written, greedy unless --temperature > 0, tqdm per phase. Resumable: rows are appended as
-batches finish; ids already written are skipped if their row was built from the same prompt ("prompt_hash") and
-upstream state ("upstream": a hash of split.npz, items.jsonl, neighbors.npz, the --source model directory and
---model), and redone otherwise (counted in the log and probe.json "redone"); a truncated last line is dropped and
-redone. A profile that does not parse (common.parse_profile, 3+3 terms, items too: they are asked for the user
-format, which 03 trains on teacher item profiles; after normalize_profile's light repairs) keeps its raw text (the
-embedding still carries signal), is marked "valid": false, and is counted in the log and probe.json.
-
-Several processes:  for i in 0 1; do python 06_profile.py --run R --source S --shard $i/2 & done; wait
-                    python 06_profile.py --run R --source S --merge
-Each shard writes users.shard{i}of{n}.jsonl / items.shard{i}of{n}.jsonl and waits (polling, --wait-s) for the
-other shards' user profiles before its item phase; --merge combines them and embeds. `--what users|warm|cold`
-runs one phase only (e.g. to run the shards' phases one after another).
-
+        profiles/<source>/user_emb.npy, item_emb.npy   float32 [n_users | n_items, d_t] (--encoder)
+        profiles/<source>/probe.json    profile-quality probe (validation items only) + malformed-profile counts;
+                                        the manifest records stage "06_profile_<source>"
 Run     python 06_profile.py --run runs/ml100k --source base_llm
-        python 06_profile.py --run runs/ml100k --source ppo --max-new-tokens 40 --batch-size 32
-        python 06_profile.py --run runs/ml100k --source sft_mask --probe-only
-
-Probe only: `--probe-only` writes just the eval users' profiles (user_sets.json) and the probe, in
-profiles/<source>/probe_only/ (07 cannot use it): a source compared in a few minutes on a CPU. The probe ranks
-each user's validation items only (common.profile_probe); test items are never read before 08.
-
---source teacher (the upper bound of distillation: what profiles of teacher quality do to each backbone): every
-profile is written by 02's teacher itself, no LLM is loaded, in seconds (plus the text encoder).
-  users  exactly the distillation target 02 would write for the user: --teacher rules (default) is
-         02's RulesTeacher on the user's training items; --teacher api asks 02's API teacher with the arguments
-         02 last ran with (manifest.json; 02 must have run with --teacher api): same prompts, worked example,
-         model and retries, answers from teacher_cache.jsonl where 02 already asked (new answers are appended
-         to it), rules profile for a user the API never answers in form (02's --on-fail rules).
-  items  the item format above (the user format): warm items take the most common identity and interest terms
-         of the teacher profiles of their (up to --item-users, default 5 here) most recent training users; the
-         other items (cold, and any without training users) those of the teacher item profiles of their (up to
-         --item-nbrs) text-similar warm items (neighbors.npz item_nbrs); common.merge_profiles, as 03's item
-         examples. Ties go to the term met first (newest user / most similar item first, then the order within the
-         profile); fewer than three distinct terms are topped up from the rules profile of the item alone.
-         Each row names the users or items it came from ("from_users" / "from_items"); "prompt_hash" hashes
-         what the profile was computed from (the teacher prompt for --teacher api).
-  Written in one pass (no shards or resume: --shard, --merge, --what and --limit are refused); --probe-only
-  works as for the other sources. Run: python 06_profile.py --run runs/ml100k --source teacher
-
-CPU budget: generation is prefill-bound (~2 ms per prompt token per core for SmolLM2-135M in bf16), so prompts are
-kept short (common.PROMPT_SIZES, --item-users 2) and run as two shards on 2 cores; see README for the measured
-time. Levers: a GPU (--device cuda), --shard, --item-users (prompt sizes: 02's --pair-* flags). float32
-(--dtype float32) is ~2x slower than bf16 on a CPU with AVX512-BF16.
+        python 06_profile.py --run runs/ml100k --source teacher   # 02's teacher (--teacher rules | api), no LLM
+        python 06_profile.py --run runs/ml100k --source sft_mask --probe-only  # eval users and probe, in minutes:
+                                                                              # profiles/<source>/probe_only/
+        for i in 0 1; do python 06_profile.py --run R --source S --shard $i/2 & done; wait
+        python 06_profile.py --run R --source S --merge                       # combine the shards and embed
 """
 import collections
 import importlib
@@ -73,11 +28,13 @@ import io
 import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import common
+import llm
 
 log = logging.getLogger("reclm.06")
 
@@ -85,28 +42,31 @@ log = logging.getLogger("reclm.06")
 BATCH_SIZE = 64
 MAX_NEW_TOKENS = 40            # a 3+3 user profile is ~25-30 SmolLM2 tokens
 # User prompts show what 02's prompt.json "inference" says (newest target items, items per neighbour, neighbours,
-# item text chars), as 02's reward queries and 05's rollouts do: no flags here (common.prompt_settings).
+# item text chars), as 02's reward queries and 05's rollouts do: no flags here (llm.prompt_settings).
 ITEM_USERS = 2                 # warm items: profiles of up to this many most recent training users (SPEC: 5;
                                # 2 keeps ml-100k inside the CPU budget, --item-users 5 for the paper setting)
 ITEM_NBRS = 3                  # cold items: this many text-similar warm items
 TEACHER = "teacher"            # --source teacher: 02's teacher writes every profile (no LLM)
-SOURCES = common.PROFILE_SOURCES + (TEACHER,)
+SOURCES = common.PROFILE_SOURCES  # the LLM sources, then TEACHER
 TEACHER_ITEM_USERS = 5         # the teacher costs nothing per user: the SPEC's 5 recent users per warm item
 PROBE_K = 20
+# Generation is prefill-bound on a CPU, so prompts are kept short (llm.PROMPT_SIZES, --item-users 2) and ml-100k runs
+# as two shards on 2 cores (measured costs: bench/RESULTS.md and README). Levers: a GPU (--device cuda), --shard,
+# --item-users; the prompt sizes are 02's --pair-* flags.
 # One torch thread per process, parallelism through --shard: on a busy 2-core box, small-batch decode matmuls
 # ([32 x 576] x [576 x 1536]) took 24 ms with 2 OpenMP threads against 0.6 ms with 1 (threads spin at barriers
 # when the cores are shared), i.e. generation was ~20x slower with torch's default.
 THREADS = 1
 
 # ----------------------------------------------------------------------------- prompt templates
-# User prompts are common.inference_messages (shared with 02's reward pairs and 05's PPO prompts); item prompts are
-# common.warm_item_messages / cold_item_messages (shared with 03, which trains them).
+# User prompts are llm.inference_messages (shared with 02's reward pairs and 05's PPO prompts); item prompts are
+# llm.warm_item_messages / cold_item_messages (shared with 03, which trains them).
 
 
 # ----------------------------------------------------------------------------- prompts
 
 def user_messages(u, train, nbrs, item_text, args):
-    return common.user_prompt(u, train, nbrs, item_text, **args.prompt["inference"])
+    return llm.user_prompt(u, train, nbrs, item_text, **args.prompt["inference"])
 
 
 def kd_user_messages(run, train, item_text_full):
@@ -124,15 +84,18 @@ def short_profile(row):
 
 def warm_item_messages(i, item_text, users_of, user_rows, args):
     recent = [int(u) for u in users_of[i] if int(u) in user_rows][-args.item_users:][::-1]  # newest first
-    return common.warm_item_messages(item_text[i], [short_profile(user_rows[u]) for u in recent])
+    return llm.warm_item_messages(item_text[i], [short_profile(user_rows[u]) for u in recent])
 
 
 def cold_item_messages(i, item_text, item_nbrs, item_rows, args):
     similar = [int(j) for j in item_nbrs[i] if int(j) != i and int(j) in item_rows][:args.item_nbrs]
-    return common.cold_item_messages(item_text[i], [(item_text[j], short_profile(item_rows[j])) for j in similar])
+    return llm.cold_item_messages(item_text[i], [(item_text[j], short_profile(item_rows[j])) for j in similar])
 
 
 # ----------------------------------------------------------------------------- files
+# Several processes (--shard i/n): each writes users.shard{i}of{n}.jsonl / items.shard{i}of{n}.jsonl and waits
+# (polling, --wait-s) for the other shards' user profiles before its item phase; --merge combines them and embeds.
+# `--what users|warm|cold` runs one phase only (e.g. to run the shards' phases one after another).
 
 def parse_shard(s):
     if s is None:
@@ -172,8 +135,25 @@ def fresh_rows(upstream, hashes=None):
     return lambda k, r: r.get("upstream") == upstream and r.get("prompt_hash") == hashes.get(k)
 
 
+def load_profile_model(run, source, model=llm.DEFAULT_LLM, device=None):
+    """(model, tokenizer) that writes profiles for `source`: the untuned LLM, an SFT adapter, or the PPO
+    adapter stacked on the SFT model it was trained from (ppo/base.json names it; merged first)."""
+    run = Path(run)
+    if source == "base_llm":
+        return llm.load_llm(model, device=device)
+    if source.startswith("sft_"):
+        return llm.load_llm(model, adapter=run / source, device=device)
+    if source == "ppo":
+        sft = json.loads((run / "ppo" / "base.json").read_text())["sft"]
+        sft_llm, tok = llm.load_llm(model, adapter=run / sft, device=device)
+        from peft import PeftModel
+        ppo_llm = PeftModel.from_pretrained(sft_llm.merge_and_unload(), run / "ppo")
+        return ppo_llm, tok
+    raise ValueError(f"unknown --source {source!r}; expected one of {', '.join(s for s in SOURCES if s != TEACHER)}")
+
+
 def model_dirs(run, source):
-    """The run's model directories that --source loads (common.load_profile_model): inputs of this stage, so that
+    """The run's model directories that --source loads (load_profile_model): inputs of this stage, so that
     retraining one makes these profiles stale."""
     if source == "ppo":
         base = run / "ppo" / "base.json"
@@ -198,11 +178,14 @@ def wait_for(out, kind, needed, args, what, fresh=None):
 def run_phase(name, ids, make_messages, kind, out, shard, model, tok, args, max_new_tokens, extra=None,
               upstream=None, redone=None):
     """Generate the profiles of `ids` that no file holds from the current prompt and `upstream` state (rows of
-    another prompt or upstream state are redone, counted in `redone[name]`); append them to this process's file."""
+    another prompt or upstream state are redone, counted in `redone[name]`); append them to this process's file.
+    An answer that llm.normalize_profile cannot repair into a 3+3 profile (items too: they are asked for the user
+    format, which 03 trains on teacher item profiles) keeps its raw text, since its embedding still carries signal,
+    and is marked "valid": false (counted in the log and probe.json)."""
     own = own_file(out, kind, shard)
     key = "user" if kind == "users" else "item"
-    prompts = {k: common.render(tok, make_messages(k)) for k in ids}
-    hashes = {k: common.prompt_hash(t) for k, t in prompts.items()}
+    prompts = {k: llm.render(tok, make_messages(k)) for k in ids}
+    hashes = {k: llm.prompt_hash(t) for k, t in prompts.items()}
     present = read_all(out, kind, own=own)
     done = read_all(out, kind, fresh=fresh_rows(upstream, hashes))
     todo = [k for k in ids if k not in done]
@@ -216,10 +199,10 @@ def run_phase(name, ids, make_messages, kind, out, shard, model, tok, args, max_
     texts = [prompts[k] for k in todo]
     n_bad = 0
     with open(own, "a") as f:
-        for idx, answers in common.generate_batches(model, tok, texts, max_new_tokens, args.batch_size, args.temperature,
+        for idx, answers in llm.generate_batches(model, tok, texts, max_new_tokens, args.batch_size, args.temperature,
                                              desc=name):
             for k, a in zip(idx, answers):
-                prof = common.normalize_profile(a)
+                prof = llm.normalize_profile(a)
                 n_bad += prof is None
                 row = {key: int(todo[k]), "profile": prof if prof else a, "prompt_hash": hashes[todo[k]],
                        "upstream": upstream, "valid": prof is not None}
@@ -230,6 +213,9 @@ def run_phase(name, ids, make_messages, kind, out, shard, model, tok, args, max_
 
 
 # ----------------------------------------------------------------------------- --source teacher (no LLM)
+# The upper bound of distillation: what profiles of teacher quality do to each backbone. Every profile is written by
+# 02's teacher itself, in seconds (plus the text encoder), in one pass: no shards or resume (--shard, --merge, --what
+# and --limit are refused); --probe-only works as for the other sources.
 
 def distill_module():
     """02_distill as a module (its file name starts with a digit): its teachers are reused, not copied."""
@@ -261,10 +247,15 @@ def api_teacher_args(run, D):
 
 
 def teacher_user_rows(run, users, train, item_text, rules, args, D):
-    """({user: row}, what the probe records): the teacher's distillation target for every user."""
+    """({user: row}, what the probe records): exactly the distillation target 02 would write for every user.
+    --teacher rules: 02's RulesTeacher on the user's training items. --teacher api: 02's API teacher with the
+    arguments 02 last ran with (manifest.json): the same prompts, worked example, model and retries, answers from
+    teacher_cache.jsonl where 02 already asked (new answers are appended to it), the rules profile for a user the
+    API never answers in form (02's --on-fail rules). "prompt_hash" hashes what the profile was computed from (the
+    teacher prompt for --teacher api)."""
     if args.teacher == "rules":
         rows = {u: {"user": u, "profile": rules.profile(train[u]), "teacher": "rules",
-                    "prompt_hash": common.prompt_hash(json.dumps({"teacher": "rules", "items": train[u].tolist()}))}
+                    "prompt_hash": llm.prompt_hash(json.dumps({"teacher": "rules", "items": train[u].tolist()}))}
                 for u in users}
         return rows, {"teacher": "rules", "teacher_model": "rules"}
     a = api_teacher_args(run, D)
@@ -275,17 +266,21 @@ def teacher_user_rows(run, users, train, item_text, rules, args, D):
     rows = {}
     for r in map(json.loads, buf.getvalue().splitlines()):
         rows[int(r["user"])] = {"user": int(r["user"]), "profile": r["profile"], "teacher": r["teacher"],
-                                "prompt_hash": common.prompt_hash(json.dumps(r["prompt"], sort_keys=True))}
+                                "prompt_hash": llm.prompt_hash(json.dumps(r["prompt"], sort_keys=True))}
     return rows, {"teacher": "api", "teacher_model": a.api_model, "stats": dict(stats)}
 
 
 def teacher_item_rows(warm, other, users_of, user_rows, item_nbrs, rules, args, D):
-    """{item: row}: warm items from their recent users' teacher profiles, the others from their text-similar warm
-    items' teacher item profiles (see the module docstring)."""
+    """{item: row} in the user format (llm.merge_profiles, as 03's item examples): a warm item takes the most common
+    identity and interest terms of the teacher profiles of its (up to --item-users) most recent training users; any
+    other item those of the teacher item profiles of its (up to --item-nbrs) text-similar warm items. Ties go to the
+    term met first (newest user / most similar item first, then the order within the profile); fewer than three
+    distinct terms are topped up from the rules profile of the item alone. Each row names the users or items it
+    came from ("from_users" / "from_items")."""
     def row(i, kind, profiles, src):
-        prof = common.merge_profiles(profiles, fill=[rules.profile([i])])  # topped up by the item's own genres
+        prof = llm.merge_profiles(profiles, fill=[rules.profile([i])])  # topped up by the item's own genres
         return {"item": i, "profile": prof, "kind": kind, "teacher": args.teacher, **src,
-                "prompt_hash": common.prompt_hash(json.dumps({"teacher": args.teacher, "from": profiles}))}
+                "prompt_hash": llm.prompt_hash(json.dumps({"teacher": args.teacher, "from": profiles}))}
 
     rows = {}
     for i in warm:
@@ -309,7 +304,7 @@ def write_teacher_profiles(run, out, user_ids, warm, other, train, users_of, ite
         rows["items"] = teacher_item_rows(warm, other, users_of, users, item_nbrs, rules, args, D)
     for kind, by_id in rows.items():
         for r in by_id.values():
-            r["valid"] = common.parse_profile(r["profile"]) == r["profile"]
+            r["valid"] = llm.parse_profile(r["profile"]) == r["profile"]
         common.write_jsonl(out / f"{kind}.jsonl", [by_id[k] for k in sorted(by_id)])
         log.info("teacher %s: %d profiles of %s, %d malformed", args.teacher, len(by_id), kind,
                  sum(not r["valid"] for r in by_id.values()))
@@ -317,6 +312,8 @@ def write_teacher_profiles(run, out, user_ids, warm, other, train, users_of, ite
 
 
 # ----------------------------------------------------------------------------- main
+# The order of the work (item profiles need user profiles): users, warm items (items with training users), the
+# other items (cold, and any item without training users), then embeddings and the probe.
 
 def build_parser():
     p = common.stage_parser(__doc__)
@@ -325,7 +322,7 @@ def build_parser():
     p.add_argument("--teacher", default=None, choices=["rules", "api"],
                    help="--source teacher only: 02's rules teacher, or its API teacher with 02's last arguments "
                         "(default: rules)")
-    p.add_argument("--model", default=common.DEFAULT_LLM, help="base LLM path or hub id (default: SmolLM2-135M)")
+    p.add_argument("--model", default=llm.DEFAULT_LLM, help="base LLM path or hub id (default: SmolLM2-135M)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="model dtype (default auto: bf16 on a GPU that has it and on a CPU with native bf16 "
@@ -375,7 +372,7 @@ def main(argv=None):
     shard = parse_shard(args.shard)
     if args.merge and args.shard:
         raise SystemExit("--merge combines all shards; do not pass --shard with it")
-    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "item_text_emb.npy", common.PROMPT_FILE]
+    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "item_text_emb.npy", llm.PROMPT_FILE]
     if teacher and args.teacher == "api":
         api_teacher_args(run, distill_module())  # fails early, with what to run, unless 02 used the API teacher
         inputs.append("distill.jsonl")  # 02's run fixes the API prompts: re-running 02 makes these profiles stale
@@ -385,9 +382,9 @@ def main(argv=None):
     if (run / "user_sets.json").exists() and (args.probe_only or "user_sets.json" in recorded):
         inputs.append("user_sets.json")  # the probe's eval users
     common.check_inputs(run, inputs, args.force)
-    args.prompt = common.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
+    args.prompt = llm.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
     # what the rows are built from besides their prompt: a resumed row is reused only if both match
-    upstream = common.prompt_hash(json.dumps({
+    upstream = llm.prompt_hash(json.dumps({
         "inputs": {r: common.sha256_path(run, r) for r in ["data/split.npz", "data/items.jsonl", "neighbors.npz"]
                    + models}, "source": args.source, "model": str(args.model)}, sort_keys=True))
     out.mkdir(parents=True, exist_ok=True)
@@ -398,7 +395,7 @@ def main(argv=None):
     split = common.load_split(run)
     n_users, n_items = split["n_users"], split["n_items"]
     item_text_full = common.load_items(run)
-    item_text = [common.clip(t, args.prompt["inference"]["max_chars"]) for t in item_text_full]
+    item_text = [llm.clip(t, args.prompt["inference"]["max_chars"]) for t in item_text_full]
     nb = common.load_neighbors(run)
     train = common.user_items(split["train_u"], split["train_i"], n_users)
     users_of = common.user_items(split["train_i"], split["train_u"], n_items)  # chronological per item
@@ -419,14 +416,14 @@ def main(argv=None):
                                               nb["item_nbrs"], args)
         t_gen["teacher_s"] = round(time.time() - t, 1)
     elif not args.merge:
-        model, tok = common.load_profile_model(run, args.source, args.model, device=args.device)
-        model = model.to(common.pick_dtype(args.dtype, args.device)).eval()
+        model, tok = load_profile_model(run, args.source, args.model, device=args.device)
+        model = model.to(llm.pick_dtype(args.dtype, args.device)).eval()
         log.info("model dtype %s, %d torch threads", next(model.parameters()).dtype, torch.get_num_threads())
         user_msgs = (kd_user_messages(run, train, item_text_full) if args.source == "sft_gpt_kd" else
                      (lambda u: user_messages(u, train, nb["user_nbrs"], item_text, args)))
 
         def fresh(ids, make):  # other shards' rows count only once built from the current prompt and upstream
-            return fresh_rows(upstream, {k: common.prompt_hash(common.render(tok, make(k))) for k in ids})
+            return fresh_rows(upstream, {k: llm.prompt_hash(llm.render(tok, make(k))) for k in ids})
         if args.what in ("all", "users"):
             t = time.time()
             run_phase("user profiles", mine(user_ids), user_msgs, "users", out, shard, model, tok, args,
@@ -477,11 +474,11 @@ def main(argv=None):
     if args.probe_only:
         u_emb = common.encode_texts([user_prof[u] for u in user_ids], args.encoder, device=args.device,
                                     desc="encode user profiles")
-        text_emb, item_src = common.item_embeddings_for_probe(run, item_text_full, u_emb.shape[1], args.encoder,
-                                                              args.device)
+        text_emb, item_src = llm.item_embeddings_for_probe(run, item_text_full, u_emb.shape[1], args.encoder,
+                                                           args.device)
         probe = {"source": args.source, **teacher_info, "item_embeddings": item_src,
                  "malformed_users": result["malformed_users"], "redone": redone,
-                 "eval_users": common.profile_probe(split, user_ids, u_emb, text_emb)}
+                 "eval_users": llm.profile_probe(split, user_ids, u_emb, text_emb)}
         common.write_json(out / "probe.json", probe)
         head = probe["eval_users"]
         log.info("probe (%d eval users, %s): profile Recall@%d = %.4f (history centroid %.4f, random %.4f)",
@@ -501,17 +498,17 @@ def main(argv=None):
     common.save_npy(out / "item_emb.npy", i_emb.astype(np.float32))
     t_gen["embed_s"] = round(time.time() - t, 1)
 
-    text_emb, item_src = common.item_embeddings_for_probe(run, item_text_full, u_emb.shape[1], args.encoder, args.device)
+    text_emb, item_src = llm.item_embeddings_for_probe(run, item_text_full, u_emb.shape[1], args.encoder, args.device)
     sets_path = run / "user_sets.json"
     eval_users = json.loads(sets_path.read_text())["eval"] if sets_path.exists() else None
     probe = {"source": args.source, **teacher_info, "item_embeddings": item_src,
              "n_users": n_users, "n_items": n_items,
              "malformed_users": result["malformed_users"], "malformed_items": result["malformed_items"],
-             "all_users": common.profile_probe(split, np.arange(n_users), u_emb, text_emb),
-             "all_users_vs_item_profiles": common.profile_probe(split, np.arange(n_users), u_emb, i_emb),
+             "all_users": llm.profile_probe(split, np.arange(n_users), u_emb, text_emb),
+             "all_users_vs_item_profiles": llm.profile_probe(split, np.arange(n_users), u_emb, i_emb),
              "seconds": t_gen, "redone": redone}
     if eval_users:
-        probe["eval_users"] = common.profile_probe(split, eval_users, u_emb[eval_users], text_emb)
+        probe["eval_users"] = llm.profile_probe(split, eval_users, u_emb[eval_users], text_emb)
     common.write_json(out / "probe.json", probe)
     head = probe.get("eval_users", probe["all_users"])
     log.info("probe (%s users): profile Recall@%d = %.4f (history centroid %.4f, random %.4f); "

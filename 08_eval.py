@@ -1,38 +1,22 @@
 """Stage 08: all-rank evaluation of every trained recommender in the run, beside reference rankings.
 
-Reads data/split.npz, item_text_emb.npy, neighbors.npz, and every cf/<backbone>_<variant>_<source>_s<seed>/
-written by 07 (meta.json, and user_emb.npy + item_emb.npy for dot-product scorers, or topk_full.npz /
-topk_zero.npz for NCF, whose score is not a dot product and is ranked by 07 itself).
+Full-shot ranks every item in the catalogue (warm and cold) with the user's training and validation items masked,
+against the user's test items; zero-shot ranks only the cold items against the user's cold test items (SPEC section
+5). Recall@K = hits / |test items|; NDCG@K with IDCG over min(|test|, K). Users without test items in a setting are
+skipped and counted; `id` models cannot score cold items, and their zero-shot rows say so instead of reporting zeros.
+References on the same users and candidates: random, popularity, content centroid, test-popularity oracle.
+
+Reads data/split.npz, item_text_emb.npy, neighbors.npz, and every cf/<backbone>_<variant>_<source>_s<seed>/ of 07
+(meta.json, and user_emb.npy + item_emb.npy, or for NCF topk_full.npz / topk_zero.npz).
 Writes into --run:
   results/metrics.jsonl   one row per (backbone, variant, source, seed, setting, metric): value, users, skipped;
                           reference rows have variant "reference" and seed null
   results/per_user/<model>_<setting>.npz  per-user metrics (for paired tests), references as ref_<name>_<setting>
-  results/tables.md       per setting: every model and reference, mean ± std over seeds, the change against Base
-                          and against the content centroid with * for p < --alpha (paired t-test over users on
-                          seed-averaged values), the share of top-K slots decided by ties, zero item vectors;
-                          then seconds per epoch (the paper's Table 3) with the best epochs; a line says which
-                          models were built by code that has changed since (their 07 record, or a stage upstream
-                          of it, holds another sha256 of its script or of common.py than the current file)
+  results/tables.md       per setting: every model and reference, mean ± std over seeds, the change against Base and
+                          against the content centroid (* for p < --alpha, paired t-test over users), ties@K (⚠ above
+                          --tie-warn), zero item vectors; seconds per epoch (Table 3); models built by changed code
 Run:
   python 08_eval.py --run runs/ml100k [--ks 20 40]
-
-Protocol (SPEC section 5): full-shot ranks every item in the catalogue (warm and cold) with the user's
-training and validation items masked, against the user's test items; zero-shot ranks only the cold
-items against the user's cold test items. Recall@K = hits / |test items|; NDCG@K with IDCG over
-min(|test|, K). Users without test items in a setting are skipped and counted. `id` models cannot score
-cold items: their zero-shot rows say so instead of reporting zeros.
-
-Reference rows, on the same users and candidates (a model that does not beat them has learnt nothing useful):
-  random              the expected value of a uniformly random ranking (exact, per user)
-  popularity          full-shot: training interactions per item; zero-shot: cold items by the mean training
-                      popularity of their text-nearest warm items (neighbors.npz), since none has training rows
-  content centroid    cosine(mean text embedding of the user's training items, item text embedding); trains nothing
-  oracle              items by their number of test interactions in the setting: reads the test set, so it is an
-                      upper reference for any one list shown to everyone, not a method
-References break ties at random (seeded); models break them toward the lower item index, and item indices are
-a seeded random numbering (01), so index order carries no information. Ties are reported: ties@K is the share of
-top-K slots whose score equals the next slot's; a row where it exceeds --tie-warn is flagged with ⚠, since there
-the tie rule, not the model, picked much of the list.
 """
 import json
 import time
@@ -48,8 +32,11 @@ import common
 
 KS = (20, 40)
 ALPHA = 0.05              # significance level of the paired t-test
-TIE_WARN = 0.05           # flag a row when more than this share of its top-K slots are ties
-SOURCE_ORDER = ("teacher", "ppo", "sft_mask", "sft_naive", "sft_gpt_kd", "base_llm")   # row order of Augment
+# ties@K is the share of top-K slots whose score equals the next slot's: where it is high, the tie rule, not the
+# model, picked much of the list. References break ties at random (seeded); models break them toward the lower item
+# index, and item indices are a seeded random numbering (01), so index order carries no information.
+TIE_WARN = 0.05           # flag a row (⚠) when more than this share of its top-K slots are ties
+SOURCE_ORDER = common.PROFILE_SOURCES[::-1]   # row order of Augment: 02's teacher (the upper bound) first
 VARIANT_ORDER = ("base", "augment", "no_user_aug", "no_item_aug", "id")
 REFERENCES = ("random", "popularity", "content centroid", "oracle: test popularity")
 
@@ -77,7 +64,9 @@ def settings(split):
 # ----------------------------------------------------------------------------- models
 
 def evaluate_model(folder, meta, setting, exclude, test, subset, ks):
-    """Per-user metrics and ties of one trained model in one setting, or None where it cannot score it."""
+    """Per-user metrics and ties of one trained model in one setting, or None where it cannot score it. Dot-product
+    scorers are ranked here from user_emb.npy and item_emb.npy; NCF's score is not a dot product, so 07 ranks it and
+    writes topk_<setting>.npz."""
     if setting == "zero" and not meta.get("can_score_cold", True):
         return None
     if meta.get("scorer", "dot") == "dot":
@@ -127,7 +116,14 @@ def one_list(item_score, rng):
 
 
 def references(split, text_emb, item_nbrs, setups, ks, seed):
-    """Per setting, per reference name: per-user metrics (REFERENCES, see the docstring)."""
+    """Per setting, per reference name: per-user metrics of REFERENCES, on the models' users and candidates (a model
+    that does not beat them has learnt nothing useful):
+      random              the expected value of a uniformly random ranking (exact, per user)
+      popularity          full-shot: training interactions per item; zero-shot: cold items by the mean training
+                          popularity of their text-nearest warm items (neighbors.npz), since none has training rows
+      content centroid    cosine(mean text embedding of the user's training items, item text embedding)
+      oracle              items by their number of test interactions in the setting: it reads the test set, so it is
+                          an upper reference for any one list shown to everyone, not a method"""
     n_users, n_items = split["n_users"], split["n_items"]
     rng = np.random.default_rng(seed)
     ones = torch.ones(n_users, 1)
@@ -218,9 +214,30 @@ def setting_table(runs, refs, meta_by_key, metrics, ks, alpha, tie_warn):
     return out
 
 
+def code_changes(run, stage, manifest=None):
+    """{stage: [code files]} for `stage` and every stage upstream of it (through the producers of the inputs it
+    recorded) whose recorded sha256 of a code file (its script, or a module it imports: common.stage_code) differs
+    from the current file: results built by code that has changed since. Stages recorded without code hashes are
+    left out."""
+    manifest = manifest or common.read_manifest(run)
+    out, todo, seen = {}, [stage], set()
+    while todo:
+        name = todo.pop()
+        rec = manifest["stages"].get(name)
+        if name in seen or rec is None:
+            continue
+        seen.add(name)
+        changed = [f for f, sha in rec.get("code", {}).get("files", {}).items()
+                   if not (common.REPO / f).is_file() or common.sha256_file(common.REPO / f) != sha]
+        if changed:
+            out[name] = sorted(changed)
+        todo += [p for p in (common.producer_of(manifest, up) for up in rec.get("inputs", {})) if p]
+    return out
+
+
 def code_note(run, folders):
     """One line for tables.md: which models were built (by 07, or upstream of it: 06's prompts, 03-05's models) by
-    code that has changed since (common.code_changes), or that every model comes from the current code."""
+    code that has changed since (code_changes), or that every model comes from the current code."""
     manifest = common.read_manifest(run)
     changed, unknown = defaultdict(list), []
     for f in folders:
@@ -228,7 +245,7 @@ def code_note(run, folders):
         if "code" not in manifest["stages"].get(stage, {}):
             unknown.append(f.name)
             continue
-        files = sorted({x for fs in common.code_changes(run, stage, manifest).values() for x in fs})
+        files = sorted({x for fs in code_changes(run, stage, manifest).values() for x in fs})
         if files:
             changed[", ".join(files)].append(f.name)
     parts = [f"{files} changed since {len(names)} model(s) were built ({', '.join(names[:3])}"

@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import llm  # noqa: E402
 
 GENRES = ["comedy", "drama", "horror", "romance", "action", "animation"]
 
@@ -83,7 +84,7 @@ def build_tiny_llm(path, seed=0):
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
                                   eos_token="<|im_end|>", bos_token="<|im_start|>")
-    tok.chat_template = common.CHATML_TEMPLATE
+    tok.chat_template = llm.CHATML_TEMPLATE
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import data
 from common import DataError
 
 
@@ -27,7 +28,7 @@ ML_INTER = ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 def test_ml100k_reads_and_merges_duplicates(tmp_path):
     write(tmp_path / "ml-100k.item", ML_ITEM)
     write(tmp_path / "ml-100k.inter", ML_INTER)
-    d = common.load_ml100k(tmp_path)
+    d = data.load_ml100k(tmp_path)
     assert d.item_text["1"] == "Toy Story (1995). Genres: Animation, Children's, Comedy."
     assert sorted(zip(d.users, d.items)) == [("186", "2"), ("196", "1")]
     assert d.n_duplicates == 1
@@ -44,14 +45,14 @@ def test_ml100k_malformed(tmp_path, inter, match):
     write(tmp_path / "ml-100k.item", ML_ITEM)
     write(tmp_path / "ml-100k.inter", inter)
     with pytest.raises(DataError, match=match):
-        common.load_ml100k(tmp_path)
+        data.load_ml100k(tmp_path)
 
 
 def test_ml100k_bad_item_line(tmp_path):
     write(tmp_path / "ml-100k.item", ML_ITEM + "3\tNo year\n")
     write(tmp_path / "ml-100k.inter", ML_INTER)
     with pytest.raises(DataError, match=r"ml-100k.item:4: expected 4 tab-separated"):
-        common.load_ml100k(tmp_path)
+        data.load_ml100k(tmp_path)
 
 
 # ----------------------------------------------------------------------------- MIND
@@ -66,7 +67,7 @@ def test_mind_clicks_are_history_and_positive_impressions(tmp_path):
     write(tmp_path / "behaviors.tsv", "1\tU1\t11/15/2019 8:55:22 AM\tN1\tN2-1 N3-0\n"
                                       "2\tU1\t11/16/2019 9:00:00 AM\tN1 N2\tN3-1\n"
                                       "3\tU2\t11/16/2019 10:00:00 PM\t\tN1-0 N2-1\n")
-    d = common.load_mind(tmp_path)
+    d = data.load_mind(tmp_path)
     got = sorted(zip(d.users, d.items))
     assert got == [("U1", "N1"), ("U1", "N2"), ("U1", "N3"), ("U2", "N2")]
     assert d.n_duplicates == 2  # U1's history repeats N1 and N2 in impression 2
@@ -85,7 +86,7 @@ def test_mind_malformed(tmp_path, behaviors, match):
     write(tmp_path / "news.tsv", NEWS)
     write(tmp_path / "behaviors.tsv", behaviors)
     with pytest.raises(DataError, match=match):
-        common.load_mind(tmp_path)
+        data.load_mind(tmp_path)
 
 
 # ----------------------------------------------------------------------------- Netflix
@@ -96,7 +97,7 @@ TITLES = "1,2003,Dinosaur Planet\n2,NULL,Isle of Man TT 2004 Review\n3,1997,Char
 def test_netflix_reads_titles_with_commas_and_null_years(tmp_path):
     write(tmp_path / "movie_titles.csv", TITLES, "latin-1")
     write(tmp_path / "combined_data_1.txt", "1:\n1488844,3,2005-09-06\n822109,5,2005-05-13\n3:\n1488844,4,2004-01-01\n")
-    d = common.load_netflix(tmp_path)
+    d = data.load_netflix(tmp_path)
     assert d.item_text["3"] == "Character, The Movie (1997)"
     assert d.item_text["2"] == "Isle of Man TT 2004 Review"
     assert sorted(zip(d.users, d.items)) == [("1488844", "1"), ("1488844", "3"), ("822109", "1")]
@@ -113,14 +114,14 @@ def test_netflix_malformed(tmp_path, combined, match):
     write(tmp_path / "movie_titles.csv", TITLES)
     write(tmp_path / "combined_data_1.txt", combined)
     with pytest.raises(DataError, match=match):
-        common.load_netflix(tmp_path)
+        data.load_netflix(tmp_path)
 
 
 def test_netflix_bad_year(tmp_path):
     write(tmp_path / "movie_titles.csv", "1,20x3,Title\n")
     write(tmp_path / "combined_data_1.txt", "1:\n1,3,2005-09-06\n")
     with pytest.raises(DataError, match=r"movie_titles.csv:1: expected a year or NULL"):
-        common.load_netflix(tmp_path)
+        data.load_netflix(tmp_path)
 
 
 # ----------------------------------------------------------------------------- generic CSV
@@ -128,7 +129,7 @@ def test_netflix_bad_year(tmp_path):
 def test_csv_reads_quoted_text_and_iso_times(tmp_path):
     write(tmp_path / "items.csv", 'item,text\na,"A book, with commas"\nb,Another\n')
     write(tmp_path / "interactions.csv", "user,item,timestamp\nu1,a,2020-01-01T00:00:00\nu1,b,1577840000\n")
-    d = common.load_csv(tmp_path)
+    d = data.load_csv(tmp_path)
     assert d.item_text["a"] == "A book, with commas"
     assert len(d.users) == 2 and d.times[0] == 1577836800.0
 
@@ -144,7 +145,7 @@ def test_csv_malformed(tmp_path, inter, match):
     write(tmp_path / "items.csv", "item,text\na,A\n")
     write(tmp_path / "interactions.csv", inter)
     with pytest.raises(DataError, match=match):
-        common.load_csv(tmp_path)
+        data.load_csv(tmp_path)
 
 
 def test_csv_latin1_names_file_and_line(tmp_path):
@@ -152,17 +153,17 @@ def test_csv_latin1_names_file_and_line(tmp_path):
     write(tmp_path / "interactions.csv", "user,item,timestamp\nu1,a,1\n")
     with pytest.raises(DataError, match=r"items.csv:3: not valid UTF-8 \(byte 0xe9 at column 6\); re-encode the file "
                                         r"as UTF-8, e.g. iconv -f latin1"):
-        common.load_csv(tmp_path)
+        data.load_csv(tmp_path)
     write(tmp_path / "items.csv", "item,text\na,Plain\n")
     write(tmp_path / "interactions.csv", "user,item,timestamp\nu1,a,1\nJosé,a,2\n", "latin-1")
     with pytest.raises(DataError, match=r"interactions.csv:3: not valid UTF-8"):
-        common.load_csv(tmp_path)
+        data.load_csv(tmp_path)
 
 
 def test_csv_accepts_a_byte_order_mark(tmp_path):
     write(tmp_path / "items.csv", "\ufeffitem,text\na,Café\nb,B\n")
     write(tmp_path / "interactions.csv", "\ufeffuser,item,timestamp\r\nu1,a,1\r\nu1,b,2\r\n")
-    d = common.load_csv(tmp_path)
+    d = data.load_csv(tmp_path)
     assert d.item_text == {"a": "Café", "b": "B"} and d.users == ["u1", "u1"] and d.items == ["a", "b"]
 
 
@@ -171,17 +172,17 @@ def test_csv_rejects_non_finite_timestamps(tmp_path, ts):
     write(tmp_path / "items.csv", "item,text\na,A\nb,B\n")
     write(tmp_path / "interactions.csv", f"user,item,timestamp\nu1,a,1\nu1,b,{ts}\n")
     with pytest.raises(DataError, match=rf"interactions.csv:3: expected a finite timestamp .*got '{ts}'"):
-        common.load_csv(tmp_path)
+        data.load_csv(tmp_path)
 
 
 def test_csv_rejects_repeated_item_ids_and_empty_texts(tmp_path):
     write(tmp_path / "interactions.csv", "user,item,timestamp\nu1,a,1\n")
     write(tmp_path / "items.csv", "item,text\na,First\nb,B\na,Second\n")
     with pytest.raises(DataError, match=r"items.csv:4: item id 'a' is repeated \(first on line 2\)"):
-        common.load_csv(tmp_path)
+        data.load_csv(tmp_path)
     write(tmp_path / "items.csv", 'item,text\na,A\nb,"  "\n')
     with pytest.raises(DataError, match=r"items.csv:3: item 'b' has an empty text"):
-        common.load_csv(tmp_path)
+        data.load_csv(tmp_path)
 
 
 def test_csv_warns_when_timestamps_are_mostly_tied(tmp_path, caplog):
@@ -189,13 +190,13 @@ def test_csv_warns_when_timestamps_are_mostly_tied(tmp_path, caplog):
     write(tmp_path / "interactions.csv", "user,item,timestamp\n" + "".join(
         f"u{k % 2},i{k},{0 if k < 4 else k}\n" for k in range(6)))
     with caplog.at_level("WARNING", logger="reclm"):
-        common.load_csv(tmp_path)
+        data.load_csv(tmp_path)
     assert "csv: 4 of 6 interactions (67%) share the timestamp 0.0" in caplog.text
     caplog.clear()
     write(tmp_path / "interactions.csv", "user,item,timestamp\n" + "".join(
         f"u{k % 2},i{k},{k // 2}\n" for k in range(6)))  # pairs tied, no timestamp held by more than half
     with caplog.at_level("WARNING", logger="reclm"):
-        common.load_csv(tmp_path)
+        data.load_csv(tmp_path)
     assert "share the timestamp" not in caplog.text
 
 
@@ -219,8 +220,8 @@ def random_data(seed=0, n_users=60, n_items=80, n=1500):
     users = [f"u{k}" for k in rng.integers(0, n_users, n)]
     items = [str(k) for k in rng.integers(0, n_items, n)]
     times = rng.uniform(0, 1000, n)
-    users, items, times, dups = common._merge_duplicates(users, items, times)
-    return common.RawData(users, items, times, {str(k): f"item {k}" for k in range(n_items)}, "random", dups)
+    users, items, times, dups = data._merge_duplicates(users, items, times)
+    return data.RawData(users, items, times, {str(k): f"item {k}" for k in range(n_items)}, "random", dups)
 
 
 def check_invariants(s):
@@ -244,7 +245,7 @@ def raw_pairs(s, user_raw, item_raw, part):
 
 def test_cold_items_split_invariants():
     d = random_data()
-    s, user_raw, item_raw, stats = common.make_split(d, "cold-items", cold_frac=0.2)
+    s, user_raw, item_raw, stats = data.make_split(d, "cold-items", cold_frac=0.2)
     check_invariants(s)
     assert len(user_raw) == s["n_users"] and len(item_raw) == s["n_items"] == 80
     # the newest 20% of items by first interaction are cold, and all their rows are test
@@ -258,7 +259,7 @@ def test_cold_items_split_invariants():
 
 def test_each_users_latest_rows_are_test_and_valid():
     d = random_data(1)
-    s, user_raw, item_raw, _ = common.make_split(d, "cold-items", cold_frac=0.0, test_frac=0.2, valid_frac=0.1)
+    s, user_raw, item_raw, _ = data.make_split(d, "cold-items", cold_frac=0.0, test_frac=0.2, valid_frac=0.1)
     check_invariants(s)
     t = {(u, i): tm for u, i, tm in zip(d.users, d.items, d.times)}
     ur = np.array(user_raw)
@@ -276,9 +277,9 @@ def test_each_users_latest_rows_are_test_and_valid():
 
 
 def test_snapshot_split_drops_unknown_test_users():
-    d = common.RawData(["a", "a", "b", "c"], ["1", "2", "2", "1"], np.array([1.0, 5.0, 2.0, 9.0]),
+    d = data.RawData(["a", "a", "b", "c"], ["1", "2", "2", "1"], np.array([1.0, 5.0, 2.0, 9.0]),
                        {"1": "x", "2": "y"}, "toy")
-    s, user_raw, item_raw, stats = common.make_split(d, "snapshot", cutoff=4, valid_frac=0.0)
+    s, user_raw, item_raw, stats = data.make_split(d, "snapshot", cutoff=4, valid_frac=0.0)
     assert sorted(user_raw) == ["a", "b"]
     assert stats["dropped_test_rows_of_unknown_users"] == 1  # user c exists only after the cutoff
     assert raw_pairs(s, user_raw, item_raw, "test") == [("a", "2")]
@@ -287,7 +288,7 @@ def test_snapshot_split_drops_unknown_test_users():
 
 def test_split_rows_are_chronological():
     d = random_data(2)
-    s, user_raw, item_raw, _ = common.make_split(d, "cold-items")
+    s, user_raw, item_raw, _ = data.make_split(d, "cold-items")
     t = {(u, i): tm for u, i, tm in zip(d.users, d.items, d.times)}
     times = [t[(user_raw[u], item_raw[i])] for u, i in zip(s["train_u"], s["train_i"])]
     assert times == sorted(times)
@@ -295,7 +296,7 @@ def test_split_rows_are_chronological():
 
 def test_split_is_a_seeded_relabelling():
     d = random_data(3)
-    a, b, c = (common.make_split(d, "cold-items", seed=seed) for seed in (0, 0, 1))
+    a, b, c = (data.make_split(d, "cold-items", seed=seed) for seed in (0, 0, 1))
     for k in a[0]:
         assert np.array_equal(a[0][k], b[0][k])  # same seed: the same arrays
     assert a[1:] == b[1:]
@@ -315,7 +316,7 @@ def spearman(x, y):
 def test_dense_ids_carry_no_raw_order():
     """Index order must not follow raw-id order (items) or order of first appearance (users)."""
     d = random_data(4, n_users=2000, n_items=3000, n=40000)
-    s, user_raw, item_raw, _ = common.make_split(d, "cold-items")
+    s, user_raw, item_raw, _ = data.make_split(d, "cold-items")
     raw_item_rank = np.argsort(np.argsort([int(r) for r in item_raw]))
     assert abs(spearman(np.arange(len(item_raw)), raw_item_rank)) < 0.08   # null sd: 1/sqrt(3000) = 0.018
     first_seen = {u: k for k, u in reversed(list(enumerate(d.users)))}
@@ -337,8 +338,8 @@ def leaky_data(seed, n_users=500, n_items=1000, n_cold=200):
         users += [f"u{u}"] * (20 + len(cold))
         items += [str(i + 1) for i in np.concatenate([warm, cold])]
         times += list(rng.uniform(0, 1000, 20)) + list(rng.uniform(1000, 1100, len(cold)))
-    return common.RawData(users, items, np.array(times), {str(i + 1): f"item {i + 1}" for i in range(n_items)},
-                          "leaky")
+    return data.RawData(users, items, np.array(times), {str(i + 1): f"item {i + 1}" for i in range(n_items)},
+                        "leaky")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -346,7 +347,7 @@ def test_constant_scores_get_random_level_zero_shot_recall(seed):
     """A model that scores every item the same ranks by the tie rule (lowest index first): with seeded random
     ids it gets random-level zero-shot recall, not the popularity ranking that raw-id order would give."""
     d = leaky_data(seed)
-    s, _, item_raw, _ = common.make_split(d, "cold-items", seed=seed)
+    s, _, item_raw, _ = data.make_split(d, "cold-items", seed=seed)
     cold = s["cold_items"]
     assert len(cold) == 200 and all(int(item_raw[i]) > 800 for i in cold)  # the designed cold items
     on_cold = np.isin(s["test_i"], cold)
@@ -364,13 +365,13 @@ def test_constant_scores_get_random_level_zero_shot_recall(seed):
 
 
 def capped(d, n, keep="random", seed=0):
-    return common.make_split(d, "cold-items", seed=seed, max_train_per_user=n, scarce_keep=keep)
+    return data.make_split(d, "cold-items", seed=seed, max_train_per_user=n, scarce_keep=keep)
 
 
 @pytest.mark.parametrize("keep", ["random", "earliest"])
 def test_training_cap_keeps_valid_and_test(keep):
     d = random_data(5, n_users=60, n_items=400)
-    full, user_raw, item_raw, full_stats = common.make_split(d, "cold-items", seed=3)
+    full, user_raw, item_raw, full_stats = data.make_split(d, "cold-items", seed=3)
     s, user_raw_c, item_raw_c, stats = capped(d, 5, keep, seed=3)
     check_invariants(s)
     assert (user_raw_c, item_raw_c) == (user_raw, item_raw)  # the numbering does not depend on the cap
@@ -391,7 +392,7 @@ def test_training_cap_keeps_valid_and_test(keep):
 def test_training_cap_earliest_keeps_the_earliest_rows():
     d = random_data(6)
     t = {(u, i): tm for u, i, tm in zip(d.users, d.items, d.times)}
-    full, user_raw, item_raw, _ = common.make_split(d, "cold-items")
+    full, user_raw, item_raw, _ = data.make_split(d, "cold-items")
     s, _, _, _ = capped(d, 4, "earliest")
     for u in range(s["n_users"]):
         kept = [t[(user_raw[u], item_raw[i])] for i in s["train_i"][s["train_u"] == u]]
@@ -419,10 +420,10 @@ def test_training_cap_rejects_bad_options():
 
 def test_ml100k_default_split_matches_spec():
     try:
-        d = common.load_ml100k()
+        d = data.load_ml100k()
     except FileNotFoundError:
         pytest.skip("recbole wheel not installed")
-    s, _, _, stats = common.make_split(d)
+    s, _, _, stats = data.make_split(d)
     check_invariants(s)
     assert 330 <= stats["n_cold_items"] <= 345 and 4000 <= stats["n_cold_test_rows"] <= 4200
 

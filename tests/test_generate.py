@@ -1,4 +1,4 @@
-"""common's generation speed-ups against the plain paths they replace: the CPU decode attention against sdpa,
+"""llm's generation speed-ups against the plain paths they replace: the CPU decode attention against sdpa,
 batched generation from a shared-prefix cache against generation from whole prompts, and the whole fast path
 (prefix cache, static cache, stop rule) against stock `model.generate` on a left-padded batch. Fast: tiny models."""
 import string
@@ -6,7 +6,7 @@ import string
 import pytest
 import torch
 
-import common
+import llm
 
 torch.set_num_threads(1)
 
@@ -41,7 +41,7 @@ def build_char_llm(path, steps=200, seed=0):
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<|im_start|>",
                                   eos_token="<|im_end|>", pad_token="<|im_end|>",
                                   additional_special_tokens=["<|eot_id|>"])
-    tok.chat_template = common.CHATML_TEMPLATE
+    tok.chat_template = llm.CHATML_TEMPLATE
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -80,7 +80,7 @@ def char_llm(tmp_path_factory):
 def gqa_llama(attn):
     """A random 2-layer Llama with grouped-query attention (4 query heads over 2 key/value heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    common._register_cpu_attention()
+    llm._register_cpu_attention()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
@@ -97,7 +97,7 @@ def test_cpu_attention_matches_sdpa(cache_kind):
     mask[0, :4] = 0  # left padding of different lengths
     mask[1, :1] = 0
     logits = {}
-    for attn in ("sdpa", common.CPU_ATTENTION):
+    for attn in ("sdpa", llm.CPU_ATTENTION):
         model = gqa_llama(attn)
         cache = DynamicCache() if cache_kind == "dynamic" else StaticCache(config=model.config, max_cache_len=16)
         steps = []
@@ -112,31 +112,31 @@ def test_cpu_attention_matches_sdpa(cache_kind):
                 out = model(input_ids=nxt, attention_mask=step_mask, position_ids=pos, cache=cache, use_cache=True)
                 steps.append(out.logits[:, -1])
         logits[attn] = torch.stack(steps)
-    torch.testing.assert_close(logits[common.CPU_ATTENTION], logits["sdpa"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[llm.CPU_ATTENTION], logits["sdpa"], rtol=1e-5, atol=1e-5)
 
 
 def test_shared_prefix():
-    assert common.shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
-    assert common.shared_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]  # every prompt keeps a token of its own
-    assert common.shared_prefix([[7, 1], [8, 1]]) == []
-    assert common.shared_prefix([[5]]) == []
+    assert llm.shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
+    assert llm.shared_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]  # every prompt keeps a token of its own
+    assert llm.shared_prefix([[7, 1], [8, 1]]) == []
+    assert llm.shared_prefix([[5]]) == []
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_prefix_cache_generation_equals_whole_prompts(tiny_llm, batch_size):
-    model, tok = common.load_llm(tiny_llm, device="cpu", dtype=torch.float32)
+    model, tok = llm.load_llm(tiny_llm, device="cpu", dtype=torch.float32)
     items = [f"{g} movie ( {k} )" for k, g in enumerate(["comedy", "drama", "horror", "romance", "action"] * 3)]
-    texts = [common.render(tok, common.inference_messages(list(range(k % 7 + 1)), [list(range(k, k + 3))], items))
+    texts = [llm.render(tok, llm.inference_messages(list(range(k % 7 + 1)), [list(range(k, k + 3))], items))
              for k in range(7)]
     ids = tok(texts, add_special_tokens=False)["input_ids"]
-    assert len(common.shared_prefix(ids)) > 20  # the system prompt and more are shared
+    assert len(llm.shared_prefix(ids)) > 20  # the system prompt and more are shared
 
     def answers(prefix_cache):  # sampled (a random model's greedy answer is one token repeated), same seed
         torch.manual_seed(0)
         out = {}
-        for idx, ans in common.generate_batches(model, tok, texts, max_new_tokens=12, batch_size=batch_size,
-                                                temperature=1.0, top_p=1.0, progress=False,
-                                                prefix_cache=prefix_cache):
+        for idx, ans in llm.generate_batches(model, tok, texts, max_new_tokens=12, batch_size=batch_size,
+                                             temperature=1.0, top_p=1.0, progress=False,
+                                             prefix_cache=prefix_cache):
             out.update(zip(idx, ans))
         return [out[k] for k in range(len(texts))]
 
@@ -160,13 +160,13 @@ def test_profile_line_done():
                "The movie\n"]
     width = max(map(len, answers))
     ids = torch.tensor([[ord(c) for c in prompt] + [0] * (width - len(a)) + [ord(c) for c in a] for a in answers])
-    done = common.ProfileLineDone(CharTokenizer(), len(prompt))(ids, None)
+    done = llm.ProfileLineDone(CharTokenizer(), len(prompt))(ids, None)
     assert done.tolist() == [True, False, False, False]
 
 
 def first_profile_line(text):
     """06's rule written out plainly: the answer up to the end of its first whole profile line (or all of it)."""
-    m = common.PROFILE_RE.search(text)
+    m = llm.PROFILE_RE.search(text)
     return text[:m.end()] if m and text[m.end():].startswith("\n") else text
 
 
@@ -175,13 +175,13 @@ def test_fast_generation_matches_stock_generate(char_llm, batch_size):
     """generate_batches (prefix cache, static cache, CPU attention, ProfileLineDone, stop_token_ids) against stock
     greedy `model.generate` on one left-padded batch of whole prompts, with 06's stop rule applied afterwards."""
     from transformers import AutoModelForCausalLM
-    tok = common.load_tokenizer(char_llm)
+    tok = llm.load_tokenizer(char_llm)
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     assert tok.pad_token_id == tok.eos_token_id != eot
     # the six trained prompts, and unseen ones whose answers hang on small differences in the logits
     msgs = char_prompts(6) + [char_messages(k, kind) for k, kind in [(0, "q"), (7, "z"), (3, "a"), (9, "pz")]]
-    texts = [common.render(tok, m) for m in msgs]
-    assert len(common.shared_prefix(tok(texts, add_special_tokens=False)["input_ids"])) > 20
+    texts = [llm.render(tok, m) for m in msgs]
+    assert len(llm.shared_prefix(tok(texts, add_special_tokens=False)["input_ids"])) > 20
 
     stock = AutoModelForCausalLM.from_pretrained(char_llm, dtype=torch.float32).eval()
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -192,9 +192,9 @@ def test_fast_generation_matches_stock_generate(char_llm, batch_size):
     raw = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     expected = [first_profile_line(a).strip() for a in raw]
 
-    model, _ = common.load_llm(char_llm, device="cpu", dtype=torch.float32)
+    model, _ = llm.load_llm(char_llm, device="cpu", dtype=torch.float32)
     got = {}
-    for idx, answers in common.generate_batches(model, tok, texts, CHAR_MAX_NEW, batch_size, progress=False):
+    for idx, answers in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, batch_size, progress=False):
         got.update(zip(idx, answers))
     assert [got[k] for k in range(len(texts))] == expected
     # every way of ending occurred: a profile line with more after it, an early <|eot_id|>, max_new_tokens
@@ -205,14 +205,14 @@ def test_fast_generation_matches_stock_generate(char_llm, batch_size):
 
 
 def test_answer_end(char_llm):
-    tok = common.load_tokenizer(char_llm)
-    stops = common.stop_token_ids(tok)
+    tok = llm.load_tokenizer(char_llm)
+    stops = llm.stop_token_ids(tok)
     ids = (lambda text: tok(text, add_special_tokens=False)["input_ids"])
     line = ids(CHAR_PROFILE + "\n")
-    assert common.answer_end(tok, ids(CHAR_PROFILE + "\nSimilar 1: xy<|im_end|>"), stops) == (len(line), "profile")
-    assert common.answer_end(tok, ids("No.<|eot_id|>la la"), stops) == (4, "eot")
-    assert common.answer_end(tok, ids(CHAR_PROFILE + "<|im_end|>\n"), stops) == (len(line), "eot")
-    assert common.answer_end(tok, ids("la la"), stops) == (5, None)
+    assert llm.answer_end(tok, ids(CHAR_PROFILE + "\nSimilar 1: xy<|im_end|>"), stops) == (len(line), "profile")
+    assert llm.answer_end(tok, ids("No.<|eot_id|>la la"), stops) == (4, "eot")
+    assert llm.answer_end(tok, ids(CHAR_PROFILE + "<|im_end|>\n"), stops) == (len(line), "eot")
+    assert llm.answer_end(tok, ids("la la"), stops) == (5, None)
 
 
 def test_stop_token_ids_know_other_templates():
@@ -225,8 +225,8 @@ def test_stop_token_ids_know_other_templates():
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab)),
                                   bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
                                   additional_special_tokens=["<|eot_id|>", "<|reserved_4|>"])
-    assert common.stop_token_ids(tok) == [1, 2]
+    assert llm.stop_token_ids(tok) == [1, 2]
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[1, 4]))
-    assert common.stop_token_ids(tok, model) == [1, 2, 4]
+    assert llm.stop_token_ids(tok, model) == [1, 2, 4]
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
-    assert common.stop_token_ids(tok, model) == [1, 2]
+    assert llm.stop_token_ids(tok, model) == [1, 2]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import llm
 from test_generate import CHAR_MAX_NEW, CHAR_PROFILE, build_char_llm, char_prompts
 
 torch.set_num_threads(1)
@@ -43,7 +44,7 @@ def write_stage02(run, teacher="rules"):
     nbrs = common.load_neighbors(run)["user_nbrs"]
     sets = {"eval": [0, 1], "sft": list(range(6, 22)), "reward": list(range(2, 6)) + list(range(22, 34)),
             "ppo": list(range(34, n))}
-    prompt = {u: common.inference_messages(train[u], [train[v] for v in nbrs[u]], items) for u in range(n)}
+    prompt = {u: llm.inference_messages(train[u], [train[v] for v in nbrs[u]], items) for u in range(n)}
     distill = [{"user": u, "prompt": prompt[u], "profile": profile_of(u), "teacher": teacher} for u in range(2, n)
                if u not in UNTAUGHT]
     pairs = []
@@ -56,13 +57,13 @@ def write_stage02(run, teacher="rules"):
     common.write_jsonl(run / "distill.jsonl", distill)
     common.write_jsonl(run / "reward_pairs.jsonl", pairs)
     common.write_json(run / "user_sets.json", sets)
-    common.write_json(run / common.PROMPT_FILE, {"teacher": {"max_items": 5, "max_chars": 48},
-                                                 "inference": common.PROMPT_SIZES})
+    common.write_json(run / llm.PROMPT_FILE, {"teacher": {"max_items": 5, "max_chars": 48},
+                                              "inference": llm.PROMPT_SIZES})
 
     class Args:
         seed = 0
     common.record_stage(run, "02_distill", Args(), [], ["distill.jsonl", "reward_pairs.jsonl", "user_sets.json",
-                                                        common.PROMPT_FILE], time.time())
+                                                        llm.PROMPT_FILE], time.time())
     return run
 
 
@@ -88,13 +89,13 @@ def segments(labels):
 
 def sft_args(run, variant, tiny_llm, *extra):
     args = sft.parse_args(["--run", str(run), "--variant", variant, "--model", tiny_llm, *extra])
-    args.prompt = common.prompt_settings(run)  # as main sets it
+    args.prompt = llm.prompt_settings(run)  # as main sets it
     return args
 
 
 def test_sft_supervised_spans(synthetic_run, tiny_llm):
     run = write_stage02(synthetic_run)
-    tok = common.load_tokenizer(tiny_llm)
+    tok = llm.load_tokenizer(tiny_llm)
     header = ids_of(tok, "<|im_start|>assistant")
     eot = ids_of(tok, "<|im_end|>")
     split = common.load_split(run)
@@ -121,7 +122,7 @@ def test_sft_supervised_spans(synthetic_run, tiny_llm):
             if e["kind"] in ("warm_item", "cold_item"):  # the answer is the merge of the profiles the prompt shows
                 shown = [line.split(" -> ")[-1].split(". ", 1)[-1] for line in
                          e["messages"][1]["content"].split("\n") if "User identity:" in line]
-                assert shown and answers == [common.merge_profiles(shown)]
+                assert shown and answers == [llm.merge_profiles(shown)]
                 continue
             turn1, turn2 = answers
             assert turn2 == ("Yes" if e["label"] else "No")
@@ -224,11 +225,11 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
     # 06 asks sft_gpt_kd with the prompt it was trained on
     split = common.load_split(run)
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
-    trained = sft.build_examples(run, "gpt_kd", common.load_tokenizer(tiny_llm),
+    trained = sft.build_examples(run, "gpt_kd", llm.load_tokenizer(tiny_llm),
                                  sft_args(run, "gpt_kd", tiny_llm))[0]
     asked = prof.kd_user_messages(run, train, common.load_items(run))
     assert all(e["messages"][:-1] == asked(e["user"]) for e in trained if e["kind"] == "user")
-    llm, _ = common.load_profile_model(run, "sft_mask", model=tiny_llm, device="cpu")
+    model, _ = prof.load_profile_model(run, "sft_mask", model=tiny_llm, device="cpu")
 
     # 04: trains, scores every held-out pair, reports per-kind accuracy with a 95% interval, reloads as a classifier
     out = rw.main(base + ["--max-steps", "3", "--batch-size", "4"])
@@ -238,13 +239,13 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
     assert 0.0 <= ev["heldout"]["accuracy"] <= 1.0
     for r in [ev["heldout"]] + list(ev["heldout"]["per_kind"].values()):
         assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["correct"] == round(r["accuracy"] * r["n"])
-    scorer = common.RewardScorer(out)
+    scorer = ppo.RewardScorer(out)
     rows = common.read_jsonl(run / "reward_pairs.jsonl")[:3]
     batched = scorer([r["prompt"] for r in rows], ["", "a b", rows[2]["chosen"]])
     single = [scorer([r["prompt"]], [t])[0] for r, t in zip(rows, ["", "a b", rows[2]["chosen"]])]
     torch.testing.assert_close(batched, torch.stack(single), atol=1e-4, rtol=1e-4)  # left padding is harmless
 
-    # 05: runs, logs, writes an adapter that common.load_profile_model stacks on the SFT model. The tiny model
+    # 05: runs, logs, writes an adapter that prof.load_profile_model stacks on the SFT model. The tiny model
     # never writes a profile line, so --no-profile-stop lets the reward model score its answers here
     args = base + ["--steps", "3", "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "6",
                    "--ckpt-every", "2", "--ppo-epochs", "1", "--no-profile-stop"]
@@ -259,7 +260,7 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
     assert json.loads((out / "base.json").read_text()) == {"sft": "sft_mask"}
     assert (out / "value_head.pt").exists()
     assert {"sft_mask/", "reward/"} <= set(common.read_manifest(run)["stages"]["05_ppo"]["inputs"])  # model dirs
-    model, tok = common.load_profile_model(run, "ppo", model=tiny_llm, device="cpu")
+    model, tok = prof.load_profile_model(run, "ppo", model=tiny_llm, device="cpu")
 
     # resume: interrupt after the step-2 checkpoint, re-run, get the same log as the uninterrupted run
     calls = {"n": 0}
@@ -294,7 +295,7 @@ def test_reward_eval_scores_every_heldout_pair(synthetic_run, tiny_llm):
     run = write_stage02(synthetic_run)
     rows = common.read_jsonl(run / "reward_pairs.jsonl")
     common.write_jsonl(run / "reward_pairs.jsonl", rows + [r for r in rows if r["user"] in (0, 1)] * 4)  # 60 held out
-    tok = common.load_tokenizer(tiny_llm)
+    tok = llm.load_tokenizer(tiny_llm)
     train, held, counts = rw.load_pairs(run, tok, rw.parse_args(["--run", str(run)]))
     assert len(held) == 60 and not counts["subsampled"]
     _, held, counts = rw.load_pairs(run, tok, rw.parse_args(["--run", str(run), "--max-eval-pairs", "12"]))
@@ -401,7 +402,7 @@ def tiny_policy(tiny_llm, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", 
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float32)
-    tok = common.load_tokenizer(tiny_llm)
+    tok = llm.load_tokenizer(tiny_llm)
     model.generation_config.pad_token_id = tok.pad_token_id
     policy = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                               target_modules=list(targets)))
@@ -448,7 +449,7 @@ def test_ppo_rollouts_end_where_06_stops(char_llm):
     profile line, the others get INCOMPLETE_SCORE; the log reports the share that completed one."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    tok = common.load_tokenizer(char_llm)
+    tok = llm.load_tokenizer(char_llm)
     model = AutoModelForCausalLM.from_pretrained(char_llm, dtype=torch.float32)
     policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     asked, seen = [], []

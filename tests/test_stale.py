@@ -1,7 +1,8 @@
 """The manifest's staleness check across stages (SPEC section 2): a re-run upstream stage makes everything built
 from its old outputs stale (checked from the hashes each consumer recorded, transitively, model directories
 included), resumed rows of 02 and 06 are reused only when built from the same prompt and upstream state, and
-every record holds the code (git revision, sha256 of the script and common.py) that 08 compares."""
+every record holds the code (git revision, sha256 of the script and of the repository modules it imports) that 08
+compares."""
 import importlib
 import json
 import time
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import common
+import llm
 from test_eval import toy_run  # noqa: F401 - a fixture
 
 torch.set_num_threads(1)
@@ -45,8 +47,8 @@ def resplit(run, n=6):
     return {int(u) for u in split["test_u"][-n:]}
 
 
-def profile_args(run, llm, source="base_llm", *extra):
-    return ["--run", str(run), "--model", llm, "--source", source, "--device", "cpu", "--max-new-tokens", "6",
+def profile_args(run, model, source="base_llm", *extra):
+    return ["--run", str(run), "--model", model, "--source", source, "--device", "cpu", "--max-new-tokens", "6",
             "--batch-size", "8", *extra]
 
 
@@ -114,6 +116,30 @@ def test_record_has_code_and_works_without_git(tmp_path, monkeypatch):
     assert code["git"] is None and set(code["files"]) == {"08_eval.py", "common.py"}
 
 
+def test_code_includes_the_shared_modules_a_stage_imports(tmp_path):
+    """A stage's recorded code is its script and the repository modules it imports: data.py for 01, llm.py for 02-06
+    (prompts, the profile format). Editing llm.py makes what 02-06 built show as built by changed code in 08, as
+    editing common.py does."""
+    def names(stage):
+        return sorted(p.name for p in common.stage_code(stage))
+    assert names("01_neighbors") == ["01_neighbors.py", "common.py", "data.py"]
+    scripts = {"02_distill": "02_distill.py", "03_sft_mask": "03_sft.py", "04_reward": "04_reward.py",
+               "05_ppo": "05_ppo.py", "06_profile_ppo": "06_profile.py", "06_probe_base_llm": "06_profile.py"}
+    for stage, script in scripts.items():
+        assert names(stage) == sorted([script, "common.py", "llm.py"])
+    assert names("08_eval") == ["08_eval.py", "common.py"]
+    run = tmp_path / "run"
+    common.write_json(run / "a.json", {"v": 1})
+    common.record_stage(run, "02_distill", Args(), [], ["a.json"], time.time())
+    common.write_json(run / "b.json", {"v": 2})
+    common.record_stage(run, "06_profile_ppo", Args(), ["a.json"], ["b.json"], time.time())
+    manifest = common.read_manifest(run)
+    assert manifest["stages"]["06_profile_ppo"]["code"]["files"]["llm.py"] == common.sha256_file(common.REPO / "llm.py")
+    assert EV.code_changes(run, "06_profile_ppo", manifest) == {}
+    manifest["stages"]["02_distill"]["code"]["files"]["llm.py"] = "0" * 64  # llm.py edited since 02 ran
+    assert EV.code_changes(run, "06_profile_ppo", manifest) == {"02_distill": ["llm.py"]}
+
+
 # ----------------------------------------------------------------------------- a re-run 01 through the stages
 
 def test_new_split_makes_every_later_stage_refuse(synthetic_run, tiny_llm):
@@ -153,8 +179,8 @@ def test_retrained_ppo_makes_profiles_and_models_stale(synthetic_run, tiny_llm, 
             common.write_text(run / name / f, json.dumps({"sft": "sft_mask"}) if f == "base.json" else "weights 1")
         inputs = ["data/split.npz"] + (["sft_mask/adapter_model.safetensors"] if name == "ppo" else [])
         common.record_stage(run, stage, Args(), inputs, [f"{name}/{f}" for f in files], time.time())
-    monkeypatch.setattr(common, "load_profile_model", lambda run, source, model, device=None:
-                        common.load_llm(tiny_llm, device="cpu"))
+    monkeypatch.setattr(P, "load_profile_model", lambda run, source, model, device=None:
+                        llm.load_llm(tiny_llm, device="cpu"))
     P.main(profile_args(run, tiny_llm, "ppo", "--limit", "3"))
     argv = ["--run", str(run), "--variant", "augment", "--source", "ppo", *CF_FAST]
     CF.main(argv)
@@ -260,7 +286,7 @@ def test_eval_names_results_of_changed_code(toy_run):  # noqa: F811 - the fixtur
     md = (toy_run / "results" / "tables.md").read_text()
     assert "⚠ Code: 07_train_cf.py changed since 1 model(s) were built (lightgcn_base_none_s0)" in md
     manifest = json.loads(path.read_text())
-    manifest["stages"]["01_neighbors"]["code"]["files"]["common.py"] = "0" * 64  # e.g. a new prompt format
+    manifest["stages"]["01_neighbors"]["code"]["files"]["common.py"] = "0" * 64  # e.g. a new ranking helper
     path.write_text(json.dumps(manifest))
     EV.main(["--run", str(toy_run), "--ks", "1", "2"])
     md = (toy_run / "results" / "tables.md").read_text()

