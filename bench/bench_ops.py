@@ -1,20 +1,38 @@
-"""Benchmark of the reclm ops against plain torch, as ratios measured in one run.
+"""Benchmark of the reclm ops against plain torch; prints a markdown report.
 
-    python bench/bench_ops.py            # full (minutes on 2 cores)
-    python bench/bench_ops.py --quick    # small version, < 1 min
+    python bench/bench_ops.py            # full: 3 sizes, d=32/64, 1 and 2 threads (minutes)
+    python bench/bench_ops.py --quick    # ml-100k + netflix, 1 thread, no memory runs
     python bench/bench_ops.py --device cuda
 
-spmm: forward+backward of A @ x with A the LightGCN-normalised bipartite
-adjacency ((U+I) x (U+I)), ours vs torch.sparse.mm on a sparse_csr_tensor of
-the same CSR. top-K: k=40 over all items with the training items excluded,
-ours vs a blocked torch reference (matmul a block of users, -inf via
-index_put_, torch.topk) whose block is sized to a 256 MB score buffer.
+Everything printed is markdown, ready to paste into bench/RESULTS.md: a header
+(machine, torch, command, load average before and after), then one table.
 
-Peak extra memory (CPU): each measurement runs in a fresh subprocess that
-builds its inputs, calls malloc_trim, records VmRSS, resets the kernel's
-peak-RSS counter (/proc/self/clear_refs = 5), runs the op once and reads
-VmHWM; extra = VmHWM - VmRSS before. It counts everything the op touches
-(outputs included); it is what the OS saw, not an allocator estimate.
+Rows. spmm fwd: ``spmm(A, x)`` vs ``torch.sparse.mm`` on a ``sparse_csr_tensor``
+of the same CSR, with A the LightGCN-normalised bipartite adjacency
+((U+I) x (U+I)) of a synthetic power-law graph. spmm fwd+bwd: the same plus
+``.backward(gy)`` w.r.t. x. top-K: k=40 over all items with the training
+items excluded, d=64, ours vs a blocked torch reference (matmul a block of
+users, -inf via index_put_, torch.topk; the block is sized to a 256 MB score
+buffer). For top-K the table also gives the GEMM floor: the same
+kUserBlock x kItemTile (64 x 2048) GEMMs ours runs, into one cache-resident
+tile, with no selection (CPU: measured on one thread and divided by the thread
+count, i.e. ideal scaling; CUDA: the reference's blocked GEMMs without
+masking/top-k).
+
+Trust on a shared machine. Each (ours, reference) pair is timed interleaved,
+``--reps`` times (the order alternates), after a warm-up; the table gives the
+median and the spread (min-max) of each, and the speedup is the ratio of the
+medians. For every timed call the bench also records the CPU time the process
+got; a row where the median call got less than 90% of the CPU it asked for
+(threads x wall time) is marked *contended*: other processes were running on its cores,
+and its numbers (thread scaling above all) are not to be trusted. The header
+gives the 1-minute load average before and after the run.
+
+Peak extra memory (CPU, not with --quick): each measurement runs in a fresh
+subprocess that builds its inputs, calls malloc_trim, records VmRSS, resets
+the kernel's peak-RSS counter (/proc/self/clear_refs = 5), runs the op once
+and reads VmHWM; extra = VmHWM - VmRSS before. It counts everything the op
+touches (outputs included); it is what the OS saw, not an allocator estimate.
 """
 from __future__ import annotations
 
@@ -22,6 +40,8 @@ import argparse
 import ctypes
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -64,17 +84,53 @@ def lightgcn_adj(u, i, U, I):
     return csr_from_coo(r, c, v, U + I, U + I)
 
 
-def timeit(fn, reps, sync):
-    fn()
+def time_pair(fns, reps, sync, threads):
+    """Time the callables in ``fns`` interleaved (order alternating per rep)
+    after one warm-up each. Returns per callable (sorted wall times, median CPU
+    share), CPU share = process CPU time / (wall time x threads)."""
+    for f in fns:
+        f()
     sync()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2]
+    walls = [[] for _ in fns]
+    share = [[] for _ in fns]
+    for r in range(reps):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            c, t = time.process_time(), time.perf_counter()
+            fns[i]()
+            sync()
+            w, cpu = time.perf_counter() - t, time.process_time() - c
+            walls[i].append(w)
+            # CPU time is meaningful only for CPU work
+            share[i].append(cpu / (w * threads) if sync is _nosync else 1.0)
+    return [(sorted(w), statistics.median(s)) for w, s in zip(walls, share)]
+
+
+def _nosync():
+    pass
+
+
+def fmt(ts):
+    """median (min-max) in ms"""
+    med = statistics.median(ts)
+    return f"{med * 1e3:.2f} ({ts[0] * 1e3:.2f}-{ts[-1] * 1e3:.2f})"
+
+
+def gemm_floor(ue, ie, sync):
+    """The GEMMs of our CPU top-K (64-user x 2048-item tiles) into one
+    cache-resident tile, no selection."""
+    if ue.is_cuda:
+        B = max(1, REF_BUDGET // (ie.shape[0] * ue.element_size()))
+        return lambda: [ue[u0:u0 + B] @ ie.T for u0 in range(0, ue.shape[0], B)]
+    buf = torch.empty(64, 2048, dtype=ue.dtype)
+
+    def run():
+        for u0 in range(0, ue.shape[0], 64):
+            ub = ue[u0:u0 + 64]
+            for t0 in range(0, ie.shape[0], 2048):
+                it = ie[t0:t0 + 2048]
+                torch.mm(ub, it.T, out=buf[:ub.shape[0], :it.shape[0]])
+    return run
 
 
 def ref_topk(ue, ie, k, erp, ecol):
@@ -135,60 +191,106 @@ def peak_mem(which, size, n_users, threads):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def cpu_name():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except Exception:  # noqa: BLE001 - informational only
+        name = platform.processor() or "unknown CPU"
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", default=None, help="comma list (CPU); default 1,2 (--quick: 1)")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--sizes", default=None, help="comma list of " + ",".join(SIZES))
     ap.add_argument("--topk-users", type=int, default=4096,
                     help="users scored per top-K timing (sampled; all items always)")
     ap.add_argument("--mem-users", type=int, default=0,
                     help="users for the peak-memory runs at industrial size (0: all)")
+    ap.add_argument("--no-mem", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--_mem", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._mem:
         w, s, n, t = a._mem
         return mem_child(w, s, int(n), int(t))
+    import warnings
+    warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
     load_extension()
     dev = torch.device(a.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sizes = ["ml-100k", "netflix"] if a.quick else list(SIZES)
-    reps = 2 if a.quick else a.reps
-    threads = [int(t) for t in a.threads.split(",")] if dev.type == "cpu" else [torch.get_num_threads()]
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else _nosync
+    sizes = a.sizes.split(",") if a.sizes else (["ml-100k", "netflix"] if a.quick else list(SIZES))
+    reps = 3 if a.quick and a.reps == 7 else a.reps
+    if cuda:
+        threads = [torch.get_num_threads()]
+    else:
+        threads = [int(t) for t in (a.threads or ("1" if a.quick else "1,2")).split(",")]
     n_topk = 1024 if a.quick else a.topk_users
-    print(f"device={dev} torch={torch.__version__} reps={reps} (median)")
-    print(f"{'op':<8}{'size':<12}{'d/k':>5}{'thr':>4}{'ours ms':>10}{'torch ms':>10}{'speedup':>9}")
+    load0 = os.getloadavg()
+    dev_name = torch.cuda.get_device_name(dev) if cuda else cpu_name()
+    print(f"Machine: {dev_name}; torch {torch.__version__}; device {dev}. "
+          f"Command: `{' '.join(['python bench/bench_ops.py'] + sys.argv[1:])}`; {reps} interleaved reps "
+          f"after a warm-up, median (min-max) in ms.\n")
+    rows = []
+    print("References: spmm `torch.sparse.mm` on a CSR tensor (MKL on CPU, cuSPARSE on CUDA); "
+          "top-K the blocked torch top-k (see bench/bench_ops.py).\n")
+    head = ("| op | size | d / k | threads | ours ms | reference ms | speedup | note |\n"
+            "|---|---|---|---|---|---|---|---|")
+    print(head, flush=True)
+
+    def row(op, size, dk, t, o, r, note=""):
+        (to, so), (tr, sr) = o, r
+        cont = min(so, sr) < 0.9
+        note = "; ".join(x for x in (note, f"contended (CPU share {min(so, sr):.0%})" if cont else "") if x)
+        line = (f"| {op} | {size} | {dk} | {t} | {fmt(to)} | {fmt(tr)} | "
+                f"{statistics.median(tr) / statistics.median(to):.2f}x | {note} |")
+        rows.append(line)
+        print(line, flush=True)
+
     for size in sizes:
         U, I, E = SIZES[size]
         u, i = powerlaw_edges(U, I, E)
         A = lightgcn_adj(u, i, U, I).to(dev)
         At = torch.sparse_csr_tensor(A.rowptr, A.col, A.val, (U + I, U + I))
+        desc = f"{size} ({U + I} nodes, {A.col.numel()} nnz)"
         for t in threads:
             torch.set_num_threads(t)
             for d in (32, 64):
-                x = torch.randn(U + I, d, device=dev, requires_grad=True)
+                x = torch.randn(U + I, d, device=dev)
+                o, r = time_pair([lambda: spmm(A, x), lambda: torch.sparse.mm(At, x)], reps, sync, t)
+                row("spmm fwd", desc, d, t, o, r)
+                xg = x.clone().requires_grad_()
                 gy = torch.randn(U + I, d, device=dev)
-                ours = timeit(lambda: spmm(A, x).backward(gy), reps, sync)
-                ref = timeit(lambda: torch.sparse.mm(At, x).backward(gy), reps, sync)
-                print(f"{'spmm':<8}{size:<12}{d:>5}{t:>4}{ours*1e3:>10.1f}{ref*1e3:>10.1f}"
-                      f"{ref/ours:>8.2f}x", flush=True)
+                o, r = time_pair([lambda: spmm(A, xg).backward(gy),
+                                  lambda: torch.sparse.mm(At, xg).backward(gy)], reps, sync, t)
+                row("spmm fwd+bwd", desc, d, t, o, r)
         ue, ie, erp, ecol = topk_inputs(size, min(U, n_topk), dev)
+        torch.set_num_threads(1)
+        (fl, _), = time_pair([gemm_floor(ue, ie, sync)], reps, sync, 1)
         for t in threads:
             torch.set_num_threads(t)
-            ours = timeit(lambda: topk_scores(ue, ie, 40, erp, ecol), reps, sync)
-            ref = timeit(lambda: ref_topk(ue, ie, 40, erp, ecol), reps, sync)
-            print(f"{'top-K':<8}{size:<12}{40:>5}{t:>4}{ours*1e3:>10.1f}{ref*1e3:>10.1f}"
-                  f"{ref/ours:>8.2f}x   ({ue.shape[0]} users x {I} items)", flush=True)
-    if dev.type == "cpu":
-        size = "netflix" if a.quick else "industrial"
+            o, r = time_pair([lambda: topk_scores(ue, ie, 40, erp, ecol),
+                              lambda: ref_topk(ue, ie, 40, erp, ecol)], reps, sync, t)
+            floor = statistics.median(fl) / (1 if cuda else t)
+            row("top-K", f"{size} ({ue.shape[0]} users x {I} items)", 40, t, o, r,
+                f"GEMM floor {floor * 1e3:.2f} ms, ours/floor {statistics.median(o[0]) / floor:.2f}")
+    load1 = os.getloadavg()
+    print(f"\nLoad average (1 min) before {load0[0]:.2f}, after {load1[0]:.2f} "
+          f"({os.cpu_count()} CPUs).")
+    if not cuda and not a.quick and not a.no_mem:
+        size = "industrial"
         n = a.mem_users or SIZES[size][0]
         t = max(threads)
-        print(f"peak extra RSS, top-K at {size} ({n} users, {t} threads, k=40):")
+        print(f"\nPeak extra RSS, top-K at {size} ({n} users, {t} threads, k=40):\n")
+        print("| | peak extra RSS | of which outputs | wall time |\n|---|---|---|---|")
         for w in ("ours", "torch"):
             m = peak_mem(w, size, n, t)
-            print(f"  {w:<6} {m['extra_mb']:8.1f} MB  (outputs {m['out_mb']:.1f} MB, "
-                  f"{m['seconds']:.1f} s)", flush=True)
+            print(f"| {w} | {m['extra_mb']:.1f} MB | {m['out_mb']:.1f} MB | {m['seconds']:.1f} s |",
+                  flush=True)
 
 
 if __name__ == "__main__":

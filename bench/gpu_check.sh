@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
-# One-shot GPU check for the reclm ops (the CUDA sources were only compiled,
-# never run, in the session that wrote them). Run from the repo root on a
-# machine with a CUDA GPU and a CUDA build of torch:  bash bench/gpu_check.sh
-# Builds into a fresh cache, runs the CUDA tests, then the benchmark on GPU
-# (spmm vs torch.sparse.mm / cuSPARSE, top-K vs the blocked torch reference).
-set -euo pipefail
+# One-shot GPU check for the reclm ops, sized for the first lent GPU: one call,
+# under ten minutes in all (each stage has its own timeout). Run from the repo
+# root on a machine with a CUDA GPU and a CUDA build of torch:
+#     bash bench/gpu_check.sh
+# 1. builds the extension (CPU + CUDA sources) into a fresh cache, for this
+#    GPU's architecture only;
+# 2. runs tests/test_ops.py (the CUDA tests included: spmm vs dense, gradients,
+#    checks, opcheck; top-K vs the reference with ties, subsets, exclusions);
+# 3. runs the GPU bench: spmm vs torch.sparse.mm (cuSPARSE), top-K vs the
+#    blocked torch top-K on GPU, printed as a markdown table.
+# Exit status: non-zero if the build or a test failed (the bench still runs
+# after failed tests, so one call gives both).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 export RECLM_CACHE=${RECLM_CACHE:-/tmp/reclm_gpu_cache}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 export MAX_JOBS=${MAX_JOBS:-8}
-$PY -c 'import torch; assert torch.cuda.is_available(), "no GPU"; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-# Build once (prints compiler errors if any), then the tests (CUDA ones included).
-RECLM_VERBOSE=1 $PY -c 'from csrc.ops import load_extension; load_extension()' 2>&1 | tail -5
-$PY -m pytest tests/test_ops.py -q -x 2>&1 | tail -15
-timeout 420 $PY bench/bench_ops.py --device cuda --reps 5 --topk-users 16384 2>&1 | grep -v Warning
+start=$(date +%s)
+$PY -c 'import torch; assert torch.cuda.is_available(), "no GPU"; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())' || exit 1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+echo "== build (arch $TORCH_CUDA_ARCH_LIST)"
+if ! RECLM_VERBOSE=1 timeout 240 $PY -c 'from csrc.ops import load_extension; load_extension()' > /tmp/reclm_gpu_build.log 2>&1; then
+  tail -40 /tmp/reclm_gpu_build.log; echo "BUILD FAILED"; exit 1
+fi
+grep -iE "warning|error" /tmp/reclm_gpu_build.log | head -20
+echo "== tests ($(( $(date +%s) - start )) s so far)"
+timeout 150 $PY -m pytest tests/test_ops.py -q -rs 2>&1 | tail -25
+test_rc=${PIPESTATUS[0]}
+echo "== bench ($(( $(date +%s) - start )) s so far)"
+timeout 180 $PY bench/bench_ops.py --device cuda --reps 7 --topk-users 16384 2>&1 | grep -v Warning
+echo "== done in $(( $(date +%s) - start )) s; tests exit status $test_rc"
+exit $test_rc

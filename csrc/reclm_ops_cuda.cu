@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <functional>
 #include <limits>
 
 namespace reclm {
@@ -17,6 +18,9 @@ void check_spmm_args(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
 void check_topk_args(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
                      const c10::optional<Tensor>&);
 void check_item_subset(const Tensor&, int64_t);
+void validate_once(int kind, const Tensor& a, const Tensor& b, int64_t n,
+                   const std::function<void()>& check);
+constexpr int kMemoExclusions = 1, kMemoSubset = 2, kMemoSpmm = 3;  // as in reclm_ops.cpp
 
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -38,6 +42,8 @@ __global__ void check_csr_kernel(const int64_t* rp, int64_t n, const int64_t* co
 }
 
 // Costs one device->host sync; it keeps a bad index from reaching a kernel.
+// Callers go through validate_once, so a graph is checked (and synced) once,
+// not on every call.
 static void check_csr_cuda(const Tensor& rp, const Tensor& col, int64_t n_cols, const char* op,
                            const char* rp_name, const char* col_name) {
   const int64_t n = rp.numel() - 1;
@@ -92,7 +98,9 @@ Tensor spmm_cuda(const Tensor& rowptr_, const Tensor& col_, const Tensor& val_,
   const c10::cuda::CUDAGuard guard(x_.device());
   const Tensor rowptr = rowptr_.contiguous(), col = col_.contiguous(),
                val = val_.contiguous(), x = x_.contiguous();
-  check_csr_cuda(rowptr, col, x.size(0), "reclm::spmm", "rowptr", "col");
+  validate_once(kMemoSpmm, rowptr, col, x.size(0), [&] {
+    check_csr_cuda(rowptr, col, x.size(0), "reclm::spmm", "rowptr", "col");
+  });
   const int64_t n = rowptr.numel() - 1, d = x.size(1);
   Tensor y = at::empty({n, d}, x.options());
   if (n == 0 || d == 0) return y;
@@ -143,6 +151,40 @@ __device__ void merge_topk(scalar_t* bs, int64_t* bi, int cap, int count) {
   }
 }
 
+// Scores of the warp's 32 items (lane l: item slot wbase + l) with coalesced
+// reads: for each 32-wide slice of the dims, lane l reads dim c + l of all 32
+// items (one 128-byte row segment per load), keeping 32 partial sums; a
+// reduce-scatter over the lanes (16 + 8 + 4 + 2 + 1 shuffles) then leaves in
+// lane l the full dot product of item l. All lanes must call it (no early exit).
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t warp_scores(const scalar_t* __restrict__ ie, int64_t D,
+                                                const scalar_t* su, int64_t item, int64_t wbase,
+                                                int64_t n_cand, int lane) {
+  scalar_t v[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) v[i] = 0;
+  for (int64_t c = 0; c < D; c += 32) {
+    const int64_t dim = c + lane;
+    const scalar_t w = dim < D ? su[dim] : scalar_t(0);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const long long it = __shfl_sync(kFull, (long long)item, i);
+      if (dim < D && wbase + i < n_cand) v[i] += w * __ldg(ie + it * D + dim);
+    }
+  }
+#pragma unroll
+  for (int sh = 16; sh >= 1; sh >>= 1) {
+    const bool upper = lane & sh;  // upper lanes keep items [sh, 2sh), lower [0, sh)
+#pragma unroll
+    for (int i = 0; i < sh; ++i) {
+      const scalar_t send = upper ? v[i] : v[i + sh];
+      const scalar_t keep = upper ? v[i + sh] : v[i];
+      v[i] = keep + __shfl_xor_sync(kFull, send, sh);
+    }
+  }
+  return v[0];
+}
+
 template <typename scalar_t>
 __global__ void topk_kernel(const scalar_t* __restrict__ ue, const scalar_t* __restrict__ ie,
                             int64_t D, int64_t n_cand, const int64_t* __restrict__ subset,
@@ -160,13 +202,13 @@ __global__ void topk_kernel(const scalar_t* __restrict__ ue, const scalar_t* __r
   if (threadIdx.x == 0) { count = 0; full = false; thr = 0; }
   __syncthreads();
   const int64_t e0 = ex_rp[u], e1 = ex_rp[u + 1];
+  const int lane = threadIdx.x & 31;
   for (int64_t base = 0; base < n_cand; base += blockDim.x) {
     const int64_t j = base + threadIdx.x;
+    const int64_t wbase = j - lane;  // this warp's first item slot
+    const int64_t item = j < n_cand ? (subset ? subset[j] : j) : 0;
+    const scalar_t s = warp_scores(ie, D, su, item, wbase, n_cand, lane);
     if (j < n_cand) {
-      const int64_t item = subset ? subset[j] : j;
-      const scalar_t* row = ie + item * D;
-      scalar_t s = 0;
-      for (int64_t t = 0; t < D; ++t) s += su[t] * row[t];
       // NaN never kept; an equal score loses to the earlier (lower id) item.
       bool keep = (s == s) && (!full || s > thr);
       if (keep) {
@@ -211,10 +253,14 @@ std::tuple<Tensor, Tensor> topk_scores_cuda(const Tensor& user_emb, const Tensor
   const c10::cuda::CUDAGuard guard(user_emb.device());
   const Tensor ue = user_emb.contiguous(), ie = item_emb.contiguous();
   const Tensor erp = exclude_rowptr.contiguous(), ecol = exclude_col.contiguous();
-  check_csr_cuda(erp, ecol, ie.size(0), "reclm::topk_scores", "exclude_rowptr", "exclude_col");
+  validate_once(kMemoExclusions, erp, ecol, ie.size(0), [&] {
+    check_csr_cuda(erp, ecol, ie.size(0), "reclm::topk_scores", "exclude_rowptr", "exclude_col");
+  });
   const bool has_subset = item_subset.has_value();
   const Tensor subset = has_subset ? item_subset->contiguous() : Tensor();
-  if (has_subset) check_item_subset(subset, ie.size(0));
+  if (has_subset)
+    validate_once(kMemoSubset, subset, Tensor(), ie.size(0),
+                  [&] { check_item_subset(subset, ie.size(0)); });
   const int64_t U = ue.size(0), D = ue.size(1);
   Tensor out_s = at::empty({U, k}, ue.options());
   Tensor out_i = at::empty({U, k}, ue.options().dtype(at::kLong));

@@ -74,6 +74,87 @@ def test_spmm_empty_rows_and_duplicates():
     assert spmm(A, x)[1].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [16, 32, 64, 128, 24, 7, 0])
+def test_spmm_compiled_and_fallback_widths(dtype, d):
+    # 16/32/64/128 have register-accumulator kernels, other widths the generic
+    # one; 2500 columns make x larger than 1 MB at d >= 128 (float) / 64
+    # (double), which turns on the prefetching variant.
+    g = gen(20 + d)
+    A = make_csr(300, 2500, 20000, dtype, g, empty_rows=(0, 1, 150, 299))
+    x = torch.randn(2500, d, generator=g, dtype=dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    torch.testing.assert_close(spmm(A, x), A.to_dense() @ x, **tol)
+    # The transpose direction (the backward's kernel): hub columns make long
+    # sums, so float32 is compared relative to the largest entry.
+    ref = A.to_dense().T @ (A.to_dense() @ x)
+    got = spmm(A.t(), spmm(A, x))
+    if dtype == torch.float32 and d:
+        tol = dict(rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    torch.testing.assert_close(got, ref, **tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_spmm_chunk_boundaries(threads):
+    # Rows are split into nnz-balanced chunks (8 per thread): one hub row with
+    # most of the nnz, long runs of empty rows, and fewer rows than chunks.
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = gen(30)
+        hub = torch.zeros(3000, dtype=torch.long)
+        r = torch.cat([hub, torch.randint(0, 40, (200,), generator=g) * 5 + 7])
+        c = torch.randint(0, 500, (r.numel(),), generator=g)
+        for n_rows in (3, 250):
+            rr = r % n_rows
+            A = csr_from_coo(rr, c, torch.randn(r.numel(), generator=g, dtype=torch.float64),
+                             n_rows, 500)
+            for d in (32, 5):
+                x = torch.randn(500, d, generator=g, dtype=torch.float64)
+                torch.testing.assert_close(spmm(A, x), A.to_dense() @ x)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_spmm_fused_validation_zero_width():
+    # The CSR check is fused with the kernel; it must still run when d == 0.
+    with pytest.raises(RuntimeError, match="col has indices outside"):
+        torch.ops.reclm.spmm(*_spmm_args(col=torch.tensor([1, 0, 3]), x=torch.ones(3, 0)))
+    with pytest.raises(RuntimeError, match="rowptr must be non-decreasing"):
+        torch.ops.reclm.spmm(*_spmm_args(rowptr=torch.tensor([0, 4, 3])))
+
+
+_ISA_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/tests")
+import test_ops as T
+torch.set_num_threads(1)
+for dtype in (torch.float32, torch.float64):
+    for d in (16, 32, 64, 128, 24, 3):
+        T.test_spmm_compiled_and_fallback_widths(dtype, d)
+    for U, I, D, k in [(37, 300, 16, 10), (130, 2500, 32, 40)]:
+        T.test_topk_exclusions(dtype, U, I, D, k)
+T.test_topk_ties_integer_embeddings()
+T.test_topk_all_ties_and_signed_zero()
+T.test_topk_large_k_and_nan_rows(torch.float32)
+T.test_topk_large_k_and_nan_rows(torch.float64)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_cpu_isa_fallbacks(isa):
+    # The CPU kernels are compiled for AVX-512, AVX2 and the baseline ISA and
+    # picked at run time; RECLM_ISA caps the choice (read once per process).
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, RECLM_ISA=isa, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, root], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 def test_spmm_gradcheck():
     g = gen(1)
     A = make_csr(12, 9, 40, torch.float64, g)
@@ -192,6 +273,54 @@ def test_topk_ties_integer_embeddings():
     check_topk(topk_scores(ue, ie, 25, erp, ecol), ref_topk(ue, ie, 25, erp, ecol), True)
     ie[5] = float("nan")  # NaN scores are skipped
     check_topk(topk_scores(ue, ie, 25), ref_topk(ue, ie, 25), True)
+
+
+def test_topk_all_ties_and_signed_zero():
+    # Every score equal (0.0 or -0.0, which compare equal): the k lowest
+    # non-excluded ids, over rows long enough for the per-row lower bound and
+    # buffer overflows while ties are being kept.
+    g = gen(12)
+    U, I, k = 20, 5000, 40
+    ue = torch.zeros(U, 8)
+    ue[::2, 0] = -1.0  # even users: products -1 * 0 = -0.0
+    ie = torch.zeros(I, 8)
+    erp, ecol = random_exclusions(U, I, 30, g)
+    got = topk_scores(ue, ie, k, erp, ecol)
+    check_topk(got, ref_topk(ue, ie, k, erp, ecol), True)
+    # Two score levels: ties at the k-th best straddle tiles.
+    ie[:, 1] = (torch.arange(I) % 7 == 3).float()
+    ue[:, 1] = 1.0
+    check_topk(topk_scores(ue, ie, k, erp, ecol), ref_topk(ue, ie, k, erp, ecol), True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_large_k_and_nan_rows(dtype):
+    # k too large for the per-row bound (2k groups > the scratch, or rows too
+    # short) takes the fill path; NaN items and all-NaN users are never kept.
+    g = gen(13)
+    U, I = 12, 2600
+    ue = torch.randint(-3, 4, (U, 6), generator=g).to(dtype)
+    ie = torch.randint(-3, 4, (I, 6), generator=g).to(dtype)
+    ie[::3] = float("nan")
+    ue[5] = float("nan")
+    for k in (1, 300, 700, 2000):
+        check_topk(topk_scores(ue, ie, k), ref_topk(ue, ie, k), True)
+
+
+def test_topk_validation_memo_sees_inplace_changes():
+    # Passed checks are remembered per tensor; an in-place change re-checks.
+    g = gen(14)
+    ue, ie = torch.randn(6, 4, generator=g), torch.randn(50, 4, generator=g)
+    erp, ecol = random_exclusions(6, 50, 4, g)
+    sub = torch.arange(0, 50, 2)
+    for _ in range(2):
+        check_topk(topk_scores(ue, ie, 3, erp, ecol, sub), ref_topk(ue, ie, 3, erp, ecol, sub), True)
+    ecol[0] = 99
+    with pytest.raises(RuntimeError, match="exclude_col has indices outside"):
+        topk_scores(ue, ie, 3, erp, ecol)
+    sub[1] = 0
+    with pytest.raises(RuntimeError, match="item_subset must be sorted and unique"):
+        topk_scores(ue, ie, 3, item_subset=sub)
 
 
 def test_topk_subset_and_fill():
