@@ -54,7 +54,8 @@ def parse_args(argv):
                    help="data-scarce setting: each user keeps at most N training rows (0: all)")
     p.add_argument("--scarce-keep", default=SCARCE_KEEP, choices=["random", "earliest"],
                    help="which training rows the cap keeps (random: seeded by --seed)")
-    p.add_argument("--encoder", default="default", help="text encoder: local path or hub id")
+    p.add_argument("--encoder", default="default",
+                   help="text encoder: local path or hub id (default: the shipped MiniLM)")
     p.add_argument("--k", type=int, default=K_NEIGHBORS, help="neighbours per user and per item")
     p.add_argument("--dim", type=int, default=DIM, help="LightGCN embedding size")
     p.add_argument("--layers", type=int, default=LAYERS, help="LightGCN propagation layers")

@@ -45,11 +45,25 @@ import llm
 log = logging.getLogger("reclm.02")
 
 # ----------------------------------------------------------------------------- defaults
-# The offline default teacher is rules: it beat the local SmolLM2 teacher on the probe (distill_probe.json), which
-# compares teachers on validation items only (it never reads test items).
+# The paper's teacher is an API model (--teacher api); the offline default is rules: it beat the local SmolLM2
+# teacher on the probe (distill_probe.json), which compares teachers on validation items only (never test items).
 TEACHERS = ("rules", "local", "api")
+TEACHER = "rules"              # the offline default (above)
 DEFAULT_N_USERS = {"rules": None, "local": 200, "api": 500}   # None = every user with training items
-FRACTIONS = {"sft": 0.5, "reward": 0.2, "ppo": 0.15, "eval": 0.15}
+MIN_ITEMS = 1                  # sample users with at least this many training items
+FRACTIONS = {"sft": 0.5, "reward": 0.2, "ppo": 0.15, "eval": 0.15}  # disjoint user sets of 03, 04, 05, held out
+PAIRS_FOR = "reward,eval"      # the user sets that get reward pairs: 04 trains on one and scores the other
+ON_FAIL = "rules"              # a user still malformed after RETRIES gets the rules profile, so every user has one
+BATCH_SIZE = 16                # local teacher: prompts per generation batch
+MAX_NEW_TOKENS = 48            # local teacher: a 3+3 profile is ~25-30 SmolLM2 tokens
+TEMPERATURE = 0.8              # local and api teachers: retries sample, so a malformed answer is not repeated
+THREADS = 1                    # one torch thread per process: OpenMP threads spin on shared cores (see 06)
+API_BASE = "https://api.openai.com/v1"  # any OpenAI-compatible endpoint
+API_KEY_ENV = "OPENAI_API_KEY" # the *name* of the variable holding the key (never the key)
+API_TIMEOUT = 60.0             # seconds per request
+API_MAX_TRIES = 6              # tries per request (backoff doubling from API_BACKOFF seconds)
+API_BACKOFF = 1.0
+CONCURRENCY = 8                # parallel API requests
 # The teacher is shown what the student's prompts show (the inference prompt's target list, which the SFT prompts
 # of 03 also show): a profile is then a function of its prompt's input. The reward queries must show at least this.
 MAX_ITEMS = llm.PROMPT_SIZES["max_items"]  # newest training items
@@ -750,42 +764,41 @@ def teacher_probe(run, split, profiles, users, item_text, encoder, device):
 
 def build_parser():
     p = common.stage_parser(__doc__)
-    p.add_argument("--teacher", default="rules", choices=TEACHERS, help="default: %(default)s")
+    p.add_argument("--teacher", default=TEACHER, choices=TEACHERS, help="who writes the profiles (see above)")
     p.add_argument("--n-users", type=int, default=None,
                    help="users to distil (default: all for rules, %d for local, %d for api)"
                         % (DEFAULT_N_USERS["local"], DEFAULT_N_USERS["api"]))
-    p.add_argument("--min-items", type=int, default=1, help="sample only users with this many training items")
-    p.add_argument("--retries", type=int, default=RETRIES, help="re-asks for malformed answers (default: %(default)s)")
-    p.add_argument("--on-fail", default="rules", choices=["rules", "skip"],
-                   help="users still malformed after the retries: rules profile or no row (default: %(default)s)")
+    p.add_argument("--min-items", type=int, default=MIN_ITEMS, help="sample only users with this many training items")
+    p.add_argument("--retries", type=int, default=RETRIES, help="re-asks for malformed answers")
+    p.add_argument("--on-fail", default=ON_FAIL, choices=["rules", "skip"],
+                   help="users still malformed after the retries: rules profile or no row")
     p.add_argument("--max-items", type=int, default=MAX_ITEMS,
                    help="newest items shown to the teacher, whose profile depends on these only; the reward queries "
                         "(--pair-max-items) must show at least as many (default: %(default)s, the inference prompt's)")
-    p.add_argument("--max-chars", type=int, default=MAX_CHARS,
-                   help="item text cut, as the prompts cut it (default: %(default)s)")
-    p.add_argument("--teacher-model", default=llm.DEFAULT_LLM, help="local teacher (default: SmolLM2-135M)")
-    p.add_argument("--model", default=None, help="alias of --teacher-model")
+    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help="item text cut, as the prompts cut it")
+    p.add_argument("--teacher-model", default=llm.DEFAULT_LLM,
+                   help="local teacher: local path or hub id (default: the shipped SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default: %(default)s; 0 = torch's choice; one thread per process avoids OpenMP oversubscription on shared cores)")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads; 0 = torch's choice")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="local teacher dtype (default auto, as in 06: bf16 where the hardware has it)")
-    p.add_argument("--batch-size", type=int, default=16, help="local teacher batch (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="default: %(default)s")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of retries (default: %(default)s)")
-    p.add_argument("--api-base", default="https://api.openai.com/v1", help="default: %(default)s")
+                   help="local teacher dtype; auto, as in 06: bf16 where the hardware has it")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="local teacher: prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="local teacher: tokens per profile")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE,
+                   help="sampling temperature of the retries (the first answer is greedy)")
+    p.add_argument("--api-base", default=API_BASE, help="OpenAI-compatible endpoint")
     p.add_argument("--api-model", default=None, help="e.g. gpt-4o-mini")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the key (default: %(default)s)")
-    p.add_argument("--api-timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
-    p.add_argument("--api-max-tries", type=int, default=6, help="tries per request (default: %(default)s)")
-    p.add_argument("--api-backoff", type=float, default=1.0, help="first backoff in seconds, doubled each try")
-    p.add_argument("--concurrency", type=int, default=8, help="parallel api requests (default: %(default)s)")
+    p.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the key")
+    p.add_argument("--api-timeout", type=float, default=API_TIMEOUT, help="seconds per request")
+    p.add_argument("--api-max-tries", type=int, default=API_MAX_TRIES, help="tries per request")
+    p.add_argument("--api-backoff", type=float, default=API_BACKOFF, help="first backoff in seconds, doubled each try")
+    p.add_argument("--concurrency", type=int, default=CONCURRENCY, help="parallel api requests")
     for name, frac in FRACTIONS.items():
-        p.add_argument(f"--frac-{name}", type=float, default=frac, help=f"share of users in the {name} set")
-    p.add_argument("--pairs-for", default="reward,eval", help="user sets that get reward pairs (default: %(default)s)")
+        p.add_argument(f"--{name}-frac", type=float, default=frac, help=f"share of users in the {name} set")
+    p.add_argument("--pairs-for", default=PAIRS_FOR, help="user sets that get reward pairs")
     for name, val in llm.PROMPT_SIZES.items():  # the inference prompt's sizes, as 05 and 06 show it
         p.add_argument("--pair-" + name.replace("_", "-"), type=int, default=val,
-                       help="reward-pair prompts (llm.user_prompt): %s (default: %%(default)s)" % name)
+                       help="reward-pair prompts (llm.user_prompt): " + name)
     p.add_argument("--encoder", default=None, help="text encoder for the probe (default: the shipped MiniLM)")
     p.add_argument("--no-probe", action="store_true", help="skip the profile-quality probe")
     p.add_argument("--restart", action="store_true", help="delete distill.jsonl (not the api cache) first")
@@ -797,8 +810,6 @@ def main(argv=None):
     if args.teacher == "api":
         api_key(args.api_key_env)  # no key (or a key given in place of its variable's name): refuse before any work
     check_pair_sizes(args)
-    if args.model:
-        args.teacher_model = args.model
     run = args.run
     common.setup_logging(run, "02_distill")
     common.seed_everything(args.seed)
@@ -853,7 +864,7 @@ def main(argv=None):
              len(final), stats["written"], stats["malformed_answers"], stats["retries"], stats["failed"], args.on_fail)
 
     profiles = {u: r["profile"] for u, r in final.items()}
-    fractions = {k: getattr(args, f"frac_{k}") for k in FRACTIONS}
+    fractions = {k: getattr(args, f"{k}_frac") for k in FRACTIONS}
     sets = make_user_sets(list(profiles), fractions, args.seed)
     common.write_json(run / "user_sets.json", sets)
     pair_sets = tuple(s for s in args.pairs_for.split(",") if s)

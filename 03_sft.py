@@ -33,28 +33,30 @@ import llm
 log = common.log
 
 # ----------------------------------------------------------------------------- defaults
-DEFAULTS = dict(
-    variant="mask",
-    max_steps=16,          # optimizer steps (0: one full epoch over the examples); CPU-sized, see TIMING
-    epochs=1.0,
-    batch_size=2,
-    grad_accum=1,
-    lr=2e-3,               # high for LoRA: 16 steps must teach SmolLM2-135M the profile format (see TIMING)
-    lora_r=8, lora_alpha=16, lora_dropout=0.05,
-    lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-    max_length=1024,       # tokens per example (prompt + responses); longer examples are left out, never cut
-    n_neighbors=2,         # similar users per dialogue (<= k of neighbors.npz)
-    item_frac=0.5,         # gpt_kd and mask: item-profile examples per user example (06 asks items in this form)
-    kd_gen_batch=8, kd_max_new_tokens=48,
-    init="gpt_kd",         # naive/mask: continue the sft_gpt_kd LoRA (the paper's ablation) | fresh
-)
+# The official RecLM code's SFT (llm/lora/sft_base*.py, Llama-2-7b-chat there; SmolLM2-135M here), bf16 autocast on a
+# GPU. scripts/presets.sh `cpu` overrides the budget for a 2-core CPU (16 steps at lr 2e-3, LoRA on every projection).
+VARIANT = "mask"           # the paper's method: two turns, loss on every response (sec. 2.3.2)
+MAX_STEPS = 0              # 0: train EPOCHS full epochs, as the official code does
+EPOCHS = 3.0               # num_train_epochs=3
+BATCH_SIZE = 1             # per_device_train_batch_size=1
+GRAD_ACCUM = 1             # gradient_accumulation_steps=1
+LR = 5e-5                  # learning_rate=5e-5
+LORA_R = 8                 # LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1)
+LORA_ALPHA = 16
+LORA_DROPOUT = 0.1
+LORA_TARGETS = "q_proj,v_proj"  # the official code names none: peft's default for Llama
+MAX_LENGTH = 2048          # MAX_SEQ_LENGTH=2048 (prompt + responses); longer examples are left out, never cut
+N_NBRS = 2                 # similar users per dialogue (<= k of neighbors.npz); 02's inference prompt shows 2 too
+ITEM_FRAC = 0.5            # gpt_kd and mask: item-profile examples per user example (06 asks items in this form)
+KD_GEN_BATCH = 8           # naive/mask: generation batch of sft_gpt_kd's profiles of untaught neighbours
+KD_MAX_NEW_TOKENS = 48     # a 3+3 profile is ~25-30 SmolLM2 tokens
+INIT = "gpt_kd"            # naive/mask: continue the sft_gpt_kd LoRA (the paper's ablation) | fresh
 KD_ADAPTER = "sft_gpt_kd"
-ITEM_USERS = 5             # warm item examples show 1-5 of the item's most recent users (the SPEC's 5; 06 may show fewer)
+ITEM_USERS = 5             # warm item examples show 1-5 of the item's most recent users (the SPEC's 5, 06's default)
 ITEM_NBRS = 3              # cold item examples show this many text-similar warm items (06's --item-nbrs default)
-# TIMING: the defaults are sized for a CPU (step times: bench/RESULTS.md, "Stage timings"). 16 steps at lr 2e-3 with
-# LoRA on every projection teach SmolLM2-135M the format: 27 of 32 users' profiles from the inference prompt parse
-# after mask, 32 of 32 after 15 gpt_kd steps (5 steps at lr 2e-4 on attention only: 0 of 943). On a GPU raise
-# --max-steps (0 = 1 epoch).
+# The cpu preset's budget teaches SmolLM2-135M the format: 27 of 32 users' profiles from the inference prompt parse
+# after mask, 32 of 32 after 15 gpt_kd steps (5 steps at lr 2e-4 on attention only: 0 of 943); step times:
+# bench/RESULTS.md, "Stage timings".
 
 # ----------------------------------------------------------------------------- prompt templates
 KD_SYSTEM = llm.SYSTEM_PROMPT
@@ -224,6 +226,11 @@ def item_examples(run, tok, args, teacher, n, rng, stats):
     return examples
 
 
+def sft_targets(sets, args):
+    """The users of the "sft" set that get a training example: all, or the first --limit (a smoke run)."""
+    return sets["sft"][:args.limit]
+
+
 def build_examples(run, variant, tok, args, kd_profiles=None):
     """The tokenised training examples of one variant and counts for the log. Each example: {"user" (or "item"),
     "kind", "messages", "input_ids", "labels"; two-turn: "label" (1/0), "item" (v), "reprofiled"}."""
@@ -238,8 +245,8 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
     train = common.user_items(split["train_u"], split["train_i"], n_users)
     valid = common.user_items(split["valid_u"], split["valid_i"], n_users)
     teacher = teacher_profiles(run, sets)
-    targets = [int(u) for u in sets["sft"] if int(u) in teacher and len(train[int(u)])]
-    stats = collections.Counter(targets=len(sets["sft"]), targets_with_profile=len(targets), too_long=0)
+    targets = [int(u) for u in sft_targets(sets, args) if int(u) in teacher and len(train[int(u)])]
+    stats = collections.Counter(targets=len(sft_targets(sets, args)), targets_with_profile=len(targets), too_long=0)
     examples = []
     if variant == "gpt_kd":
         for u in targets:
@@ -279,7 +286,7 @@ def two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher,
     plans = []  # (target, its shown neighbours, positive candidates, negative candidates)
     for u in targets:
         nbrs = []
-        for v in nbr_table[u][:args.n_neighbors]:
+        for v in nbr_table[u][:args.n_nbrs]:
             v = int(v)
             if v < 0 or v == u or not len(train[v]):
                 continue
@@ -356,7 +363,7 @@ def kd_neighbor_profiles(run, args, teacher, sets):
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     nbr_table = common.load_neighbors(run)["user_nbrs"]
     eval_users = {int(u) for u in sets.get("eval", [])}  # held out: never a training target, as a neighbour too
-    need = sorted({int(v) for u in sets["sft"] for v in nbr_table[int(u)][:args.n_neighbors]
+    need = sorted({int(v) for u in sft_targets(sets, args) for v in nbr_table[int(u)][:args.n_nbrs]
                    if int(v) >= 0 and int(v) not in teacher and int(v) not in eval_users and len(train[int(v)])})
     cache = run / "sft_kd_profiles.jsonl"
     rows = [r for r in common.read_jsonl(cache, repair=True) if r.get("adapter_sha") == sha]
@@ -429,30 +436,31 @@ def train_sft(model_path, tok, examples, out_dir, args, init_adapter=None):
 
 def parse_args(argv=None):
     p = common.stage_parser(__doc__)
-    d = DEFAULTS
-    p.add_argument("--variant", choices=["gpt_kd", "naive", "mask"], default=d["variant"],
-                   help="default: %(default)s")
-    p.add_argument("--model", default=llm.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
+    p.add_argument("--variant", choices=["gpt_kd", "naive", "mask"], default=VARIANT, help="what to train (see above)")
+    p.add_argument("--model", default=llm.DEFAULT_LLM, help=llm.MODEL_HELP)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--max-steps", type=int, default=d["max_steps"],
-                   help="optimizer steps; 0 = --epochs full epochs (default: %(default)s)")
-    p.add_argument("--epochs", type=float, default=d["epochs"], help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="default: %(default)s")
-    p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=d["lr"], help="default: %(default)s")
-    p.add_argument("--lora-r", type=int, default=d["lora_r"], help="default: %(default)s")
-    p.add_argument("--lora-alpha", type=int, default=d["lora_alpha"], help="default: %(default)s")
-    p.add_argument("--lora-dropout", type=float, default=d["lora_dropout"], help="default: %(default)s")
-    p.add_argument("--lora-targets", default=d["lora_targets"], help="default: %(default)s")
-    p.add_argument("--max-length", type=int, default=d["max_length"], help="tokens per example (default: %(default)s)")
-    p.add_argument("--n-neighbors", type=int, default=d["n_neighbors"], help="similar users per dialogue (default: %(default)s)")
-    p.add_argument("--item-frac", type=float, default=d["item_frac"],
-                   help="gpt_kd, mask: item-profile examples per user example (default: %(default)s)")
-    p.add_argument("--kd-gen-batch", type=int, default=d["kd_gen_batch"], help="default: %(default)s")
-    p.add_argument("--kd-max-new-tokens", type=int, default=d["kd_max_new_tokens"], help="default: %(default)s")
-    p.add_argument("--init", choices=["gpt_kd", "fresh"], default=d["init"],
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps; 0 = --epochs full epochs")
+    p.add_argument("--epochs", type=float, default=EPOCHS, help="passes over the examples (with --max-steps 0)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="examples per device step")
+    p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM, help="device steps per optimizer step")
+    p.add_argument("--lr", type=float, default=LR, help="peak learning rate (cosine schedule)")
+    p.add_argument("--lora-r", type=int, default=LORA_R, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=int, default=LORA_ALPHA, help="LoRA scale numerator")
+    p.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT, help="dropout on the LoRA input")
+    p.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated module names that get a LoRA")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="tokens per example; longer ones are left out")
+    p.add_argument("--n-nbrs", type=int, default=N_NBRS, help="similar users per dialogue")
+    p.add_argument("--item-frac", type=float, default=ITEM_FRAC,
+                   help="gpt_kd, mask: item-profile examples per user example")
+    p.add_argument("--kd-gen-batch", type=int, default=KD_GEN_BATCH,
+                   help="naive, mask: generation batch of sft_gpt_kd's neighbour profiles")
+    p.add_argument("--kd-max-new-tokens", type=int, default=KD_MAX_NEW_TOKENS,
+                   help="naive, mask: tokens per sft_gpt_kd neighbour profile")
+    p.add_argument("--init", choices=["gpt_kd", "fresh"], default=INIT,
                    help="naive/mask: continue the sft_gpt_kd LoRA (the paper's ablation; it must exist) or train a "
-                        "new LoRA on the base model (default: %(default)s)")
+                        "new LoRA on the base model")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N users of the sft set (a smoke run; every other setting as given)")
     return p.parse_args(argv)
 
 
@@ -480,7 +488,7 @@ def prompt_info(args):
     shown = args.prompt["teacher"]
     if args.variant == "gpt_kd":
         return {"template": "kd", **shown}
-    return {"template": "two_turn", **shown, "n_neighbors": args.n_neighbors}
+    return {"template": "two_turn", **shown, "n_nbrs": args.n_nbrs}
 
 
 def main(argv=None):

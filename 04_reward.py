@@ -3,7 +3,7 @@
 AutoModelForSequenceClassification(num_labels=1) on the LLM (--model): LoRA on the attention projections with the
 score head trained in full (--lora-r 0: every weight), merged into full weights at the end. Trained with trl's
 RewardTrainer (loss -log sigmoid(r(q, chosen) - r(q, rejected))) on the reward_pairs.jsonl rows of the "reward" user
-set. Every held-out pair (--heldout: eval = the "eval" set's pairs, split = --holdout-frac of the reward users, auto
+set. Every held-out pair (--heldout: eval = the "eval" set's pairs, split = --heldout-frac of the reward users, auto
 = eval when there are any) is scored: pairwise accuracy overall and per negative kind, each with its 95% Wilson
 interval, and the mean margin. Pairs longer than --max-length tokens are dropped (counted).
 
@@ -11,7 +11,8 @@ Reads  reward_pairs.jsonl, user_sets.json (02)
 Writes reward/ (trained in reward.tmp/, renamed when finished): config.json + model.safetensors (merged full
        weights) + tokenizer files, loadable with AutoModelForSequenceClassification.from_pretrained;
        train_log.jsonl (per-step loss, accuracy); eval.json (held-out accuracies, counts)
-Run    python 04_reward.py --run runs/ml100k       # the defaults are sized for CPU; on a GPU add --max-steps 0
+Run    python 04_reward.py --run runs/ml100k       # the official code's settings (3 epochs); on a CPU pass the
+                                                   # flags of scripts/presets.sh's cpu preset
 """
 import json
 import shutil
@@ -27,13 +28,25 @@ import llm
 
 log = common.log
 
-DEFAULTS = dict(
-    max_steps=8, epochs=1.0, batch_size=4, grad_accum=1, lr=3e-4,   # CPU-sized (bench/RESULTS.md, Stage timings)
-    lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,o_proj",
-    max_length=2048, holdout_frac=0.2, heldout="auto", eval_batch=8,
-    max_eval_pairs=0,      # 0 = every held-out pair (a sample of 48 could not tell 0.7 from 0.9 on one kind)
-    center_rewards=0.01,
-)
+# ----------------------------------------------------------------------------- defaults
+# The official RecLM code's reward model (llm/lora/rlhf/reward_modeling.py), bf16 autocast on a GPU.
+# scripts/presets.sh `cpu` overrides the budget for a 2-core CPU (8 steps at lr 3e-4, LoRA r 8 on q,k,v,o).
+MAX_STEPS = 0              # 0: train EPOCHS full epochs, as the official code does
+EPOCHS = 3.0               # num_train_epochs=3
+BATCH_SIZE = 4             # per_device_train_batch_size=4 (pairs per step)
+GRAD_ACCUM = 1             # gradient_accumulation_steps=1
+LR = 1.41e-5               # learning_rate=1.41e-5
+LORA_R = 4                 # LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1); the score head is trained in full
+LORA_ALPHA = 8
+LORA_DROPOUT = 0.1
+LORA_TARGETS = "q_proj,v_proj"  # the official code names none: peft's default for Llama
+MAX_LENGTH = 2048          # max_length=2048; longer pairs are dropped (counted)
+HELDOUT = "auto"           # held-out pairs: the "eval" set's when it has any, else a split of the reward users
+HELDOUT_FRAC = 0.2         # --heldout split: the share of reward users held out
+EVAL_BATCH = 8             # pairs scored per forward pass
+MAX_EVAL_PAIRS = 0         # 0 = every held-out pair (a sample of 48 could not tell 0.7 from 0.9 on one kind)
+CENTER_REWARDS = 0.01      # RewardConfig.center_rewards_coefficient: keeps scores near 0, where 05's
+                           # INCOMPLETE_SCORE (-3) sits below every real profile's
 CI_Z = 1.96                # 95% Wilson intervals on the accuracies: with a few dozen pairs per kind an accuracy is
                            # uncertain by +-0.1 or more, and the interval says so
 
@@ -98,7 +111,7 @@ def load_pairs(run, tok, args):
     else:
         rng = np.random.default_rng(args.seed)
         users_with_pairs = sorted({int(r["user"]) for r in rows} & set(reward_users))
-        n_held = max(1, int(round(args.holdout_frac * len(users_with_pairs)))) if users_with_pairs else 0
+        n_held = max(1, int(round(args.heldout_frac * len(users_with_pairs)))) if users_with_pairs else 0
         held_users = set(rng.permutation(users_with_pairs)[:n_held].tolist())
         train_users = set(reward_users) - held_users
     train, held = [], []
@@ -115,6 +128,9 @@ def load_pairs(run, tok, args):
             counts["too_long"] += 1
             continue
         dest.append({"user": u, "kind": r.get("kind", "?"), "chosen_ids": c, "rejected_ids": j})
+    if args.limit is not None:  # a smoke run: the first N pairs of each side
+        counts["limit"] = args.limit
+        train, held = train[:args.limit], held[:args.limit]
     counts["subsampled"] = bool(args.max_eval_pairs) and len(held) > args.max_eval_pairs
     if counts["subsampled"]:  # --max-eval-pairs: a seeded subsample, for a quick look only
         log.warning("scoring %d of %d held-out pairs (--max-eval-pairs): the accuracies are a sample's",
@@ -130,27 +146,30 @@ def load_pairs(run, tok, args):
 
 def parse_args(argv=None):
     p = common.stage_parser(__doc__)
-    d = DEFAULTS
-    p.add_argument("--model", default=llm.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
+    p.add_argument("--model", default=llm.DEFAULT_LLM, help=llm.MODEL_HELP)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--max-steps", type=int, default=d["max_steps"], help="0 = --epochs full epochs (default: %(default)s)")
-    p.add_argument("--epochs", type=float, default=d["epochs"], help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="pairs per step (default: %(default)s)")
-    p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=d["lr"], help="default: %(default)s")
-    p.add_argument("--lora-r", type=int, default=d["lora_r"], help="0 = full fine-tuning (default: %(default)s)")
-    p.add_argument("--lora-alpha", type=int, default=d["lora_alpha"], help="default: %(default)s")
-    p.add_argument("--lora-dropout", type=float, default=d["lora_dropout"], help="default: %(default)s")
-    p.add_argument("--lora-targets", default=d["lora_targets"], help="default: %(default)s")
-    p.add_argument("--max-length", type=int, default=d["max_length"], help="longer pairs are dropped (default: %(default)s)")
-    p.add_argument("--heldout", choices=["auto", "eval", "split"], default=d["heldout"], help="default: %(default)s")
-    p.add_argument("--holdout-frac", type=float, default=d["holdout_frac"], help="default: %(default)s")
-    p.add_argument("--max-eval-pairs", type=int, default=d["max_eval_pairs"],
-                   help="score a seeded sample of this many held-out pairs; 0 = all (default: %(default)s)")
-    p.add_argument("--eval-batch", type=int, default=d["eval_batch"], help="default: %(default)s")
-    p.add_argument("--center-rewards", type=float, default=d["center_rewards"],
-                   help="RewardConfig.center_rewards_coefficient; 0 = off (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps; 0 = --epochs full epochs")
+    p.add_argument("--epochs", type=float, default=EPOCHS, help="passes over the pairs (with --max-steps 0)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="pairs per device step")
+    p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM, help="device steps per optimizer step")
+    p.add_argument("--lr", type=float, default=LR, help="peak learning rate (cosine schedule)")
+    p.add_argument("--lora-r", type=int, default=LORA_R, help="LoRA rank; 0 = full fine-tuning")
+    p.add_argument("--lora-alpha", type=int, default=LORA_ALPHA, help="LoRA scale numerator")
+    p.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT, help="dropout on the LoRA input")
+    p.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated module names that get a LoRA")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                   help="tokens per rendered query + response; longer pairs are dropped")
+    p.add_argument("--heldout", choices=["auto", "eval", "split"], default=HELDOUT,
+                   help="held-out pairs: the eval set's, a split of the reward users, or auto (eval if it has pairs)")
+    p.add_argument("--heldout-frac", type=float, default=HELDOUT_FRAC, help="split: share of reward users held out")
+    p.add_argument("--max-eval-pairs", type=int, default=MAX_EVAL_PAIRS,
+                   help="score a seeded sample of this many held-out pairs; 0 = all")
+    p.add_argument("--eval-batch", type=int, default=EVAL_BATCH, help="pairs scored per forward pass")
+    p.add_argument("--center-rewards", type=float, default=CENTER_REWARDS,
+                   help="RewardConfig.center_rewards_coefficient; 0 = off")
     p.add_argument("--eval-before", action="store_true", help="also score the held-out pairs before training")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N training and N held-out pairs (a smoke run; every other setting as given)")
     return p.parse_args(argv)
 
 

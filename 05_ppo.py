@@ -3,10 +3,11 @@
 Policy = the SFT model (--sft, default sft_mask; its adapter merged into the base LLM) + a new LoRA; reference = the
 same network with that LoRA disabled; value = Linear(hidden, 1) on the policy's last hidden state, starting at zero
 (--value-backprop: its loss trains the LoRA too). Prompts: the inference prompt (llm.inference_messages) of the
-"ppo" user set, --batch-size per step. A rollout ends where 06's generation ends it: at end-of-turn or at the token
-that completes the first profile line (--no-profile-stop: end-of-turn only). Its reward: the reward model's score of
-the profile 06 would keep (--incomplete-score when there is none; minus --missing-eos-penalty when cut at
---max-new-tokens), minus beta times the per-token KL to the reference (beta fixed, or adaptive with --target-kl).
+"ppo" user set, --batch-size per step, one pass over them by default (--steps 0). A rollout ends where 06's
+generation ends it: at end-of-turn or at the token that completes the first profile line (--no-profile-stop:
+end-of-turn only). Its reward: the reward model's score of the profile 06 would keep (--incomplete-score when
+there is none; minus --missing-eos-penalty when cut at --max-new-tokens), minus beta times the per-token KL to the
+reference (beta fixed, or adaptive with --target-kl).
 Resumable: every --ckpt-every steps ppo.partial/checkpoint.pt is written (tensors and numbers only, read back with
 weights_only=True); a re-run with the same inputs and arguments continues from it (--restart starts over).
 
@@ -15,7 +16,7 @@ Writes ppo/: adapter_config.json + adapter_model.safetensors (the PPO LoRA, on t
        base.json {"sft": "<sft>"}, value_head.pt, tokenizer files, ppo_log.jsonl (per step: score, rm_score,
        complete_frac, kl, response length, clip fraction, value loss, explained_variance, beta, ...), ppo_info.json
 Run    python 05_ppo.py --run runs/ml100k [--sft sft_mask] [--steps 10]
-       (the defaults are sized for CPU; on a GPU raise --steps and --batch-size)
+       (the defaults are the official code's settings; on a CPU pass the flags of scripts/presets.sh's cpu preset)
 """
 import json
 import re
@@ -38,35 +39,47 @@ log = common.log
 INCOMPLETE_SCORE = -3.0
 
 
+# ----------------------------------------------------------------------------- defaults
+# The official RecLM code's PPO (llm/lora/rlhf/rl_training.py: trl's PPOTrainer, one step per prompt of its RL set),
+# here written by hand. scripts/presets.sh `cpu` overrides the budget for a 2-core CPU (3 steps of 4 prompts).
 @dataclass
 class PPOConfig:
-    steps: int = 3                # rollout batches (PPO iterations); CPU-sized (bench/RESULTS.md, Stage timings)
-    batch_size: int = 4           # prompts per rollout
-    minibatch_size: int = 2
-    ppo_epochs: int = 1           # passes over each rollout batch
-    lr: float = 5e-5
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 40
-    beta: float = 0.05            # KL coefficient (initial value when adaptive)
+    steps: int = 0                # rollout batches (PPO iterations); 0 = one pass over the ppo users' prompts
+    batch_size: int = 1           # prompts per rollout: batch_size=1
+    minibatch_size: int = 1       # mini_batch_size=1
+    ppo_epochs: int = 1           # passes over each rollout batch (trl's default, which the official code kept: 4)
+    lr: float = 1e-5              # learning_rate=1e-5
+    temperature: float = 0.9      # sampling as the official generation_kwargs: temperature=0.9,
+    top_p: float = 0.9            # top_p=0.9 (top_k off),
+    max_new_tokens: int = 100     # max_new_tokens=100 (a rollout also ends at its first profile line)
+    beta: float = 0.05            # KL coefficient, initial value when adaptive (trl's default: 0.2, adaptive)
     target_kl: float = 0.0        # > 0: adaptive beta aiming at this KL per sequence (0: fixed beta)
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    max_grad_norm: float = 1.0
-    whiten_advantages: bool = True
+    kl_horizon: int = 10000       # adaptive beta's horizon (trl's)
+    gamma: float = 1.0            # no discount within a response (trl's)
+    lam: float = 0.95             # GAE lambda (trl's)
+    cliprange: float = 0.2        # policy ratio clip (trl's)
+    cliprange_value: float = 0.2  # value clip (trl's)
+    vf_coef: float = 0.1          # value loss weight (trl's)
+    max_grad_norm: float = 1.0    # gradient clipping
+    whiten_advantages: bool = True  # as trl
     value_backprop: bool = False  # let the value loss flow into the LoRA (shared backbone)
-    missing_eos_penalty: float = 0.0
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a rollout cut at max_new_tokens
     stop_at_profile: bool = True  # end a rollout at its first complete profile line (06's rule) and score it there
     incomplete_score: float = INCOMPLETE_SCORE  # the score of a rollout without a parseable profile line
+    lora_r: int = 4               # LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05)
+    lora_alpha: int = 8
+    lora_dropout: float = 0.05    # recorded, but inactive: the policy runs in eval mode (rollout and update agree)
+    lora_targets: str = "q_proj,v_proj"  # the official code names none: peft's default for Llama
+    reward_batch: int = 8         # responses per reward-model forward pass
     seed: int = 0
-    ckpt_every: int = 5
+    ckpt_every: int = 5           # steps between resumable checkpoints
 
 
-LORA_DEFAULTS = dict(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,o_proj")
+def total_steps(cfg, n_prompts):
+    """cfg.steps, or with 0 one pass over the prompts: ceil(n_prompts / batch_size) steps."""
+    return cfg.steps if cfg.steps > 0 else -(-n_prompts // cfg.batch_size)
+
+
 # Rollouts answer the inference prompt exactly as 02's reward queries and 06's user prompts show it: its sizes come
 # from 02's prompt.json (llm.prompt_settings), never from a flag here.
 
@@ -285,9 +298,10 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
     prompts: list of chat-message lists; reward_fn(prompts, texts, response_ids) -> scores [B] (with
     cfg.stop_at_profile it is asked about the complete responses only, texts = their profiles: rollout_scores).
     on_step(row, rollout) receives each step's log row; on_checkpoint(step, optimizer, kl_ctl) is called every
-    cfg.ckpt_every steps. Returns the list of log rows. A step: rollout, sequence scores, KL-penalised per-token
-    rewards (eq. 8), GAE (gamma, lambda) and whitened advantages, then cfg.ppo_epochs passes over the rollout in
-    minibatches of the clipped policy loss plus vf_coef times the clipped value loss, AdamW, gradient clipping."""
+    cfg.ckpt_every steps; cfg.steps 0 = one pass over the prompts (total_steps). Returns the list of log rows.
+    A step: rollout, sequence scores, KL-penalised per-token rewards (eq. 8), GAE (gamma, lambda) and whitened
+    advantages, then cfg.ppo_epochs passes over the rollout in minibatches of the clipped policy loss plus vf_coef
+    times the clipped value loss, AdamW, gradient clipping."""
     from tqdm import tqdm
     device = next(policy.parameters()).device
     value_head.to(device)
@@ -298,8 +312,9 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
     kl_ctl = KLController(cfg.beta if beta is None else beta, cfg.target_kl, cfg.kl_horizon)
     policy.eval()  # no dropout: the logprobs of the rollout and of the update must agree
     history = []
-    for step in tqdm(range(start_step, cfg.steps), desc="ppo", unit="step", disable=not progress,
-                     initial=start_step, total=cfg.steps):
+    steps = total_steps(cfg, len(prompts))
+    for step in tqdm(range(start_step, steps), desc="ppo", unit="step", disable=not progress,
+                     initial=start_step, total=steps):
         t0 = time.time()
         torch.manual_seed(cfg.seed * 100003 + step)
         idx = prompt_batch(len(prompts), cfg.batch_size, step, cfg.seed)
@@ -349,7 +364,7 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
         kl_ctl.update(row["kl"], B)
         if on_step:
             on_step(row, ro)
-        if on_checkpoint and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+        if on_checkpoint and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             on_checkpoint(step + 1, opt, kl_ctl)
     return history
 
@@ -404,27 +419,45 @@ def load_checkpoint(path):
     return ck
 
 
+HELP = {  # --help of each PPOConfig field
+    "steps": "rollout batches (PPO iterations); 0 = one pass over the ppo users' prompts",
+    "batch_size": "prompts per rollout", "minibatch_size": "rollouts per gradient step",
+    "ppo_epochs": "passes over each rollout batch", "lr": "AdamW learning rate (constant)",
+    "temperature": "rollout sampling temperature", "top_p": "rollout nucleus sampling",
+    "max_new_tokens": "tokens per rollout at most", "beta": "KL coefficient (initial value when adaptive)",
+    "target_kl": "> 0: adapt beta towards this KL per sequence; 0 = fixed beta",
+    "kl_horizon": "adaptive beta's horizon", "gamma": "discount", "lam": "GAE lambda",
+    "cliprange": "policy ratio clip", "cliprange_value": "value clip", "vf_coef": "value loss weight",
+    "max_grad_norm": "gradient clipping norm", "value_backprop": "let the value loss train the LoRA too",
+    "missing_eos_penalty": "subtracted from the score of a rollout cut at --max-new-tokens",
+    "incomplete_score": "score of a rollout without a parseable profile line",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA scale numerator",
+    "lora_dropout": "LoRA dropout (inactive: the policy runs in eval mode)",
+    "lora_targets": "comma-separated module names that get a LoRA",
+    "reward_batch": "responses per reward-model forward pass", "ckpt_every": "steps between checkpoints",
+}
+
+
 def parse_args(argv=None):
     p = common.stage_parser(__doc__)
     c = PPOConfig()
-    p.add_argument("--sft", default="sft_mask", help="SFT adapter folder in the run (default: %(default)s)")
-    p.add_argument("--reward", default="reward", help="reward-model folder in the run (default: %(default)s)")
-    p.add_argument("--model", default=llm.DEFAULT_LLM, help="base LLM: local path or hub id (default: %(default)s)")
+    p.add_argument("--sft", default="sft_mask", help="SFT adapter folder in the run")
+    p.add_argument("--reward", default="reward", help="reward-model folder in the run")
+    p.add_argument("--model", default=llm.DEFAULT_LLM, help=llm.MODEL_HELP)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     for name, val in asdict(c).items():
         if name in ("seed", "whiten_advantages", "stop_at_profile"):  # --seed is shared; --no-* below
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(val, bool):
-            p.add_argument(flag, action="store_true", default=val, help=f"default: {val}")
+            p.add_argument(flag, action="store_true", default=val, help=HELP[name])
         else:
-            p.add_argument(flag, type=type(val), default=val, help="default: %(default)s")
+            p.add_argument(flag, type=type(val), default=val, help=HELP[name])
     p.add_argument("--no-whiten", dest="whiten_advantages", action="store_false", help="do not whiten advantages")
     p.add_argument("--no-profile-stop", dest="stop_at_profile", action="store_false",
                    help="end rollouts at end-of-turn only and let the reward model score every response")
-    for name, val in LORA_DEFAULTS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(val), default=val, help="default: %(default)s")
-    p.add_argument("--reward-batch", type=int, default=8, help="default: %(default)s")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N ppo users' prompts (a smoke run; every other setting as given)")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in ppo.partial/ and start over")
     return p.parse_args(argv)
 
@@ -453,10 +486,11 @@ def main(argv=None):
                                             sort_keys=True, default=str))
 
     sets = json.loads((run / "user_sets.json").read_text())
-    prompts, users = ppo_prompts(run, sets["ppo"], args.prompt)
+    prompts, users = ppo_prompts(run, sets["ppo"][:args.limit], args.prompt)
     if not prompts:
         raise common.DataError(f"{run}/user_sets.json: the ppo user set has no user with training items")
-    log.info("PPO prompts: %d users of the ppo set", len(prompts))
+    cfg.steps = total_steps(cfg, len(prompts))
+    log.info("PPO prompts: %d users of the ppo set; %d steps of %d", len(prompts), cfg.steps, cfg.batch_size)
 
     sft_llm, tok = llm.load_llm(args.model, adapter=run / sft_name, device=device)
     merged = sft_llm.merge_and_unload()

@@ -39,24 +39,24 @@ import llm
 log = logging.getLogger("reclm.06")
 
 # ----------------------------------------------------------------------------- defaults
-BATCH_SIZE = 64
+# The paper's setting, bf16 on a GPU (--dtype auto). scripts/presets.sh `cpu` passes --item-users 2 for the LLM
+# sources: generation is prefill-bound on a CPU (measured costs: bench/RESULTS.md and README).
+SOURCE = "base_llm"            # the untuned LLM: the reference every trained source is compared with
+BATCH_SIZE = 64                # prompts per generation batch
 MAX_NEW_TOKENS = 40            # a 3+3 user profile is ~25-30 SmolLM2 tokens
-# User prompts show what 02's prompt.json "inference" says (newest target items, items per neighbour, neighbours,
-# item text chars), as 02's reward queries and 05's rollouts do: no flags here (llm.prompt_settings).
-ITEM_USERS = 2                 # warm items: profiles of up to this many most recent training users (SPEC: 5;
-                               # 2 keeps ml-100k inside the CPU budget, --item-users 5 for the paper setting)
+TEMPERATURE = 0.0              # greedy: a profile is the model's most likely answer, reproducible
+ITEM_USERS = 5                 # warm items: profiles of up to this many most recent training users (the SPEC's 5)
 ITEM_NBRS = 3                  # cold items: this many text-similar warm items
-TEACHER = "teacher"            # --source teacher: 02's teacher writes every profile (no LLM)
-SOURCES = common.PROFILE_SOURCES  # the LLM sources, then TEACHER
-TEACHER_ITEM_USERS = 5         # the teacher costs nothing per user: the SPEC's 5 recent users per warm item
-PROBE_K = 20
-# Generation is prefill-bound on a CPU, so prompts are kept short (llm.PROMPT_SIZES, --item-users 2) and ml-100k runs
-# as two shards on 2 cores (measured costs: bench/RESULTS.md and README). Levers: a GPU (--device cuda), --shard,
-# --item-users; the prompt sizes are 02's --pair-* flags.
+WAIT_S = 3600                  # --shard: how long to wait for the other shards' user profiles
 # One torch thread per process, parallelism through --shard: on a busy 2-core box, small-batch decode matmuls
 # ([32 x 576] x [576 x 1536]) took 24 ms with 2 OpenMP threads against 0.6 ms with 1 (threads spin at barriers
 # when the cores are shared), i.e. generation was ~20x slower with torch's default.
 THREADS = 1
+# User prompts show what 02's prompt.json "inference" says (newest target items, items per neighbour, neighbours,
+# item text chars), as 02's reward queries and 05's rollouts do: no flags here (llm.prompt_settings).
+TEACHER = "teacher"            # --source teacher: 02's teacher writes every profile (no LLM)
+SOURCES = common.PROFILE_SOURCES  # the LLM sources, then TEACHER
+PROBE_K = 20
 
 # ----------------------------------------------------------------------------- prompt templates
 # User prompts are llm.inference_messages (shared with 02's reward pairs and 05's PPO prompts); item prompts are
@@ -317,32 +317,29 @@ def write_teacher_profiles(run, out, user_ids, warm, other, train, users_of, ite
 
 def build_parser():
     p = common.stage_parser(__doc__)
-    p.add_argument("--source", default="base_llm", choices=SOURCES,
-                   help="which model writes the profiles, or `teacher`: 02's teacher itself (default: %(default)s)")
+    p.add_argument("--source", default=SOURCE, choices=SOURCES,
+                   help="which model writes the profiles, or `teacher`: 02's teacher itself")
     p.add_argument("--teacher", default=None, choices=["rules", "api"],
                    help="--source teacher only: 02's rules teacher, or its API teacher with 02's last arguments "
                         "(default: rules)")
-    p.add_argument("--model", default=llm.DEFAULT_LLM, help="base LLM path or hub id (default: SmolLM2-135M)")
+    p.add_argument("--model", default=llm.DEFAULT_LLM, help=llm.MODEL_HELP)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="model dtype (default auto: bf16 on a GPU that has it and on a CPU with native bf16 "
-                        "matmuls (AVX512-BF16/AMX: 2.4x the float32 GEMM rate here), else float32)")
-    p.add_argument("--threads", type=int, default=THREADS,
-                   help="torch CPU threads (default: %(default)s; 0 = torch's choice; see THREADS)")
+                   help="model dtype; auto: bf16 on a GPU that has it and on a CPU with native bf16 matmuls "
+                        "(AVX512-BF16/AMX: 2.4x the float32 GEMM rate here), else float32")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads; 0 = torch's choice (see THREADS)")
     p.add_argument("--encoder", default=None, help="text encoder for the embeddings (default: the shipped MiniLM)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="generation batch (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="user profiles (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--item-users", type=int, default=None,
-                   help="warm items: profiles of up to this many recent users (default: %d, %d for --source "
-                        "teacher)" % (ITEM_USERS, TEACHER_ITEM_USERS))
-    p.add_argument("--item-nbrs", type=int, default=ITEM_NBRS,
-                   help="cold items: similar warm items shown (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="tokens per profile at most")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy")
+    p.add_argument("--item-users", type=int, default=ITEM_USERS,
+                   help="warm items: profiles of up to this many recent users")
+    p.add_argument("--item-nbrs", type=int, default=ITEM_NBRS, help="cold items: similar warm items shown")
     p.add_argument("--shard", default=None, help="i/n: this process does every n-th id starting at i")
     p.add_argument("--merge", action="store_true", help="combine shard files, then embed and probe")
     p.add_argument("--what", default="all", choices=["all", "users", "warm", "cold"],
-                   help="run one phase only (default: %(default)s); embeddings are written after `all` or --merge")
-    p.add_argument("--wait-s", type=float, default=3600, help="shards: how long to wait for other shards")
+                   help="run one phase only; embeddings are written after `all` or --merge")
+    p.add_argument("--wait-s", type=float, default=WAIT_S, help="shards: seconds to wait for the other shards")
     p.add_argument("--limit", type=int, default=None, help="only the first N users/items (smoke runs)")
     p.add_argument("--restart", action="store_true", help="delete this source's profiles first")
     p.add_argument("--probe-only", action="store_true",
@@ -359,8 +356,6 @@ def main(argv=None):
         args.teacher = args.teacher or "rules"
     elif args.teacher:
         raise SystemExit(f"--teacher applies to --source teacher only, not --source {args.source}")
-    if args.item_users is None:
-        args.item_users = TEACHER_ITEM_USERS if teacher else ITEM_USERS
     run = args.run
     out = run / "profiles" / args.source / ("probe_only" if args.probe_only else "")
     stage = f"06_{'probe' if args.probe_only else 'profile'}_{args.source}"

@@ -30,9 +30,17 @@ REPO = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------- CLI, logging, seeds, errors
 
 def stage_parser(doc):
-    """An argparse parser with the options every stage shares; `--help` shows the defaults."""
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        """The docstring as written, and every option's default."""
+    """An argparse parser with the options every stage shares; `--help` shows each option once, with its default.
+    A help text states no default itself unless it says more than the value (e.g. "default: cuda if available")."""
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        """The docstring as written; " (default: X)" after every option that takes a value, unless its help already
+        mentions its default or the default is None (the help then says what happens)."""
+        def _get_help_string(self, action):
+            text = action.help or ""
+            if ("default" in text or not action.option_strings or action.nargs == 0
+                    or action.default is None or action.default is argparse.SUPPRESS):
+                return text
+            return text + " (default: %(default)s)"
 
     class Parser(argparse.ArgumentParser):
         """A bad argument is one line on stderr (no usage block), exit status 2."""

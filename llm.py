@@ -33,6 +33,7 @@ CACHE = Path(os.environ.get("RECLM_CACHE", Path.home() / ".cache" / "reclm"))
 # ----------------------------------------------------------------------------- language model
 
 DEFAULT_LLM = "default"
+MODEL_HELP = "base LLM: local path or hub id (default: the shipped SmolLM2-135M-Instruct)"  # --model of 03-06
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # ChatML with {% generation %} markers around each assistant reply, end-of-turn included, so that

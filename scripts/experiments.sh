@@ -9,10 +9,12 @@
 # pieces) until it prints "experiments done". Delete RUN/.done/<step> to redo a step. Wall seconds of every
 # step go to RUN/.done/times.
 # Measured on the project's 2-vCPU machine (one torch thread per process, two processes): see README, Results.
+# The language-model stages run with the flags of PRESET (scripts/presets.sh: gpu when torch sees a GPU, else cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 export OMP_NUM_THREADS=1
+. scripts/presets.sh
 SETTINGS=${SETTINGS:-"dense sparse5"}
 SEEDS=${SEEDS:-"0 1 2"}
 ROOT=${ROOT:-runs/exp}
@@ -48,12 +50,13 @@ for setting in $SETTINGS; do
   esac
   step 01 python 01_neighbors.py --run "$RUN" $split_opts
   step 02 python 02_distill.py --run "$RUN"
-  step 03kd+04 both "03_sft.py --run $RUN --variant gpt_kd" "04_reward.py --run $RUN"
-  step 03 python 03_sft.py --run "$RUN" --variant mask  # continues the gpt_kd LoRA (the paper's ablation)
-  step 05 python 05_ppo.py --run "$RUN" --sft sft_mask
+  step 03kd+04 both "03_sft.py --run $RUN --variant gpt_kd $SFT_FLAGS" "04_reward.py --run $RUN $REWARD_FLAGS"
+  step 03 python 03_sft.py --run "$RUN" --variant mask $SFT_FLAGS  # continues the gpt_kd LoRA (the paper's ablation)
+  step 05 python 05_ppo.py --run "$RUN" --sft sft_mask $PPO_FLAGS
   step 06-teacher python 06_profile.py --run "$RUN" --source teacher
-  step 06-ppo-shards both "06_profile.py --run $RUN --source ppo --shard 0/2" "06_profile.py --run $RUN --source ppo --shard 1/2"
-  step 06-ppo-merge python 06_profile.py --run "$RUN" --source ppo --merge
+  step 06-ppo-shards both "06_profile.py --run $RUN --source ppo --shard 0/2 $PROFILE_FLAGS" \
+                          "06_profile.py --run $RUN --source ppo --shard 1/2 $PROFILE_FLAGS"
+  step 06-ppo-merge python 06_profile.py --run "$RUN" --source ppo --merge $PROFILE_FLAGS
 done
 # 2. the recommenders, seeds outermost, so that a partial run already has every setting, backbone, variant and
 # source at seed 0; two processes with about equal work (the graph models with contrastive views are the slow

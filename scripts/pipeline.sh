@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The whole pipeline on the bundled ml-100k data, on a fresh machine too:
 #   bash scripts/pipeline.sh [RUN_DIR]        (default runs/ml100k)
+#   PRESET=cpu bash scripts/pipeline.sh       (the preset: gpu when torch sees a GPU, else cpu; scripts/presets.sh)
 # Each stage prints its wall time; outputs go to RUN_DIR (see README: "The run directory").
-# Sized for a 2-core machine: every process runs one torch thread (OpenMP threads spinning on shared cores made
+# Laid out for a 2-core machine: every process runs one torch thread (OpenMP threads spinning on shared cores made
 # training ~10x slower), and independent work runs side by side, one process per core: the reward model and
 # 07's Base models train beside SFT and PPO; 06 runs as two shards; 07's Augment models as two processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 export OMP_NUM_THREADS=1
+. scripts/presets.sh
 RUN=${1:-runs/ml100k}
 total=$SECONDS
 stage() {
@@ -33,23 +35,24 @@ stage 02_distill.py --run "$RUN"                      # rules teacher: the offli
 t=$SECONDS
 rm -f "$RUN/.reward_ready"
 echo "== 04_reward.py, then 07_train_cf.py --variant base --backbone sgl biasmf ncf lightgcn, in the background"
-( stage 04_reward.py --run "$RUN" && touch "$RUN/.reward_ready" &&
+( stage 04_reward.py --run "$RUN" $REWARD_FLAGS && touch "$RUN/.reward_ready" &&
   stage 07_train_cf.py --run "$RUN" --backbone sgl biasmf ncf lightgcn --variant base ) > "$RUN/track2.out" 2>&1 &
 track2=$!
-stage 03_sft.py --run "$RUN" --variant gpt_kd
-stage 03_sft.py --run "$RUN" --variant mask
+stage 03_sft.py --run "$RUN" --variant gpt_kd $SFT_FLAGS
+stage 03_sft.py --run "$RUN" --variant mask $SFT_FLAGS
 until [ -e "$RUN/.reward_ready" ]; do  # 05 needs the reward model
   kill -0 $track2 2>/dev/null || { tail -n 20 "$RUN/track2.out"; exit 1; }
   sleep 2
 done
 rm -f "$RUN/.reward_ready"
-stage 05_ppo.py --run "$RUN" --sft sft_mask
+stage 05_ppo.py --run "$RUN" --sft sft_mask $PPO_FLAGS
 stage 07_train_cf.py --run "$RUN" --backbone simgcl --variant base
 wait $track2 || { tail -n 20 "$RUN/track2.out"; exit 1; }
 grep "^== .* took" "$RUN/track2.out" || true
 echo "== 03-05 and 07 base (two processes at a time) took $((SECONDS - t)) s"
-both "06_profile.py --run $RUN --source ppo --shard 0/2" "06_profile.py --run $RUN --source ppo --shard 1/2"
-stage 06_profile.py --run "$RUN" --source ppo --merge
+both "06_profile.py --run $RUN --source ppo --shard 0/2 $PROFILE_FLAGS" \
+     "06_profile.py --run $RUN --source ppo --shard 1/2 $PROFILE_FLAGS"
+stage 06_profile.py --run "$RUN" --source ppo --merge $PROFILE_FLAGS
 both "07_train_cf.py --run $RUN --backbone biasmf sgl lightgcn --variant augment --source ppo" \
      "07_train_cf.py --run $RUN --backbone ncf simgcl --variant augment --source ppo"
 stage 08_eval.py --run "$RUN"

@@ -186,8 +186,8 @@ def test_every_heldout_pair_can_be_scored(synthetic_run, tiny_llm):
     held = [p for p in pairs if p["set"] == "eval"]
     assert len(held) == len(D.KINDS) * len(sets["eval"])
     tok = llm.load_tokenizer(tiny_llm)
-    args = types.SimpleNamespace(heldout="auto", seed=0, holdout_frac=0.2, max_length=R.DEFAULTS["max_length"],
-                                 max_eval_pairs=len(pairs))
+    args = types.SimpleNamespace(heldout="auto", seed=0, heldout_frac=0.2, max_length=R.MAX_LENGTH,
+                                 max_eval_pairs=len(pairs), limit=None)
     train, scored, counts = R.load_pairs(synthetic_run, tok, args)
     assert counts["too_long"] == 0 and len(scored) == len(held) and len(train) == len(pairs) - len(held)
     assert {k: sum(p["kind"] == k for p in scored) for k in D.KINDS} == {k: len(sets["eval"]) for k in D.KINDS}

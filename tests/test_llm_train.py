@@ -104,7 +104,7 @@ def test_sft_supervised_spans(synthetic_run, tiny_llm):
     texts = common.load_items(run)
     rules = importlib.import_module("02_distill").RulesTeacher(texts, train, 5, 48)
     for variant in ["gpt_kd", "naive", "mask"]:
-        examples, stats = sft.build_examples(run, variant, tok, sft_args(run, variant, tiny_llm, "--n-neighbors", "3"))
+        examples, stats = sft.build_examples(run, variant, tok, sft_args(run, variant, tiny_llm, "--n-nbrs", "3"))
         users = [e for e in examples if e["kind"] in ("user", "two_turn")]
         items = [e for e in examples if e["kind"] not in ("user", "two_turn")]
         assert len(users) >= 15 and len(items) == (0 if variant == "naive" else round(len(users) / 2)), stats

@@ -1,0 +1,114 @@
+"""The presets of scripts/presets.sh. cpu: the flags that keep the CPU pipeline computing what it computed before
+the stage defaults became the paper's (every parsed argument compared with the values of that time). gpu: the stage
+defaults themselves, run end to end (02 -> 03 gpt_kd -> 03 mask -> 04 -> 05 -> 06) on a CPU with --limit and the
+tiny LLM, so that no code path of the GPU settings runs for the first time on a GPU."""
+import importlib
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import llm
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+D = importlib.import_module("02_distill")
+SFT = importlib.import_module("03_sft")
+RW = importlib.import_module("04_reward")
+PPO = importlib.import_module("05_ppo")
+PROF = importlib.import_module("06_profile")
+
+ATTN = "q_proj,k_proj,v_proj,o_proj"
+# Every argument 03-06 parsed under the CPU defaults of commit 7dfa1e2 (03's --n-neighbors is now --n-nbrs, 04's
+# --holdout-frac --heldout-frac; --limit is new; 04 then scored every held-out pair, the cpu preset a sample of 300),
+# with 06's --item-users as its main() resolved it for an LLM source.
+CPU_BEFORE = {
+    "03": dict(variant="mask", model="default", device=None, max_steps=16, epochs=1.0, batch_size=2, grad_accum=1,
+               lr=2e-3, lora_r=8, lora_alpha=16, lora_dropout=0.05,
+               lora_targets=ATTN + ",gate_proj,up_proj,down_proj", max_length=1024, n_nbrs=2, item_frac=0.5,
+               kd_gen_batch=8, kd_max_new_tokens=48, init="gpt_kd", limit=None),
+    "04": dict(model="default", device=None, max_steps=8, epochs=1.0, batch_size=4, grad_accum=1, lr=3e-4, lora_r=8,
+               lora_alpha=16, lora_dropout=0.0, lora_targets=ATTN, max_length=2048, heldout="auto", heldout_frac=0.2,
+               max_eval_pairs=300, eval_batch=8, center_rewards=0.01, eval_before=False, limit=None),
+    "05": dict(sft="sft_mask", reward="reward", model="default", device=None, steps=3, batch_size=4, minibatch_size=2,
+               ppo_epochs=1, lr=5e-5, temperature=1.0, top_p=1.0, max_new_tokens=40, beta=0.05, target_kl=0.0,
+               kl_horizon=10000, gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
+               max_grad_norm=1.0, value_backprop=False, missing_eos_penalty=0.0, incomplete_score=-3.0, ckpt_every=5,
+               whiten_advantages=True, stop_at_profile=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+               lora_targets=ATTN, reward_batch=8, limit=None, restart=False),
+    "06": dict(source="ppo", teacher=None, model="default", device=None, dtype="auto", threads=1, encoder=None,
+               batch_size=64, max_new_tokens=40, temperature=0.0, item_users=2, item_nbrs=3, shard=None, merge=False,
+               what="all", wait_s=3600.0, limit=None, restart=False, probe_only=False),
+}
+SHARED = {"run": Path("r"), "seed": 0, "force": False}
+
+
+def preset_flags(preset):
+    """{stage: [flags]} as scripts/presets.sh sets them for `preset`."""
+    names = {"03": "SFT_FLAGS", "04": "REWARD_FLAGS", "05": "PPO_FLAGS", "06": "PROFILE_FLAGS"}
+    script = ". scripts/presets.sh >/dev/null && " + " && ".join(f'echo "${v}"' for v in names.values())
+    out = subprocess.run(["bash", "-c", script], cwd=REPO, env={"PRESET": preset, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    return {stage: shlex.split(line) for stage, line in zip(names, out)}
+
+
+def test_cpu_preset_is_the_cpu_defaults_of_before():
+    flags = preset_flags("cpu")
+    parsed = {"03": vars(SFT.parse_args(["--run", "r"] + flags["03"])),
+              "04": vars(RW.parse_args(["--run", "r"] + flags["04"])),
+              "05": vars(PPO.parse_args(["--run", "r"] + flags["05"])),
+              "06": vars(PROF.build_parser().parse_args(["--run", "r", "--source", "ppo"] + flags["06"]))}
+    for stage, before in CPU_BEFORE.items():
+        assert parsed[stage] == {**SHARED, **before}, stage
+    # 03's gpt_kd runs with the same flags; --variant is the only difference
+    kd = vars(SFT.parse_args(["--run", "r", "--variant", "gpt_kd"] + flags["03"]))
+    assert kd == {**parsed["03"], "variant": "gpt_kd"}
+
+
+def test_gpu_preset_is_the_stage_defaults():
+    assert preset_flags("gpu") == {"03": [], "04": [], "05": [], "06": []}
+    bad = subprocess.run(["bash", "-c", ". scripts/presets.sh"], cwd=REPO,
+                         env={"PRESET": "tpu", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown PRESET=tpu" in bad.stderr
+
+
+def test_gpu_preset_end_to_end_with_limit(synthetic_run, tiny_llm, monkeypatch):
+    """02 -> 03 gpt_kd -> 03 mask -> 04 -> 05 -> 06 at the stage defaults (3 SFT and reward epochs, batch 1, one PPO
+    step per prompt, 100 new tokens, 5 users per warm item), --limit keeping each stage to a few examples, in the
+    dtypes of a GPU with bf16 (bf16 autocast in 03 and 04, bf16 models in 03's and 06's generation and in 05)."""
+    real_load = llm.load_llm
+    monkeypatch.setattr(llm, "load_llm", lambda *a, **kw: real_load(*a, **{**kw, "dtype": torch.bfloat16}))
+    monkeypatch.setattr(llm, "pick_dtype", lambda name, device=None: torch.bfloat16 if name == "auto"
+                        else getattr(torch, name))
+    run = synthetic_run
+    D.main(["--run", str(run), "--no-probe"])
+    base = ["--run", str(run), "--model", tiny_llm, "--device", "cpu"]
+    kd = SFT.main(base + ["--variant", "gpt_kd", "--limit", "3"])
+    info = json.loads((kd / "sft_info.json").read_text())
+    # 3 users + round(0.5 * 3) item examples, 3 epochs at batch 1
+    assert info["n_examples"] == 5 and info["steps"] == 3 * 5, info
+    mask = SFT.main(base + ["--variant", "mask", "--limit", "3"])
+    assert json.loads((mask / "sft_info.json").read_text())["init"] == "sft_gpt_kd"
+    adapter = json.loads((mask / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], sorted(adapter["target_modules"])) == (8, 16, ["q_proj", "v_proj"])
+
+    reward = RW.main(base + ["--limit", "8"])
+    ev = json.loads((reward / "eval.json").read_text())
+    assert ev["counts"]["train_pairs"] == 8 and ev["heldout"]["n"] == 8 and ev["steps"] == 3 * 2, ev
+
+    ppo = PPO.main(base + ["--limit", "2"])
+    info = json.loads((ppo / "ppo_info.json").read_text())
+    assert info["config"]["steps"] == 2 and len(info["users"]) == 2  # one pass: a step per prompt at batch 1
+    assert [r["step"] for r in common.read_jsonl(ppo / "ppo_log.jsonl")] == [1, 2]
+    adapter = json.loads((ppo / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (4, 8, 0.05)
+
+    PROF.main(base + ["--source", "ppo", "--limit", "3"])
+    out = run / "profiles" / "ppo"
+    assert len(common.read_jsonl(out / "users.jsonl")) == 3
+    recorded = common.read_manifest(run)["stages"]["06_profile_ppo"]["args"]
+    assert recorded["item_users"] == 5 and recorded["max_new_tokens"] == PROF.MAX_NEW_TOKENS
