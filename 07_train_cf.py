@@ -25,6 +25,8 @@ is never read here. L2 acts on parameters: on the batch's rows of the ID embeddi
 LightGCN does) and, as Adam's weight decay, on every Linear weight (towers, Psi, NeuMF); the item vectors
 themselves are unit-normalised, so an L2 on them would have no gradient. Each validation also counts the
 zero or non-finite initial user and item vectors and the distinct cold-item vectors (a collapse shows).
+Cost: each tower runs once per step and every use in it (BPR's users, positives, negatives, both contrastive
+views) reads that output (Towers.batch, `once`); bench/bench_epoch.py times Augment's epochs against Base's.
 Negatives are drawn from the warm items only (`--neg-pool warm`): cold items belong to the test period, so the
 model must not know they exist.
 
@@ -140,10 +142,24 @@ class Fusion(nn.Module):
         return x + y if self.kind == "residual" else torch.relu(y) if self.kind == "relu" else y
 
 
+def once(rep, n, idx):
+    """For each index tensor i in idx, the rows i of rep(None), with rep evaluated once for all of them: on all n
+    rows when the batch holds at least n indices (then no more rows than one evaluation per use, and no gather
+    of the wide fixed inputs), else on the distinct rows."""
+    flat = torch.cat(idx)
+    if len(flat) >= n:
+        x, inv = rep(None), flat
+    else:
+        rows, inv = torch.unique(flat, return_inverse=True)
+        x = rep(rows)
+    return list(x.index_select(0, inv).split([len(i) for i in idx]))   # index_select: faster than x[inv]
+
+
 class Towers(nn.Module):
     """The initial user and item representations of one variant (eqs. 1-2). users(idx) / items(idx)
-    return the rows of idx, or of everyone when idx is None. The text and profile embeddings are
-    non-persistent buffers: model.pt holds only what was learned."""
+    return the rows of idx, or of everyone when idx is None; batch() gives a training batch's rows with each
+    tower run once. The text and profile embeddings are non-persistent buffers: model.pt holds only what
+    was learned."""
 
     def __init__(self, variant, n_users, n_items, d, text=None, user_prof=None, item_prof=None, fusion=FUSION):
         super().__init__()
@@ -169,19 +185,27 @@ class Towers(nn.Module):
     def users(self, idx=None):
         x = self.user_id.weight if idx is None else self.user_id(idx)
         if self.aug_user:
-            p = self.user_prof if idx is None else self.user_prof[idx]
+            p = self.user_prof if idx is None else self.user_prof.index_select(0, idx)
             x = self.psi_user(x, F.normalize(self.t_pro(p), dim=-1))
         return x
 
     def items(self, idx=None):
         if self.variant == "id":
             return self.item_id.weight if idx is None else self.item_id(idx)
-        f = self.text if idx is None else self.text[idx]
+        f = self.text if idx is None else self.text.index_select(0, idx)
         x = self.t_raw(f)
         if self.aug_item:
-            p = self.item_prof if idx is None else self.item_prof[idx]
+            p = self.item_prof if idx is None else self.item_prof.index_select(0, idx)
             x = self.psi_item(x, self.t_pro(p))
         return F.normalize(x, dim=-1)
+
+    def batch(self, u, *items):
+        """A training batch's rows: x_u for the users u, then x_v for each item index tensor. A side with a
+        tower evaluates it once per step (not once per use), see `once`."""
+        users = once(self.users, len(self.user_id.weight), [u]) if self.aug_user else [self.user_id(u)]
+        if self.variant == "id":
+            return users + [self.item_id(i) for i in items]
+        return users + once(self.items, len(self.text), items)
 
     def id_rows(self, u, pos, neg):
         """The batch's rows of the ID embeddings (what the per-example L2 acts on)."""
@@ -210,7 +234,7 @@ class BiasMF(nn.Module):
         return (self.item_bias(idx) if self.towers.variant == "id" else self.item_bias(x)).squeeze(-1)
 
     def forward(self, u, pos, neg):
-        x_u, x_p, x_n = self.towers.users(u), self.towers.items(pos), self.towers.items(neg)
+        x_u, x_p, x_n = self.towers.batch(u, pos, neg)
         b_u = self.user_bias(u).squeeze(-1)
         s_p = (x_u * x_p).sum(-1) + b_u + self.b_item(pos, x_p)
         s_n = (x_u * x_n).sum(-1) + b_u + self.b_item(neg, x_n)
@@ -237,7 +261,7 @@ class NeuMF(nn.Module):
         return self.out(torch.cat([x_u * x_v, self.mlp(torch.cat([x_u, x_v], -1))], -1)).squeeze(-1)
 
     def forward(self, u, pos, neg):
-        x_u, x_p, x_n = self.towers.users(u), self.towers.items(pos), self.towers.items(neg)
+        x_u, x_p, x_n = self.towers.batch(u, pos, neg)
         return self.pair_scores(x_u, x_p), self.pair_scores(x_u, x_n), 0.0
 
 
@@ -408,47 +432,63 @@ def collapse_counts(towers, cold_items):
             "distinct_cold_items": int(torch.unique(cold, dim=0).shape[0]) if len(cold) else 0}
 
 
-def train_one(backbone, variant, source, seed, split, feats, args, out_dir):
-    """Train one model; keep the state with the best validation Recall@20.
-    Returns (the model holding that state, the state, meta, per-epoch log rows)."""
+def warm_items(split):
+    return np.setdiff1d(np.arange(split["n_items"]), split["cold_items"])
+
+
+def setup_training(backbone, variant, seed, split, feats, args):
+    """The model, its Adam, the BPR sampler and SGL's edge-dropout generator, seeded."""
     common.seed_everything(seed)
-    n_users, n_items = split["n_users"], split["n_items"]
-    towers = Towers(variant, n_users, n_items, args.dim, **feats, fusion=args.fusion)
+    n_items = split["n_items"]
+    towers = Towers(variant, split["n_users"], n_items, args.dim, **feats, fusion=args.fusion)
     model = build_model(backbone, towers, split, args)
     linear_w = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     rest = [q for q in model.parameters() if all(q is not w for w in linear_w)]
-    opt = torch.optim.Adam([{"params": linear_w, "weight_decay": args.l2}, {"params": rest}], lr=args.lr)
-
+    # fused: one pass over all parameters, not a loop of small ops per tensor (Augment has twice Base's tensors)
+    opt = torch.optim.Adam([{"params": linear_w, "weight_decay": args.l2}, {"params": rest}], lr=args.lr, fused=True)
     # negatives: warm items only (or all)
-    warm = np.setdiff1d(np.arange(n_items), split["cold_items"])
     sampler = common.BPRSampler(split["train_u"], split["train_i"], n_items, seed,
-                                pool=warm if args.neg_pool == "warm" else None)
+                                pool=warm_items(split) if args.neg_pool == "warm" else None)
     rng = np.random.default_rng(seed + 1)   # SGL's edge dropout
+    return model, opt, sampler, rng
+
+
+def train_epoch(model, opt, sampler, rng, args):
+    """One pass over the training interactions; returns the mean loss and the mean BPR term."""
+    if hasattr(model, "new_epoch"):   # SGL: fresh edge-dropout views
+        model.new_epoch(rng)
+    tot, tot_bpr, n = 0.0, 0.0, 0
+    for u, pos, neg in sampler.epoch(args.batch_size):
+        u, pos, neg = u.to(args.device), pos.to(args.device), neg.to(args.device)
+        s_pos, s_neg, extra = model(u, pos, neg)
+        bpr = F.softplus(s_neg - s_pos).mean()
+        reg = sum(x.square().sum() for x in model.towers.id_rows(u, pos, neg)) / 2 / len(u)
+        loss = bpr + args.l2 * reg + extra
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tot, tot_bpr, n = tot + loss.item(), tot_bpr + bpr.item(), n + 1
+    return tot / n, tot_bpr / n
+
+
+def train_one(backbone, variant, source, seed, split, feats, args, out_dir):
+    """Train one model; keep the state with the best validation Recall@20.
+    Returns (the model holding that state, the state, meta, per-epoch log rows)."""
+    model, opt, sampler, rng = setup_training(backbone, variant, seed, split, feats, args)
+    towers, n_users = model.towers, split["n_users"]
 
     # validation: rank the warm items, the user's training items excluded, against its validation items
     exclude = common.csr(split["train_u"], split["train_i"], n_users)
     valid = common.csr(split["valid_u"], split["valid_i"], n_users)
-    valid_items = torch.from_numpy(warm.astype(np.int64))
+    valid_items = torch.from_numpy(warm_items(split).astype(np.int64))
 
     best_state, best_recall, best_epoch, log_rows, epoch_secs = None, -1.0, 0, [], []
     bar = tqdm(range(1, args.max_epochs + 1), desc=out_dir.name, unit="epoch")
     for epoch in bar:
         t0 = time.time()
-        if hasattr(model, "new_epoch"):   # SGL: fresh edge-dropout views
-            model.new_epoch(rng)
-        tot, tot_bpr, n = 0.0, 0.0, 0
-        for u, pos, neg in sampler.epoch(args.batch_size):
-            u, pos, neg = u.to(args.device), pos.to(args.device), neg.to(args.device)
-            s_pos, s_neg, extra = model(u, pos, neg)
-            bpr = F.softplus(s_neg - s_pos).mean()
-            reg = sum(x.square().sum() for x in towers.id_rows(u, pos, neg)) / 2 / len(u)
-            loss = bpr + args.l2 * reg + extra
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tot, tot_bpr, n = tot + loss.item(), tot_bpr + bpr.item(), n + 1
+        loss, bpr = train_epoch(model, opt, sampler, rng, args)
         epoch_secs.append(time.time() - t0)   # training only; validation is not timed
-        row = {"epoch": epoch, "loss": tot / n, "bpr": tot_bpr / n, "seconds": round(epoch_secs[-1], 4)}
+        row = {"epoch": epoch, "loss": loss, "bpr": bpr, "seconds": round(epoch_secs[-1], 4)}
         if epoch % args.eval_every == 0 or epoch == args.max_epochs:
             m = evaluate(model, exclude, valid, valid_items, ks=(20,))
             row["valid_recall@20"] = float(np.nanmean(m["recall@20"]))

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 
@@ -263,3 +264,95 @@ def test_a_rerun_skips_models_trained_on_the_current_inputs(synthetic_run):
     (run / "cf" / "biasmf_base_none_s0" / "item_emb.npy").write_bytes(b"x")   # a damaged output: retrained
     cf.main(argv[:4] + FAST[:-1] + ["0.02"])
     assert log.stat().st_mtime_ns != stamp
+
+
+def naive_reps(t, users, items):
+    """Eqs. 1-2 written out from the parameters, row by row: every use recomputes its tower, and Psi multiplies
+    x and p by the two halves of its weight instead of concatenating them."""
+    lin = lambda m, x: x @ m.weight.T + m.bias
+    mlp = lambda s, x: lin(s[2], torch.relu(lin(s[0], x)))
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)   # F.normalize: a zero row stays zero
+
+    def psi(f, x, p):
+        d = x.shape[-1]
+        y = x @ f.linear.weight[:, :d].T + p @ f.linear.weight[:, d:].T + f.linear.bias
+        return {"residual": x + y, "linear": y, "relu": torch.relu(y)}[f.kind]
+    x_u = t.user_id.weight[users]
+    if t.aug_user:
+        x_u = psi(t.psi_user, x_u, unit(mlp(t.t_pro, t.user_prof[users])))
+    if t.variant == "id":
+        return x_u, t.item_id.weight[items]
+    x_v = mlp(t.t_raw, t.text[items])
+    if t.aug_item:
+        x_v = psi(t.psi_item, x_v, mlp(t.t_pro, t.item_prof[items]))
+    return x_u, unit(x_v)
+
+
+def naive_forward(model, args, u, pos, neg, noise_seed):
+    """What model(u, pos, neg) computes, from naive_reps and dense matrices (SimGCL's noise redrawn in the same
+    order from the same seed)."""
+    t = model.towers
+    if isinstance(model, (cf.BiasMF, cf.NeuMF)):
+        (x_u, x_p), (_, x_n) = naive_reps(t, u, pos), naive_reps(t, u, neg)
+        if isinstance(model, cf.NeuMF):
+            return model.pair_scores(x_u, x_p), model.pair_scores(x_u, x_n), 0.0
+        b_u = model.user_bias.weight[u, 0]
+        w = model.item_bias.weight
+        b_v = lambda i, x: w[i, 0] if t.variant == "id" else x @ w[0] + model.item_bias.bias
+        return (x_u * x_p).sum(-1) + b_u + b_v(pos, x_p), (x_u * x_n).sum(-1) + b_u + b_v(neg, x_n), 0.0
+    n_users, n_items = len(t.user_id.weight), len(t.text) if t.variant != "id" else len(t.item_id.weight)
+    e0 = torch.cat(naive_reps(t, torch.arange(n_users), torch.arange(n_items)))
+
+    def propagate(adj, eps=0.0):
+        layers = [e0]
+        for _ in range(args.layers):
+            e = adj.to_dense() @ layers[-1]
+            layers.append(e + torch.sign(e) * F.normalize(torch.rand_like(e), dim=-1) * eps if eps else e)
+        return torch.stack(layers).mean(0)
+    torch.manual_seed(noise_seed)
+    e = propagate(model.adj)
+    extra = 0.0
+    if isinstance(model, cf.SGL):
+        extra = cf.cl_loss(propagate(model.views[0]), propagate(model.views[1]), u, pos, n_users, args)
+    elif isinstance(model, cf.SimGCL):
+        extra = cf.cl_loss(*(propagate(model.adj, args.noise_eps) for _ in range(2)), u, pos, n_users, args)
+    eu, ep, en = e[u], e[n_users + pos], e[n_users + neg]
+    return (eu * ep).sum(-1), (eu * en).sum(-1), extra
+
+
+@pytest.mark.parametrize("backbone", cf.BACKBONES)
+@pytest.mark.parametrize("variant", cf.VARIANTS)
+def test_forward_equals_a_naive_reference(backbone, variant):
+    """Each tower runs once per step and its rows are shared by every use (BPR's positives and negatives, both
+    contrastive views): scores, contrastive loss and gradients equal a naive per-use computation, on the path
+    that evaluates all rows (batch >= rows) and on the one that evaluates the distinct rows (a small batch)."""
+    n_users, n_items, d, d_t = 7, 11, 4, 5
+    rng = np.random.default_rng(0)
+    train_u, train_i = rng.integers(0, n_users, 30), rng.integers(0, n_items - 2, 30)   # two items without edges
+    split = {"n_users": n_users, "n_items": n_items, "train_u": train_u, "train_i": train_i}
+    feats = {"text": rng.standard_normal((n_items, d_t)), "user_prof": rng.standard_normal((n_users, d_t)),
+             "item_prof": rng.standard_normal((n_items, d_t))}
+    for fusion in ("residual", "linear", "relu") if cf.uses_profiles(variant) else ("residual",):
+        args = cf.parse_args(["--run", "unused", "--dim", str(d), "--device", "cpu", "--fusion", fusion])
+        torch.manual_seed(0)
+        towers = cf.Towers(variant, n_users, n_items, d, **(feats if variant != "id" else {}), fusion=fusion)
+        model = cf.build_model(backbone, towers, split, args)
+        for p in model.parameters():   # no zero biases: every term shows
+            torch.nn.init.normal_(p, std=0.5)
+        if backbone == "sgl":
+            model.new_epoch(np.random.default_rng(1))
+        for batch in (12, 3):
+            u, pos, neg = (torch.as_tensor(rng.integers(0, n, batch)) for n in (n_users, n_items, n_items))
+            torch.manual_seed(5)
+            got = model(u, pos, neg)
+            want = naive_forward(model, args, u, pos, neg, noise_seed=5)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(torch.as_tensor(g), torch.as_tensor(w), rtol=1e-4, atol=1e-5)
+            params = [p for p in model.parameters()]
+            loss = lambda out: (out[0] * 1.3 - out[1] * 0.7).sum() + out[2]
+            g_got = torch.autograd.grad(loss(got), params, allow_unused=True)
+            g_want = torch.autograd.grad(loss(want), params, allow_unused=True)
+            for p, a, b in zip(params, g_got, g_want):
+                a = torch.zeros_like(p) if a is None else a
+                b = torch.zeros_like(p) if b is None else b
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,101 @@
+"""Seconds per training epoch of 07's Base and Augment, per backbone, and the ratio Augment / Base.
+
+    python 01_neighbors.py --run /tmp/ovh                  # once: the bundled ml-100k split and item texts
+    python bench/bench_epoch.py --run /tmp/ovh             # 1-2 min on 2 cores
+    python bench/bench_epoch.py --run /tmp/ovh --backbone biasmf ncf --reps 9
+    python bench/bench_epoch.py --run /tmp/ovh --module old_07.py   # another 07 (with setup_training, train_epoch)
+
+Each epoch is 07's own train_epoch (sampling, forward, backward, Adam, loss.item()) at 07's defaults. Base and
+Augment of a backbone are built in the same process and their epochs interleaved (the order flipping every
+round), after one warm-up epoch each, so drift in the machine's load hits both alike; seconds are medians, the
+ratio is the median over rounds of the round's Augment / Base. Wall time and this process's CPU time are both
+reported: on a shared machine the CPU time is the steadier one (it leaves out the time the process waited for a
+core). The load average is printed before and after: above the core count, read the seconds as contended.
+Profiles: profiles/<--source>/ of the run when it has them, else random unit vectors of the item-text width
+(what 06 writes with the same encoder), which cost the same to train on.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
+
+def load_07(path):
+    spec = importlib.util.spec_from_file_location("train_cf", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def features(run, source, split, seed=0):
+    text = common.load_npy(run / "item_text_emb.npy")
+    prof = run / "profiles" / source
+    if (prof / "user_emb.npy").exists():
+        return text, {"user_prof": common.load_npy(prof / "user_emb.npy"),
+                      "item_prof": common.load_npy(prof / "item_emb.npy")}, f"profiles/{source}"
+    rng = np.random.default_rng(seed)
+    unit = lambda n: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(
+        rng.standard_normal((n, text.shape[1])).astype(np.float32))
+    return text, {"user_prof": unit(split["n_users"]), "item_prof": unit(split["n_items"])}, "synthetic"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="a run directory written by 01_neighbors.py")
+    ap.add_argument("--source", default="ppo", help="profiles/<source>/ when present (else synthetic)")
+    ap.add_argument("--backbone", nargs="+", default=None, help="default: all of 07's")
+    ap.add_argument("--reps", type=int, default=5, help="timed epochs per model (median)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--module", type=Path, default=ROOT / "07_train_cf.py", help="the 07 to time")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    cf = load_07(a.module)
+    split = common.load_split(a.run)
+    text, prof, prof_src = features(a.run, a.source, split)
+    args = cf.parse_args(["--run", str(a.run), "--device", a.device])
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
+    load0 = os.getloadavg()
+    print(f"device={a.device} threads={a.threads} torch={torch.__version__} cores={os.cpu_count()} "
+          f"module={a.module.name} profiles={prof_src} d_t={text.shape[1]} reps={a.reps} (median)")
+    print(f"users={split['n_users']} items={split['n_items']} train={len(split['train_u'])} "
+          f"batch={args.batch_size} d={args.dim}  load average before: {' '.join(f'{x:.2f}' for x in load0)}")
+    print(f"{'backbone':<10}{'base s':>9}{'augment s':>11}{'ratio':>7}   {'base cpu s':>11}{'augment cpu s':>14}"
+          f"{'ratio':>7}")
+    for backbone in a.backbone or cf.BACKBONES:
+        runs = {}
+        for variant in ("base", "augment"):
+            feats = {"text": text, **(prof if variant == "augment" else {})}
+            runs[variant] = cf.setup_training(backbone, variant, 0, split, feats, args)
+        wall, cpu = {v: [] for v in runs}, {v: [] for v in runs}
+        for r in range(a.reps + 1):   # round 0 warms up
+            for v in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                sync()
+                t_wall, t_cpu = time.perf_counter(), time.process_time()
+                cf.train_epoch(*runs[v], args)
+                sync()
+                if r:
+                    wall[v].append(time.perf_counter() - t_wall)
+                    cpu[v].append(time.process_time() - t_cpu)
+        # ratio: the median over rounds of Augment / Base within a round (adjacent epochs see the same load)
+        ratio = lambda secs: statistics.median(x / y for x, y in zip(secs["augment"], secs["base"]))
+        w, c = ({v: statistics.median(x) for v, x in secs.items()} for secs in (wall, cpu))
+        print(f"{backbone:<10}{w['base']:>9.3f}{w['augment']:>11.3f}{ratio(wall):>6.2f}x   "
+              f"{c['base']:>11.3f}{c['augment']:>14.3f}{ratio(cpu):>6.2f}x", flush=True)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
