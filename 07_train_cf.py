@@ -1,58 +1,22 @@
 """Stage 07: train the collaborative-filtering recommenders, Base vs Augment (paper section 2.2).
 
-Items have no ID embedding: an item is its text, so cold items (never seen in training) can be scored.
+Items have no ID embedding: an item is its text (item_text_emb.npy), so cold items can be scored.
   base         item = normalize(T_raw(f_v))                       user = x_u (ID embedding)
   augment      item = normalize(Psi_i([T_raw(f_v), T_pro(p_v)]))   user = Psi_u([x_u, normalize(T_pro(p_u))])
   no_user_aug  augmented items, base users          no_item_aug  augmented users, base items
   id           the textbook model: items are ID embeddings, no text (cannot score cold items)
-T_raw, T_pro: Linear(d_t, d)-ReLU-Linear(d, d) (one T_pro, shared by user and item profiles, as in eq. 2);
-Psi (--fusion), one for users and one for items, maps [x, p] to d:
-  residual (default)  x + Linear([x, p]): the Base representation plus a learned correction
-  linear              Linear([x, p])
-  relu                Linear([x, p])-ReLU, the paper's and the official code's. It can map a row to exactly
-                      zero; cold items never get a gradient, so on ml-100k it collapsed the cold items to a
-                      handful of vectors (many exactly zero) and top-K ties then ranked them by item id.
-f_v: item_text_emb.npy; p_u, p_v: the profile embeddings of --source. The backbone then works on these
-initial representations:
-  biasmf    x_u . x_v + b_u + b_v (b_v from the item's representation, so cold items get one)
-  ncf       NeuMF: h . [x_u * x_v, MLP([x_u, x_v])]  (both branches read the same x_u, x_v)
-  lightgcn  2 layers over the normalised bipartite training graph, layer mean (layer 0 included)
-  sgl       lightgcn + InfoNCE between two edge-dropout views (redrawn each epoch)
-  simgcl    lightgcn + InfoNCE between two views with sign(e) * normalize(U(0,1) noise) * eps per layer
-Training: BPR + L2, Adam, early stopping on VALIDATION Recall@20 (exclude = the user's training items,
-test = the user's validation items, ranked among the warm items) after at least --min-epochs. The test set
-is never read here. L2 acts on parameters: on the batch's rows of the ID embeddings (scaled per example, as
-LightGCN does) and, as Adam's weight decay, on every Linear weight (towers, Psi, NeuMF); the item vectors
-themselves are unit-normalised, so an L2 on them would have no gradient. Each validation also counts the
-zero or non-finite initial user and item vectors and the distinct cold-item vectors (a collapse shows).
-Cost: each tower runs once per step and every use in it (BPR's users, positives, negatives, both contrastive
-views) reads that output (Towers.batch, `once`); bench/bench_epoch.py times Augment's epochs against Base's.
-Negatives are drawn from the warm items only (`--neg-pool warm`): cold items belong to the test period, so the
-model must not know they exist.
+with p_u, p_v the profile embeddings of --source (06), Psi as --fusion says (Fusion), on biasmf, ncf, lightgcn,
+sgl, simgcl (--backbone all). Training: BPR + L2, Adam, negatives from warm items, early stopping on validation
+Recall@20 after --min-epochs; test is never read. A model already trained with the same arguments on current
+inputs is skipped (--redo retrains; a stale input retrains it).
 
-Reads from --run: data/split.npz, item_text_emb.npy, and for the augment variants
-profiles/<source>/user_emb.npy [n_users, d_t] and item_emb.npy [n_items, d_t] (stage 06).
-Writes per (backbone, variant, source, seed), source = `none` for base and id, into
-cf/<backbone>_<variant>_<source>_s<seed>/:
-  model.pt       the best state dict (by validation Recall@20)
-  log.jsonl      per epoch: loss, bpr, seconds (training only), and valid_recall@20 / valid_ndcg@20
-                 when evaluated
-  meta.json      backbone, variant, source, seed, best_epoch, best_valid_recall20, seconds_per_epoch,
-                 scorer ("dot" or "ncf"), can_score_cold, fusion, zero/dead-vector counts, args
-  scorer "dot" (biasmf, lightgcn, sgl, simgcl):  user_emb.npy, item_emb.npy (float32); the score of
-                 (u, v) is their dot product, so 08 ranks with common.rank_eval. For BiasMF the vectors
-                 are [x_u, 1] and [x_v, b_v]: b_u moves all of a user's scores alike, so no ranking changes.
-  scorer "ncf":  NeuMF's score is not a dot product (its MLP mixes user and item non-linearly), so 07
-                 ranks with the real NeuMF score in tiles (ncf_topk below; ties: lower item id first) and
-                 writes topk_full.npz (all items) and topk_zero.npz (cold items only; not for `id`):
-                 `indices` int64 and `scores` float32 [n_users, --topk], the user's train and
-                 valid items excluded, -1 / -inf where fewer candidates remain.
-Resume: a model whose folder and manifest record match the current inputs and arguments is skipped (its
-meta.json is reused), so an interrupted grid continues where it stopped; --redo retrains. An input whose upstream
-is stale (a new split, profiles from a retrained model; common.stage_stale) retrains it instead.
-Run:
-  python 07_train_cf.py --run runs/ml100k --backbone lightgcn --variant base
-  python 07_train_cf.py --run runs/ml100k --backbone all --variant base augment --source ppo --seeds 0 1 2
+Reads  data/split.npz, item_text_emb.npy; augment variants: profiles/<source>/user_emb.npy, item_emb.npy
+Writes cf/<backbone>_<variant>_<source>_s<seed>/ (source `none` for base and id): model.pt (best by validation
+       Recall@20), log.jsonl (per epoch), meta.json (best epoch, seconds per epoch, scorer, collapse counts,
+       args), and user_emb.npy + item_emb.npy (scorer "dot") or, for ncf, topk_full.npz / topk_zero.npz
+       (`indices` int64, `scores` float32 [n_users, TOPK], train and valid items excluded, -1 / -inf padding)
+Run    python 07_train_cf.py --run runs/ml100k --backbone lightgcn --variant base
+       python 07_train_cf.py --run runs/ml100k --backbone all --variant base augment --source ppo --seeds 0 1 2
 """
 import argparse
 import json
@@ -127,11 +91,18 @@ def uses_profiles(variant):
 # ----------------------------------------------------------------------------- initial representations
 
 def mlp(d_in, d):
+    """T_raw and T_pro: Linear(d_t, d)-ReLU-Linear(d, d); one T_pro, shared by user and item profiles (eq. 2)."""
     return nn.Sequential(nn.Linear(d_in, d), nn.ReLU(), nn.Linear(d, d))
 
 
 class Fusion(nn.Module):
-    """Psi([x, p]) -> d for one side; `kind` as in the docstring (residual, linear, relu)."""
+    """Psi([x, p]) -> d for one side (one for users, one for items):
+      residual (default)  x + Linear([x, p]): the Base representation plus a learned correction
+      linear              Linear([x, p])
+      relu                Linear([x, p])-ReLU, the paper's and the official code's. It can map a row to exactly
+                          zero; cold items never get a gradient, so on ml-100k it collapsed the cold items to a
+                          handful of vectors (many exactly zero) and top-K ties then ranked them by item id.
+    collapse_counts logs zero and non-finite vectors and the distinct cold-item vectors at each validation."""
 
     def __init__(self, d, kind):
         super().__init__()
@@ -218,6 +189,13 @@ class Towers(nn.Module):
 # ----------------------------------------------------------------------------- backbones
 # Each forward(u, pos, neg) returns (positive scores, negative scores, extra loss). Dot-product
 # backbones also give dot_reps(): all users' and all items' final vectors, whose dot product is the score.
+#   biasmf    x_u . x_v + b_u + b_v (b_v from the item's representation, so cold items get one); exported as
+#             [x_u, 1] . [x_v, b_v]: b_u moves all of a user's scores alike, so no ranking changes
+#   ncf       NeuMF: h . [x_u * x_v, MLP([x_u, x_v])] (both branches read the same x_u, x_v); not a dot product,
+#             so 07 ranks with the real score in tiles (ncf_topk; ties: lower item id first)
+#   lightgcn  2 layers over the normalised bipartite training graph, layer mean (layer 0 included)
+#   sgl       lightgcn + InfoNCE between two edge-dropout views (redrawn each epoch)
+#   simgcl    lightgcn + InfoNCE between two views with sign(e) * normalize(U(0,1) noise) * eps per layer
 
 class BiasMF(nn.Module):
     scorer = "dot"
@@ -433,6 +411,8 @@ def collapse_counts(towers, cold_items):
 
 
 def warm_items(split):
+    """The negative pool (`--neg-pool warm`): cold items belong to the test period, so the model must not know
+    they exist."""
     return np.setdiff1d(np.arange(split["n_items"]), split["cold_items"])
 
 
@@ -454,7 +434,11 @@ def setup_training(backbone, variant, seed, split, feats, args):
 
 
 def train_epoch(model, opt, sampler, rng, args):
-    """One pass over the training interactions; returns the mean loss and the mean BPR term."""
+    """One pass over the training interactions; returns the mean loss and the mean BPR term.
+    L2 acts on parameters: on the batch's rows of the ID embeddings (scaled per example, as LightGCN does) and, as
+    Adam's weight decay, on every Linear weight (towers, Psi, NeuMF); item vectors are unit-normalised, so an L2
+    on them would have no gradient. Each tower runs once per step and every use in it (BPR's users, positives,
+    negatives, both contrastive views) reads that output (Towers.batch); bench/bench_epoch.py times it."""
     if hasattr(model, "new_epoch"):   # SGL: fresh edge-dropout views
         model.new_epoch(rng)
     tot, tot_bpr, n = 0.0, 0.0, 0
