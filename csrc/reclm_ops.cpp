@@ -486,38 +486,16 @@ struct TopkBuf {
   bool full;
 };
 
-// Keep the best k of the n > k buffered candidates, stably (among equal
-// scores the lower ids, which come first, stay). The k-th best score is found
+// The k-th best of the n > k buffered candidates (kth_key: its order key;
+// kth_score: the score), and shrink: keep the best k, stably (among equal
+// scores the lower ids, which come first, stay). The k-th best is found
 // by bisection on the order keys: each step counts keys >= mid over the
 // buffer, a branch-free loop the compiler vectorises, so the whole search is
 // a few hundred cycles with no data-dependent branches (nth_element on the
 // same buffer mispredicted its way to ~10 ns per candidate).
 template <typename scalar_t>
-__attribute__((always_inline)) static inline scalar_t kth_score(
+__attribute__((always_inline)) static inline typename KeyOf<scalar_t>::type kth_key(
     const TopkBuf<scalar_t>& b, int64_t k, typename KeyOf<scalar_t>::type* key) {
-  using K = typename KeyOf<scalar_t>::type;
-  const int64_t n = b.n;
-  K lo = std::numeric_limits<K>::max(), hi = 0;
-  for (int64_t r = 0; r < n; ++r) {
-    const K q = order_key(b.s[r]);
-    key[r] = q;
-    lo = q < lo ? q : lo;
-    hi = q > hi ? q : hi;
-  }
-  while (lo < hi) {
-    const K mid = lo + (hi - lo) / 2 + 1;
-    int32_t cnt = 0;
-    for (int64_t r = 0; r < n; ++r) cnt += key[r] >= mid;
-    if (cnt >= k) lo = mid; else hi = mid - 1;
-  }
-  scalar_t ts = 0;
-  for (int64_t r = 0; r < n; ++r) ts = key[r] == lo ? b.s[r] : ts;
-  return ts;
-}
-
-template <typename scalar_t>
-__attribute__((always_inline)) static inline void shrink(TopkBuf<scalar_t>& b, int64_t k,
-                                                        typename KeyOf<scalar_t>::type* key) {
   using K = typename KeyOf<scalar_t>::type;
   const int64_t n = b.n;
   K lo = std::numeric_limits<K>::max(), hi = 0;
@@ -534,7 +512,23 @@ __attribute__((always_inline)) static inline void shrink(TopkBuf<scalar_t>& b, i
     for (int64_t r = 0; r < n; ++r) cnt += key[r] >= mid;
     if (cnt >= k) lo = mid; else hi = mid - 1;
   }
-  const K t = lo;
+  return lo;
+}
+
+template <typename scalar_t>
+__attribute__((always_inline)) static inline scalar_t kth_score(
+    const TopkBuf<scalar_t>& b, int64_t k, typename KeyOf<scalar_t>::type* key) {
+  const auto t = kth_key(b, k, key);
+  scalar_t ts = 0;
+  for (int64_t r = 0; r < b.n; ++r) ts = key[r] == t ? b.s[r] : ts;
+  return ts;
+}
+
+template <typename scalar_t>
+__attribute__((always_inline)) static inline void shrink(TopkBuf<scalar_t>& b, int64_t k,
+                                                        typename KeyOf<scalar_t>::type* key) {
+  const int64_t n = b.n;
+  const auto t = kth_key(b, k, key);
   int64_t gt = 0;
   for (int64_t r = 0; r < n; ++r) gt += key[r] > t;
   int64_t eq_left = k - gt, w = 0;
