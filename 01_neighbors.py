@@ -69,10 +69,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def bpr_loss(u, pos, neg):
-    return torch.nn.functional.softplus(-((u * pos).sum(-1) - (u * neg).sum(-1))).mean()
-
-
 def train_lightgcn(split, args):
     """BPR LightGCN with ID embeddings; returns the best (by validation Recall@20) user embeddings."""
     n_users, n_items = split["n_users"], split["n_items"]
@@ -90,8 +86,8 @@ def train_lightgcn(split, args):
             u, pos, neg = u.to(args.device), pos.to(args.device), neg.to(args.device)
             out = common.lightgcn(adj, emb, args.layers)
             eu, ep, en = out[u], out[n_users + pos], out[n_users + neg]
-            reg = (emb[u].square().sum() + emb[n_users + pos].square().sum() + emb[n_users + neg].square().sum()) / len(u)
-            loss = bpr_loss(eu, ep, en) + args.l2 * reg
+            loss, _ = common.bpr_loss((eu * ep).sum(-1), (eu * en).sum(-1),
+                                      (emb[u], emb[n_users + pos], emb[n_users + neg]), args.l2)
             opt.zero_grad()
             loss.backward()
             opt.step()

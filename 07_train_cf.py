@@ -445,9 +445,8 @@ def train_epoch(model, opt, sampler, rng, args):
     for u, pos, neg in sampler.epoch(args.batch_size):
         u, pos, neg = u.to(args.device), pos.to(args.device), neg.to(args.device)
         s_pos, s_neg, extra = model(u, pos, neg)
-        bpr = F.softplus(s_neg - s_pos).mean()
-        reg = sum(x.square().sum() for x in model.towers.id_rows(u, pos, neg)) / 2 / len(u)
-        loss = bpr + args.l2 * reg + extra
+        loss, bpr = common.bpr_loss(s_pos, s_neg, model.towers.id_rows(u, pos, neg), args.l2)
+        loss = loss + extra
         opt.zero_grad()
         loss.backward()
         opt.step()

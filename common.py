@@ -530,6 +530,14 @@ def lightgcn(adj, emb0, n_layers):
     return torch.stack(layers).mean(0)
 
 
+def bpr_loss(s_pos, s_neg, id_rows, l2):
+    """(loss, bpr): BPR on the scores of (user, positive, negative) triples plus `l2` times the L2 of the batch's
+    ID-embedding rows, 0.5 * sum of squares per example as LightGCN does (01's LightGCN and every 07 model)."""
+    bpr = torch.nn.functional.softplus(s_neg - s_pos).mean()
+    reg = sum(x.square().sum() for x in id_rows) / 2 / len(s_pos)
+    return bpr + l2 * reg, bpr
+
+
 class BPRSampler:
     """Uniform (user, positive, negative) triples; negatives are drawn from `pool` (default: all items)
     and resampled while they are the user's positives."""

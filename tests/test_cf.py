@@ -356,3 +356,15 @@ def test_forward_equals_a_naive_reference(backbone, variant):
                 a = torch.zeros_like(p) if a is None else a
                 b = torch.zeros_like(p) if b is None else b
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bpr_loss_is_the_plain_formula():
+    """One BPR + L2 for 01 and 07: -log sigmoid(s_pos - s_neg) averaged, plus l2 * 0.5 * ||rows||^2 / batch."""
+    g = torch.Generator().manual_seed(0)
+    s_pos, s_neg = torch.randn(7, generator=g), torch.randn(7, generator=g)
+    rows = (torch.randn(7, 4, generator=g), torch.randn(7, 4, generator=g))
+    loss, bpr = common.bpr_loss(s_pos, s_neg, rows, l2=0.1)
+    ref_bpr = -torch.log(torch.sigmoid(s_pos - s_neg)).mean()
+    ref_reg = 0.5 * (rows[0].pow(2).sum() + rows[1].pow(2).sum()) / 7
+    torch.testing.assert_close(bpr, ref_bpr)
+    torch.testing.assert_close(loss, ref_bpr + 0.1 * ref_reg)
