@@ -901,8 +901,9 @@ def main(argv=None):
                                                       args.device)
         common.write_json(run / "distill_probe.json", probe)
         e = probe["eval_users"]
-        log.info("probe (%d eval users): teacher %s Recall@20 = %.4f (history centroid %.4f, random %.4f)",
-                 e["n_users"], args.teacher, e["recall@20"], e["centroid_recall@20"], e["random_recall@20"])
+        k = llm.PROBE_K
+        log.info("probe (%d eval users): teacher %s Recall@%d = %.4f (history centroid %.4f, random %.4f)",
+                 e["n_users"], args.teacher, k, e[f"recall@{k}"], e[f"centroid_recall@{k}"], e[f"random_recall@{k}"])
         outputs.append("distill_probe.json")
     if (run / "teacher_cache.jsonl").exists():
         outputs.append("teacher_cache.jsonl")

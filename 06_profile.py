@@ -56,7 +56,7 @@ THREADS = 1
 # item text chars), as 02's reward queries and 05's rollouts do: no flags here (llm.prompt_settings).
 TEACHER = "teacher"            # --source teacher: 02's teacher writes every profile (no LLM)
 SOURCES = common.PROFILE_SOURCES  # the LLM sources, then TEACHER
-PROBE_K = 20
+PROBE_K = llm.PROBE_K
 
 # ----------------------------------------------------------------------------- prompt templates
 # User prompts are llm.inference_messages (shared with 02's reward pairs and 05's PPO prompts); item prompts are

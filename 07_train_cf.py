@@ -44,7 +44,7 @@ FUSION = "residual"                                # Psi; see the docstring ("re
 # weight 0.1-0.02 at temperature 0.2 (the SGL/SimGCL papers' values) BPR never leaves log(2): validation
 # Recall@20 stays ~0.03. Weight 0.01 at temperature 0.5 (in the paper's search space) trains.
 CL_WEIGHT, CL_TEMP, EDGE_DROP, NOISE_EPS = 0.01, 0.5, 0.1, 0.1
-TOPK = 41                                          # NCF: ranked items written for 08: its largest K (40) + 1,
+TOPK = max(common.EVAL_KS) + 1                     # NCF: ranked items written for 08: its largest K + 1,
                                                    # so that 08 can see a tie at slot K
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import common
 
-KS = (20, 40)
+KS = common.EVAL_KS
 ALPHA = 0.05              # significance level of the paired t-test
 # ties@K is the share of top-K slots whose score equals the next slot's: where it is high, the tie rule, not the
 # model, picked much of the list. References break ties at random (seeded); models break them toward the lower item

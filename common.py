@@ -587,8 +587,11 @@ def tie_shares(scores, ks):
     return {f"ties@{k}": same[:, :k].double().mean(1) for k in ks}
 
 
+EVAL_KS = (20, 40)  # the K of Recall@K / NDCG@K that 08 reports (07 writes NCF's top max(K) + 1 for it)
+
+
 @torch.no_grad()
-def rank_eval(user_emb, item_emb, exclude, test, ks=(20, 40), item_subset=None, users_per_chunk=4096):
+def rank_eval(user_emb, item_emb, exclude, test, ks=EVAL_KS, item_subset=None, users_per_chunk=4096):
     """All-rank Recall@K / NDCG@K per user (NaN for users without test items), and ties@K (tie_shares; NaN
     where recall is). exclude, test: (rowptr, col) over users; item_subset: int64 items to rank (zero-shot)."""
     o = ops()

@@ -546,7 +546,10 @@ def heldout_items(split):
     return held, train
 
 
-def profile_probe(split, users, user_emb, item_emb, k=20, chunk=1024):
+PROBE_K = 20  # the probe's Recall@K (SPEC section 7); 02 and 06 log it under this K
+
+
+def profile_probe(split, users, user_emb, item_emb, k=PROBE_K, chunk=1024):
     """SPEC section 7: for each of `users` (rows of `user_emb` aligned with it), rank every item by cosine with
     `item_emb` (training items excluded) and compute Recall@k of the user's validation items (never test items:
     heldout_items). Users without validation items are skipped and counted ("n_skipped_no_valid"). Also reports
