@@ -73,11 +73,9 @@ TWO_TURN_SYSTEM = (
 TURN1_PROMPT = (
     "Target user's items, oldest to newest{dropped}:\n{target}\n\n"
     "{neighbors}\n\n"
-    "Write the target user's profile on the first line, then one line per similar user.")
+    "Write a profile for the target user and for each similar user, one per line.")
 TURN1_NEIGHBOR = "Similar user {n}'s items{dropped}:\n{items}"
-# The target's line is the bare profile, the very answer 06 and 05 keep from the inference prompt: with a "Target
-# user: " prefix here the tuned model wrote "Target user identity: ..." there, and lost the format.
-TURN1_NEIGHBOR_LINE = "Similar user {n}: {profile}"
+TURN1_ANSWER_LINE = "{who}: {profile}"
 TURN2_PROMPT = ("Will the target user interact with this item?\n{item}\n"
                 "Answer Yes or No.")
 ANSWERS = {1: "Yes", 0: "No"}
@@ -102,11 +100,11 @@ def two_turn_messages(target_items, nbrs, item_text, v, label, target_profile, m
                       item_chars):
     """nbrs: list of (items, profile). target_items must already exclude a positive v."""
     text, dropped = llm.item_list(target_items, item_text, max_items, max_chars=item_chars)
-    blocks, answers = [], [target_profile]
+    blocks, answers = [], [TURN1_ANSWER_LINE.format(who="Target user", profile=target_profile)]
     for n, (items, profile) in enumerate(nbrs, 1):
         t, d = llm.item_list(items, item_text, max_nbr_items, max_chars=item_chars)
         blocks.append(TURN1_NEIGHBOR.format(n=n, dropped=dropped_note(d), items=t))
-        answers.append(TURN1_NEIGHBOR_LINE.format(n=n, profile=profile))
+        answers.append(TURN1_ANSWER_LINE.format(who=f"Similar user {n}", profile=profile))
     return [
         {"role": "system", "content": TWO_TURN_SYSTEM},
         {"role": "user", "content": TURN1_PROMPT.format(dropped=dropped_note(dropped), target=text,
