@@ -174,7 +174,7 @@ def fits(tok, msgs, max_length):
     return len(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]) <= max_length
 
 
-def rules_reprofiler(run, rows, train, item_text, shown):
+def rules_reprofiler(rows, train, item_text, shown):
     """02's RulesTeacher when every distill row is its profile (then a target whose shown list loses the positive
     item gets the profile of the list it shows), else None (such positives are not drawn)."""
     if not rows or any(r.get("teacher") != "rules" for r in rows):
@@ -279,7 +279,7 @@ def two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher,
     learns to say No."""
     shown = args.prompt["teacher"]
     mi = shown["max_items"]
-    reprofile = rules_reprofiler(run, common.read_jsonl(Path(run) / "distill.jsonl"), train, item_text, shown)
+    reprofile = rules_reprofiler(common.read_jsonl(Path(run) / "distill.jsonl"), train, item_text, shown)
     nbr_table = common.load_neighbors(run)["user_nbrs"]
     stats.update(nbrs_teacher=0, nbrs_kd=0, nbrs_eval=0, nbrs_skipped=0, positives=0, negatives=0, pos_only=0,
                  neg_only=0, no_candidate=0, dropped_for_balance=0, pos_hidden=0, pos_reprofiled=0)
