@@ -13,7 +13,7 @@
 # after failed tests, so one call gives both).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python}
+PY=${PY:-$(command -v python || command -v python3)}
 export RECLM_CACHE=${RECLM_CACHE:-/tmp/reclm_gpu_cache}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 export MAX_JOBS=${MAX_JOBS:-8}
@@ -26,8 +26,15 @@ if ! RECLM_VERBOSE=1 timeout 240 $PY -c 'from csrc.ops import load_extension; lo
 fi
 grep -iE "warning|error" /tmp/reclm_gpu_build.log | head -20
 echo "== tests ($(( $(date +%s) - start )) s so far)"
-timeout 150 $PY -m pytest tests/test_ops.py -q -rs 2>&1 | tail -25
-test_rc=${PIPESTATUS[0]}
+# -v and the whole log kept: a crash (segfault) then names the test it happened in;
+# with pytest-xdist, a crash ends only its worker and the other tests still run.
+workers=$($PY -c 'import xdist' 2>/dev/null && echo "-n 4")
+timeout 150 $PY -X faulthandler -m pytest tests/test_ops.py -v -rs -p no:cacheprovider $workers \
+  > /tmp/reclm_gpu_tests.log 2>&1
+test_rc=$?
+grep -E "PASSED|FAILED|ERROR|SKIPPED" /tmp/reclm_gpu_tests.log | grep -v PASSED | head -30
+grep -A14 "Fatal Python error" /tmp/reclm_gpu_tests.log | head -30
+tail -3 /tmp/reclm_gpu_tests.log
 echo "== bench ($(( $(date +%s) - start )) s so far)"
 timeout 180 $PY bench/bench_ops.py --device cuda --reps 7 --topk-users 16384 2>&1 | grep -v Warning
 echo "== done in $(( $(date +%s) - start )) s; tests exit status $test_rc"

@@ -434,12 +434,32 @@ def test_spmm_cuda(dtype, d):
 
 
 @needs_cuda
+@pytest.mark.parametrize("d", [5, 32, 64, 128, 130])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_spmm_cuda_hub_rows_and_widths(d, aligned):
+    # The CUDA kernel splits the entries into equal chunks, whatever the rows:
+    # a hub row spans many chunks, runs of empty rows fall on chunk edges, and
+    # x is read 1, 2 or 4 floats at a time depending on d and its alignment.
+    g = gen(31)
+    hub = torch.full((3000,), 3, dtype=torch.long)
+    r = torch.cat([hub, torch.randint(0, 40, (700,), generator=g) * 5 + 7])
+    c = torch.randint(0, 500, (r.numel(),), generator=g)
+    A = csr_from_coo(r, c, torch.randn(r.numel(), generator=g), 250, 500)
+    x = torch.randn(500 * d + 1, generator=g)
+    x = x[:-1] if aligned else x[1:]  # storage offset of one float: no wide loads
+    x = x.view(500, d).cuda() if aligned else x.cuda().view(500, d)
+    # float32 sums of 3000 terms in another order: compare with a float64 reference
+    ref = A.to(dtype=torch.float64).to_dense() @ x.cpu().double()
+    torch.testing.assert_close(spmm(A.to("cuda"), x).cpu().double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_cuda
 def test_spmm_cuda_checks_and_opcheck():
     g = gen(10)
     A = make_csr(30, 20, 100, torch.float64, g).to("cuda")
-    x = torch.randn(20, 5, generator=g, dtype=torch.float64, device="cuda", requires_grad=True)
+    x = torch.randn(20, 5, generator=g, dtype=torch.float64).cuda().requires_grad_()
     torch.library.opcheck(torch.ops.reclm.spmm.default, tuple(A[:6]) + (x,))
-    with pytest.raises(RuntimeError, match="x is on cpu"):
+    with pytest.raises(RuntimeError, match="rowptr is on cuda:0 but the other inputs are on cpu"):
         torch.ops.reclm.spmm(*A[:6], x.detach().cpu())
     bad = A.col.clone()
     bad[0] = 99
@@ -461,6 +481,15 @@ def test_topk_cuda(dtype):
         got = topk_scores(ue.cuda(), ie.cuda(), k, erp.cuda(), ecol.cuda(),
                           None if sub is None else sub.cuda())
         check_topk((got[0].cpu(), got[1].cpu()), ref, True)
+    # A score tile of 1 MiB holds 13 users of 20,000 candidates: 4 tiles; the
+    # hub users have more exclusions than fit in shared memory (1024).
+    ie = torch.randint(-2, 3, (20_000, 8), generator=g).to(dtype)
+    erp, ecol = random_exclusions(U, ie.shape[0], 400, g)
+    assert erp.diff().max() > 1024 and erp.diff().min() < 1024
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECLM_TOPK_TILE_MB", "1")
+        got = topk_scores(ue.cuda(), ie.cuda(), 20, erp.cuda(), ecol.cuda())
+    check_topk((got[0].cpu(), got[1].cpu()), ref_topk(ue, ie, 20, erp, ecol, None), True)
     op = torch.ops.reclm.topk_scores.default
     torch.library.opcheck(op, (ue.cuda().requires_grad_(), ie.cuda(), erp.cuda(), ecol.cuda(),
                                5, None))
