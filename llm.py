@@ -408,6 +408,27 @@ class ProfileLineDone:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class NoRepeatInAnswer:
+    """A transformers logits processor: bans every token that would repeat an n-gram already in the answer (the
+    generated tokens only). Greedy decoding of a small tuned model degenerates into repeated terms ("heavy viewer,
+    heavy viewer, heavy viewer") and never reaches "User interests:"; HF's no_repeat_ngram_size would also count
+    the prompt, whose genres and identities a profile is meant to reuse."""
+
+    def __init__(self, prompt_len, n):
+        self.prompt_len, self.n = prompt_len, n
+
+    def __call__(self, input_ids, scores):
+        n, answers = self.n, input_ids[:, self.prompt_len:].tolist()
+        for row, ids in enumerate(answers):
+            if len(ids) < n - 1:
+                continue
+            tail = ids[len(ids) - n + 1:] if n > 1 else []
+            banned = {ids[k + n - 1] for k in range(len(ids) - n + 1) if ids[k:k + n - 1] == tail}
+            if banned:
+                scores[row, list(banned)] = -float("inf")
+        return scores
+
+
 def answer_end(tok, ids, stop_ids):
     """Where generate_batches' rule ends one generated answer `ids` (a list of token ids): (n, how), n tokens kept,
     up to and including the first stop token (how = "eot") or the token that completes the first profile line
@@ -423,11 +444,11 @@ def answer_end(tok, ids, stop_ids):
 
 @torch.no_grad()
 def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temperature=0.0,
-                     top_p=0.95, desc="generate", progress=True, prefix_cache=True):
+                     top_p=0.95, desc="generate", progress=True, prefix_cache=True, no_repeat_ngram=0):
     """Batched generation over rendered chat prompts `texts`: prompts sorted by token length (less padding),
-    left padding, stop at end-of-turn or after a whole profile line (ProfileLineDone), greedy when temperature == 0.
-    Yields (indices, answers) per batch, in the order the batches finish, so that callers can append results as
-    they go.
+    left padding, stop at end-of-turn or after a whole profile line (ProfileLineDone), greedy when temperature == 0,
+    no n-gram of `no_repeat_ngram` tokens twice in one answer when > 0 (NoRepeatInAnswer). Yields (indices,
+    answers) per batch, in the order the batches finish, so that callers can append results as they go.
 
     CPU generation of short answers is prefill-bound, and every prompt starts with the same system message: with
     `prefix_cache` the tokens all prompts share are run once, and each batch starts from a preallocated cache that
@@ -435,7 +456,7 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
     mask, so the padding in the middle changes nothing). On CPU the cache is preallocated either way: the default
     one re-concatenates every layer's keys/values per token (28% of a SmolLM2 batch's time)."""
     from tqdm import tqdm
-    from transformers import DynamicCache, StaticCache, StoppingCriteriaList
+    from transformers import DynamicCache, LogitsProcessorList, StaticCache, StoppingCriteriaList
     if not texts:
         return
     assert tok.padding_side == "left", "batched generation needs a left-padding tokenizer (load_tokenizer)"
@@ -462,6 +483,8 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
             for layer, kv in enumerate(prefix_kv.layers if prefix_kv is not None else []):
                 cache.update(kv.keys.expand(len(idx), -1, -1, -1), kv.values.expand(len(idx), -1, -1, -1), layer)
             extra["cache"] = cache
+        if no_repeat_ngram > 0:
+            extra["logits_processor"] = LogitsProcessorList([NoRepeatInAnswer(input_ids.shape[1], no_repeat_ngram)])
         out = model.generate(input_ids=input_ids, attention_mask=mask, **extra, **gen,
                              stopping_criteria=StoppingCriteriaList([ProfileLineDone(tok, input_ids.shape[1])]))
         answers = tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)

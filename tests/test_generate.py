@@ -230,3 +230,44 @@ def test_stop_token_ids_know_other_templates():
     assert llm.stop_token_ids(tok, model) == [1, 2, 4]
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
     assert llm.stop_token_ids(tok, model) == [1, 2]
+
+
+def test_no_repeat_in_answer_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    vocab, prompt_len = 6, 4
+    for n in (1, 2, 3):
+        ids = torch.randint(0, vocab, (8, prompt_len + 9), generator=g)
+        scores = llm.NoRepeatInAnswer(prompt_len, n)(ids, torch.zeros(8, vocab))
+        for row in range(8):
+            answer = ids[row, prompt_len:].tolist()
+            for t in range(vocab):
+                seq = answer + [t]
+                grams = [tuple(seq[k:k + n]) for k in range(len(seq) - n + 1)]
+                assert (scores[row, t] == -float("inf")) == (grams[-1] in grams[:-1]), (n, row, t)
+
+
+def test_generate_batches_no_repeat_ngram(char_llm):
+    """generate_batches with no_repeat_ngram = 2 (prefix cache, static cache) against stock greedy generate with the
+    same processor on whole prompts; no generated answer holds a token pair twice."""
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+    tok = llm.load_tokenizer(char_llm)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    texts = [llm.render(tok, m) for m in char_prompts(6)]
+    stock = AutoModelForCausalLM.from_pretrained(char_llm, dtype=torch.float32).eval()
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    n_prompt = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        out = stock.generate(**enc, do_sample=False, max_new_tokens=CHAR_MAX_NEW, eos_token_id=[tok.eos_token_id, eot],
+                             pad_token_id=tok.pad_token_id,
+                             logits_processor=LogitsProcessorList([llm.NoRepeatInAnswer(n_prompt, 2)]))
+    for row in out[:, n_prompt:].tolist():
+        ids = row[:next((k for k, t in enumerate(row) if t in (tok.eos_token_id, eot)), len(row))]
+        pairs = [tuple(ids[k:k + 2]) for k in range(len(ids) - 1)]
+        assert len(set(pairs)) == len(pairs)
+    expected = [first_profile_line(a).strip() for a in tok.batch_decode(out[:, n_prompt:], skip_special_tokens=True)]
+    model, _ = llm.load_llm(char_llm, device="cpu", dtype=torch.float32)
+    got = {}
+    for idx, answers in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, 4, progress=False, no_repeat_ngram=2):
+        got.update(zip(idx, answers))
+    assert [got[k] for k in range(len(texts))] == expected
+    assert expected[0] != CHAR_PROFILE  # the trained answer repeats a pair (", ")
