@@ -886,7 +886,8 @@ def main(argv=None):
     # the prompt sizes every later stage shows: 03 trains on the teacher's, 05 and 06 answer the inference prompt's
     common.write_json(run / llm.PROMPT_FILE, {
         "teacher": {"max_items": args.max_items, "max_chars": args.max_chars},
-        "inference": {k: getattr(args, "pair_" + k) for k in llm.PROMPT_SIZES}})
+        "inference": {k: getattr(args, "pair_" + k) for k in llm.PROMPT_SIZES},
+        "inference_format": llm.INFERENCE_FORMAT})
     outputs = ["distill.jsonl", "user_sets.json", "reward_pairs.jsonl", llm.PROMPT_FILE]
     probe = None
     if not args.no_probe:

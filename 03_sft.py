@@ -64,25 +64,11 @@ KD_PROMPT = (
     "Items the user interacted with, oldest to newest{dropped}:\n{items}\n\n"
     "Write this user's profile.")
 
-TWO_TURN_SYSTEM = (
-    "You are a recommendation assistant. Collaborative filtering assumes that users with similar interaction "
-    "histories share interests, so similar users' histories and profiles help predict what a user will like. "
-    "The task has two stages: first you write a profile for the target user and for each similar user from "
-    "their items, then you use these profiles to predict whether the target user will interact with a new item. "
-    "A profile is " + llm.PROFILE_FORM.format(n="three") + ".")
-TURN1_PROMPT = (
-    "Target user's items, oldest to newest{dropped}:\n{target}\n\n"
-    "{neighbors}\n\n"
-    "Write a profile for the target user and for each similar user, one per line.")
-TURN1_NEIGHBOR = "Similar user {n}'s items{dropped}:\n{items}"
-TURN1_ANSWER_LINE = "{who}: {profile}"
+# Turn 1 (the target's and its neighbours' items, then one profile line each) is llm.turn1_messages: the inference
+# prompt of 02, 05 and 06 is the same turn, so the tuned model is later asked what it learnt here.
 TURN2_PROMPT = ("Will the target user interact with this item?\n{item}\n"
                 "Answer Yes or No.")
 ANSWERS = {1: "Yes", 0: "No"}
-
-
-def dropped_note(n):
-    return f" ({n} older items not shown)" if n else ""
 
 
 # ----------------------------------------------------------------------------- data
@@ -90,7 +76,7 @@ def dropped_note(n):
 def kd_messages(items, item_text, max_items, item_chars, profile=None):
     text, dropped = llm.item_list(items, item_text, max_items, max_chars=item_chars)
     msgs = [{"role": "system", "content": KD_SYSTEM},
-            {"role": "user", "content": KD_PROMPT.format(dropped=dropped_note(dropped), items=text)}]
+            {"role": "user", "content": KD_PROMPT.format(dropped=llm.dropped_note(dropped), items=text)}]
     if profile is not None:
         msgs.append({"role": "assistant", "content": profile})
     return msgs
@@ -99,16 +85,11 @@ def kd_messages(items, item_text, max_items, item_chars, profile=None):
 def two_turn_messages(target_items, nbrs, item_text, v, label, target_profile, max_items, max_nbr_items,
                       item_chars):
     """nbrs: list of (items, profile). target_items must already exclude a positive v."""
-    text, dropped = llm.item_list(target_items, item_text, max_items, max_chars=item_chars)
-    blocks, answers = [], [TURN1_ANSWER_LINE.format(who="Target user", profile=target_profile)]
-    for n, (items, profile) in enumerate(nbrs, 1):
-        t, d = llm.item_list(items, item_text, max_nbr_items, max_chars=item_chars)
-        blocks.append(TURN1_NEIGHBOR.format(n=n, dropped=dropped_note(d), items=t))
-        answers.append(TURN1_ANSWER_LINE.format(who=f"Similar user {n}", profile=profile))
-    return [
-        {"role": "system", "content": TWO_TURN_SYSTEM},
-        {"role": "user", "content": TURN1_PROMPT.format(dropped=dropped_note(dropped), target=text,
-                                                        neighbors="\n\n".join(blocks) or "(no similar users)")},
+    answers = [llm.TURN1_ANSWER_LINE.format(who="Target user", profile=target_profile)]
+    answers += [llm.TURN1_ANSWER_LINE.format(who=f"Similar user {n}", profile=profile)
+                for n, (_, profile) in enumerate(nbrs, 1)]
+    return llm.turn1_messages(target_items, [items for items, _ in nbrs], item_text, max_items, max_nbr_items,
+                              item_chars) + [
         {"role": "assistant", "content": "\n".join(answers)},
         {"role": "user", "content": TURN2_PROMPT.format(item=item_text[v][:item_chars * 2])},
         {"role": "assistant", "content": ANSWERS[label]},
@@ -265,7 +246,7 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
 def two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher, targets, eval_users, kd_profiles,
                       rng, stats):
     """The two-turn dialogues (naive, mask), one per target user (the "sft" set of user_sets.json).
-    System: collaborative filtering and the two stages (TWO_TURN_SYSTEM).
+    System: collaborative filtering and the two stages (llm.TWO_TURN_SYSTEM).
     Turn 1: the target's and its similar users' (neighbors.npz user_nbrs) item lists -> every user's profile, one
     per line. Profiles come from the teacher (distill.jsonl) and, for neighbours the teacher did not see, from
     sft_gpt_kd (`kd_profiles`). Users of the "eval" set are held out: never a target, left out as neighbours;

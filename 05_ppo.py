@@ -236,7 +236,7 @@ def rollout(policy, value_head, tok, prompts, cfg):
     """Generate responses for chat-message prompts; logprobs under policy and reference, values."""
     from transformers import StoppingCriteriaList
     device = next(policy.parameters()).device
-    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [llm.render(tok, p) for p in prompts]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     n_prompt = enc["input_ids"].shape[1]

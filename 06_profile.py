@@ -1,7 +1,9 @@
 """06_profile — user profiles, item profiles (warm and cold) and their text embeddings (SPEC sections 5, 6, 7).
 
 A user's profile answers the inference prompt (its and its neighbours' training items, as prompt.json "inference"
-shows them; sft_gpt_kd: the single-turn prompt 03 trained it on); a warm item's (one with training users) is written
+shows them: turn 1 of 03's dialogue, whose answer is opened at "Target user:" and kept up to the end of that line, so
+the model is asked what it was trained on and writes the target's profile only; sft_gpt_kd: the single-turn prompt 03
+trained it on); a warm item's (one with training users) is written
 from its text and its most recent users' profiles (--item-users), any other item's from its text and the item
 profiles of its text-similar warm items (--item-nbrs). Rows are appended as batches finish; a re-run reuses those
 built from the same prompt and upstream state. A profile that does not parse keeps its raw text, "valid": false.

@@ -183,10 +183,24 @@ SYSTEM_PROMPT = (
     "You write user profiles for a recommender. Users with similar histories share interests, so similar "
     "users' items help describe the target user. Reply with " + PROFILE_FORM.format(n="three") + ".")
 
-INFERENCE_PROMPT = (
+# The two-turn dialogue 03 teaches (sec. 2.3.2). Its first turn is also the inference prompt (eq. 5) of 02's reward
+# pairs, 05's rollouts and 06's user profiles, with the answer opened by the target's line ("Target user:"): the tuned
+# model is asked exactly the question it was trained on. (Asked a separate single-profile prompt instead, the CPU-budget
+# model mixed the two formats, "Target user identity: ...", and 23% of its profiles parsed; 77% with this one. README.)
+TWO_TURN_SYSTEM = (
+    "You are a recommendation assistant. Collaborative filtering assumes that users with similar interaction "
+    "histories share interests, so similar users' histories and profiles help predict what a user will like. "
+    "The task has two stages: first you write a profile for the target user and for each similar user from "
+    "their items, then you use these profiles to predict whether the target user will interact with a new item. "
+    "A profile is " + PROFILE_FORM.format(n="three") + ".")
+TURN1_PROMPT = (
     "Target user's items, oldest to newest{dropped}:\n{target}\n\n"
-    "Similar users' items:\n{neighbors}\n\n"
-    "Write the target user's profile.")
+    "{neighbors}\n\n"
+    "Write a profile for the target user and for each similar user, one per line.")
+TURN1_NEIGHBOR = "Similar user {n}'s items{dropped}:\n{items}"
+TURN1_ANSWER_LINE = "{who}: {profile}"
+ANSWER_PREFIX = TURN1_ANSWER_LINE.format(who="Target user", profile="").rstrip()  # the open answer of eq. 5
+INFERENCE_FORMAT = "two-turn first turn, answer opened"  # prompt.json records it; older runs asked another prompt
 
 
 def clip(text, max_chars):
@@ -222,21 +236,36 @@ def prompt_settings(run):
     path = Path(run) / PROMPT_FILE
     if not path.exists():
         raise StaleInputError(f"{path} is missing: run 02_distill.py first (it records the prompt sizes)")
-    return json.loads(path.read_text())
+    settings = json.loads(path.read_text())
+    if settings.get("inference_format") != INFERENCE_FORMAT:
+        raise StaleInputError(f"{path} was written by an older 02_distill.py, whose reward pairs ask another "
+                              f"inference prompt than this code's ({INFERENCE_FORMAT!r}): run 02 again, then 03-06")
+    return settings
+
+
+def dropped_note(n):
+    return f" ({n} older items not shown)" if n else ""
+
+
+def turn1_messages(target_items, neighbor_items, item_text, max_items, max_nbr_items, max_chars):
+    """The first turn of 03's dialogue (system and user messages): the target's and its neighbours' items."""
+    target, dropped = item_list(target_items, item_text, max_items, max_chars)
+    blocks = []
+    for n, items in enumerate(neighbor_items, 1):
+        text, d = item_list(items, item_text, max_nbr_items, max_chars)
+        blocks.append(TURN1_NEIGHBOR.format(n=n, dropped=dropped_note(d), items=text))
+    return [{"role": "system", "content": TWO_TURN_SYSTEM},
+            {"role": "user", "content": TURN1_PROMPT.format(dropped=dropped_note(dropped), target=target,
+                                                            neighbors="\n\n".join(blocks) or "(no similar users)")}]
 
 
 def inference_messages(target_items, neighbor_items, item_text, max_items=PROMPT_SIZES["max_items"],
                        max_nbr_items=PROMPT_SIZES["max_nbr_items"], max_chars=PROMPT_SIZES["max_chars"]):
-    """Chat messages asking for the target user's profile given its and its neighbours' items (eq. 5)."""
-    target, dropped = item_list(target_items, item_text, max_items, max_chars)
-    nbrs = []
-    for n, items in enumerate(neighbor_items, 1):
-        text, d = item_list(items, item_text, max_nbr_items, max_chars)
-        nbrs.append(f"Similar user {n}" + (f" ({d} older items not shown)" if d else "") + ":\n" + text)
-    note = f" ({dropped} older items not shown)" if dropped else ""
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": INFERENCE_PROMPT.format(dropped=note, target=target,
-                                                                  neighbors="\n".join(nbrs) or "(none)")}]
+    """The inference prompt (eq. 5): turn 1 of 03's dialogue, then the assistant's answer opened with the target's
+    line prefix (ANSWER_PREFIX). The model continues it with the target's profile (render); a response to it is
+    that continuation (render_ids)."""
+    return (turn1_messages(target_items, neighbor_items, item_text, max_items, max_nbr_items, max_chars)
+            + [{"role": "assistant", "content": ANSWER_PREFIX}])
 
 
 def user_prompt(u, train, user_nbrs, item_text, max_items=PROMPT_SIZES["max_items"],
@@ -279,12 +308,20 @@ def cold_item_messages(item, similar):
 
 
 def render(tok, messages):
+    """The prompt text a model continues: a new assistant turn, or the open final assistant message (an answer
+    prefix, as inference_messages ends with)."""
+    if messages[-1]["role"] == "assistant":
+        return tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def render_ids(tok, prompt_messages, response):
-    """Token ids of the prompt messages followed by one assistant turn holding `response`."""
-    msgs = list(prompt_messages) + [{"role": "assistant", "content": response}]
+    """Token ids of the prompt messages followed by one assistant turn holding `response`; a prompt that ends with
+    an open answer (inference_messages) has the response appended to it, as the model wrote it there."""
+    msgs = list(prompt_messages)
+    if msgs[-1]["role"] == "assistant":
+        response = (msgs.pop()["content"] + " " + response.lstrip()).rstrip()
+    msgs.append({"role": "assistant", "content": response})
     return list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
 
 

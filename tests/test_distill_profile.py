@@ -428,3 +428,38 @@ def test_smollm2_writes_a_profile(synthetic_run):
     (idx, answers), = out
     assert idx == [0] and len(answers[0]) > 10
     print("SmolLM2:", answers[0], "->", llm.normalize_profile(answers[0]))
+
+
+# ----------------------------------------------------------------------------- the inference prompt
+
+def test_inference_prompt_is_the_trained_first_turn(synthetic_run, tiny_llm):
+    """02/05/06 ask the model turn 1 of 03's dialogue with the answer opened at the target's line; a response is
+    scored (render_ids) as the continuation of exactly the tokens the model was prompted with."""
+    sft = importlib.import_module("03_sft")
+    tok = llm.load_tokenizer(tiny_llm)
+    split = common.load_split(synthetic_run)
+    train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
+    text = common.load_items(synthetic_run)
+    msgs = llm.inference_messages(train[0], [train[2], train[4]], text, max_items=6, max_nbr_items=3, max_chars=40)
+    dialogue = sft.two_turn_messages(train[0], [(train[2], "p2"), (train[4], "p4")], text, 7, 1, "p0", 6, 3, 40)
+    assert msgs[:2] == dialogue[:2]
+    assert dialogue[2]["content"].startswith(msgs[2]["content"] + " p0\n")
+    prompt = llm.render(tok, msgs)
+    assert prompt.endswith(llm.ANSWER_PREFIX) and prompt.startswith(tok.apply_chat_template(
+        msgs[:2], tokenize=False, add_generation_prompt=True))
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    profile = "User identity: a, b, c; User interests: d, e, f"
+    ids = llm.render_ids(tok, msgs, " " + profile)
+    assert ids[:len(prompt_ids)] == prompt_ids
+    assert ids == list(tok.apply_chat_template(msgs[:2] + [{"role": "assistant", "content": "Target user: " + profile}],
+                                               tokenize=True, return_dict=True)["input_ids"])
+    plain = llm.turn1_messages(train[0], [], text, 6, 3, 40)  # a prompt without an open answer: a new turn
+    assert llm.render_ids(tok, plain, "x") == list(tok.apply_chat_template(
+        plain + [{"role": "assistant", "content": "x"}], tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_prompt_json_of_an_older_02_is_refused(tmp_path):
+    common.write_json(tmp_path / llm.PROMPT_FILE, {"teacher": {"max_items": 5, "max_chars": 48},
+                                                   "inference": llm.PROMPT_SIZES})
+    with pytest.raises(common.StaleInputError, match="older 02_distill.py.*run 02 again"):
+        llm.prompt_settings(tmp_path)

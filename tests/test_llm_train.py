@@ -58,7 +58,8 @@ def write_stage02(run, teacher="rules"):
     common.write_jsonl(run / "reward_pairs.jsonl", pairs)
     common.write_json(run / "user_sets.json", sets)
     common.write_json(run / llm.PROMPT_FILE, {"teacher": {"max_items": 5, "max_chars": 48},
-                                              "inference": llm.PROMPT_SIZES})
+                                              "inference": llm.PROMPT_SIZES,
+                                              "inference_format": llm.INFERENCE_FORMAT})
 
     class Args:
         seed = 0

@@ -25,7 +25,7 @@ PROF = importlib.import_module("06_profile")
 ATTN = "q_proj,k_proj,v_proj,o_proj"
 # Every argument 03-06 parsed under the CPU defaults of commit 7dfa1e2 (03's --n-neighbors is now --n-nbrs, 04's
 # --holdout-frac --heldout-frac; --limit is new; 04 then scored every held-out pair, the cpu preset a sample of 300),
-# with 06's --item-users as its main() resolved it for an LLM source.
+# with 06's --item-users as its main() resolved it for an LLM source; --no-repeat-ngram is new (0 = as before).
 CPU_BEFORE = {
     "03": dict(variant="mask", model="default", device=None, max_steps=16, epochs=1.0, batch_size=2, grad_accum=1,
                lr=2e-3, lora_r=8, lora_alpha=16, lora_dropout=0.05,
@@ -42,7 +42,7 @@ CPU_BEFORE = {
                lora_targets=ATTN, reward_batch=8, limit=None, restart=False),
     "06": dict(source="ppo", teacher=None, model="default", device=None, dtype="auto", threads=1, encoder=None,
                batch_size=64, max_new_tokens=40, temperature=0.0, item_users=2, item_nbrs=3, shard=None, merge=False,
-               what="all", wait_s=3600.0, limit=None, restart=False, probe_only=False),
+               what="all", wait_s=3600.0, limit=None, restart=False, probe_only=False, no_repeat_ngram=0),
 }
 SHARED = {"run": Path("r"), "seed": 0, "force": False}
 
