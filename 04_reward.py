@@ -30,7 +30,7 @@ log = common.log
 
 # ----------------------------------------------------------------------------- defaults
 # The official RecLM code's reward model (llm/lora/rlhf/reward_modeling.py), bf16 autocast on a GPU.
-# scripts/presets.sh `cpu` overrides the budget for a 2-core CPU (8 steps at lr 3e-4, LoRA r 8 on q,k,v,o).
+# scripts/presets.sh `cpu` overrides the budget for a 2-core CPU (32 steps at lr 3e-4, LoRA r 8 on q,k,v,o).
 MAX_STEPS = 0              # 0: train EPOCHS full epochs, as the official code does
 EPOCHS = 3.0               # num_train_epochs=3
 BATCH_SIZE = 4             # per_device_train_batch_size=4 (pairs per step)
