@@ -186,7 +186,8 @@ SYSTEM_PROMPT = (
 # The two-turn dialogue 03 teaches (sec. 2.3.2). Its first turn is also the inference prompt (eq. 5) of 02's reward
 # pairs, 05's rollouts and 06's user profiles, with the answer opened by the target's line ("Target user:"): the tuned
 # model is asked exactly the question it was trained on. (Asked a separate single-profile prompt instead, the CPU-budget
-# model mixed the two formats, "Target user identity: ...", and 23% of its profiles parsed; 77% with this one. README.)
+# model mixed the two formats, "Target user identity: ...": 23% of its eval users' profiles parsed, 77% with this one;
+# after 02-06 were re-run on it, 58% of all users' parsed, from 26%. README.)
 TWO_TURN_SYSTEM = (
     "You are a recommendation assistant. Collaborative filtering assumes that users with similar interaction "
     "histories share interests, so similar users' histories and profiles help predict what a user will like. "
