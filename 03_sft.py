@@ -85,7 +85,7 @@ def kd_messages(items, item_text, max_items, item_chars, profile=None):
 def two_turn_messages(target_items, nbrs, item_text, v, label, target_profile, max_items, max_nbr_items,
                       item_chars):
     """nbrs: list of (items, profile). target_items must already exclude a positive v."""
-    answers = [llm.TURN1_ANSWER_LINE.format(who="Target user", profile=target_profile)]
+    answers = [llm.TURN1_ANSWER_LINE.format(who=llm.TARGET_WHO, profile=target_profile)]
     answers += [llm.TURN1_ANSWER_LINE.format(who=f"Similar user {n}", profile=profile)
                 for n, (_, profile) in enumerate(nbrs, 1)]
     return llm.turn1_messages(target_items, [items for items, _ in nbrs], item_text, max_items, max_nbr_items,

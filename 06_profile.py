@@ -3,10 +3,10 @@
 A user's profile answers the inference prompt (its and its neighbours' training items, as prompt.json "inference"
 shows them: turn 1 of 03's dialogue, whose answer is opened at "Target user:" and kept up to the end of that line, so
 the model is asked what it was trained on and writes the target's profile only; sft_gpt_kd: the single-turn prompt 03
-trained it on); a warm item's (one with training users) is written
-from its text and its most recent users' profiles (--item-users), any other item's from its text and the item
-profiles of its text-similar warm items (--item-nbrs). Rows are appended as batches finish; a re-run reuses those
-built from the same prompt and upstream state. A profile that does not parse keeps its raw text, "valid": false.
+trained it on). A warm item's (one with training users) is written from its text and its most recent users' profiles
+(--item-users), any other item's from its text and the item profiles of its text-similar warm items (--item-nbrs).
+Rows are appended as batches finish; a re-run reuses those built from the same prompt and upstream state. A profile
+that does not parse keeps its raw text, "valid": false.
 
 Reads   data/split.npz, data/items.jsonl, neighbors.npz, item_text_emb.npy, prompt.json, user_sets.json (the probe's
         eval users, if any), and the model of --source: base_llm (the untuned --model), sft_gpt_kd | sft_naive |
@@ -50,7 +50,7 @@ TEMPERATURE = 0.0              # greedy: a profile is the model's most likely an
 NO_REPEAT_NGRAM = 0            # > 0: no n-token run twice in one answer (llm.NoRepeatInAnswer), against the greedy
                                # loops of the CPU-budget model ("heavy viewer, heavy viewer, ..."). Off: measured on
                                # sparse ml-100k's ppo model (141 eval users, README), n = 3 raised the share of
-                               # profiles that parse from 23% to 44% (64% with --max-new-tokens 64) but the probe
+                               # profiles that parse from 23% to 44% (65% with --max-new-tokens 64) but the probe
                                # fell from 0.031 to 0.014 (p = 0.14); n = 5 changed neither.
 ITEM_USERS = 5                 # warm items: profiles of up to this many most recent training users (the SPEC's 5)
 ITEM_NBRS = 3                  # cold items: this many text-similar warm items

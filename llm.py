@@ -200,7 +200,8 @@ TURN1_PROMPT = (
     "Write a profile for the target user and for each similar user, one per line.")
 TURN1_NEIGHBOR = "Similar user {n}'s items{dropped}:\n{items}"
 TURN1_ANSWER_LINE = "{who}: {profile}"
-ANSWER_PREFIX = TURN1_ANSWER_LINE.format(who="Target user", profile="").rstrip()  # the open answer of eq. 5
+TARGET_WHO = "Target user"     # `who` of the target's line; the neighbours' are "Similar user {n}"
+ANSWER_PREFIX = TURN1_ANSWER_LINE.format(who=TARGET_WHO, profile="").rstrip()  # the open answer of eq. 5
 INFERENCE_FORMAT = "two-turn first turn, answer opened"  # prompt.json records it; older runs asked another prompt
 
 
@@ -460,7 +461,7 @@ class NoRepeatInAnswer:
         for row, ids in enumerate(answers):
             if len(ids) < n - 1:
                 continue
-            tail = ids[len(ids) - n + 1:] if n > 1 else []
+            tail = ids[len(ids) - n + 1:]  # the last n - 1 tokens ([] for n = 1)
             banned = {ids[k + n - 1] for k in range(len(ids) - n + 1) if ids[k:k + n - 1] == tail}
             if banned:
                 scores[row, list(banned)] = -float("inf")

@@ -135,6 +135,7 @@ def test_sft_supervised_spans(synthetic_run, tiny_llm):
             expect_profile = rules.profile([i for i in train[e["user"]] if int(i) != v]) if e["reprofiled"] \
                 else profile_of(e["user"])
             assert turn1.splitlines()[0] == "Target user: " + expect_profile
+            assert all(line.startswith(f"Similar user {n}: ") for n, line in enumerate(turn1.splitlines()[1:], 1))
             expect = [ids_of(tok, turn2) + eot] if variant == "naive" else [ids_of(tok, turn1) + eot,
                                                                               ids_of(tok, turn2) + eot]
             assert [s for _, s in segs] == expect
