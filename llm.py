@@ -616,7 +616,8 @@ def profile_probe(split, users, user_emb, item_emb, k=PROBE_K, chunk=1024):
     `item_emb` (training items excluded) and compute Recall@k of the user's validation items (never test items:
     heldout_items). Users without validation items are skipped and counted ("n_skipped_no_valid"). Also reports
     the same ranking done with the mean of the user's training-item embeddings ("history centroid": a profile-free
-    reference) and the expected recall of a random ranking. Test items stay among the ranked candidates (as
+    reference) and the expected recall of a random ranking, and each scored user's recall (scripts/compare_probes.py
+    tests two probes against each other on them). Test items stay among the ranked candidates (as
     unlabelled items) so that the candidate set does not depend on the test split. Plain numpy (a few thousand
     users x items; the ops extension is not needed)."""
     users = np.asarray(users, dtype=np.int64)
@@ -652,7 +653,8 @@ def profile_probe(split, users, user_emb, item_emb, k=PROBE_K, chunk=1024):
     return {f"recall@{k}": float(rec.mean()) if len(rec) else float("nan"),
             f"centroid_recall@{k}": float(recall(cent).mean()) if len(users) else float("nan"),
             f"random_recall@{k}": float(np.mean(rand)) if len(rand) else float("nan"),
-            "n_users": int(len(users)), "n_skipped_no_valid": int((~keep).sum())}
+            "n_users": int(len(users)), "n_skipped_no_valid": int((~keep).sum()),
+            "users": users.tolist(), f"recall@{k}_by_user": rec.round(6).tolist()}   # for paired tests
 
 
 def item_embeddings_for_probe(run, items_text, d, encoder, device=None):

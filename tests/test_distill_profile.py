@@ -3,6 +3,7 @@ embeddings, shards, and the profile-quality probe. Fast: the tiny random LLM and
 import importlib
 import importlib.util
 import json
+import re
 import shutil
 import threading
 import time
@@ -221,7 +222,9 @@ def test_api_teacher_stops_at_an_unrecoverable_error(synthetic_run, api, capsys)
     """401/404 are not retried: the first one stops the run, cancels what is queued, and its message (whose body
     echoes the Authorization header) names the status without the key."""
     for code, hint in ((401, "check the key"), (404, "check --api-base and --api-model")):
-        api.script, api.requests = [code], []
+        # the other worker's request is answered after 1 s, so it cannot send another before the abort (else
+        # a loaded machine could let it send several, and the count below would depend on timing)
+        api.script, api.requests = [code, "sleep"], []
         t0 = time.time()
         with pytest.raises(D.ApiError, match=rf"api teacher stopped: .*HTTP {code} .*not retried: {hint}") as e:
             D.main(api_args(synthetic_run, api, "--n-users", "12", "--concurrency", "2", "--restart"))
@@ -292,8 +295,9 @@ def test_teacher_source_api_needs_02_api(synthetic_run):
 # ----------------------------------------------------------------------------- 06: profiles, resume, shards
 
 def profile_args(run, model, *extra):
+    """A random tiny model never writes a profile that parses: no sampled retries (test_retries_* has them)."""
     return ["--run", str(run), "--model", model, "--source", "base_llm", "--device", "cpu", "--max-new-tokens", "10",
-            *extra]
+            "--retries", "0", *extra]
 
 
 def test_profiles_embeddings_resume(synthetic_run, tiny_llm):
@@ -321,6 +325,41 @@ def test_profiles_embeddings_resume(synthetic_run, tiny_llm):
     assert [r["item"] for r in rows(out / "items.jsonl")] == list(range(split["n_items"]))
 
 
+def test_retries_sample_only_what_does_not_parse(synthetic_run, tiny_llm, monkeypatch):
+    """Answers that do not parse are sampled again (at --retry-temperature), and only those; a row records the
+    attempt that wrote it; what never parses is written once, after the last attempt, with its raw text; a re-run
+    writes nothing. The model is scripted: greedy answers parse for even ids, the first retry's for ids divisible
+    by 3, nothing after that."""
+    D.main(["--run", str(synthetic_run), "--no-probe"])
+    calls = []
+
+    def scripted(model, tok, texts, max_new_tokens, batch_size, temperature, **kw):
+        calls.append((len(texts), temperature))
+        ids = [int(re.search(r"KEY(\d+)", t).group(1)) for t in texts]
+        ok = (lambda k: k % 2 == 0) if temperature == 0 else (lambda k: k % 3 == 0) if len(calls) == 2 else None
+        for s in range(0, len(texts), batch_size):
+            idx = list(range(s, min(s + batch_size, len(texts))))
+            yield idx, [GOOD if ok and ok(ids[j]) else "no profile here" for j in idx]
+
+    monkeypatch.setattr(llm, "generate_batches", scripted)
+    monkeypatch.setattr(P, "user_messages", lambda u, *a: [{"role": "user", "content": f"KEY{u}"}])
+    args = ["--run", str(synthetic_run), "--model", tiny_llm, "--source", "base_llm", "--device", "cpu",
+            "--what", "users", "--retries", "2", "--retry-temperature", "0.5"]
+    P.main(args)
+    n = common.load_split(synthetic_run)["n_users"]
+    odd = [k for k in range(n) if k % 2]
+    assert calls == [(n, 0.0), (len(odd), 0.5), (len([k for k in odd if k % 3]), 0.5)]
+    got = {r["user"]: r for r in rows(synthetic_run / "profiles" / "base_llm" / "users.jsonl")}
+    assert sorted(got) == list(range(n))   # one row per user
+    for k, r in got.items():
+        attempt = 0 if k % 2 == 0 else 1 if k % 3 == 0 else 2
+        assert (r["attempt"], r["valid"]) == (attempt, attempt < 2), k
+        assert r["profile"] == (GOOD if attempt < 2 else "no profile here")
+    calls.clear()
+    P.main(args)
+    assert calls == []
+
+
 def test_probe_only_matches_full_run(synthetic_run, tiny_llm):
     """--probe-only writes just the eval users' profiles, in its own folder, and the same probe as a full run."""
     D.main(["--run", str(synthetic_run), "--no-probe"])
@@ -330,6 +369,9 @@ def test_probe_only_matches_full_run(synthetic_run, tiny_llm):
     assert [r["user"] for r in rows(out / "users.jsonl")] == eval_users
     assert not (out / "user_emb.npy").exists() and not (out.parent / "users.jsonl").exists()
     full = P.main(profile_args(synthetic_run, tiny_llm, "--batch-size", "1"))
+    assert quick["eval_users"].pop("users") == full["eval_users"].pop("users")
+    key = "recall@20_by_user"
+    assert quick["eval_users"].pop(key) == pytest.approx(full["eval_users"].pop(key), abs=1e-6)
     assert quick["eval_users"] == pytest.approx(full["eval_users"], abs=1e-6)
     assert "06_probe_base_llm" in common.read_manifest(synthetic_run)["stages"]
     (synthetic_run / "user_sets.json").unlink()
@@ -373,6 +415,7 @@ def test_probe_hand_built():
     ue = np.array([[0.9, 0.3, 0.1, 0], [0.2, 0, 0.9, 1.0], [1, 1, 1, 1]], np.float32)
     r = llm.profile_probe(split, [0, 1, 2], ue, items, k=1)
     assert r["recall@1"] == pytest.approx(0.75) and r["n_users"] == 2 and r["n_skipped_no_valid"] == 1
+    assert r["users"] == [0, 1] and r["recall@1_by_user"] == [1.0, 0.5]
     assert llm.profile_probe(split, [1], ue[[1]], items, k=2)["recall@2"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same text encoder"):
         llm.profile_probe(split, [0], np.ones((1, 3)), items)

@@ -26,7 +26,8 @@ ATTN = "q_proj,k_proj,v_proj,o_proj"
 # Every argument 03-06 parsed under the CPU defaults of commit 7dfa1e2 (03's --n-neighbors is now --n-nbrs, 04's
 # --holdout-frac --heldout-frac; --limit is new; 04 then scored every held-out pair, the cpu preset a sample of 300),
 # with 06's --item-users as its main() resolved it for an LLM source; --no-repeat-ngram is new (0 = as before); 04
-# then trained 8 steps, the cpu preset now 32 (measured: README).
+# then trained 8 steps, the cpu preset now 32 (measured: README); 06's --retries / --retry-temperature are new (06
+# then kept an answer that did not parse; now it samples it again, up to 5 times).
 CPU_BEFORE = {
     "03": dict(variant="mask", model="default", device=None, max_steps=16, epochs=1.0, batch_size=2, grad_accum=1,
                lr=2e-3, lora_r=8, lora_alpha=16, lora_dropout=0.05,
@@ -43,7 +44,8 @@ CPU_BEFORE = {
                lora_targets=ATTN, reward_batch=8, limit=None, restart=False),
     "06": dict(source="ppo", teacher=None, model="default", device=None, dtype="auto", threads=1, encoder=None,
                batch_size=64, max_new_tokens=40, temperature=0.0, item_users=2, item_nbrs=3, shard=None, merge=False,
-               what="all", wait_s=3600.0, limit=None, restart=False, probe_only=False, no_repeat_ngram=0),
+               what="all", wait_s=3600.0, limit=None, restart=False, probe_only=False, no_repeat_ngram=0,
+               retries=5, retry_temperature=0.7),
 }
 SHARED = {"run": Path("r"), "seed": 0, "force": False}
 

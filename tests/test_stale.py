@@ -49,7 +49,7 @@ def resplit(run, n=6):
 
 def profile_args(run, model, source="base_llm", *extra):
     return ["--run", str(run), "--model", model, "--source", source, "--device", "cpu", "--max-new-tokens", "6",
-            "--batch-size", "8", *extra]
+            "--batch-size", "8", "--retries", "0", *extra]
 
 
 # ----------------------------------------------------------------------------- the check itself
