@@ -43,7 +43,6 @@ LORA_TARGETS = "q_proj,v_proj"  # the official code names none: peft's default f
 MAX_LENGTH = 2048          # max_length=2048; longer pairs are dropped (counted)
 HELDOUT = "auto"           # held-out pairs: the "eval" set's when it has any, else a split of the reward users
 HELDOUT_FRAC = 0.2         # --heldout split: the share of reward users held out
-EVAL_BATCH = 8             # pairs scored per forward pass
 MAX_EVAL_PAIRS = 0         # 0 = every held-out pair (a sample of 48 could not tell 0.7 from 0.9 on one kind)
 CENTER_REWARDS = 0.01      # RewardConfig.center_rewards_coefficient: keeps scores near 0, where 05's
                            # INCOMPLETE_SCORE (-3) sits below every real profile's
@@ -71,12 +70,19 @@ def accuracy_row(margins):
             "ci95": wilson_interval(k, len(m)), "mean_margin": float(m.mean()) if len(m) else None}
 
 
-def pairwise_eval(model, tok, pairs, batch_size):
-    """Accuracy and mean margin overall and per kind over tokenised pairs."""
+def pairwise_eval(model, tok, pairs):
+    """Accuracy and mean margin overall and per kind over tokenised pairs. A user's pairs share its query: they are
+    scored as one group (llm.score_groups), the query once and each distinct answer once."""
     model.eval()
-    ch = llm.score_ids(model, tok, [p["chosen_ids"] for p in pairs], batch_size)
-    rj = llm.score_ids(model, tok, [p["rejected_ids"] for p in pairs], batch_size)
-    margin = (ch - rj).numpy()
+    by_user = defaultdict(list)
+    for k, p in enumerate(pairs):
+        by_user[p["user"]].append(k)
+    groups = list(by_user.values())
+    scores = llm.score_groups(model, tok, [[pairs[k]["chosen_ids"] for k in ks] + [pairs[k]["rejected_ids"] for k in ks]
+                                           for ks in groups], desc="score held-out pairs")
+    margin = np.zeros(len(pairs))
+    for ks, sc in zip(groups, scores):
+        margin[ks] = (sc[:len(ks)] - sc[len(ks):]).numpy()
     by = defaultdict(list)
     for p, m in zip(pairs, margin):
         by[p["kind"]].append(m)
@@ -164,7 +170,6 @@ def parse_args(argv=None):
     p.add_argument("--heldout-frac", type=float, default=HELDOUT_FRAC, help="split: share of reward users held out")
     p.add_argument("--max-eval-pairs", type=int, default=MAX_EVAL_PAIRS,
                    help="score a seeded sample of this many held-out pairs; 0 = all")
-    p.add_argument("--eval-batch", type=int, default=EVAL_BATCH, help="pairs scored per forward pass")
     p.add_argument("--center-rewards", type=float, default=CENTER_REWARDS,
                    help="RewardConfig.center_rewards_coefficient; 0 = off")
     p.add_argument("--eval-before", action="store_true", help="also score the held-out pairs before training")
@@ -199,7 +204,7 @@ def main(argv=None):
     model.to(device)
     before = None
     if held and args.eval_before:
-        before = pairwise_eval(model, tok, held, args.eval_batch)
+        before = pairwise_eval(model, tok, held)
         log.info("held-out pairwise accuracy before training: %s", describe(before))
 
     tmp, final = run / "reward.tmp", run / "reward"
@@ -224,7 +229,7 @@ def main(argv=None):
     if args.lora_r > 0:
         model = model.merge_and_unload()
     model.config.pad_token_id = tok.pad_token_id
-    after = pairwise_eval(model, tok, held, args.eval_batch) if held else None
+    after = pairwise_eval(model, tok, held) if held else None
     if after:
         log.info("held-out pairwise accuracy after training (95%% Wilson intervals): %s", describe(after))
     shutil.rmtree(tmp / "trainer", ignore_errors=True)

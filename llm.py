@@ -575,6 +575,7 @@ def replace_dir(tmp, final):
 
 
 @torch.no_grad()
+@torch.inference_mode()
 def score_ids(model, tok, id_lists, batch_size=8):
     """Reward-model scores (float tensor) of token-id sequences; batched with left padding, sorted by length."""
     device = next(model.parameters()).device
@@ -594,6 +595,43 @@ def score_ids(model, tok, id_lists, batch_size=8):
         pos = (att.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device)).logits
         out[idx] = logits.float().cpu().view(len(idx), -1)[:, 0]
+    return out
+
+
+@torch.inference_mode()
+def score_groups(model, tok, groups, desc="score", progress=True):
+    """Reward-model scores of token-id sequences given in groups whose members share a prompt (a query's chosen and
+    rejected answers): a list of float tensors, one per group, equal to score_ids on the whole sequences (tested).
+    Each group's common prefix (shared_prefix) runs once and its members' own tokens run on its cached keys/values:
+    a held-out query of ~350 tokens with 7 answers of ~30 costs ~560 tokens instead of 6 pairs x 2 x ~380.
+    Members of a group that are the same sequence are scored once. `model`: a sequence-classification model (peft
+    wrapped or not) whose score head is `.score` and whose transformer is its base_model_prefix attribute."""
+    from tqdm import tqdm
+    from transformers import DynamicCache
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, head = getattr(base, base.base_model_prefix), base.score
+    device = next(model.parameters()).device
+    out = []
+    for group in tqdm(groups, desc=desc, unit="group", disable=not progress):
+        unique = sorted({tuple(ids) for ids in group})
+        prefix = shared_prefix([list(u) for u in unique]) if len(unique) > 1 else list(unique[0][:-1])
+        cache = DynamicCache()
+        if prefix:
+            body(input_ids=torch.tensor([prefix], device=device), cache=cache, use_cache=True)
+            expanded = DynamicCache()
+            for layer, kv in enumerate(cache.layers):
+                expanded.update(kv.keys.expand(len(unique), -1, -1, -1), kv.values.expand(len(unique), -1, -1, -1),
+                                layer)
+            cache = expanded
+        own = [u[len(prefix):] for u in unique]
+        width = max(len(x) for x in own)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + list(x) for x in own], device=device)
+        att = torch.tensor([[1] * len(prefix) + [0] * (width - len(x)) + [1] * len(x) for x in own], device=device)
+        pos = (att.cumsum(1) - 1).clamp(min=0)[:, len(prefix):]  # positions from the mask: padding shifts nothing
+        hidden = body(input_ids=ids, attention_mask=att, position_ids=pos, cache=cache,
+                      use_cache=True).last_hidden_state
+        scores = dict(zip(unique, head(hidden[:, -1]).float().cpu().view(len(unique), -1)[:, 0].tolist()))
+        out.append(torch.tensor([scores[tuple(ids)] for ids in group]))
     return out
 
 

@@ -521,3 +521,35 @@ def test_ppo_huge_beta_stays_at_reference(synthetic_run, tiny_llm):
     (kl_free, diff_free, _), (kl_huge, diff_huge, _) = out[0.0], out[1e3]
     assert kl_huge < 0.2 * kl_free and kl_huge < 0.1, out
     assert diff_huge < 0.5 * diff_free, out
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_score_groups_equals_score_ids(synthetic_run, tiny_llm, lora):
+    """The shared-prefix scorer against scoring every whole sequence: the held-out pairs grouped by user (a query,
+    its chosen answer and its rejected ones), a group with one sequence, a group holding one sequence twice, and a
+    LoRA-wrapped model whose adapters are not zero (the cached path must run through them)."""
+    from transformers import AutoModelForSequenceClassification
+    run = write_stage02(synthetic_run)
+    tok = llm.load_tokenizer(tiny_llm)
+    _, held, _ = rw.load_pairs(run, tok, rw.parse_args(["--run", str(run)]))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llm, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    if lora:
+        model = llm.lora_model(model, rw.parse_args(["--run", str(run)]), task_type="SEQ_CLS")
+        with torch.no_grad():
+            for name, w in model.named_parameters():
+                if "lora_B" in name:
+                    w.normal_(0, 0.5)
+    model.eval()
+    users = sorted({p["user"] for p in held})
+    groups = [[p[key] for p in held if p["user"] == u] for u in users for key in ("chosen_ids", "rejected_ids")]
+    groups = [g + h for g, h in zip(groups[::2], groups[1::2])]
+    groups += [[held[0]["rejected_ids"]], [held[1]["chosen_ids"], held[1]["chosen_ids"]]]
+    got = llm.score_groups(model, tok, groups, progress=False)
+    flat = [ids for g in groups for ids in g]
+    expected = llm.score_ids(model, tok, flat, batch_size=3).split([len(g) for g in groups])
+    assert all(len(g) > 2 for g in groups[:-2])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert expected[0].std() > 0   # the scores differ between answers: the comparison can fail

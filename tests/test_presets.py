@@ -27,7 +27,8 @@ ATTN = "q_proj,k_proj,v_proj,o_proj"
 # --holdout-frac --heldout-frac; --limit is new; 04 then scored every held-out pair, the cpu preset a sample of 300),
 # with 06's --item-users as its main() resolved it for an LLM source; --no-repeat-ngram is new (0 = as before); 04
 # then trained 8 steps, the cpu preset now 32 (measured: README); 06's --retries / --retry-temperature are new (06
-# then kept an answer that did not parse; now it samples it again, up to 5 times).
+# then kept an answer that did not parse; now it samples it again, up to 5 times); 04's --eval-batch is gone (a
+# user's pairs are scored as one group) and the cpu preset scores every held-out pair again, as 7dfa1e2 did.
 CPU_BEFORE = {
     "03": dict(variant="mask", model="default", device=None, max_steps=16, epochs=1.0, batch_size=2, grad_accum=1,
                lr=2e-3, lora_r=8, lora_alpha=16, lora_dropout=0.05,
@@ -35,7 +36,7 @@ CPU_BEFORE = {
                kd_gen_batch=8, kd_max_new_tokens=48, init="gpt_kd", limit=None),
     "04": dict(model="default", device=None, max_steps=32, epochs=1.0, batch_size=4, grad_accum=1, lr=3e-4, lora_r=8,
                lora_alpha=16, lora_dropout=0.0, lora_targets=ATTN, max_length=2048, heldout="auto", heldout_frac=0.2,
-               max_eval_pairs=300, eval_batch=8, center_rewards=0.01, eval_before=False, limit=None),
+               max_eval_pairs=0, center_rewards=0.01, eval_before=False, limit=None),
     "05": dict(sft="sft_mask", reward="reward", model="default", device=None, steps=3, batch_size=4, minibatch_size=2,
                ppo_epochs=1, lr=5e-5, temperature=1.0, top_p=1.0, max_new_tokens=40, beta=0.05, target_kl=0.0,
                kl_horizon=10000, gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
