@@ -3,6 +3,7 @@
 02's outputs (distill.jsonl, reward_pairs.jsonl, user_sets.json) are written here in the contract's format.
 """
 import importlib
+import importlib.util
 import json
 import math
 import time
@@ -200,6 +201,14 @@ def test_naive_and_mask_need_gpt_kd(synthetic_run, tiny_llm):
 
 # ----------------------------------------------------------------------------- 03 -> 04 -> 05 on the tiny model
 
+def import_script(name):
+    """A module of scripts/ (not a package)."""
+    spec = importlib.util.spec_from_file_location(name, common.REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
     run = write_stage02(synthetic_run)
     base = ["--run", str(run), "--model", tiny_llm, "--device", "cpu"]
@@ -241,6 +250,12 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
     assert 0.0 <= ev["heldout"]["accuracy"] <= 1.0
     for r in [ev["heldout"]] + list(ev["heldout"]["per_kind"].values()):
         assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["correct"] == round(r["accuracy"] * r["n"])
+    # scripts/eval_reward.py re-scores the saved model on every held-out pair: the accuracies 04 wrote
+    eval_reward = import_script("eval_reward")
+    printed = eval_reward.main(["--run", str(run)])
+    assert (printed["correct"], printed["n"]) == (ev["heldout"]["correct"], 12)
+    assert {k: v["correct"] for k, v in printed["per_kind"].items()} == \
+        {k: v["correct"] for k, v in ev["heldout"]["per_kind"].items()}
     scorer = ppo.RewardScorer(out)
     rows = common.read_jsonl(run / "reward_pairs.jsonl")[:3]
     batched = scorer([r["prompt"] for r in rows], ["", "a b", rows[2]["chosen"]])
