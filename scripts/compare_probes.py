@@ -32,7 +32,7 @@ def load(path, part):
     users_jsonl = probe_json.parent / "users.jsonl"
     stats = None
     if users_jsonl.exists():
-        rows = [json.loads(line) for line in users_jsonl.open()]
+        rows = list({r["user"]: r for r in map(json.loads, users_jsonl.open())}.values())  # a re-run appends: last wins
         good = [r["profile"] for r in rows if r.get("valid")]
         identities = collections.Counter(llm.PROFILE_RE.search(g).group("identity").lower() for g in good)
         top = identities.most_common(1)[0][1] / len(good) if good else float("nan")
