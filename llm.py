@@ -575,7 +575,6 @@ def replace_dir(tmp, final):
 
 
 @torch.no_grad()
-@torch.inference_mode()
 def score_ids(model, tok, id_lists, batch_size=8):
     """Reward-model scores (float tensor) of token-id sequences; batched with left padding, sorted by length."""
     device = next(model.parameters()).device
