@@ -97,3 +97,13 @@ def build_tiny_llm(path, seed=0):
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory):
     return build_tiny_llm(tmp_path_factory.mktemp("tiny_llm"))
+
+
+def assert_probes_close(a, b, tol=1e-6):
+    """Two llm.profile_probe results agree: the same scored users, every number (per-user recalls too) within tol."""
+    assert a["users"] == b["users"]
+    lists = [k for k, v in a.items() if isinstance(v, list) and k != "users"]
+    for k in lists:
+        assert a[k] == pytest.approx(b[k], abs=tol), k
+    drop = lambda p: {k: v for k, v in p.items() if k not in lists and k != "users"}  # noqa: E731
+    assert drop(a) == pytest.approx(drop(b), abs=tol)

@@ -8,7 +8,7 @@ import pytest
 
 import common
 import llm
-from conftest import GENRES
+from conftest import GENRES, assert_probes_close
 
 D = importlib.import_module("02_distill")
 P = importlib.import_module("06_profile")
@@ -87,7 +87,7 @@ def test_teacher_probe_only_and_refusals(synthetic_run):
     assert [r["user"] for r in rows(out / "users.jsonl")] == eval_users
     assert "06_probe_teacher" in common.read_manifest(synthetic_run)["stages"]
     full = P.main(teacher_args(synthetic_run))
-    assert quick["eval_users"] == pytest.approx(full["eval_users"], abs=1e-6)
+    assert_probes_close(quick["eval_users"], full["eval_users"])
     for extra, msg in ((["--shard", "0/2"], "--shard"), (["--merge"], "--merge"), (["--limit", "3"], "--limit")):
         with pytest.raises(SystemExit, match=msg):
             P.main(teacher_args(synthetic_run, *extra))
