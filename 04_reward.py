@@ -70,16 +70,21 @@ def accuracy_row(margins):
             "ci95": wilson_interval(k, len(m)), "mean_margin": float(m.mean()) if len(m) else None}
 
 
-def pairwise_eval(model, tok, pairs):
-    """Accuracy and mean margin overall and per kind over tokenised pairs. A user's pairs share its query: they are
-    scored as one group (llm.score_groups), the query once and each distinct answer once."""
-    model.eval()
+def query_groups(pairs):
+    """The pairs grouped by user (one query each): ([pair indices], [their chosen ids, then their rejected ids])."""
     by_user = defaultdict(list)
     for k, p in enumerate(pairs):
         by_user[p["user"]].append(k)
     groups = list(by_user.values())
-    scores = llm.score_groups(model, tok, [[pairs[k]["chosen_ids"] for k in ks] + [pairs[k]["rejected_ids"] for k in ks]
-                                           for ks in groups], desc="score held-out pairs")
+    return groups, [[pairs[k]["chosen_ids"] for k in ks] + [pairs[k]["rejected_ids"] for k in ks] for ks in groups]
+
+
+def pairwise_eval(model, tok, pairs):
+    """Accuracy and mean margin overall and per kind over tokenised pairs. A user's pairs share its query: they are
+    scored as one group (llm.score_groups), the query once and each distinct answer once."""
+    model.eval()
+    groups, sequences = query_groups(pairs)
+    scores = llm.score_groups(model, tok, sequences, desc="score held-out pairs")
     margin = np.zeros(len(pairs))
     for ks, sc in zip(groups, scores):
         margin[ks] = (sc[:len(ks)] - sc[len(ks):]).numpy()

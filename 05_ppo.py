@@ -375,11 +375,7 @@ class RewardScorer:
     """reward_fn(prompts, responses) -> scores, with the reward model 04 saved."""
 
     def __init__(self, path, device=None, batch_size=8):
-        from transformers import AutoModelForSequenceClassification
-        self.tok = llm.load_tokenizer(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-        self.model.config.pad_token_id = self.tok.pad_token_id
-        self.model.to(device or "cpu").eval()
+        self.model, self.tok = llm.load_reward_model(path, device)
         self.batch_size = batch_size
 
     def __call__(self, prompts, responses):

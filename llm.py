@@ -574,6 +574,16 @@ def replace_dir(tmp, final):
         shutil.rmtree(old)
 
 
+def load_reward_model(path, device=None):
+    """(model, tokenizer) of the reward model 04 saved in `path`: a float32 sequence classifier in eval mode whose pad
+    token is the tokenizer's (score_ids / score_groups read the last token's score)."""
+    from transformers import AutoModelForSequenceClassification
+    tok = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    return model.to(device or "cpu").eval(), tok
+
+
 @torch.no_grad()
 def score_ids(model, tok, id_lists, batch_size=8):
     """Reward-model scores (float tensor) of token-id sequences; batched with left padding, sorted by length."""
@@ -602,7 +612,7 @@ def score_groups(model, tok, groups, desc="score", progress=True):
     """Reward-model scores of token-id sequences given in groups whose members share a prompt (a query's chosen and
     rejected answers): a list of float tensors, one per group, equal to score_ids on the whole sequences (tested).
     Each group's common prefix (shared_prefix) runs once and its members' own tokens run on its cached keys/values:
-    a held-out query of ~350 tokens with 7 answers of ~30 costs ~560 tokens instead of 6 pairs x 2 x ~380.
+    04's held-out query has 6 pairs but 7 distinct answers, all sharing its prompt (5.5x faster: bench/bench_score.py).
     Members of a group that are the same sequence are scored once. `model`: a sequence-classification model (peft
     wrapped or not) whose score head is `.score` and whose transformer is its base_model_prefix attribute."""
     from tqdm import tqdm

@@ -27,16 +27,12 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForSequenceClassification
     run = Path(args.run)
-    tok = llm.load_tokenizer(run / "reward")
+    model, tok = llm.load_reward_model(run / "reward")
     _, held, _ = RW.load_pairs(run, tok, RW.parse_args(["--run", str(run)]))
     users = sorted({p["user"] for p in held})[:args.users]
     pairs = [p for p in held if p["user"] in set(users)]
-    model = AutoModelForSequenceClassification.from_pretrained(run / "reward", dtype=torch.float32).eval()
-    model.config.pad_token_id = tok.pad_token_id
-    groups = [[p["chosen_ids"] for p in pairs if p["user"] == u] + [p["rejected_ids"] for p in pairs if p["user"] == u]
-              for u in users]
+    _, groups = RW.query_groups(pairs)
     t0 = time.perf_counter()
     grouped = torch.cat(llm.score_groups(model, tok, groups, progress=False))
     t_grouped = time.perf_counter() - t0

@@ -25,14 +25,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForSequenceClassification
     run = Path(args.run)
     if not (run / "reward" / "config.json").exists():
         raise SystemExit(f"{run}/reward: no trained reward model (run 04_reward.py)")
-    tok = llm.load_tokenizer(run / "reward")
+    model, tok = llm.load_reward_model(run / "reward", args.device)
     _, held, counts = RW.load_pairs(run, tok, RW.parse_args(["--run", str(run)]))   # every held-out pair
-    model = AutoModelForSequenceClassification.from_pretrained(run / "reward", dtype=torch.float32).to(args.device)
-    model.config.pad_token_id = tok.pad_token_id
     res = RW.pairwise_eval(model, tok, held)
     print(f"{run}: {len(held)} held-out pairs ({counts['heldout_mode']}), {RW.describe(res)}")
     print(json.dumps(res, indent=1))

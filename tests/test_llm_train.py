@@ -557,10 +557,7 @@ def test_score_groups_equals_score_ids(synthetic_run, tiny_llm, lora):
                 if "lora_B" in name:
                     w.normal_(0, 0.5)
     model.eval()
-    users = sorted({p["user"] for p in held})
-    groups = [[p[key] for p in held if p["user"] == u] for u in users for key in ("chosen_ids", "rejected_ids")]
-    groups = [g + h for g, h in zip(groups[::2], groups[1::2])]
-    groups += [[held[0]["rejected_ids"]], [held[1]["chosen_ids"], held[1]["chosen_ids"]]]
+    groups = rw.query_groups(held)[1] + [[held[0]["rejected_ids"]], [held[1]["chosen_ids"], held[1]["chosen_ids"]]]
     got = llm.score_groups(model, tok, groups, progress=False)
     flat = [ids for g in groups for ids in g]
     expected = llm.score_ids(model, tok, flat, batch_size=3).split([len(g) for g in groups])
