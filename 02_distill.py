@@ -431,7 +431,6 @@ class ApiClient:
                 with self.lock:
                     self.n_failed_connections = 0  # the server answered
                 if e.code not in (408, 429) and e.code < 500:
-                    self.abort.set()   # before reading the body: the other workers stop sending now
                     try:
                         detail = " ".join(e.read()[:300].decode(errors="replace").split())
                     except Exception:  # noqa: BLE001 - the body is only a detail of the message
