@@ -7,7 +7,8 @@ Writes  distill.jsonl        {"user", "prompt", "profile", "teacher", "teacher_m
                               resumable: a row is redone when its prompt or upstream state changed (stats "redone")
         user_sets.json       {"sft", "reward", "ppo", "eval"}: a disjoint, seeded split of the distilled users
         reward_pairs.jsonl   {"user", "prompt" (llm.inference_messages), "chosen", "rejected", "kind", "variant",
-                              "set"}: one pair per negative kind for each user of the "reward" and "eval" sets
+                              "set"}: one pair per negative kind for each user of the "reward" and "eval" sets,
+                              but --train-substitutions substitution pairs per "reward" user
         prompt.json          the prompt sizes of every later stage, which has no flags for them: "teacher"
                              (--max-items, --max-chars; 03 trains on these) and "inference" (--pair-*; 05, 06)
         distill_probe.json   the probe of the teacher's profiles (eval users, validation items), diversity, pairs
@@ -53,6 +54,7 @@ DEFAULT_N_USERS = {"rules": None, "local": 200, "api": 500}   # None = every use
 MIN_ITEMS = 1                  # sample users with at least this many training items
 FRACTIONS = {"sft": 0.5, "reward": 0.2, "ppo": 0.15, "eval": 0.15}  # disjoint user sets of 03, 04, 05, held out
 PAIRS_FOR = "reward,eval"      # the user sets that get reward pairs: 04 trains on one and scores the other
+TRAIN_SUBSTITUTIONS = 1        # substitution pairs (other users' profiles) per reward-set user; one of each other kind
 ON_FAIL = "rules"              # a user still malformed after RETRIES gets the rules profile, so every user has one
 BATCH_SIZE = 16                # local teacher: prompts per generation batch
 MAX_NEW_TOKENS = 48            # local teacher: a 3+3 profile is ~25-30 SmolLM2 tokens
@@ -640,26 +642,35 @@ def terms_key(p):
     return frozenset(t.lower() for t in ident), frozenset(t.lower() for t in interests)
 
 
-def substitute(u, profiles, donors, nbrs, rng):
-    """(another user's profile, variant) whose terms differ from u's: u's first such neighbour among `donors`, else
-    a random such donor, else a generic profile."""
-    own = terms_key(profiles[u])
-    usable = [int(v) for v in nbrs[u] if int(v) != u and int(v) in donors and terms_key(profiles[int(v)]) != own]
-    if usable:
-        return profiles[usable[0]], "neighbour"
-    pool = [v for v in sorted(donors) if v != u and terms_key(profiles[v]) != own]
-    if pool:
-        return profiles[pool[int(rng.integers(len(pool)))]], "random_user"
-    return GENERIC_PROFILE, "generic"
+def substitutes(u, profiles, donors, nbrs, rng, n=1):
+    """Up to n [(another user's profile, variant)], each with terms that differ from u's and from each other's: u's
+    first such neighbours among `donors`, then random such donors, else (none at all) a generic profile."""
+    seen, out = {terms_key(profiles[u])}, []
+
+    def take(v, how):
+        key = terms_key(profiles[v])
+        if v != u and v in donors and key not in seen and len(out) < n:
+            seen.add(key)
+            out.append((profiles[v], how))
+
+    for v in nbrs[u]:
+        take(int(v), "neighbour")
+    if len(out) < n:
+        pool = [v for v in sorted(donors) if v != u]
+        for k in rng.permutation(len(pool)):
+            take(pool[k], "random_user")
+    return out or [(GENERIC_PROFILE, "generic")]
 
 
-def negatives(u, profiles, donors, nbrs, item_text, rng):
-    """{kind: (rejected, variant)} for user u (SPEC section 5; paper appendix 6.6); the substitution from `donors`."""
+def negatives(u, profiles, donors, nbrs, item_text, rng, n_substitutions=1):
+    """[(kind, rejected, variant)] for user u (SPEC section 5; paper appendix 6.6): one of each kind but up to
+    n_substitutions substitutions (other users' profiles, from `donors`); over-smoothing uses the first."""
     own = profiles[u]
-    other, how = substitute(u, profiles, donors, nbrs, rng)
+    subs = substitutes(u, profiles, donors, nbrs, rng, n_substitutions)
+    other = subs[0][0]
     oi, on = split_profile(own)
     ni, nn = split_profile(other)
-    out = {"substitution": (other, how)}
+    out = {}
     mi = list(dict.fromkeys([oi[0], ni[0], ni[1], oi[1], ni[2]]))
     mn = list(dict.fromkeys([on[0], nn[0], nn[1], on[1], nn[2]]))
     merged = f"User identity: {', '.join(mi[:3])}; User interests: {', '.join(mn[:3])}"
@@ -680,7 +691,7 @@ def negatives(u, profiles, donors, nbrs, item_text, rng):
         out["junk"] = (" ".join(rng.choice(words, size=12)) if words else "lorem ipsum dolor", "random_tokens")
     else:
         out["junk"] = (UNRELATED[int(rng.integers(len(UNRELATED)))], "unrelated_text")
-    return out
+    return [("substitution", r, how) for r, how in subs] + [(k, r, how) for k, (r, how) in out.items()]
 
 
 def check_pair_sizes(args):
@@ -703,20 +714,24 @@ def pair_donors(set_name, sets, profiles):
     return {int(v) for s in allowed for v in sets.get(s, []) if int(v) in profiles}
 
 
-def build_pairs(sets, profiles, train, nbrs, item_text, seed, for_sets=("reward", "eval"), sizes=None):
-    """(rows, counts): a pair of every kind (KINDS) for every user of `for_sets`. A rejected answer with the chosen
+def build_pairs(sets, profiles, train, nbrs, item_text, seed, for_sets=("reward", "eval"), sizes=None,
+                train_substitutions=1):
+    """(rows, counts): a pair of every kind (KINDS) for every user of `for_sets`, with train_substitutions
+    substitution pairs per user of the "reward" set (held-out sets: one, so their accuracies stay comparable
+    across settings). A rejected answer with the chosen
     profile's terms is dropped; counts[set] holds the pairs per kind, the dropped ones ("same_terms_<kind>") and
     the substitution variants ("substitution_<variant>"). The default sets are "reward" (to train 04) and "eval"
     (04's held-out accuracy), not "ppo": the reward model then never saw the teacher profiles of the users PPO
     optimises on."""
-    rng = np.random.default_rng(seed + 1)
     rows, counts = [], {}
     for set_name in for_sets:
+        rng = np.random.default_rng([seed + 1, *set_name.encode()])  # a set's pairs do not depend on the others'
         donors = pair_donors(set_name, sets, profiles)
         c = counts[set_name] = collections.Counter()
         for u in sets[set_name]:
             prompt = llm.user_prompt(u, train, nbrs, item_text, **(sizes or {}))
-            for kind, (rejected, variant) in negatives(u, profiles, donors, nbrs, item_text, rng).items():
+            n_sub = train_substitutions if set_name == "reward" else 1
+            for kind, rejected, variant in negatives(u, profiles, donors, nbrs, item_text, rng, n_sub):
                 if terms_key(rejected) is not None and terms_key(rejected) == terms_key(profiles[u]):
                     c["same_terms_" + kind] += 1
                     continue
@@ -796,6 +811,8 @@ def build_parser():
     for name, frac in FRACTIONS.items():
         p.add_argument(f"--{name}-frac", type=float, default=frac, help=f"share of users in the {name} set")
     p.add_argument("--pairs-for", default=PAIRS_FOR, help="user sets that get reward pairs")
+    p.add_argument("--train-substitutions", type=int, default=TRAIN_SUBSTITUTIONS,
+                   help="substitution pairs per reward-set user (the held-out sets get one)")
     for name, val in llm.PROMPT_SIZES.items():  # the inference prompt's sizes, as 05 and 06 show it
         p.add_argument("--pair-" + name.replace("_", "-"), type=int, default=val,
                        help="reward-pair prompts (llm.user_prompt): " + name)
@@ -810,6 +827,9 @@ def main(argv=None):
     if args.teacher == "api":
         api_key(args.api_key_env)  # no key (or a key given in place of its variable's name): refuse before any work
     check_pair_sizes(args)
+    if args.train_substitutions < 1:
+        raise common.UsageError(f"--train-substitutions {args.train_substitutions}: at least 1 substitution pair "
+                                "per reward-set user")
     run = args.run
     common.setup_logging(run, "02_distill")
     common.seed_everything(args.seed)
@@ -869,7 +889,8 @@ def main(argv=None):
     common.write_json(run / "user_sets.json", sets)
     pair_sets = tuple(s for s in args.pairs_for.split(",") if s)
     pairs, pair_counts = build_pairs(sets, profiles, train, nbrs, item_text, args.seed, pair_sets,
-                                     {k: getattr(args, "pair_" + k) for k in llm.PROMPT_SIZES})
+                                     {k: getattr(args, "pair_" + k) for k in llm.PROMPT_SIZES},
+                                     args.train_substitutions)
     common.write_jsonl(run / "reward_pairs.jsonl", pairs)
     log.info("user sets: %s; reward pairs: %d (%s users)", {k: len(v) for k, v in sets.items()}, len(pairs),
              "+".join(pair_sets))

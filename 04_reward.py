@@ -10,7 +10,7 @@ interval, and the mean margin. Pairs longer than --max-length tokens are dropped
 Reads  reward_pairs.jsonl, user_sets.json (02)
 Writes reward/ (trained in reward.tmp/, renamed when finished): config.json + model.safetensors (merged full
        weights) + tokenizer files, loadable with AutoModelForSequenceClassification.from_pretrained;
-       train_log.jsonl (per-step loss, accuracy); eval.json (held-out accuracies, counts)
+       train_log.jsonl (per-step loss, accuracy); eval.json (held-out accuracies, each pair's margin, counts)
 Run    python 04_reward.py --run runs/ml100k       # the official code's settings (3 epochs); on a CPU pass the
                                                    # flags of scripts/presets.sh's cpu preset
 """
@@ -80,7 +80,8 @@ def query_groups(pairs):
 
 
 def pairwise_eval(model, tok, pairs):
-    """Accuracy and mean margin overall and per kind over tokenised pairs. A user's pairs share its query: they are
+    """Accuracy and mean margin overall and per kind over tokenised pairs, and each pair's margin (so that two reward
+    models can be compared pair by pair: scripts/eval_reward.py --against). A user's pairs share its query: they are
     scored as one group (llm.score_groups), the query once and each distinct answer once."""
     model.eval()
     groups, sequences = query_groups(pairs)
@@ -91,7 +92,9 @@ def pairwise_eval(model, tok, pairs):
     by = defaultdict(list)
     for p, m in zip(pairs, margin):
         by[p["kind"]].append(m)
-    return {**accuracy_row(margin), "per_kind": {k: accuracy_row(v) for k, v in sorted(by.items())}}
+    return {**accuracy_row(margin), "per_kind": {k: accuracy_row(v) for k, v in sorted(by.items())},
+            "pairs": [{"user": int(p["user"]), "kind": p["kind"], "margin": float(m)}   # for paired comparisons
+                      for p, m in zip(pairs, margin)]}
 
 
 def describe(res):

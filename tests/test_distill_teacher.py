@@ -1,6 +1,7 @@
 """02_distill, issue 10 causes 1, 2 and 7: the teacher profiles what the prompts show, its terms set a user apart
 from the population, and the reward pairs hold no reordered chosen profile and no held-out or PPO user's profile.
 Fast: hand-built catalogues and the synthetic run of conftest.py."""
+import collections
 import importlib
 import json
 import types
@@ -177,6 +178,34 @@ def test_pairs_drop_reordered_and_keep_eval_and_ppo_users_out():
     pairs, _ = D.build_pairs(SETS, P, [np.array([0])] * 6, np.array([[1, 3, 4]] * 6), text, 0)
     p = next(p for p in pairs if p["user"] == 0 and p["kind"] == "substitution")
     assert p["variant"] == "random_user" and p["rejected"] in (P[2], P[5])
+
+
+def test_several_substitutions_per_training_user_are_distinct_and_held_out_get_one():
+    nbrs = np.array([[1, 3, 4, 2], [0, 2, 3, 4], [0, 1, 3, 4], [0, 1, 2, 4], [0, 1, 2, 3], [0, 1, 2, 3]])
+    text = ["Some Film (1995). Genres: Drama."]
+    pairs, counts = D.build_pairs(SETS, P, [np.array([0])] * 6, nbrs, text, 0, train_substitutions=3)
+    sub = collections.defaultdict(list)
+    for p in pairs:
+        if p["kind"] == "substitution":
+            sub[p["user"]].append((p["rejected"], p["variant"]))
+    # user 0: neighbour 2 first, then the other training donors (1 is 0 reordered; 3 eval, 4 ppo): only 5 is left
+    assert sub[0] == [(P[2], "neighbour"), (P[5], "random_user")]
+    assert len(sub[3]) == 1 and counts["eval"]["substitution"] == 1   # held-out users: one, as before
+    for u, subs in sub.items():
+        keys = [D.terms_key(r) for r, _ in subs]
+        assert len(set(keys)) == len(keys) and D.terms_key(P[u]) not in keys
+    assert counts["reward"]["substitution"] == sum(len(sub[u]) for u in SETS["reward"])
+    assert all(counts["reward"][k] == len(SETS["reward"]) for k in D.KINDS if k != "substitution")
+    # the held-out pairs do not depend on the training set's settings (one RNG per set)
+    held = [p for p in pairs if p["set"] == "eval"]
+    for n, sets in ((1, ("reward", "eval")), (3, ("eval",))):
+        again, _ = D.build_pairs(SETS, P, [np.array([0])] * 6, nbrs, text, 0, sets, train_substitutions=n)
+        assert [p for p in again if p["set"] == "eval"] == held
+
+
+def test_train_substitutions_below_one_is_refused(synthetic_run):
+    with pytest.raises(common.UsageError, match="--train-substitutions 0"):
+        D.main(["--run", str(synthetic_run), "--no-probe", "--train-substitutions", "0"])
 
 
 def test_every_heldout_pair_can_be_scored(synthetic_run, tiny_llm):

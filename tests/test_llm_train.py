@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 import common
@@ -209,7 +210,7 @@ def import_script(name):
     return mod
 
 
-def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
+def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch, tmp_path):
     run = write_stage02(synthetic_run)
     base = ["--run", str(run), "--model", tiny_llm, "--device", "cpu"]
     for variant in ["gpt_kd", "naive", "mask"]:
@@ -252,10 +253,21 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch):
         assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["correct"] == round(r["accuracy"] * r["n"])
     # scripts/eval_reward.py re-scores the saved model on every held-out pair: the accuracies 04 wrote
     eval_reward = import_script("eval_reward")
-    printed = eval_reward.main(["--run", str(run)])
+    printed = eval_reward.main(["--run", str(run), "--out", str(tmp_path / "rescored.json"),
+                                "--against", str(out / "eval.json")])
     assert (printed["correct"], printed["n"]) == (ev["heldout"]["correct"], 12)
     assert {k: v["correct"] for k, v in printed["per_kind"].items()} == \
         {k: v["correct"] for k, v in ev["heldout"]["per_kind"].items()}
+    assert sum(p["margin"] > 0 for p in ev["heldout"]["pairs"]) == ev["heldout"]["correct"]
+    rescored = json.loads((tmp_path / "rescored.json").read_text())
+    paired = eval_reward.mcnemar(rescored, ev["heldout"])  # the same model on the same pairs: no discordant pair
+    assert paired["all"] == (12, ev["heldout"]["accuracy"], ev["heldout"]["accuracy"], 1.0)
+    flipped = {"pairs": [{**p, "margin": -p["margin"]} for p in rescored["pairs"]]}
+    n_right = ev["heldout"]["correct"]
+    assert eval_reward.mcnemar(rescored, flipped)["all"][3] == pytest.approx(
+        scipy.stats.binomtest(n_right, 12).pvalue)  # every pair discordant
+    with pytest.raises(ValueError, match="different held-out pairs"):
+        eval_reward.mcnemar(rescored, {"pairs": rescored["pairs"][1:]})
     scorer = ppo.RewardScorer(out)
     rows = common.read_jsonl(run / "reward_pairs.jsonl")[:3]
     batched = scorer([r["prompt"] for r in rows], ["", "a b", rows[2]["chosen"]])
