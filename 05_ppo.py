@@ -15,6 +15,7 @@ Reads  data/split.npz, data/items.jsonl, neighbors.npz, user_sets.json, prompt.j
 Writes ppo/: adapter_config.json + adapter_model.safetensors (the PPO LoRA, on top of the merged SFT model),
        base.json {"sft": "<sft>"}, value_head.pt, tokenizer files, ppo_log.jsonl (per step: score, rm_score,
        complete_frac, kl, response length, clip fraction, value loss, explained_variance, beta, ...), ppo_info.json
+       (config, last step, "trend": first- vs last-third means and Spearman's rho of score against step)
 Run    python 05_ppo.py --run runs/ml100k [--sft sft_mask] [--steps 10]
        (the defaults are the official code's settings; on a CPU pass the flags of scripts/presets.sh's cpu preset)
 """
@@ -383,6 +384,26 @@ class RewardScorer:
                              [llm.render_ids(self.tok, p, r) for p, r in zip(prompts, responses)], self.batch_size)
 
 
+def trend(rows):
+    """Did the run improve? Over the logged steps: the mean of score, rm_score, complete_frac and kl over the first
+    and the last third of the steps, and Spearman's rho (with its p-value) of the score against the step. A batch of
+    a few rollouts scores with a spread of ~2, so single steps say little; a rise shows in the thirds and rho."""
+    from scipy.stats import spearmanr
+    rows = sorted(rows, key=lambda r: r["step"])
+    third = max(1, len(rows) // 3)
+
+    def mean(part, key):
+        vals = [r[key] for r in part if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+    out = {"steps": len(rows)}
+    for key in ("score", "rm_score", "complete_frac", "kl"):
+        out[key] = {"first_third": mean(rows[:third], key), "last_third": mean(rows[-third:], key)}
+    if len(rows) >= 3:
+        rho, pval = spearmanr([r["step"] for r in rows], [r["score"] for r in rows])
+        out["score_vs_step"] = {"spearman_rho": float(rho), "p": float(pval)}
+    return out
+
+
 def ppo_prompts(run, users, sizes):
     split = common.load_split(run)
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
@@ -541,10 +562,17 @@ def main(argv=None):
     tok.save_pretrained(work)
     torch.save(value_head.state_dict(), work / "value_head.pt")
     common.write_json(work / "base.json", {"sft": sft_name})
+    summary = trend(common.read_jsonl(log_path))  # every step, also those before a resume
+    if "score_vs_step" in summary:
+        def thirds(key):
+            return " -> ".join("-" if v is None else f"{v:.3f}" for v in summary[key].values())
+        log.info("over %d steps, first third -> last third: score %s, complete %s, kl %s; Spearman rho of score "
+                 "and step %.2f (p %.2g)", summary["steps"], thirds("score"), thirds("complete_frac"), thirds("kl"),
+                 summary["score_vs_step"]["spearman_rho"], summary["score_vs_step"]["p"])
     common.write_json(work / "ppo_info.json", {"config": asdict(cfg), "users": users, "sft": sft_name,
                                                "base_model": str(args.model), "resumed_at": start,
                                                "train_seconds": round(time.time() - t0, 1),
-                                               "last": history[-1] if history else None})
+                                               "last": history[-1] if history else None, "trend": summary})
     if ckpt_path.exists():
         ckpt_path.unlink()
     llm.replace_dir(work, final)

@@ -281,6 +281,7 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch, tmp_path):
     out = ppo.main(args)
     log_a = common.read_jsonl(out / "ppo_log.jsonl")
     assert [r["step"] for r in log_a] == [1, 2, 3]
+    assert json.loads((out / "ppo_info.json").read_text())["trend"]["steps"] == 3
     for key in ("score", "rm_score", "complete_frac", "kl", "response_length", "clip_fraction", "value_loss",
                 "explained_variance", "policy_loss", "beta"):
         assert key in log_a[0]
@@ -405,6 +406,17 @@ def test_gae_matches_loop():
     adv, _ = ppo.gae(rewards, values, mask, 1.0, 1.0)
     togo = torch.flip(torch.cumsum(torch.flip(rewards, [1]), 1), [1])
     torch.testing.assert_close(adv, (togo - values) * mask)
+
+
+def test_ppo_trend_compares_thirds_and_ranks_score_against_step():
+    rows = [{"step": k, "score": float(k), "rm_score": None if k == 1 else 1.0, "complete_frac": k / 6,
+             "kl": 0.0} for k in (6, 1, 2, 3, 4, 5)]   # order of the log does not matter
+    t = ppo.trend(rows)
+    assert t["steps"] == 6 and t["score"] == {"first_third": 1.5, "last_third": 5.5}
+    assert t["rm_score"] == {"first_third": 1.0, "last_third": 1.0}  # steps with no profile to score are left out
+    assert t["complete_frac"]["last_third"] == pytest.approx(11 / 12)
+    assert t["score_vs_step"]["spearman_rho"] == pytest.approx(1.0) and t["score_vs_step"]["p"] < 0.01
+    assert "score_vs_step" not in ppo.trend(rows[:2])
 
 
 def test_kl_rewards_and_losses():
