@@ -648,8 +648,10 @@ def substitutes(u, profiles, donors, nbrs, rng, n=1):
     seen, out = {terms_key(profiles[u])}, []
 
     def take(v, how):
+        if v == u or v not in donors or v not in profiles or len(out) >= n:
+            return  # a neighbour need not be a distilled user (--n-users samples some)
         key = terms_key(profiles[v])
-        if v != u and v in donors and key not in seen and len(out) < n:
+        if key not in seen:
             seen.add(key)
             out.append((profiles[v], how))
 
