@@ -648,8 +648,8 @@ def substitutes(u, profiles, donors, nbrs, rng, n=1):
     seen, out = {terms_key(profiles[u])}, []
 
     def take(v, how):
-        if v == u or v not in donors or v not in profiles or len(out) >= n:
-            return  # a neighbour need not be a distilled user (--n-users samples some)
+        if v == u or v not in donors or len(out) >= n:
+            return  # donors are distilled users; a neighbour need not be one (--n-users samples some)
         key = terms_key(profiles[v])
         if key not in seen:
             seen.add(key)
