@@ -62,6 +62,7 @@ def main():
     ap.add_argument("--module", type=Path, default=ROOT / "07_train_cf.py", help="the 07 to time")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)   # as every stage (common.run_stage)
     cf = load_07(a.module)
     split = common.load_split(a.run)
     text, prof, prof_src = features(a.run, a.source, split)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import common
 from conftest import write_synthetic_run
@@ -64,7 +65,24 @@ def test_truncated_split_under_force_and_a_missing_key(tmp_path):
     assert sum("error" in line for line in err) == 1  # the --force warnings before it are log lines
 
 
-def test_run_stage_formats_known_errors_and_keeps_other_tracebacks(capsys, monkeypatch):
+@pytest.fixture
+def denormals_restored():
+    """run_stage turns on flush-to-zero for the calling thread; the other tests in this process must not see it."""
+    yield
+    torch.set_flush_denormal(False)
+
+
+def test_run_stage_flushes_denormals(monkeypatch, denormals_restored):
+    """07's tower weights decay into denormal floats after ~85 epochs, and every op on them was then 7-8x slower:
+    each stage runs with denormals flushed to zero."""
+    monkeypatch.setattr(sys, "argv", ["07_train_cf.py"])
+    tiny = torch.tensor([1e-40])   # a float32 denormal
+    torch.set_flush_denormal(False)
+    assert float(tiny * 1.0) > 0
+    assert common.run_stage(lambda argv=None: float(tiny * 1.0)) == 0.0
+
+
+def test_run_stage_formats_known_errors_and_keeps_other_tracebacks(capsys, monkeypatch, denormals_restored):
     monkeypatch.setattr(sys, "argv", ["07_train_cf.py"])
 
     def raising(exc):
