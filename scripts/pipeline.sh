@@ -4,8 +4,8 @@
 #   PRESET=cpu bash scripts/pipeline.sh       (the preset: gpu when torch sees a GPU, else cpu; scripts/presets.sh)
 # Each stage prints its wall time; outputs go to RUN_DIR (see README: "The run directory").
 # Laid out for a 2-core machine: every process runs one torch thread (OpenMP threads spinning on shared cores made
-# training ~10x slower), and independent work runs side by side, one process per core: the reward model and
-# 07's Base models train beside SFT and PPO; 06 runs as two shards; 07's Augment models as two processes.
+# training ~10x slower), and independent work runs side by side, one process per core: the reward model trains
+# beside SFT and 07's Base models; 06 runs as two shards; 07's Augment models as two processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
@@ -30,25 +30,24 @@ both() {  # two stage commands side by side; fails if either fails
 stage 01_neighbors.py --run "$RUN"
 stage 02_distill.py --run "$RUN"                      # rules teacher: the offline default (see README)
 # One process per core, the work split so that both finish together (measured stage times, see README):
-#   this shell:  03 gpt_kd -> 03 mask (continues gpt_kd's LoRA) -> 05 (needs 04 too) -> 07 base simgcl
-#   background:  04 -> 07 base sgl biasmf ncf lightgcn            (log: $RUN/track2.out)
+#   this shell:  03 gpt_kd -> 03 mask (continues gpt_kd's LoRA) -> 07 base (all backbones) -> 05 (needs 04 too)
+#   background:  04                                                  (log: $RUN/track2.out)
 t=$SECONDS
 rm -f "$RUN/.reward_ready"
-echo "== 04_reward.py, then 07_train_cf.py --variant base --backbone sgl biasmf ncf lightgcn, in the background"
-( stage 04_reward.py --run "$RUN" $REWARD_FLAGS && touch "$RUN/.reward_ready" &&
-  stage 07_train_cf.py --run "$RUN" --backbone sgl biasmf ncf lightgcn --variant base ) > "$RUN/track2.out" 2>&1 &
+echo "== 04_reward.py in the background"
+( stage 04_reward.py --run "$RUN" $REWARD_FLAGS && touch "$RUN/.reward_ready" ) > "$RUN/track2.out" 2>&1 &
 track2=$!
 stage 03_sft.py --run "$RUN" --variant gpt_kd $SFT_FLAGS
 stage 03_sft.py --run "$RUN" --variant mask $SFT_FLAGS
+stage 07_train_cf.py --run "$RUN" --backbone simgcl sgl lightgcn biasmf ncf --variant base
 until [ -e "$RUN/.reward_ready" ]; do  # 05 needs the reward model
   kill -0 $track2 2>/dev/null || { tail -n 20 "$RUN/track2.out"; exit 1; }
   sleep 2
 done
 rm -f "$RUN/.reward_ready"
-stage 05_ppo.py --run "$RUN" --sft sft_mask $PPO_FLAGS
-stage 07_train_cf.py --run "$RUN" --backbone simgcl --variant base
 wait $track2 || { tail -n 20 "$RUN/track2.out"; exit 1; }
 grep "^== .* took" "$RUN/track2.out" || true
+stage 05_ppo.py --run "$RUN" --sft sft_mask $PPO_FLAGS
 echo "== 03-05 and 07 base (two processes at a time) took $((SECONDS - t)) s"
 both "06_profile.py --run $RUN --source ppo --shard 0/2 $PROFILE_FLAGS" \
      "06_profile.py --run $RUN --source ppo --shard 1/2 $PROFILE_FLAGS"
