@@ -17,6 +17,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace reclm {
 
 using at::Tensor;
@@ -24,13 +28,25 @@ using at::Tensor;
 // validate_once kinds (shared with the CUDA file).
 constexpr int kMemoExclusions = 1, kMemoSubset = 2, kMemoSpmm = 3;
 
+// Numbers and shapes in error messages are formatted with std::to_string, never streamed: on the lent GPU
+// machine (torch 2.11, gcc 13.3) inserting an int64 into c10::str's ostringstream segfaulted inside
+// libstdc++ (std::ostream::_M_insert<long>) instead of raising, while strings and dtypes streamed fine
+// (bench/RESULTS.md, CUDA section). Shared with the CUDA file.
+std::string num(int64_t v) { return std::to_string(v); }
+
+static std::string shape(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + num(s[i]);
+  return out + "]";
+}
+
 // ---------------------------------------------------------------- checks
 // Metadata checks only (no data reads), so the CUDA file can reuse them.
 
 static void check_index(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name,
               " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", shape(t.sizes()));
 }
 
 static void check_same_device(const Tensor& ref, const Tensor& t, const char* op,
@@ -45,7 +61,7 @@ void check_spmm_args(const Tensor& rowptr, const Tensor& col, const Tensor& val,
   const char* op = "reclm::spmm";
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
               ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [n_cols, d], got shape ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [n_cols, d], got shape ", shape(x.sizes()));
   const Tensor* idx[] = {&rowptr, &col, &t_rowptr, &t_col};
   const char* idx_names[] = {"rowptr", "col", "t_rowptr", "t_col"};
   for (int i = 0; i < 4; ++i) {
@@ -62,14 +78,14 @@ void check_spmm_args(const Tensor& rowptr, const Tensor& col, const Tensor& val,
     check_same_device(x, *vals[i], op, val_names[i]);
   }
   TORCH_CHECK(rowptr.numel() >= 1, op, ": rowptr must have n_rows+1 >= 1 entries");
-  TORCH_CHECK(val.numel() == col.numel(), op, ": val has ", val.numel(),
-              " entries but col has ", col.numel());
+  TORCH_CHECK(val.numel() == col.numel(), op, ": val has ", num(val.numel()),
+              " entries but col has ", num(col.numel()));
   TORCH_CHECK(t_rowptr.numel() == x.size(0) + 1, op, ": t_rowptr has ",
-              t_rowptr.numel(), " entries but x has ", x.size(0),
-              " rows (n_cols); expected n_cols+1 = ", x.size(0) + 1);
+              num(t_rowptr.numel()), " entries but x has ", num(x.size(0)),
+              " rows (n_cols); expected n_cols+1 = ", num(x.size(0) + 1));
   TORCH_CHECK(t_col.numel() == col.numel() && t_val.numel() == col.numel(), op,
-              ": t_col/t_val must have the same nnz as col (", col.numel(), "), got ",
-              t_col.numel(), "/", t_val.numel());
+              ": t_col/t_val must have the same nnz as col (", num(col.numel()), "), got ",
+              num(t_col.numel()), "/", num(t_val.numel()));
 }
 
 void check_topk_args(const Tensor& user_emb, const Tensor& item_emb,
@@ -81,19 +97,19 @@ void check_topk_args(const Tensor& user_emb, const Tensor& item_emb,
   TORCH_CHECK(item_emb.scalar_type() == user_emb.scalar_type(), op,
               ": item_emb dtype ", item_emb.scalar_type(), " differs from user_emb dtype ",
               user_emb.scalar_type());
-  TORCH_CHECK(user_emb.dim() == 2, op, ": user_emb must be 2-D, got ", user_emb.sizes());
-  TORCH_CHECK(item_emb.dim() == 2, op, ": item_emb must be 2-D, got ", item_emb.sizes());
+  TORCH_CHECK(user_emb.dim() == 2, op, ": user_emb must be 2-D, got ", shape(user_emb.sizes()));
+  TORCH_CHECK(item_emb.dim() == 2, op, ": item_emb must be 2-D, got ", shape(item_emb.sizes()));
   TORCH_CHECK(user_emb.size(1) == item_emb.size(1), op, ": user_emb dim ",
-              user_emb.size(1), " != item_emb dim ", item_emb.size(1));
+              num(user_emb.size(1)), " != item_emb dim ", num(item_emb.size(1)));
   check_same_device(user_emb, item_emb, op, "item_emb");
   check_index(exclude_rowptr, op, "exclude_rowptr");
   check_index(exclude_col, op, "exclude_col");
   check_same_device(user_emb, exclude_rowptr, op, "exclude_rowptr");
   check_same_device(user_emb, exclude_col, op, "exclude_col");
   TORCH_CHECK(exclude_rowptr.numel() == user_emb.size(0) + 1, op, ": exclude_rowptr has ",
-              exclude_rowptr.numel(), " entries, expected n_users+1 = ",
-              user_emb.size(0) + 1);
-  TORCH_CHECK(k >= 0, op, ": k must be >= 0, got ", k);
+              num(exclude_rowptr.numel()), " entries, expected n_users+1 = ",
+              num(user_emb.size(0) + 1));
+  TORCH_CHECK(k >= 0, op, ": k must be >= 0, got ", num(k));
   if (item_subset.has_value()) {
     check_index(*item_subset, op, "item_subset");
     check_same_device(user_emb, *item_subset, op, "item_subset");
@@ -163,7 +179,7 @@ void validate_once(int kind, const Tensor& a, const Tensor& b, int64_t n,
 void check_item_subset(const Tensor& s, int64_t n_items) {
   if (s.numel() == 0) return;
   TORCH_CHECK(s.min().item<int64_t>() >= 0 && s.max().item<int64_t>() < n_items,
-              "reclm::topk_scores: item_subset has ids outside [0, n_items=", n_items, ")");
+              "reclm::topk_scores: item_subset has ids outside [0, n_items=", num(n_items), ")");
   if (s.numel() > 1)
     TORCH_CHECK((s.slice(0, 1) > s.slice(0, 0, -1)).all().item<bool>(),
                 "reclm::topk_scores: item_subset must be sorted and unique");
@@ -178,7 +194,7 @@ static void check_csr_cpu(const Tensor& rowptr, const Tensor& col, int64_t n_col
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const int64_t* c = col.data_ptr<int64_t>();
   TORCH_CHECK(rp[0] == 0 && rp[n] == nnz, op, ": ", rp_name, " must start at 0 and end at nnz=",
-              nnz, " (", col_name, ".numel()), got ", rp[0], " and ", rp[n]);
+              num(nnz), " (", col_name, ".numel()), got ", num(rp[0]), " and ", num(rp[n]));
   std::atomic<int> bad{0};  // 1: rowptr decreasing, 2: col out of range, 4: col unsorted
   at::parallel_for(0, n, 2048, [&](int64_t r0, int64_t r1) {
     int b = 0;
@@ -193,7 +209,7 @@ static void check_csr_cpu(const Tensor& rowptr, const Tensor& col, int64_t n_col
   });
   const int b = bad.load();
   TORCH_CHECK(!(b & 1), op, ": ", rp_name, " must be non-decreasing");
-  TORCH_CHECK(!(b & 2), op, ": ", col_name, " has indices outside [0, ", n_cols, ")");
+  TORCH_CHECK(!(b & 2), op, ": ", col_name, " has indices outside [0, ", num(n_cols), ")");
   TORCH_CHECK(!(b & 4), op, ": ", col_name, " must be sorted within each row");
 }
 
@@ -401,6 +417,21 @@ static int spmm_rows(const int64_t* rp, const int64_t* col, const T* val, const 
   return spmm_rows_base<T>(rp, col, val, x, y, d, nnz, n_cols, r0, r1);
 }
 
+// A fresh output of tens of MB is a new mmap, and writing it costs one page fault per 4 KiB page: at the
+// bench's industrial size (67 MB) 36 ms of faults against 9 ms to fill a reused buffer (bench/RESULTS.md).
+// Transparent huge pages on its 2 MiB-aligned interior (what torch does for every allocation under
+// THP_MEM_ALLOC_ENABLE=1) take one fault per 2 MiB. A hint only: where THP is off nothing changes.
+static Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  Tensor t = at::empty(sizes, opts);
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), bytes = t.nbytes();
+  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1), e = (p + bytes) & ~(kHuge - 1);
+  if (bytes >= 4 * kHuge && e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#endif
+  return t;
+}
+
 Tensor spmm_cpu(const Tensor& rowptr_, const Tensor& col_, const Tensor& val_,
                 const Tensor& t_rowptr, const Tensor& t_col, const Tensor& t_val,
                 const Tensor& x_) {
@@ -410,9 +441,9 @@ Tensor spmm_cpu(const Tensor& rowptr_, const Tensor& col_, const Tensor& val_,
                val = val_.contiguous(), x = x_.contiguous();
   const int64_t n = rowptr.numel() - 1, d = x.size(1), nnz = col.numel(), n_cols = x.size(0);
   const int64_t* rp = rowptr.data_ptr<int64_t>();
-  TORCH_CHECK(rp[0] == 0 && rp[n] == nnz, op, ": rowptr must start at 0 and end at nnz=", nnz,
-              " (col.numel()), got ", rp[0], " and ", rp[n]);
-  Tensor y = at::empty({n, d}, x.options());
+  TORCH_CHECK(rp[0] == 0 && rp[n] == nnz, op, ": rowptr must start at 0 and end at nnz=", num(nnz),
+              " (col.numel()), got ", num(rp[0]), " and ", num(rp[n]));
+  Tensor y = empty_output({n, d}, x.options());
   if (n == 0) return y;
   // Equal-work chunks (nnz + rows), several per thread so a hub row costs
   // little imbalance; d == 0 still runs the (fused) validation.
@@ -433,7 +464,7 @@ Tensor spmm_cpu(const Tensor& rowptr_, const Tensor& col_, const Tensor& val_,
   });
   const int b = bad.load();
   TORCH_CHECK(!(b & 1), op, ": rowptr must be non-decreasing");
-  TORCH_CHECK(!(b & 2), op, ": col has indices outside [0, ", n_cols, ")");
+  TORCH_CHECK(!(b & 2), op, ": col has indices outside [0, ", num(n_cols), ")");
   TORCH_CHECK(!(b & 4), op, ": col must be sorted within each row");
   return y;
 }

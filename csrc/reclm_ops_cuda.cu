@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <functional>
 #include <limits>
+#include <string>
 
 namespace reclm {
 
@@ -20,6 +21,7 @@ void check_spmm_args(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
 void check_topk_args(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
                      const c10::optional<Tensor>&);
 void check_item_subset(const Tensor&, int64_t);
+std::string num(int64_t);  // error-message numbers (see reclm_ops.cpp)
 void validate_once(int kind, const Tensor& a, const Tensor& b, int64_t n,
                    const std::function<void()>& check);
 constexpr int kMemoExclusions = 1, kMemoSubset = 2, kMemoSpmm = 3;  // as in reclm_ops.cpp
@@ -57,9 +59,9 @@ static void check_csr_cuda(const Tensor& rp, const Tensor& col, int64_t n_cols, 
       flag.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int f = flag.item<int>();
-  TORCH_CHECK(!(f & 8), op, ": ", rp_name, " must start at 0 and end at nnz=", col.numel());
+  TORCH_CHECK(!(f & 8), op, ": ", rp_name, " must start at 0 and end at nnz=", num(col.numel()));
   TORCH_CHECK(!(f & 1), op, ": ", rp_name, " must be non-decreasing");
-  TORCH_CHECK(!(f & 2), op, ": ", col_name, " has indices outside [0, ", n_cols, ")");
+  TORCH_CHECK(!(f & 2), op, ": ", col_name, " has indices outside [0, ", num(n_cols), ")");
   TORCH_CHECK(!(f & 4), op, ": ", col_name, " must be sorted within each row");
 }
 
@@ -236,7 +238,7 @@ Tensor spmm_cuda(const Tensor& rowptr_, const Tensor& col_, const Tensor& val_,
   const c10::cuda::CUDAGuard guard(x_.device());
   const Tensor rowptr = rowptr_.contiguous(), col = col_.contiguous(),
                val = val_.contiguous(), x = x_.contiguous();
-  TORCH_CHECK(x.size(0) <= std::numeric_limits<int>::max(), "reclm::spmm: x has ", x.size(0),
+  TORCH_CHECK(x.size(0) <= std::numeric_limits<int>::max(), "reclm::spmm: x has ", num(x.size(0)),
               " rows; the CUDA kernel takes at most 2^31 - 1");
   validate_once(kMemoSpmm, rowptr, col, x.size(0), [&] {
     check_csr_cuda(rowptr, col, x.size(0), "reclm::spmm", "rowptr", "col");
@@ -421,7 +423,7 @@ std::tuple<Tensor, Tensor> topk_scores_cuda(const Tensor& user_emb, const Tensor
   int cap = 512;
   while (cap < k + threads) cap <<= 1;
   const size_t smem = (size_t)cap * (sizeof(int64_t) + ue.element_size());
-  TORCH_CHECK(smem <= 48 * 1024, "reclm::topk_scores: k=", k, " needs ", smem,
+  TORCH_CHECK(smem <= 48 * 1024, "reclm::topk_scores: k=", num(k), " needs ", num(smem),
               " bytes of shared memory on CUDA (max 49152); use a smaller k");
   const Tensor cand = has_subset ? ie.index_select(0, subset) : ie;
   const Tensor cand_t = cand.t();
