@@ -4,10 +4,12 @@
     python bench/bench_epoch.py --run /tmp/ovh             # 1-2 min on 2 cores
     python bench/bench_epoch.py --run /tmp/ovh --backbone biasmf ncf --reps 9
     python bench/bench_epoch.py --run /tmp/ovh --module old_07.py   # another 07 (with setup_training, train_epoch)
+    python bench/bench_epoch.py --run /tmp/ovh --backbone biasmf --warmup-epochs 100 --keep-denormals
+                                     # epochs late in training, denormals not flushed (as 07 ran before they were)
 
 Each epoch is 07's own train_epoch (sampling, forward, backward, Adam, loss.item()) at 07's defaults. Base and
 Augment of a backbone are built in the same process and their epochs interleaved (the order flipping every
-round), after one warm-up epoch each, so drift in the machine's load hits both alike; seconds are medians, the
+round), after --warmup-epochs untimed epochs each (default 1), so drift in the machine's load hits both alike; seconds are medians, the
 ratio is the median over rounds of the round's Augment / Base. Wall time and this process's CPU time are both
 reported: on a shared machine the CPU time is the steadier one (it leaves out the time the process waited for a
 core). The load average is printed before and after: above the core count, read the seconds as contended.
@@ -58,11 +60,15 @@ def main():
     ap.add_argument("--backbone", nargs="+", default=None, help="default: all of 07's")
     ap.add_argument("--reps", type=int, default=5, help="timed epochs per model (median)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warmup-epochs", type=int, default=1,
+                    help="untimed epochs per model first (late epochs: tower weights decay into denormals)")
+    ap.add_argument("--keep-denormals", action="store_true",
+                    help="do not flush denormals to zero (every stage does, common.run_stage)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--module", type=Path, default=ROOT / "07_train_cf.py", help="the 07 to time")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    torch.set_flush_denormal(True)   # as every stage (common.run_stage)
+    torch.set_flush_denormal(not a.keep_denormals)   # every stage flushes them (common.run_stage)
     cf = load_07(a.module)
     split = common.load_split(a.run)
     text, prof, prof_src = features(a.run, a.source, split)
@@ -70,7 +76,8 @@ def main():
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     load0 = os.getloadavg()
     print(f"device={a.device} threads={a.threads} torch={torch.__version__} cores={os.cpu_count()} "
-          f"module={a.module.name} profiles={prof_src} d_t={text.shape[1]} reps={a.reps} (median)")
+          f"module={a.module.name} profiles={prof_src} d_t={text.shape[1]} reps={a.reps} (median) "
+          f"warmup_epochs={a.warmup_epochs} flush_denormal={not a.keep_denormals}")
     print(f"users={split['n_users']} items={split['n_items']} train={len(split['train_u'])} "
           f"batch={args.batch_size} d={args.dim}  load average before: {' '.join(f'{x:.2f}' for x in load0)}")
     print(f"{'backbone':<10}{'base s':>9}{'augment s':>11}{'ratio':>7}   {'base cpu s':>11}{'augment cpu s':>14}"
@@ -81,15 +88,17 @@ def main():
             feats = {"text": text, **(prof if variant == "augment" else {})}
             runs[variant] = cf.setup_training(backbone, variant, 0, split, feats, args)
         wall, cpu = {v: [] for v in runs}, {v: [] for v in runs}
-        for r in range(a.reps + 1):   # round 0 warms up
+        for v in runs:
+            for _ in range(a.warmup_epochs):
+                cf.train_epoch(*runs[v], args)
+        for r in range(1, a.reps + 1):
             for v in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
                 sync()
                 t_wall, t_cpu = time.perf_counter(), time.process_time()
                 cf.train_epoch(*runs[v], args)
                 sync()
-                if r:
-                    wall[v].append(time.perf_counter() - t_wall)
-                    cpu[v].append(time.process_time() - t_cpu)
+                wall[v].append(time.perf_counter() - t_wall)
+                cpu[v].append(time.process_time() - t_cpu)
         # ratio: the median over rounds of Augment / Base within a round (adjacent epochs see the same load)
         ratio = lambda secs: statistics.median(x / y for x, y in zip(secs["augment"], secs["base"]))
         w, c = ({v: statistics.median(x) for v, x in secs.items()} for secs in (wall, cpu))
