@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup-epochs", type=int, default=1,
                     help="untimed epochs per model first (late epochs: tower weights decay into denormals)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timing, print torch.profiler's table (self CPU time) of N epochs per variant")
     ap.add_argument("--keep-denormals", action="store_true",
                     help="do not flush denormals to zero (every stage does, common.run_stage)")
     ap.add_argument("--device", default="cpu")
@@ -104,6 +106,12 @@ def main():
         w, c = ({v: statistics.median(x) for v, x in secs.items()} for secs in (wall, cpu))
         print(f"{backbone:<10}{w['base']:>9.3f}{w['augment']:>11.3f}{ratio(wall):>6.2f}x   "
               f"{c['base']:>11.3f}{c['augment']:>14.3f}{ratio(cpu):>6.2f}x", flush=True)
+        for v in runs if a.profile else ():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(a.profile):
+                    cf.train_epoch(*runs[v], args)
+            print(f"== {backbone} {v}: {a.profile} epochs\n"
+                  + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
