@@ -8,9 +8,9 @@
                                      # epochs late in training, denormals not flushed (as 07 ran before they were)
 
 Each epoch is 07's own train_epoch (sampling, forward, backward, Adam, loss.item()) at 07's defaults. Base and
-Augment of a backbone are built in the same process and their epochs interleaved (the order flipping every
-round), after --warmup-epochs untimed epochs each (default 1), so drift in the machine's load hits both alike; seconds are medians, the
-ratio is the median over rounds of the round's Augment / Base. Wall time and this process's CPU time are both
+Augment of a backbone are built in the same process and, after --warmup-epochs untimed epochs each (default 1),
+their epochs interleaved (the order flipping every round), so drift in the machine's load hits both alike; seconds
+are medians, the ratio is the median over rounds of the round's Augment / Base. Wall time and this process's CPU time are both
 reported: on a shared machine the CPU time is the steadier one (it leaves out the time the process waited for a
 core). The load average is printed before and after: above the core count, read the seconds as contended.
 Profiles: profiles/<--source>/ of the run when it has them, else random unit vectors of the item-text width
