@@ -501,32 +501,21 @@ def run_local(todo, train, item_text, rules, example, args, f, stats):
         users = todo[s:s + chunk]
         prompts = {u: teacher_messages(train[u], item_text, example, args.max_items, args.max_chars) for u in users}
         texts = {u: llm.render(tok, prompts[u]) for u in users}
-        pending = list(users)
-        for attempt in range(args.retries + 1):
-            if not pending:
-                break
-            temp = 0.0 if attempt == 0 else args.temperature
-            answers = {}
-            for idx, ans in llm.generate_batches(model, tok, [texts[u] for u in pending], args.max_new_tokens,
-                                                 args.batch_size, temp, desc=f"local teacher (try {attempt + 1})"):
-                for k, a in zip(idx, ans):
-                    answers[pending[k]] = a
-            still = []
-            for u in pending:
-                prof = llm.normalize_profile(answers[u], 3)
+        ok = (lambda a: llm.normalize_profile(a, 3) is not None)
+        for idx, answers, attempts in llm.generate_batches(
+                model, tok, [texts[u] for u in users], args.max_new_tokens, args.batch_size, desc="local teacher",
+                accept=ok, retries=args.retries, retry_temperature=args.temperature, seed=args.seed):
+            for k, answer, attempt in zip(idx, answers, attempts):
+                u, prof = users[k], llm.normalize_profile(answer, 3)
+                stats["malformed_answers"] += attempt + (prof is None)
+                stats["retries"] += attempt
                 if prof is None:
-                    stats["malformed_answers"] += 1
-                    still.append(u)
+                    finish_failed(u, prompts[u], train, rules, args, f, stats, args.retries + 1)
                     continue
                 common.append_jsonl(f, {"user": int(u), "prompt": prompts[u], "profile": prof, "teacher": "local",
                                         "teacher_model": name, "attempts": attempt + 1})
                 stats["written"] += 1
                 stats["retried_ok"] += attempt > 0
-            if still and attempt < args.retries:
-                stats["retries"] += len(still)
-            pending = still
-        for u in pending:
-            finish_failed(u, prompts[u], train, rules, args, f, stats, args.retries + 1)
 
 
 def run_api(todo, train, item_text, rules, example, args, f, stats):

@@ -325,7 +325,7 @@ def generate_texts(model, tok, message_lists, max_new_tokens, batch_size, desc="
     """generate_batches over chat messages; the answers in input order."""
     out = [None] * len(message_lists)
     texts = [llm.render(tok, m) for m in message_lists]
-    for idx, answers in llm.generate_batches(model, tok, texts, max_new_tokens, batch_size, temperature, desc=desc):
+    for idx, answers, _ in llm.generate_batches(model, tok, texts, max_new_tokens, batch_size, temperature, desc=desc):
         for k, a in zip(idx, answers):
             out[k] = a
     return out

@@ -468,6 +468,35 @@ class NoRepeatInAnswer:
         return scores
 
 
+SAMPLE_TOP_K = 50  # transformers' default top_k, which every sampled answer here had before TopKTopPSampler
+
+
+class TopKTopPSampler:
+    """Sampling as a logits processor, for greedy decoding to pick the token it leaves: the distribution of
+    transformers' sampling (scores / temperature, then its TopK and TopP warpers) drawn over the top-k tokens only.
+    transformers sorts and draws over the whole vocabulary each step: with SmolLM2's 49,152 tokens that was 2.7 s of a
+    14.2 s decode of 32 rows x 40 tokens (torch.profiler, bf16, 1 thread). Not the same random stream as
+    transformers' sampling, the same distribution (tests/test_generate.py)."""
+
+    def __init__(self, temperature, top_p=1.0, top_k=SAMPLE_TOP_K):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def distribution(self, scores):
+        """(probabilities [rows, k], token ids [rows, k]): the tokens that can be drawn, most likely first."""
+        values, tokens = (scores / self.temperature).topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        probs = values.float().softmax(-1)
+        if self.top_p < 1.0:  # TopPLogitsWarper keeps a token while the mass of the likelier ones is below top_p,
+            drop = probs.cumsum(-1) - probs >= self.top_p  # and always the likeliest
+            drop[:, 0] = False
+            probs = probs.masked_fill(drop, 0.0)
+        return probs / probs.sum(-1, keepdim=True), tokens
+
+    def __call__(self, input_ids, scores):
+        probs, tokens = self.distribution(scores)
+        drawn = tokens.gather(1, torch.multinomial(probs, 1))
+        return torch.full_like(scores, -float("inf")).scatter_(1, drawn, 0.0)
+
+
 def answer_end(tok, ids, stop_ids):
     """Where generate_batches' rule ends one generated answer `ids` (a list of token ids): (n, how), n tokens kept,
     up to and including the first stop token (how = "eot") or the token that completes the first profile line
@@ -481,53 +510,115 @@ def answer_end(tok, ids, stop_ids):
     return (len(ids), None) if eot is None else (eot + 1, "eot")
 
 
+# On a CPU, prompts are run through the model a few at a time (llm._prefill): the activations of the elementwise ops
+# and attention of a few prompts stay in cache, those of a batch of 64 do not (a plain forward of 32 user prompts:
+# 24.2 s in one piece, 20.2 s 8 at a time). 06's user phase on 128 prompts with the pipeline's ppo model (bench/
+# bench_profile_phase.py, bf16, 1 thread): 128 s at 4 rows, 117 s at 8, 124 s at 16. A GPU takes the whole batch.
+CPU_PREFILL_ROWS = 8
+
+
 @torch.no_grad()
-def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temperature=0.0,
-                     top_p=0.95, desc="generate", progress=True, prefix_cache=True, no_repeat_ngram=0):
-    """Batched generation over rendered chat prompts `texts`: prompts sorted by token length (less padding),
-    left padding, stop at end-of-turn or after a whole profile line (ProfileLineDone), greedy when temperature == 0,
-    no n-gram of `no_repeat_ngram` tokens twice in one answer when > 0 (NoRepeatInAnswer). Yields (indices,
-    answers) per batch, in the order the batches finish, so that callers can append results as they go.
+def _prefill(model, input_ids, mask, prefix_kv, n_prefix, rows_per_forward):
+    """The keys/values of every prompt token but the last, per layer ([batch, kv heads, width - 1, head dim]), computed
+    `rows_per_forward` prompts at a time, each starting from the shared prefix's keys/values (n_prefix tokens)."""
+    from transformers import DynamicCache
+    width = input_ids.shape[1]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate computes them: left padding takes no positions
+    chunks = []
+    for s in range(0, input_ids.shape[0], rows_per_forward):
+        rows = slice(s, s + rows_per_forward)
+        cache, n = DynamicCache(), input_ids[rows].shape[0]
+        for layer, kv in enumerate(prefix_kv.layers if prefix_kv is not None else []):
+            cache.update(kv.keys.expand(n, -1, -1, -1), kv.values.expand(n, -1, -1, -1), layer)
+        if width - 1 > n_prefix:
+            model(input_ids=input_ids[rows, n_prefix:width - 1], attention_mask=mask[rows, :width - 1],
+                  position_ids=position_ids[rows, n_prefix:width - 1], cache=cache, use_cache=True, logits_to_keep=1)
+        chunks.append(cache)
+    return [(torch.cat([c.layers[layer].keys for c in chunks]), torch.cat([c.layers[layer].values for c in chunks]))
+            for layer in range(len(chunks[0].layers))]
+
+
+@torch.no_grad()
+def _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature, top_p, no_repeat_ngram):
+    """Answers to the prompts `input_ids` whose keys/values up to the last token are `prompt_kv` (per layer), from a
+    preallocated cache (the default one re-concatenates every layer's keys/values per token: 28% of a SmolLM2 batch's
+    time on a CPU); greedy at temperature 0, else sampled (TopKTopPSampler). Also returns that cache, whose first
+    width - 1 positions still hold the prompts afterwards."""
+    from transformers import LogitsProcessorList, StaticCache, StoppingCriteriaList
+    width = input_ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    for layer, (keys, values) in enumerate(prompt_kv):
+        cache.update(keys, values, layer)
+    processors = LogitsProcessorList()
+    if no_repeat_ngram > 0:
+        processors.append(NoRepeatInAnswer(width, no_repeat_ngram))
+    if temperature > 0:
+        processors.append(TopKTopPSampler(temperature, top_p))
+    out = model.generate(input_ids=input_ids, attention_mask=mask, cache=cache, logits_processor=processors,
+                         max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tok, model),
+                         pad_token_id=tok.pad_token_id, do_sample=False, temperature=None, top_p=None, top_k=None,
+                         stopping_criteria=StoppingCriteriaList([ProfileLineDone(tok, width)]))
+    return [a.strip() for a in tok.batch_decode(out[:, width:], skip_special_tokens=True)], cache
+
+
+@torch.no_grad()
+def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temperature=0.0, top_p=0.95,
+                     desc="generate", progress=True, prefix_cache=True, no_repeat_ngram=0, accept=None, retries=0,
+                     retry_temperature=0.7, seed=0, prefill_rows=None):
+    """Batched generation over rendered chat prompts `texts`: prompts sorted by token length (less padding), left
+    padding, stop at end-of-turn or after a whole profile line (ProfileLineDone), greedy when temperature == 0, no
+    n-gram of `no_repeat_ngram` tokens twice in one answer when > 0 (NoRepeatInAnswer). With `accept` (answer ->
+    bool), an answer it rejects is sampled again (temperature `retry_temperature`, top-p `top_p`, seeded by `seed`,
+    the batch and the attempt) up to `retries` times, from the prompt's keys/values already computed: a retry costs
+    decoding only. Yields (indices, answers, attempts) per batch, in the order the batches finish, so that callers can
+    append results as they go; attempts[j] is the try that wrote answers[j] (0: the first), the last one when none
+    was accepted.
 
     CPU generation of short answers is prefill-bound, and every prompt starts with the same system message: with
-    `prefix_cache` the tokens all prompts share are run once, and each batch starts from a preallocated cache that
-    holds their keys/values (layout [shared prefix][left padding][own tokens]; positions come from the attention
-    mask, so the padding in the middle changes nothing). On CPU the cache is preallocated either way: the default
-    one re-concatenates every layer's keys/values per token (28% of a SmolLM2 batch's time)."""
+    `prefix_cache` the tokens all prompts share are run once, and each batch starts from their keys/values (layout
+    [shared prefix][left padding][own tokens]; positions come from the attention mask, so the padding in the middle
+    changes nothing); the rest of each prompt is run `prefill_rows` prompts at a time (default: CPU_PREFILL_ROWS on
+    a CPU, the whole batch elsewhere)."""
     from tqdm import tqdm
-    from transformers import DynamicCache, LogitsProcessorList, StaticCache, StoppingCriteriaList
+    from transformers import DynamicCache
     if not texts:
         return
     assert tok.padding_side == "left", "batched generation needs a left-padding tokenizer (load_tokenizer)"
     ids = tok(list(texts), add_special_tokens=False)["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
     device = next(model.parameters()).device
+    prefill_rows = prefill_rows or (CPU_PREFILL_ROWS if device.type == "cpu" else batch_size)
     prefix = shared_prefix(ids) if prefix_cache else []
     prefix_kv = None
     if prefix:
         prefix_kv = DynamicCache()
         model(torch.tensor([prefix], device=device), cache=prefix_kv, use_cache=True)
-    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tok, model), pad_token_id=tok.pad_token_id)
-    gen.update(dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else
-               dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+    for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress)):
         own = [ids[k][len(prefix):] for k in idx]
         width = max(len(x) for x in own)
         input_ids = torch.tensor([prefix + [tok.pad_token_id] * (width - len(x)) + x for x in own], device=device)
         mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(x)) + [1] * len(x) for x in own], device=device)
-        extra = {}
-        if device.type == "cpu" or prefix_kv is not None:
-            cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + max_new_tokens)
-            for layer, kv in enumerate(prefix_kv.layers if prefix_kv is not None else []):
-                cache.update(kv.keys.expand(len(idx), -1, -1, -1), kv.values.expand(len(idx), -1, -1, -1), layer)
-            extra["cache"] = cache
-        if no_repeat_ngram > 0:
-            extra["logits_processor"] = LogitsProcessorList([NoRepeatInAnswer(input_ids.shape[1], no_repeat_ngram)])
-        out = model.generate(input_ids=input_ids, attention_mask=mask, **extra, **gen,
-                             stopping_criteria=StoppingCriteriaList([ProfileLineDone(tok, input_ids.shape[1])]))
-        answers = tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
-        yield [int(k) for k in idx], [a.strip() for a in answers]
+        prompt_kv = _prefill(model, input_ids, mask, prefix_kv, len(prefix), prefill_rows)
+        answers, cache = _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature, top_p,
+                                 no_repeat_ngram)
+        del prompt_kv
+        n_prompt = input_ids.shape[1] - 1
+        attempts = [0] * len(idx)
+        failed = [r for r, a in enumerate(answers) if accept is not None and not accept(a)]
+        for attempt in range(1, retries + 1):
+            if not failed:
+                break
+            torch.manual_seed(seed + 1000 * b + attempt)
+            rows = torch.tensor(failed, device=device)
+            again, _ = _decode(model, tok, input_ids[rows], mask[rows],
+                               [(layer.keys[rows, :, :n_prompt], layer.values[rows, :, :n_prompt])
+                                for layer in cache.layers], max_new_tokens, retry_temperature, top_p,
+                               no_repeat_ngram)
+            for r, a in zip(failed, again):
+                answers[r], attempts[r] = a, attempt
+            failed = [r for r in failed if not accept(answers[r])]
+        yield [int(k) for k in idx], answers, attempts
 
 
 # ----------------------------------------------------------------------------- training (03, 04, 05)

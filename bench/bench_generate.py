@@ -87,7 +87,7 @@ def main(argv=None):
 
     def batched(prefix_cache=True):
         out = [None] * len(texts)
-        for idx, ans in llm.generate_batches(model, tok, texts, args.max_new_tokens, args.batch_size,
+        for idx, ans, _ in llm.generate_batches(model, tok, texts, args.max_new_tokens, args.batch_size,
                                              desc="batched", prefix_cache=prefix_cache):
             for k, a in zip(idx, ans):
                 out[k] = a

@@ -105,16 +105,19 @@ def test_local_teacher_retries_and_fallback(synthetic_run, tiny_llm):
 def test_local_teacher_retry_succeeds(synthetic_run, tiny_llm, monkeypatch):
     calls = []
 
-    def fake(model, tok, texts, max_new_tokens, batch_size, temperature, desc="", progress=True):
-        calls.append(temperature)
-        # first try: the first user malformed (identity only), the others fine; retry: all fine
-        yield list(range(len(texts))), [("User identity: fan, teen, parent" if (k == 0 and len(calls) == 1) else
-                                         "User identity: fan, teen, parent\nUser interests: comedy, drama, horror, war")
-                                        for k in range(len(texts))]
+    def fake(model, tok, texts, max_new_tokens, batch_size, temperature=0.0, desc="", accept=None, retries=0,
+             retry_temperature=None, seed=0):
+        calls.append((temperature, retries, retry_temperature))
+        # the first user's first answer is malformed (identity only), its retry and the other answers fine
+        good = "User identity: fan, teen, parent\nUser interests: comedy, drama, horror, war"
+        answers, attempts = ["User identity: fan, teen, parent"] + [good] * (len(texts) - 1), [0] * len(texts)
+        if not accept(answers[0]):
+            answers[0], attempts[0] = good, 1
+        yield list(range(len(texts))), answers, attempts
     monkeypatch.setattr(llm, "generate_batches", fake)
     out = D.main(["--run", str(synthetic_run), "--teacher", "local", "--teacher-model", tiny_llm, "--n-users", "3",
                   "--device", "cpu", "--no-probe"])
-    assert calls == [0.0, 0.8]  # greedy, then a sampled retry of the malformed one only
+    assert calls == [(0.0, D.RETRIES, 0.8)]  # greedy, then sampled retries of what does not parse
     s = out["stats"]
     assert s["malformed_answers"] == 1 and s["retried_ok"] == 1 and s["failed"] == 0
     dist = rows(synthetic_run / "distill.jsonl")
@@ -327,20 +330,26 @@ def test_profiles_embeddings_resume(synthetic_run, tiny_llm):
 
 
 def test_retries_sample_only_what_does_not_parse(synthetic_run, tiny_llm, monkeypatch):
-    """Answers that do not parse are sampled again (at --retry-temperature), and only those; a row records the
-    attempt that wrote it; what never parses is written once, after the last attempt, with its raw text; a re-run
-    writes nothing. The model is scripted: greedy answers parse for even ids, the first retry's for ids divisible
-    by 3, nothing after that."""
+    """06 asks generate_batches for --retries samples (at --retry-temperature) of the answers that do not parse; a
+    row records the attempt that wrote it; what never parses is written with its raw text; a re-run writes nothing.
+    The model is scripted, and retries as generate_batches does (tests/test_generate.py): greedy answers parse for
+    even ids, the first retry's for ids divisible by 3, nothing after that."""
     D.main(["--run", str(synthetic_run), "--no-probe"])
     calls = []
 
-    def scripted(model, tok, texts, max_new_tokens, batch_size, temperature, **kw):
-        calls.append((len(texts), temperature))
+    def scripted(model, tok, texts, max_new_tokens, batch_size, temperature, accept=None, retries=0,
+                 retry_temperature=None, **kw):
+        calls.append((len(texts), temperature, retries, retry_temperature))
         ids = [int(re.search(r"KEY(\d+)", t).group(1)) for t in texts]
-        ok = (lambda k: k % 2 == 0) if temperature == 0 else (lambda k: k % 3 == 0) if len(calls) == 2 else None
+        parses = [lambda k: k % 2 == 0, lambda k: k % 3 == 0] + [lambda k: False] * retries
         for s in range(0, len(texts), batch_size):
             idx = list(range(s, min(s + batch_size, len(texts))))
-            yield idx, [GOOD if ok and ok(ids[j]) else "no profile here" for j in idx]
+            answers, attempts = ["no profile here"] * len(idx), [0] * len(idx)
+            for attempt in range(retries + 1):
+                for r, j in enumerate(idx):
+                    if not accept(answers[r]) and (attempt == 0 or attempts[r] == attempt - 1):
+                        answers[r], attempts[r] = GOOD if parses[attempt](ids[j]) else "no profile here", attempt
+            yield idx, answers, attempts
 
     monkeypatch.setattr(llm, "generate_batches", scripted)
     monkeypatch.setattr(P, "user_messages", lambda u, *a: [{"role": "user", "content": f"KEY{u}"}])
@@ -348,8 +357,7 @@ def test_retries_sample_only_what_does_not_parse(synthetic_run, tiny_llm, monkey
             "--what", "users", "--retries", "2", "--retry-temperature", "0.5"]
     P.main(args)
     n = common.load_split(synthetic_run)["n_users"]
-    odd = [k for k in range(n) if k % 2]
-    assert calls == [(n, 0.0), (len(odd), 0.5), (len([k for k in odd if k % 3]), 0.5)]
+    assert calls == [(n, 0.0, 2, 0.5)]
     got = {r["user"]: r for r in rows(synthetic_run / "profiles" / "base_llm" / "users.jsonl")}
     assert sorted(got) == list(range(n))   # one row per user
     for k, r in got.items():
@@ -466,8 +474,8 @@ def test_smollm2_writes_a_profile(synthetic_run):
     text = common.load_items(synthetic_run)
     msgs = llm.inference_messages(train[0], [train[2], train[4]], text, max_items=6, max_nbr_items=3)
     out = list(llm.generate_batches(model, tok, [llm.render(tok, msgs)], max_new_tokens=40, progress=False))
-    (idx, answers), = out
-    assert idx == [0] and len(answers[0]) > 10
+    (idx, answers, attempts), = out
+    assert idx == [0] and attempts == [0] and len(answers[0]) > 10
     print("SmolLM2:", answers[0], "->", llm.normalize_profile(answers[0]))
 
 

@@ -134,7 +134,7 @@ def test_prefix_cache_generation_equals_whole_prompts(tiny_llm, batch_size):
     def answers(prefix_cache):  # sampled (a random model's greedy answer is one token repeated), same seed
         torch.manual_seed(0)
         out = {}
-        for idx, ans in llm.generate_batches(model, tok, texts, max_new_tokens=12, batch_size=batch_size,
+        for idx, ans, _ in llm.generate_batches(model, tok, texts, max_new_tokens=12, batch_size=batch_size,
                                              temperature=1.0, top_p=1.0, progress=False,
                                              prefix_cache=prefix_cache):
             out.update(zip(idx, ans))
@@ -194,7 +194,7 @@ def test_fast_generation_matches_stock_generate(char_llm, batch_size):
 
     model, _ = llm.load_llm(char_llm, device="cpu", dtype=torch.float32)
     got = {}
-    for idx, answers in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, batch_size, progress=False):
+    for idx, answers, _ in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, batch_size, progress=False):
         got.update(zip(idx, answers))
     assert [got[k] for k in range(len(texts))] == expected
     # every way of ending occurred: a profile line with more after it, an early <|eot_id|>, max_new_tokens
@@ -267,7 +267,74 @@ def test_generate_batches_no_repeat_ngram(char_llm):
     expected = [first_profile_line(a).strip() for a in tok.batch_decode(out[:, n_prompt:], skip_special_tokens=True)]
     model, _ = llm.load_llm(char_llm, device="cpu", dtype=torch.float32)
     got = {}
-    for idx, answers in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, 4, progress=False, no_repeat_ngram=2):
+    for idx, answers, _ in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, 4, progress=False, no_repeat_ngram=2):
         got.update(zip(idx, answers))
     assert [got[k] for k in range(len(texts))] == expected
     assert expected[0] != CHAR_PROFILE  # the trained answer repeats a pair (", ")
+
+
+@pytest.mark.parametrize("prefill_rows", [1, 4])
+def test_generate_batches_retries_sample_from_the_prompt(char_llm, prefill_rows):
+    """Answers `accept` rejects are sampled again from the prompts' cached keys/values: the same answers as stock
+    `model.generate` with the same sampler on those prompts alone (whole, left-padded) and the seed of that attempt;
+    accepted answers are the greedy ones, attempt 0, whatever the prefill chunking."""
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+    tok = llm.load_tokenizer(char_llm)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    texts = [llm.render(tok, m) for m in char_prompts(6)]
+    model, _ = llm.load_llm(char_llm, device="cpu", dtype=torch.float32)
+
+    def run(**kw):
+        out = {}
+        for idx, answers, attempts in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, 8, progress=False,
+                                                           prefill_rows=prefill_rows, **kw):
+            out.update(zip(idx, zip(answers, attempts)))
+        return [out[k] for k in range(len(texts))]
+
+    greedy = [a for a, _ in run()]
+    rejected = {greedy[1], greedy[2]}  # "No idea." and the "la la" run: rows 1, 2, 4, 5 are sampled again
+    got = run(accept=lambda a: a not in rejected, retries=2, retry_temperature=1.0, top_p=1.0, seed=7)
+    failed = [k for k, a in enumerate(greedy) if a in rejected]
+    assert failed == [1, 2, 4, 5]
+    assert [got[k] for k in (0, 3)] == [(greedy[0], 0), (greedy[3], 0)]
+
+    stock = AutoModelForCausalLM.from_pretrained(char_llm, dtype=torch.float32).eval()
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))  # generate_batches' row order: by prompt length
+    pending, expected = [k for k in order if k in failed], {}
+    for attempt in (1, 2):
+        if not pending:
+            break
+        enc = tok([texts[k] for k in pending], return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(7 + attempt)  # batch 0
+        with torch.no_grad():
+            out = stock.generate(**enc, do_sample=False, max_new_tokens=CHAR_MAX_NEW, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=[tok.eos_token_id, eot],
+                                 logits_processor=LogitsProcessorList([llm.TopKTopPSampler(1.0, 1.0)]))
+        answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for k, a in zip(pending, answers):
+            expected[k] = (first_profile_line(a).strip(), attempt)
+        pending = [k for k in pending if expected[k][0] in rejected]
+    assert [got[k] for k in failed] == [expected[k] for k in failed]
+    assert any(got[k][0] not in rejected for k in failed)  # some retry was accepted
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.95), (1.3, 0.5), (0.7, 0.0)])
+def test_top_k_top_p_sampler_matches_transformers(temperature, top_p):
+    """TopKTopPSampler's distribution is transformers' sampling distribution (temperature, TopK 50, TopP warpers, then
+    softmax over the vocabulary), and its draws follow it."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 300, generator=g) * torch.tensor([0.5, 1, 2, 4, 8, 16]).unsqueeze(1)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(llm.SAMPLE_TOP_K)]
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+    expected = warpers(None, scores.clone()).softmax(-1)
+    sampler = llm.TopKTopPSampler(temperature, top_p)
+    probs, tokens = sampler.distribution(scores)
+    got = torch.zeros_like(expected).scatter_(1, tokens, probs)
+    torch.testing.assert_close(got, expected)
+    torch.manual_seed(0)
+    draws = torch.stack([sampler(None, scores).argmax(-1) for _ in range(2000)])  # one token left per row
+    freq = torch.zeros_like(expected).scatter_add_(1, draws.T, torch.ones(6, 2000)) / 2000
+    assert (freq[expected == 0] == 0).all()
+    assert (freq - expected).abs().max() < 0.05
