@@ -57,8 +57,8 @@ NO_REPEAT_NGRAM = 0            # > 0: no n-token run twice in one answer (llm.No
 RETRIES = 5                    # an answer that does not parse is sampled again up to this many times. Measured on
                                # sparse ml-100k's ppo model (141 eval users, README): profiles that parse 54% -> 94%,
                                # probe 0.0366 -> 0.0354 (Wilcoxon p = 0.88), 114 s -> 217 s.
-RETRY_TEMPERATURE = 0.7        # ... at this temperature (top-p 0.95), seeded per batch and attempt: the retried answers
-RETRY_SEED = 0                 # depend on which others share their batch, so shards may retry differently from one process
+RETRY_TEMPERATURE = 0.7        # ... at this temperature (top-k 50, top-p 0.95), seeded per batch and attempt: retried
+RETRY_SEED = 0                 # answers depend on which others share their batch, so shards may retry differently
 ITEM_USERS = 5                 # warm items: profiles of up to this many most recent training users (the SPEC's 5)
 ITEM_NBRS = 3                  # cold items: this many text-similar warm items
 WAIT_S = 3600                  # --shard: how long to wait for the other shards' user profiles
