@@ -291,6 +291,15 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch, tmp_path):
     assert (out / "value_head.pt").exists()
     assert {"sft_mask/", "reward/"} <= set(common.read_manifest(run)["stages"]["05_ppo"]["inputs"])  # model dirs
     model, tok = prof.load_profile_model(run, "ppo", model=tiny_llm, device="cpu")
+    # 06's ppo model is base + SFT LoRA + PPO LoRA, both live (a merge into bf16 weights would round the deltas
+    # away), computing what 05 trained: the PPO adapter on the SFT model merged in float32
+    from peft import PeftModel
+    assert model.base_model.active_adapter == ["default", "ppo"]
+    sft_llm, _ = llm.load_llm(tiny_llm, adapter=run / "sft_mask", device="cpu")
+    merged = PeftModel.from_pretrained(sft_llm.merge_and_unload(), run / "ppo").merge_and_unload()
+    ids = torch.tensor([tok("User identity: fan; User interests: war")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, merged(ids).logits, atol=1e-5, rtol=0)
 
     # resume: interrupt after the step-2 checkpoint, re-run, get the same log as the uninterrupted run
     calls = {"n": 0}
