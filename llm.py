@@ -515,8 +515,9 @@ def answer_end(tok, ids, stop_ids):
 
 # On a CPU, prompts are run through the model a few at a time (llm._prefill): the activations of the elementwise ops
 # and attention of a few prompts stay in cache, those of a batch of 64 do not (a plain forward of 32 user prompts:
-# 24.2 s in one piece, 20.2 s 8 at a time). 06's user phase on 128 prompts with the pipeline's ppo model (bench/
-# bench_profile_phase.py, bf16, 1 thread): 128 s at 4 rows, 117 s at 8, 124 s at 16. A GPU takes the whole batch.
+# 24.2 s in one piece, 20.2 s 8 at a time). 06's user phase on 128 prompts with the pipeline's ppo model, adapters
+# merged (bench/bench_profile_phase.py at 71b79f3, bf16, 1 thread): 128 s at 4 rows, 117 s at 8, 124 s at 16. A GPU
+# takes the whole batch.
 CPU_PREFILL_ROWS = 8
 
 
