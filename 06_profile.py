@@ -222,7 +222,7 @@ def run_phase(name, ids, make_messages, kind, out, shard, model, tok, args, max_
         for idx, answers, attempts in llm.generate_batches(
                 model, tok, [prompts[k] for k in todo], max_new_tokens, args.batch_size, args.temperature,
                 no_repeat_ngram=args.no_repeat_ngram, desc=name, accept=lambda a: llm.normalize_profile(a) is not None,
-                retries=args.retries, retry_temperature=args.retry_temperature, seed=RETRY_SEED):
+                retries=args.retries, retry_temperature=args.retry_temperature, seed=args.retry_seed):
             for j, answer, attempt in zip(idx, answers, attempts):
                 prof = llm.normalize_profile(answer)
                 row = {key: int(todo[j]), "profile": prof if prof else answer, "prompt_hash": hashes[todo[j]],
@@ -359,6 +359,7 @@ def build_parser():
     p.add_argument("--retries", type=int, default=RETRIES,
                    help="sample an answer that does not parse again, up to this many times (0 = keep it malformed)")
     p.add_argument("--retry-temperature", type=float, default=RETRY_TEMPERATURE, help="temperature of the retries")
+    p.add_argument("--retry-seed", type=int, default=RETRY_SEED, help="seed of the retries' draws")
     p.add_argument("--item-users", type=int, default=ITEM_USERS,
                    help="warm items: profiles of up to this many recent users")
     p.add_argument("--item-nbrs", type=int, default=ITEM_NBRS, help="cold items: similar warm items shown")
