@@ -28,7 +28,8 @@ ATTN = "q_proj,k_proj,v_proj,o_proj"
 # with 06's --item-users as its main() resolved it for an LLM source; --no-repeat-ngram is new (0 = as before); 04
 # then trained 8 steps, the cpu preset now 32 (measured: README); 06's --retries / --retry-temperature are new (06
 # then kept an answer that did not parse; now it samples it again, up to 5 times); 04's --eval-batch is gone (a
-# user's pairs are scored as one group) and the cpu preset scores every held-out pair again, as 7dfa1e2 did.
+# user's pairs are scored as one group) and the cpu preset scores every held-out pair again, as 7dfa1e2 did; 06's
+# --retry-seed is new (0, the constant it replaces).
 CPU_BEFORE = {
     "03": dict(variant="mask", model="default", device=None, max_steps=16, epochs=1.0, batch_size=2, grad_accum=1,
                lr=2e-3, lora_r=8, lora_alpha=16, lora_dropout=0.05,
@@ -46,7 +47,7 @@ CPU_BEFORE = {
     "06": dict(source="ppo", teacher=None, model="default", device=None, dtype="auto", threads=1, encoder=None,
                batch_size=64, max_new_tokens=40, temperature=0.0, item_users=2, item_nbrs=3, shard=None, merge=False,
                what="all", wait_s=3600.0, limit=None, restart=False, probe_only=False, no_repeat_ngram=0,
-               retries=5, retry_temperature=0.7),
+               retries=5, retry_temperature=0.7, retry_seed=0),
 }
 SHARED = {"run": Path("r"), "seed": 0, "force": False}
 
