@@ -110,6 +110,13 @@ def time_pair(fns, reps, sync, threads):
     return [(sorted(w), statistics.median(s)) for w, s in zip(walls, share)]
 
 
+def fwd_bwd(op, adj, x, gy):
+    """op(adj, x).backward(gy) as a training step runs it: x.grad set to None first (zero_grad's default), so the
+    backward does not also add into the previous call's gradient."""
+    x.grad = None
+    op(adj, x).backward(gy)
+
+
 def _nosync():
     pass
 
@@ -269,11 +276,8 @@ def main():
                 row("spmm fwd", desc, d, t, o, r)
                 xg = x.clone().requires_grad_()
                 gy = torch.randn(U + I, d, device=dev)
-
-                def fwd_bwd(op, *a):
-                    xg.grad = None  # as a training step after zero_grad(set_to_none=True), torch's default
-                    op(*a, xg).backward(gy)
-                o, r = time_pair([lambda: fwd_bwd(spmm, A), lambda: fwd_bwd(torch.sparse.mm, At)], reps, sync, t)
+                o, r = time_pair([lambda: fwd_bwd(spmm, A, xg, gy), lambda: fwd_bwd(torch.sparse.mm, At, xg, gy)],
+                                 reps, sync, t)
                 row("spmm fwd+bwd", desc, d, t, o, r)
         ue, ie, erp, ecol = topk_inputs(size, min(U, n_topk), dev)
         torch.set_num_threads(1)

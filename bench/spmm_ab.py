@@ -7,7 +7,9 @@ bench_ops.py times ours against torch in one process, and two builds of ours can
 
 The ops come from the current directory's csrc/ (the checkout under test), and the line printed names that
 folder. 1 thread, bench_ops.time_pair (forward and forward + backward interleaved, 9 reps after a warm-up),
-median in ms, and the minor page faults of one forward (its fresh output).
+median in ms, and the minor page faults of one forward (its fresh output). The backward is bench_ops.fwd_bwd's
+(x.grad cleared first); the huge-page A/B in bench/RESULTS.md was measured before that, with each backward also
+adding into the previous x.grad, in both builds alike.
 """
 import os
 import resource
@@ -20,7 +22,7 @@ import torch
 sys.path.insert(0, os.getcwd())
 from csrc.ops import spmm  # noqa: E402
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import SIZES, _nosync, lightgcn_adj, powerlaw_edges, time_pair  # noqa: E402
+from bench_ops import SIZES, _nosync, fwd_bwd, lightgcn_adj, powerlaw_edges, time_pair  # noqa: E402
 
 
 def main():
@@ -30,12 +32,12 @@ def main():
     for d in (32, 64):
         x, gy = torch.randn(U + I, d), torch.randn(U + I, d)
         xg = x.clone().requires_grad_()
-        (fwd, _), (fwd_bwd, _) = time_pair([lambda: spmm(A, x), lambda: spmm(A, xg).backward(gy)], 9, _nosync, 1)
+        (fwd, _), (both, _) = time_pair([lambda: spmm(A, x), lambda: fwd_bwd(spmm, A, xg, gy)], 9, _nosync, 1)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         spmm(A, x)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         print(f"{os.path.dirname(sys.modules['csrc.ops'].__file__)} d={d}: fwd {statistics.median(fwd) * 1e3:.1f} ms, "
-              f"fwd+bwd {statistics.median(fwd_bwd) * 1e3:.1f} ms, {faults} page faults per forward", flush=True)
+              f"fwd+bwd {statistics.median(both) * 1e3:.1f} ms, {faults} page faults per forward", flush=True)
 
 
 if __name__ == "__main__":
