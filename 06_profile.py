@@ -152,21 +152,23 @@ def fresh_rows(upstream, hashes=None):
 def load_profile_model(run, source, model=llm.DEFAULT_LLM, device=None):
     """(model, tokenizer) that writes profiles for `source`: the untuned LLM, an SFT adapter, or the PPO adapter
     stacked on the SFT adapter it was trained over (ppo/base.json names it; 05 trained it on the SFT model merged in
-    float32, i.e. on base + SFT delta + PPO delta, which two active LoRA adapters compute). Adapters are never merged
-    here: 06 generates in bf16, and bf16(W + delta) rounds small deltas away. Measured on the quick pipeline's
-    models: 25% of the weights sft_mask's merge changes and 93% of those PPO's changes round back to the base
-    model's bf16 value (before this, 06 merged the SFT adapter of the ppo source)."""
+    float32, i.e. on base + SFT delta + PPO delta, which two active LoRA adapters compute). Adapters are folded
+    (llm.fold_lora: one down and one up product per layer for all adapters), never merged: 06 generates in bf16,
+    and bf16(W + delta) rounds small deltas away. Measured on the quick pipeline's models: 25% of the weights
+    sft_mask's merge changes and 93% of those PPO's changes round back to the base model's bf16 value (before
+    938b61c, 06 merged the SFT adapter of the ppo source)."""
     run = Path(run)
     if source == "base_llm":
         return llm.load_llm(model, device=device)
     if source.startswith("sft_"):
-        return llm.load_llm(model, adapter=run / source, device=device)
+        tuned, tok = llm.load_llm(model, adapter=run / source, device=device)
+        return llm.fold_lora(tuned), tok
     if source == "ppo":
         sft = json.loads((run / "ppo" / "base.json").read_text())["sft"]
         stacked, tok = llm.load_llm(model, adapter=run / sft, device=device)
         stacked.load_adapter(run / "ppo", adapter_name="ppo")
         stacked.base_model.set_adapter([stacked.active_adapter, "ppo"])
-        return stacked, tok
+        return llm.fold_lora(stacked), tok
     raise ValueError(f"unknown --source {source!r}; expected one of {', '.join(s for s in SOURCES if s != TEACHER)}")
 
 

@@ -338,3 +338,39 @@ def test_top_k_top_p_sampler_matches_transformers(temperature, top_p):
     freq = torch.zeros_like(expected).scatter_add_(1, draws.T, torch.ones(6, 2000)) / 2000
     assert (freq[expected == 0] == 0).all()
     assert (freq - expected).abs().max() < 0.05
+
+
+def _two_adapters(tiny_llm, use_dora=False):
+    """The tiny model with two active LoRA adapters of different ranks and targets, B not zero (a trained delta)."""
+    from peft import LoraConfig, get_peft_model
+    model, tok = llm.load_llm(tiny_llm, device="cpu")
+    torch.manual_seed(0)
+    cfg = dict(init_lora_weights=False, lora_dropout=0.0, use_dora=use_dora)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], **cfg))
+    model.add_adapter("ppo", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "o_proj"], **cfg))
+    model.base_model.set_adapter(["default", "ppo"])
+    return model.eval(), tok
+
+
+def test_fold_lora_computes_the_live_adapters(tiny_llm):
+    """fold_lora (06's profile models) computes what peft computes with both adapters active, on a padded batch."""
+    model, tok = _two_adapters(tiny_llm)
+    batch = tok(["user identity : student ; user interests : drama", "movie genres"], padding=True,
+                return_tensors="pt")
+    with torch.no_grad():
+        live = model(**batch).logits
+        base = model.get_base_model()
+        with model.disable_adapter():
+            untuned = model(**batch).logits
+        folded_model = llm.fold_lora(model)
+        assert folded_model is base and isinstance(folded_model.model.layers[0].self_attn.q_proj, llm.FoldedLoRA)
+        assert not isinstance(folded_model.model.layers[0].mlp.down_proj, llm.FoldedLoRA)  # no adapter there
+        folded = folded_model(**batch).logits
+    assert (live - untuned).abs().max() > 1e-2   # the adapters do change the logits
+    torch.testing.assert_close(folded, live, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_lora_refuses_what_it_does_not_compute(tiny_llm):
+    model, _ = _two_adapters(tiny_llm, use_dora=True)
+    with pytest.raises(ValueError, match="q_proj is a LoRA variant"):
+        llm.fold_lora(model)

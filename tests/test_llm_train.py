@@ -291,10 +291,12 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch, tmp_path):
     assert (out / "value_head.pt").exists()
     assert {"sft_mask/", "reward/"} <= set(common.read_manifest(run)["stages"]["05_ppo"]["inputs"])  # model dirs
     model, tok = prof.load_profile_model(run, "ppo", model=tiny_llm, device="cpu")
-    # 06's ppo model is base + SFT LoRA + PPO LoRA, both live (a merge into bf16 weights would round the deltas
-    # away), computing what 05 trained: the PPO adapter on the SFT model merged in float32
+    # 06's ppo model is base + SFT LoRA + PPO LoRA, both folded, not merged (a merge into bf16 weights would round the
+    # deltas away), computing what 05 trained: the PPO adapter on the SFT model merged in float32
     from peft import PeftModel
-    assert model.base_model.active_adapter == ["default", "ppo"]
+    q_proj = model.model.layers[0].self_attn.q_proj
+    ranks = [json.loads((run / d / "adapter_config.json").read_text())["r"] for d in ("sft_mask", "ppo")]
+    assert isinstance(q_proj, llm.FoldedLoRA) and q_proj.down.shape[0] == sum(ranks)  # both adapters
     sft_llm, _ = llm.load_llm(tiny_llm, adapter=run / "sft_mask", device="cpu")
     merged = PeftModel.from_pretrained(sft_llm.merge_and_unload(), run / "ppo").merge_and_unload()
     ids = torch.tensor([tok("User identity: fan; User interests: war")["input_ids"]])
