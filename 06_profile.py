@@ -5,7 +5,8 @@ shows them: turn 1 of 03's dialogue, whose answer is opened at "Target user:" an
 the model is asked what it was trained on and writes the target's profile only; sft_gpt_kd: the single-turn prompt 03
 trained it on). A warm item's (one with training users) is written from its text and its most recent users' profiles
 (--item-users), any other item's from its text and the item profiles of its text-similar warm items (--item-nbrs).
-Rows are appended as batches finish; a re-run reuses those built from the same prompt and upstream state. An answer
+Rows are appended as batches finish; a re-run reuses those built from the same prompt and upstream state (inputs,
+model, decoding settings and this stage's code: an edit to 06, common.py or llm.py writes the rows again). An answer
 that does not parse is sampled again (--retries, --retry-temperature); one that never parses keeps its raw text,
 "valid": false; "attempt" says which try wrote a row (0: the greedy answer).
 
@@ -413,7 +414,8 @@ def main(argv=None):
         "inputs": {r: common.sha256_path(run, r) for r in ["data/split.npz", "data/items.jsonl", "neighbors.npz"]
                    + models}, "source": args.source, "model": str(args.model),
         "decoding": [args.temperature, args.max_new_tokens, args.no_repeat_ngram, args.retries,
-                     args.retry_temperature]}, sort_keys=True))
+                     args.retry_temperature, args.retry_seed],
+        "code": {p.name: common.sha256_file(p) for p in common.stage_code("06_profile")}}, sort_keys=True))
     out.mkdir(parents=True, exist_ok=True)
     if args.restart:
         for p in list(out.glob("*.jsonl")) + list(out.glob("*.npy")):

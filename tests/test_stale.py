@@ -260,6 +260,20 @@ def test_profile_rows_redone_when_prompt_or_upstream_changed(synthetic_run, tiny
     assert len({r["upstream"] for r in rows(out / "users.jsonl")} | {users[0]["upstream"]}) == 2
 
 
+def test_profile_rows_redone_when_the_code_changed(synthetic_run, tiny_llm, monkeypatch, tmp_path):
+    """Rows written by another version of 06 or llm.py (another generation path) are not reused by a resume."""
+    run = synthetic_run
+    argv = profile_args(run, tiny_llm, "base_llm", "--limit", "4")
+    D.main(["--run", str(run), "--no-probe"])
+    P.main(argv)
+    assert P.main(argv)["redone"] == {"user profiles": 0, "warm item profiles": 0, "cold item profiles": 0}
+    edited = tmp_path / "llm.py"
+    edited.write_text((common.REPO / "llm.py").read_text() + "\n# an edit\n")
+    real = common.stage_code
+    monkeypatch.setattr(common, "stage_code", lambda stage: [p for p in real(stage) if p.name != "llm.py"] + [edited])
+    assert P.main(argv)["redone"] == {"user profiles": 4, "warm item profiles": 4, "cold item profiles": 4}
+
+
 def test_probe_only_redoes_rows_of_another_prompt(synthetic_run, tiny_llm):
     run = synthetic_run
     D.main(["--run", str(run), "--no-probe"])
