@@ -203,9 +203,10 @@ def fold_lora(peft_model):
                "a LoRA bias" if any(layer.lora_bias.get(a) for a in active) else None)
         if bad:
             raise ValueError(f"fold_lora: {name} is {bad}; load the adapter with peft instead")
-        down = torch.cat([layer.lora_A[a].weight for a in active])
-        up = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in active], 1)
-        setattr(model.get_submodule(parent), child, FoldedLoRA(layer.get_base_layer(), down, up))
+        base = layer.get_base_layer()
+        down = torch.cat([layer.lora_A[a].weight for a in active]).to(base.weight.dtype)  # peft may keep them fp32
+        up = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in active], 1).to(base.weight.dtype)
+        setattr(model.get_submodule(parent), child, FoldedLoRA(base, down, up))
     return model
 
 

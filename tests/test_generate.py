@@ -370,6 +370,21 @@ def test_fold_lora_computes_the_live_adapters(tiny_llm):
     torch.testing.assert_close(folded, live, atol=1e-5, rtol=1e-5)
 
 
+def test_fold_lora_takes_the_base_dtype(tiny_llm):
+    """Adapters kept in float32 over a bf16 model (as peft may load them) fold into bf16 layers that run."""
+    model, tok = _two_adapters(tiny_llm)
+    model.to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    batch = tok(["user identity : student"], return_tensors="pt")
+    with torch.no_grad():
+        live = model(**batch).logits.float()
+        folded = llm.fold_lora(model)(**batch).logits
+    assert folded.dtype == torch.bfloat16
+    torch.testing.assert_close(folded.float(), live, atol=0.1, rtol=0.05)
+
+
 def test_fold_lora_refuses_what_it_does_not_compute(tiny_llm):
     model, _ = _two_adapters(tiny_llm, use_dora=True)
     with pytest.raises(ValueError, match="q_proj is a LoRA variant"):
