@@ -1,0 +1,63 @@
+"""Seconds for one prefill forward of 06 (8 user prompts, what llm._prefill runs at a time on a CPU): the full causal
+LM asked for the last position's logits only (logits_to_keep=1, what _prefill did until the decoder-only change)
+against the decoder without its LM head (what _prefill runs now: it keeps only the keys/values), and the LM head
+alone on the strided last-position slice the full model feeds it against the same rows made contiguous.
+
+    python bench/bench_prefill.py --run R                  # the untuned SmolLM2-135M on R's user prompts
+    python bench/bench_prefill.py --run R --source ppo     # R's profile model (06_profile.load_profile_model)
+
+R is a run in which 02 has run (and the stage that trains --source, for a tuned one).
+
+bf16 where the CPU has it (06's default), 1 thread, the median of --reps after a warm-up. Not a timed test.
+"""
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import llm  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--run", type=Path, required=True)
+p.add_argument("--source", default="base_llm", help="06's --source (default: %(default)s)")
+p.add_argument("--prompts", type=int, default=llm.CPU_PREFILL_ROWS)
+p.add_argument("--reps", type=int, default=5)
+args = p.parse_args()
+torch.set_num_threads(1)
+P06 = importlib.import_module("06_profile")
+model, tok = P06.load_profile_model(args.run, args.source)
+model = model.to(llm.pick_dtype("auto", "cpu")).eval()
+split, nbrs = common.load_split(args.run), common.load_neighbors(args.run)["user_nbrs"]
+train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
+item_text, sizes = common.load_items(args.run), llm.prompt_settings(args.run)["inference"]
+texts = [llm.render(tok, llm.user_prompt(u, train, nbrs, item_text, **sizes)) for u in range(args.prompts)]
+batch = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+head = model.get_output_embeddings()
+last = torch.randn(*batch["input_ids"].shape, head.in_features, dtype=head.weight.dtype)[:, -1:, :]
+paths = {
+    "full model, logits_to_keep=1": lambda: model(**batch, logits_to_keep=1),
+    "decoder only (no LM head)": lambda: model.get_decoder()(**batch),
+    "LM head on the strided last position": lambda: head(last),
+    "LM head on those rows made contiguous": lambda: head(last.contiguous()),
+}
+times = {name: [] for name in paths}
+with torch.no_grad():
+    for name, f in paths.items():
+        f()  # warm-up
+    for _ in range(args.reps):
+        for name, f in paths.items():  # interleaved, so that a slow spell hits every path
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+print(f"{args.source}, {next(model.parameters()).dtype}, 1 thread, {args.prompts} prompts x "
+      f"{batch['input_ids'].shape[1]} tokens (padded), median of {args.reps}:")
+for name, ts in times.items():
+    print(f"  {name:40s} {statistics.median(ts) * 1e3:9.1f} ms  ({min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})")
+full, dec = (statistics.median(times[k]) for k in list(paths)[:2])
+print(f"decoder only: {full / dec:.2f}x faster than the full model")
