@@ -582,7 +582,7 @@ def _prefill(model, input_ids, mask, prefix_kv, n_prefix, rows_per_forward):
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate computes them: left padding takes no positions
     # The decoder without its LM head: only the keys/values are wanted. The full model's last-token logits cost 40% of
     # a bf16 CPU forward of 8 prompts: torch ran the head on the strided last-position slice as a batched matmul,
-    # copying the [49152, 576] head weight once per prompt (torch.profiler, README).
+    # copying the [49152, 576] head weight once per prompt (bench/bench_prefill.py).
     decoder = model.get_decoder()
     chunks = []
     for s in range(0, input_ids.shape[0], rows_per_forward):

@@ -140,9 +140,16 @@ def test_prefix_cache_generation_equals_whole_prompts(tiny_llm, batch_size):
             out.update(zip(idx, ans))
         return [out[k] for k in range(len(texts))]
 
+    # the prompts' forward runs the decoder only: the LM head sees decode steps, one contiguous position per prompt
+    # (before, it also got the prompts' strided last positions, which torch multiplied by copying its weight per row)
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: head_rows.append((args[0].shape[1], args[0].is_contiguous())))
     with_prefix, whole = answers(True), answers(False)
+    hook.remove()
     assert with_prefix == whole
     assert len(set(whole)) == len(whole)
+    assert head_rows and set(head_rows) == {(1, True)}
 
 
 class CharTokenizer:
