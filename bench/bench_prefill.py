@@ -11,7 +11,6 @@ R is a run in which 02 has run (and the stage that trains --source, for a tuned 
 bf16 where the CPU has it (06's default), 1 thread, the median of --reps after a warm-up. Not a timed test.
 """
 import argparse
-import importlib
 import statistics
 import sys
 import time
@@ -20,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
 import llm  # noqa: E402
+from profile_prompts import model_and_prompts  # noqa: E402  (bench/, next to this script)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--run", type=Path, required=True)
@@ -30,13 +29,7 @@ p.add_argument("--prompts", type=int, default=llm.CPU_PREFILL_ROWS)
 p.add_argument("--reps", type=int, default=5)
 args = p.parse_args()
 torch.set_num_threads(1)
-P06 = importlib.import_module("06_profile")
-model, tok = P06.load_profile_model(args.run, args.source)
-model = model.to(llm.pick_dtype("auto", "cpu")).eval()
-split, nbrs = common.load_split(args.run), common.load_neighbors(args.run)["user_nbrs"]
-train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
-item_text, sizes = common.load_items(args.run), llm.prompt_settings(args.run)["inference"]
-texts = [llm.render(tok, llm.user_prompt(u, train, nbrs, item_text, **sizes)) for u in range(args.prompts)]
+model, tok, texts = model_and_prompts(args.run, args.source, args.prompts)
 batch = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
 head = model.get_output_embeddings()
 last = torch.randn(*batch["input_ids"].shape, head.in_features, dtype=head.weight.dtype)[:, -1:, :]

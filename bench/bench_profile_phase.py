@@ -31,17 +31,12 @@ sys.path.insert(0, str(args.code.resolve()))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import common  # noqa: E402
 import llm  # noqa: E402
+from profile_prompts import model_and_prompts  # noqa: E402  (bench/, next to this script)
 
 P06 = importlib.import_module("06_profile")
 torch.set_num_threads(1)
-model, tok = P06.load_profile_model(args.run, args.source)
-model = model.to(llm.pick_dtype("auto", "cpu")).eval()
-split, nbrs = common.load_split(args.run), common.load_neighbors(args.run)["user_nbrs"]
-train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
-item_text, sizes = common.load_items(args.run), llm.prompt_settings(args.run)["inference"]
-texts = [llm.render(tok, llm.user_prompt(u, train, nbrs, item_text, **sizes)) for u in range(args.n)]
+model, tok, texts = model_and_prompts(args.run, args.source, args.n)
 parses = (lambda a: llm.normalize_profile(a) is not None)
 print(f"{args.code}: {type(model).__name__}, {len(texts)} prompts", flush=True)
 
