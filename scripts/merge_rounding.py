@@ -1,7 +1,8 @@
 """How much of an adapter's weight change a bf16 merge keeps: for each model 06 can load from a run, the share of
 the weights that merging the adapter changes (in float32) whose bf16 value equals the un-merged one, i.e. whose
 change bf16 rounds away; and, for the ppo source, the largest logit difference between 06's model (SFT and PPO
-adapters live) and the float32 merge 05 trained on. Used for the README's "Profiles of the ppo source".
+adapters folded, not merged) and the float32 merge 05 trained on. Used for the README's "Profiles of the ppo
+source".
 
 Run  python scripts/merge_rounding.py --run runs/ml100k [--sft sft_mask]
 """
@@ -45,11 +46,12 @@ def main(argv=None):
     ppo_merged = PeftModel.from_pretrained(sft_merged, a.run / "ppo").merge_and_unload()
     changed, lost = rounded_away(sft_w, ppo_merged.state_dict())
     print(f"ppo over {sft}: {changed:,} weights changed by the merge, {lost:,} ({lost / changed:.1%}) equal in bf16")
-    live, tok = importlib.import_module("06_profile").load_profile_model(a.run, "ppo", device="cpu")
+    used, tok = importlib.import_module("06_profile").load_profile_model(a.run, "ppo", device="cpu")
     ids = torch.tensor([tok("User identity: film fan, student, critic; User interests: Drama, War, Comedy")["input_ids"]])
     with torch.no_grad():
-        diff = (live(ids).logits - ppo_merged(ids).logits).abs().max().item()
-    print(f"06's ppo model (adapters live) vs the float32 merge: largest logit difference {diff:.2e}")
+        diff = (used(ids).logits - ppo_merged(ids).logits).abs().max().item()
+    print(f"06's ppo model (adapters folded, not merged: llm.fold_lora) vs the float32 merge: "
+          f"largest logit difference {diff:.2e}")
 
 
 if __name__ == "__main__":
