@@ -574,16 +574,13 @@ CPU_PREFILL_ROWS = 8
 
 
 @torch.no_grad()
-def _prefill(model, input_ids, mask, prefix_kv, n_prefix, rows_per_forward):
+def _prefill(decoder, input_ids, mask, prefix_kv, n_prefix, rows_per_forward):
     """The keys/values of every prompt token but the last, per layer ([batch, kv heads, width - 1, head dim]), computed
-    `rows_per_forward` prompts at a time, each starting from the shared prefix's keys/values (n_prefix tokens)."""
+    by `decoder` (the model without its LM head: model.get_decoder()) `rows_per_forward` prompts at a time, each
+    starting from the shared prefix's keys/values (n_prefix tokens)."""
     from transformers import DynamicCache
     width = input_ids.shape[1]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate computes them: left padding takes no positions
-    # The decoder without its LM head: only the keys/values are wanted. The full model's last-token logits cost 40% of
-    # a bf16 CPU forward of 8 prompts: torch ran the head on the strided last-position slice as a batched matmul,
-    # copying the [49152, 576] head weight once per prompt (bench/bench_prefill.py).
-    decoder = model.get_decoder()
     chunks = []
     for s in range(0, input_ids.shape[0], rows_per_forward):
         rows = slice(s, s + rows_per_forward)
@@ -649,17 +646,22 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
     device = next(model.parameters()).device
     prefill_rows = prefill_rows or (CPU_PREFILL_ROWS if device.type == "cpu" else batch_size)
     prefix = shared_prefix(ids) if prefix_cache else []
+    # The prompts' forward runs the decoder without its LM head: only keys/values are wanted. Asking the causal LM
+    # for the last position's logits cost 40% of a bf16 CPU forward of 8 prompts: torch ran the head on the strided
+    # last-position slice as a batched matmul, copying the [49152, 576] head weight once per prompt
+    # (bench/bench_prefill.py).
+    decoder = model.get_decoder()
     prefix_kv = None
     if prefix:
         prefix_kv = DynamicCache()
-        model.get_decoder()(torch.tensor([prefix], device=device), cache=prefix_kv, use_cache=True)  # no LM head
+        decoder(torch.tensor([prefix], device=device), cache=prefix_kv, use_cache=True)
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress)):
         own = [ids[k][len(prefix):] for k in idx]
         width = max(len(x) for x in own)
         input_ids = torch.tensor([prefix + [tok.pad_token_id] * (width - len(x)) + x for x in own], device=device)
         mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(x)) + [1] * len(x) for x in own], device=device)
-        prompt_kv = _prefill(model, input_ids, mask, prefix_kv, len(prefix), prefill_rows)
+        prompt_kv = _prefill(decoder, input_ids, mask, prefix_kv, len(prefix), prefill_rows)
         answers, cache = _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature, top_p,
                                  no_repeat_ngram)
         del prompt_kv
