@@ -18,7 +18,7 @@ does). top-K: k=40 over all items with the training
 items excluded, d=64, ours vs a blocked torch reference (matmul a block of
 users, -inf via index_put_, torch.topk; the block is sized to a 256 MB score
 buffer). For top-K the table also gives the GEMM floor: the same
-kUserBlock x kItemTile (64 x 2048) GEMMs ours runs, into one cache-resident
+user-block x item-tile GEMMs ours runs (topk_tile), into one cache-resident
 tile, with no selection (CPU: measured on one thread and divided by the thread
 count, i.e. ideal scaling; CUDA: the reference's blocked GEMMs without
 masking/top-k).
@@ -127,19 +127,25 @@ def fmt(ts):
     return f"{med * 1e3:.2f} ({ts[0] * 1e3:.2f}-{ts[-1] * 1e3:.2f})"
 
 
+def topk_tile(n_items, d, elem_size):
+    """(users, items) per GEMM of our CPU top-K: csrc/reclm_ops.cpp topk_tile, whose comment says why."""
+    return (256, 1024) if n_items * d * elem_size > 8 << 20 else (64, 2048)
+
+
 def gemm_floor(ue, ie, sync):
-    """The GEMMs of our CPU top-K (64-user x 2048-item tiles) into one
+    """The GEMMs of our CPU top-K (its user-block x item-tile shape) into one
     cache-resident tile, no selection."""
     if ue.is_cuda:
         B = max(1, REF_BUDGET // (ie.shape[0] * ue.element_size()))
         return lambda: [ue[u0:u0 + B] @ ie.T for u0 in range(0, ue.shape[0], B)]
-    buf = torch.empty(64, 2048, dtype=ue.dtype)
+    nu, nt = topk_tile(*ie.shape, ie.element_size())
+    buf = torch.empty(nu, nt, dtype=ue.dtype)
 
     def run():
-        for u0 in range(0, ue.shape[0], 64):
-            ub = ue[u0:u0 + 64]
-            for t0 in range(0, ie.shape[0], 2048):
-                it = ie[t0:t0 + 2048]
+        for u0 in range(0, ue.shape[0], nu):
+            ub = ue[u0:u0 + nu]
+            for t0 in range(0, ie.shape[0], nt):
+                it = ie[t0:t0 + nt]
                 torch.mm(ub, it.T, out=buf[:ub.shape[0], :it.shape[0]])
     return run
 

@@ -22,18 +22,20 @@ sizes are checked) until the backward uses it. CPU kernel: rows in chunks of
 equal nnz + rows, d = 16/32/64/128 summed in SIMD registers (one store per
 row), other widths in the output row; compiled for AVX-512, AVX2 and the
 baseline ISA and picked at run time (``RECLM_ISA=avx2|base`` caps it).
-CUDA kernel: one warp per chunk of equal nnz (rows cut by a chunk edge are
-summed by a second kernel in chunk order: deterministic, no atomics).
+CPU outputs of 16 MB or more come from a pool of up to four freed blocks
+whose pages stay mapped (no page faults on reuse). CUDA kernel: one warp per
+chunk of equal nnz (rows cut by a chunk edge are summed by a second kernel in
+chunk order: deterministic, no atomics).
 
 ``topk_scores(user_emb, item_emb, k, ...)`` -> ``(scores, indices)``, both
 ``[U, k]``: for each user the k items with the highest dot product, excluding
 that user's items in an exclusion CSR (sorted per row), optionally only over
 ``item_subset`` (sorted, unique ids). Only a tile of the U x I score matrix
-exists at any time (CPU: 64 users x 2048 items per thread, one GEMM each,
-then a vectorised scan against each user's running k-th best score; CUDA: a
-cuBLAS GEMM per tile of users x all candidates, 1 GiB by default or
-``RECLM_TOPK_TILE_MB``, then one block per user selects from its row). The
-exclusion CSR and the subset are checked once per tensor and remembered until
+exists at any time (CPU: 64 users x 2048 items per thread, 256 x 1024 when
+the candidates' embeddings exceed 8 MB, one GEMM each, then a vectorised scan
+against each user's running k-th best score; CUDA: a cuBLAS GEMM per tile of
+users x all candidates, 1 GiB by default or ``RECLM_TOPK_TILE_MB``, then one
+block per user selects from its row). The exclusion CSR and the subset are checked once per tensor and remembered until
 modified in place, as for spmm on CUDA. Conventions:
 
 * order: score descending; equal scores -> lower item id first;

@@ -417,19 +417,71 @@ static int spmm_rows(const int64_t* rp, const int64_t* col, const T* val, const 
   return spmm_rows_base<T>(rp, col, val, x, y, d, nnz, n_cols, r0, r1);
 }
 
-// A fresh output of tens of MB is a new mmap, and writing it costs one page fault per 4 KiB page: at the
-// bench's industrial size (67 MB) 36 ms of faults against 9 ms to fill a reused buffer (bench/RESULTS.md).
-// Transparent huge pages on its 2 MiB-aligned interior (what torch does for every allocation under
-// THP_MEM_ALLOC_ENABLE=1) take one fault per 2 MiB. A hint only: where THP is off nothing changes.
-static Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  Tensor t = at::empty(sizes, opts);
+// A fresh output of tens of MB is a new mmap, and the kernel zeroes every page of it on first write: at the
+// bench's industrial size (70 MB) 21-33 ms with 4 KiB pages, ~10 ms with transparent huge pages, against ~3 ms
+// to fill a buffer already mapped (AMD EPYC, 2 vCPUs; bench/RESULTS.md). A LightGCN step propagates into several
+// such outputs and frees them again, so outputs of at least kPoolMinBytes come from a small pool: a freed
+// output's pages stay mapped (and huge, where THP allows) for the next one of about its size. At most
+// kPoolBlocks free blocks are kept (older ones are freed; the OS takes the rest at exit). Smaller outputs come
+// from torch's allocator (malloc reuses those already).
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kPoolMinBytes = size_t(16) << 20;
+constexpr size_t kPoolBlocks = 4;
+
+struct OutputPool {
+  std::mutex m;
+  std::vector<std::pair<void*, size_t>> free_blocks;  // (pointer, bytes), most recently freed last
+};
+
+static OutputPool& output_pool() {
+  static OutputPool* pool = new OutputPool();  // leaked on purpose: deleters may run during static destruction
+  return *pool;
+}
+
+// (pointer, its block's bytes) for an output of `bytes` (a multiple of kHugePage).
+static std::pair<void*, size_t> take_block(size_t bytes) {
+  OutputPool& pool = output_pool();
+  {
+    std::lock_guard<std::mutex> g(pool.m);
+    auto& fb = pool.free_blocks;
+    for (size_t j = fb.size(); j-- > 0;) {  // newest first; a block at most 2x the request (no large waste)
+      if (fb[j].second >= bytes && fb[j].second <= 2 * bytes) {
+        const auto block = fb[j];
+        fb.erase(fb.begin() + j);
+        return block;
+      }
+    }
+  }
+  void* p = std::aligned_alloc(kHugePage, bytes);
 #ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), bytes = t.nbytes();
-  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1), e = (p + bytes) & ~(kHuge - 1);
-  if (bytes >= 4 * kHuge && e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+  if (p) madvise(p, bytes, MADV_HUGEPAGE);  // a hint only: where THP is off nothing changes
 #endif
-  return t;
+  return {p, bytes};
+}
+
+static void give_back(void* p, size_t bytes) {
+  OutputPool& pool = output_pool();
+  void* drop = nullptr;
+  {
+    std::lock_guard<std::mutex> g(pool.m);
+    auto& fb = pool.free_blocks;
+    fb.emplace_back(p, bytes);
+    if (fb.size() > kPoolBlocks) {  // release the least recently freed
+      drop = fb.front().first;
+      fb.erase(fb.begin());
+    }
+  }
+  std::free(drop);
+}
+
+static Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
+  if (bytes < kPoolMinBytes) return at::empty(sizes, opts);
+  const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  const auto block = take_block(rounded);
+  TORCH_CHECK(block.first, "reclm: could not allocate ", num(static_cast<int64_t>(rounded)), " bytes for an output");
+  const size_t block_bytes = block.second;
+  return at::from_blob(block.first, sizes, [block_bytes](void* q) { give_back(q, block_bytes); }, opts);
 }
 
 Tensor spmm_cpu(const Tensor& rowptr_, const Tensor& col_, const Tensor& val_,
@@ -483,8 +535,20 @@ static inline bool better(const Cand<scalar_t>& a, const Cand<scalar_t>& b) {
   return a.s > b.s || (a.s == b.s && a.i < b.i);
 }
 
-constexpr int64_t kUserBlock = 64;
-constexpr int64_t kItemTile = 2048;
+// Tile shapes of the CPU top-K: users per GEMM x items per GEMM. Each user
+// block reads the whole candidate matrix once; when that matrix is larger than
+// kStreamBytes it comes from L3 or memory every time, and a block 4x larger
+// reads it 4x less often (measured on an AMD EPYC, industrial size, 1 thread:
+// MKL's tile GEMMs 63 -> 84 GFLOP/s, top-K 1.24x faster; bench/RESULTS.md).
+// Smaller candidate sets stay cache-resident, and 64-user blocks keep per-user
+// buffers in L2 and balance threads when users are few.
+struct TopkTile {
+  int64_t users, items;
+};
+constexpr int64_t kStreamBytes = 8 << 20;
+static inline TopkTile topk_tile(int64_t n_cand, int64_t d, int64_t elem) {
+  return n_cand * d * elem > kStreamBytes ? TopkTile{256, 1024} : TopkTile{64, 2048};
+}
 constexpr int64_t kScanChunk = 16;  // >= the widest vector (16 floats)
 constexpr int64_t kMaxGroups = 1024;  // row_bound scratch
 
@@ -708,11 +772,12 @@ struct TopkArgs {
   bool has_subset;
   scalar_t* os;
   int64_t* oi;
+  TopkTile tile;
 };
 
-// Users [blk0*kUserBlock, blk1*kUserBlock): one thread's share. Scores a
-// kUserBlock x kItemTile tile with one GEMM (the tile stays in L2), then scans
-// each user's row of it. always_inline: compiled once per ISA wrapper below.
+// User blocks [blk0, blk1) of A.tile.users users: one thread's share. Scores
+// an A.tile.users x A.tile.items tile with one GEMM (the tile stays in L2),
+// then scans each user's row of it. always_inline: compiled once per ISA wrapper below.
 template <typename scalar_t, int VB>
 __attribute__((always_inline)) static inline void topk_blocks(const TopkArgs<scalar_t>& A,
                                                              int64_t blk0, int64_t blk1) {
@@ -728,26 +793,27 @@ __attribute__((always_inline)) static inline void topk_blocks(const TopkArgs<sca
   const int64_t* ex = A.ex;
   const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
   const scalar_t ninf = -std::numeric_limits<scalar_t>::infinity();
+  const int64_t user_block = A.tile.users, item_tile = A.tile.items;
   const int64_t cap = 4 * k + 2 * kScanChunk;  // fill = cap - kScanChunk > k
   // Thread-local buffers: this is all the extra memory the op uses per thread.
-  Tensor scores_buf = at::empty({kUserBlock * kItemTile}, ue.options());
-  Tensor item_buf = has_subset ? at::empty({kItemTile, D}, ie.options()) : Tensor();
-  std::vector<scalar_t> cand_s(kUserBlock * cap);
+  Tensor scores_buf = at::empty({user_block * item_tile}, ue.options());
+  Tensor item_buf = has_subset ? at::empty({item_tile, D}, ie.options()) : Tensor();
+  std::vector<scalar_t> cand_s(user_block * cap);
   std::vector<K> keys(std::max<int64_t>(cap, kMaxGroups));
   std::vector<scalar_t> gmax(kMaxGroups);
-  std::vector<int64_t> cand_i(kUserBlock * cap);
+  std::vector<int64_t> cand_i(user_block * cap);
   std::vector<C> fin(k);
-  std::vector<TopkBuf<scalar_t>> bufs(kUserBlock);
-  std::vector<int64_t> ex_pos(kUserBlock);
+  std::vector<TopkBuf<scalar_t>> bufs(user_block);
+  std::vector<int64_t> ex_pos(user_block);
   for (int64_t blk = blk0; blk < blk1; ++blk) {
-    const int64_t u0 = blk * kUserBlock, nu = std::min(kUserBlock, U - u0);
+    const int64_t u0 = blk * user_block, nu = std::min(user_block, U - u0);
     const Tensor ublk = ue.narrow(0, u0, nu);
     for (int64_t r = 0; r < nu; ++r) {
       bufs[r] = TopkBuf<scalar_t>{cand_s.data() + r * cap, cand_i.data() + r * cap, 0, ninf, false};
       ex_pos[r] = ex_rp[u0 + r];
     }
-    for (int64_t t0 = 0; t0 < n_cand; t0 += kItemTile) {
-      const int64_t nt = std::min(kItemTile, n_cand - t0);
+    for (int64_t t0 = 0; t0 < n_cand; t0 += item_tile) {
+      const int64_t nt = std::min(item_tile, n_cand - t0);
       Tensor itile;
       if (has_subset) {
         itile = item_buf.narrow(0, 0, nt);
@@ -814,9 +880,11 @@ template <typename scalar_t>
 static void topk_cpu_impl(const Tensor& ue, const Tensor& ie, const int64_t* ex_rp,
                           const int64_t* ex, int64_t k, const Tensor& subset, bool has_subset,
                           Tensor& out_s, Tensor& out_i) {
+  const int64_t n_cand = has_subset ? subset.numel() : ie.size(0);
+  const TopkTile tile = topk_tile(n_cand, ie.size(1), ie.element_size());
   const TopkArgs<scalar_t> A{ue, ie, ex_rp, ex, k, subset, has_subset,
-                             out_s.data_ptr<scalar_t>(), out_i.data_ptr<int64_t>()};
-  const int64_t n_blocks = (ue.size(0) + kUserBlock - 1) / kUserBlock;
+                             out_s.data_ptr<scalar_t>(), out_i.data_ptr<int64_t>(), tile};
+  const int64_t n_blocks = (ue.size(0) + tile.users - 1) / tile.users;
   const int isa = cpu_isa();
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
 #ifdef RECLM_X86_DISPATCH

@@ -33,7 +33,7 @@ def powerlaw_coo(n_rows, n_cols, nnz, g, alpha=1.2, empty_rows=()):
     pc = torch.arange(1, n_cols + 1, dtype=torch.float64) ** -alpha
     r = torch.multinomial(pr, nnz, replacement=True, generator=g)
     c = torch.multinomial(pc, nnz, replacement=True, generator=g)
-    r = r[torch.randperm(n_rows, generator=g)[r]] if n_rows > 1 else r  # scatter the hubs
+    r = torch.randperm(n_rows, generator=g)[r] if n_rows > 1 else r  # scatter the hubs
     keep = ~torch.isin(r, torch.tensor(list(empty_rows), dtype=torch.long))
     return r[keep], c[keep]
 
@@ -114,6 +114,36 @@ def test_spmm_chunk_boundaries(threads):
                 torch.testing.assert_close(spmm(A, x), A.to_dense() @ x)
     finally:
         torch.set_num_threads(n)
+
+
+def test_spmm_large_outputs_reuse_pooled_memory():
+    # Outputs of 16 MB and more come from a pool that keeps freed blocks mapped: a later output of about the same
+    # size gets the same memory back, with the last output's values still in it, so every row (empty ones too) must
+    # be written. The first output is filled with NaN before it is freed.
+    g = gen(31)
+    n_rows = n_cols = 70000  # outputs of 70000 x 64 floats = 17.9 MB, the backward's too
+    d = 64
+    def ref(A, x):
+        rows = torch.repeat_interleave(torch.arange(A.rowptr.numel() - 1), A.rowptr.diff())
+        return torch.zeros(A.rowptr.numel() - 1, x.shape[1]).index_add_(0, rows, A.val[:, None] * x[A.col])
+    A1, A2 = (make_csr(n_rows, n_cols, 60000, torch.float32, g) for _ in range(2))
+    x = torch.randn(n_cols, d, generator=g)
+    y1 = spmm(A1, x)
+    tol = dict(rtol=1e-4, atol=1e-4)  # hub rows: float32 sums in another order
+    torch.testing.assert_close(y1, ref(A1, x), **tol)
+    address = y1.data_ptr()
+    y1.fill_(float("nan"))
+    del y1
+    y2 = spmm(A2, x)
+    assert y2.data_ptr() == address  # the pooled block came back
+    assert int((A2.rowptr.diff() == 0).sum()) > 1000  # empty rows, which must be zeros again
+    torch.testing.assert_close(y2, ref(A2, x), **tol)
+    # The backward's output comes from the same pool (y2's block is still in use).
+    xg = x.clone().requires_grad_()
+    gy = torch.randn(n_rows, d, generator=g)
+    spmm(A1, xg).backward(gy)
+    expected = ref(A1.t(), gy)  # hub columns: long float32 sums, compared relative to the largest entry
+    torch.testing.assert_close(xg.grad, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_spmm_fused_validation_zero_width():
@@ -341,6 +371,19 @@ def test_topk_subset_and_fill():
     assert s.shape == (U, 0) and i.shape == (U, 0)
     s, i = topk_scores(ue, ie, 3, item_subset=torch.zeros(0, dtype=torch.long))
     assert (i == -1).all()
+
+
+def test_topk_streamed_candidates_use_large_blocks():
+    # Candidate matrices over 8 MB (csrc topk_tile) are scored in 256-user x 1024-item tiles: two user blocks, the
+    # last one partial, and item tiles cut mid-row, with and without a subset; integer embeddings make ties exact.
+    g = gen(8)
+    U, I, D = 300, 33000, 64
+    ue = torch.randint(-2, 3, (U, D), generator=g).float()
+    ie = torch.randint(-2, 3, (I, D), generator=g).float()
+    erp, ecol = random_exclusions(U, I, 20, g)
+    check_topk(topk_scores(ue, ie, 25, erp, ecol), ref_topk(ue, ie, 25, erp, ecol), True)
+    subset = torch.randperm(I, generator=g)[:32800].sort().values  # 32800 x 64 floats: still over 8 MB
+    check_topk(topk_scores(ue, ie, 25, erp, ecol, subset), ref_topk(ue, ie, 25, erp, ecol, subset), True)
 
 
 def test_topk_noncontiguous_and_detached():
