@@ -35,8 +35,9 @@ exists at any time (CPU: 64 users x 2048 items per thread, 256 x 1024 when
 the candidates' embeddings exceed 8 MB, one GEMM each, then a vectorised scan
 against each user's running k-th best score; CUDA: a cuBLAS GEMM per tile of
 users x all candidates, 1 GiB by default or ``RECLM_TOPK_TILE_MB``, then one
-block per user selects from its row). The exclusion CSR and the subset are checked once per tensor and remembered until
-modified in place, as for spmm on CUDA. Conventions:
+block per user selects from its row). The exclusion CSR and the subset are
+checked once per tensor and remembered until modified in place, as for spmm
+on CUDA. Conventions:
 
 * order: score descending; equal scores -> lower item id first;
 * NaN scores are never returned (treated as "not a candidate");
