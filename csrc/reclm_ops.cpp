@@ -417,13 +417,13 @@ static int spmm_rows(const int64_t* rp, const int64_t* col, const T* val, const 
   return spmm_rows_base<T>(rp, col, val, x, y, d, nnz, n_cols, r0, r1);
 }
 
-// A fresh output of tens of MB is a new mmap, and the kernel zeroes every page of it on first write: at the
-// bench's industrial size (70 MB) 21-33 ms with 4 KiB pages, ~10 ms with transparent huge pages, against ~3 ms
-// to fill a buffer already mapped (AMD EPYC, 2 vCPUs; bench/RESULTS.md). A LightGCN step propagates into several
-// such outputs and frees them again, so outputs of at least kPoolMinBytes come from a small pool: a freed
-// output's pages stay mapped (and huge, where THP allows) for the next one of about its size. At most
-// kPoolBlocks free blocks are kept (older ones are freed; the OS takes the rest at exit). Smaller outputs come
-// from torch's allocator (malloc reuses those already).
+// A fresh output of tens of MB is a new mmap, and the kernel zeroes every page of it on first write (325-929
+// faults per forward at the bench's industrial size even with transparent huge pages). A LightGCN step
+// propagates into several such outputs and frees them again, so outputs of at least kPoolMinBytes come from a
+// small pool: a freed output's pages stay mapped (and huge, where THP allows) for the next one of about its
+// size; no faults then, and industrial spmm 1.2-1.4x faster (AMD EPYC, bench/spmm_ab.py, bench/RESULTS.md). At
+// most kPoolBlocks free blocks are kept (older ones are freed; the OS takes the rest at exit). Smaller outputs
+// come from torch's allocator (malloc reuses those already).
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kPoolMinBytes = size_t(16) << 20;
 constexpr size_t kPoolBlocks = 4;
@@ -538,8 +538,8 @@ static inline bool better(const Cand<scalar_t>& a, const Cand<scalar_t>& b) {
 // Tile shapes of the CPU top-K: users per GEMM x items per GEMM. Each user
 // block reads the whole candidate matrix once; when that matrix is larger than
 // kStreamBytes it comes from L3 or memory every time, and a block 4x larger
-// reads it 4x less often (measured on an AMD EPYC, industrial size, 1 thread:
-// MKL's tile GEMMs 63 -> 84 GFLOP/s, top-K 1.24x faster; bench/RESULTS.md).
+// reads it 4x less often (AMD EPYC, industrial size, 1 thread: bench_ops'
+// GEMM floor 1477 -> 1031 ms, top-K 1.29x faster; bench/RESULTS.md).
 // Smaller candidate sets stay cache-resident, and 64-user blocks keep per-user
 // buffers in L2 and balance threads when users are few.
 struct TopkTile {
