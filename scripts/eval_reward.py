@@ -7,7 +7,11 @@ held-out pairs (G: an --out file or a run's reward/eval.json): per kind, both ac
 over the pairs that one model ranks correctly and the other does not (two-sided binomial test on the discordant
 pairs), the comparison for two reward models scored on the same pairs.
 
+--lexical-only prints the lexical reference alone (04_reward.lexical_reference: word overlap of each answer with the
+target's items, no model), also for runs without a reward model.
+
 Run  python scripts/eval_reward.py --run runs/ml100k [--device cuda] [--out F] [--against OTHER_RUN/reward/eval.json]
+     python scripts/eval_reward.py --run runs/ml100k --lexical-only
 """
 import argparse
 import importlib
@@ -56,9 +60,17 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="write the result, with each pair's margin, to this JSON file")
     ap.add_argument("--against", default=None, help="another result on the same pairs: paired comparison")
+    ap.add_argument("--lexical-only", action="store_true", help="only the lexical reference (no reward model)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
+    if args.lexical_only:
+        tok = llm.load_tokenizer(llm.resolve_llm(llm.DEFAULT_LLM))  # renders the pairs to apply --max-length
+        _, held, counts = RW.load_pairs(run, tok, RW.parse_args(["--run", str(run)]))
+        lexical = RW.lexical_reference(held)
+        print(f"{run}: {len(held)} held-out pairs ({counts['heldout_mode']}), lexical reference "
+              f"{lexical['accuracy']:.3f}; per kind: " + ", ".join(f"{k} {v:.3f}" for k, v in lexical["per_kind"].items()))
+        return lexical
     if not (run / "reward" / "config.json").exists():
         raise SystemExit(f"{run}/reward: no trained reward model (run 04_reward.py)")
     other = None
@@ -71,7 +83,8 @@ def main(argv=None):
     model, tok = llm.load_reward_model(run / "reward", args.device)
     _, held, counts = RW.load_pairs(run, tok, RW.parse_args(["--run", str(run)]))   # every held-out pair
     res = RW.pairwise_eval(model, tok, held)
-    print(f"{run}: {len(held)} held-out pairs ({counts['heldout_mode']}), {RW.describe(res)}")
+    print(f"{run}: {len(held)} held-out pairs ({counts['heldout_mode']}), "
+          f"{RW.describe(res, RW.lexical_reference(held))}")
     print(json.dumps({k: v for k, v in res.items() if k != "pairs"}, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res))

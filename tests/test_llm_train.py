@@ -259,6 +259,9 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch, tmp_path):
     assert {k: v["correct"] for k, v in printed["per_kind"].items()} == \
         {k: v["correct"] for k, v in ev["heldout"]["per_kind"].items()}
     assert sum(p["margin"] > 0 for p in ev["heldout"]["pairs"]) == ev["heldout"]["correct"]
+    lexical = ev["heldout_lexical_reference"]  # the no-model reference beside it, the same per kind as the script's
+    assert set(lexical["per_kind"]) == set(KINDS) and lexical["per_kind"]["empty"] == 1.0
+    assert eval_reward.main(["--run", str(run), "--lexical-only"]) == lexical
     rescored = json.loads((tmp_path / "rescored.json").read_text())
     paired = eval_reward.mcnemar(rescored, ev["heldout"])  # the same model on the same pairs: no discordant pair
     assert paired["all"] == (12, ev["heldout"]["accuracy"], ev["heldout"]["accuracy"], 1.0)
@@ -341,6 +344,23 @@ def test_reward_eval_scores_every_heldout_pair(synthetic_run, tiny_llm):
     assert len(held) == 60 and not counts["subsampled"]
     _, held, counts = rw.load_pairs(run, tok, rw.parse_args(["--run", str(run), "--max-eval-pairs", "12"]))
     assert len(held) == 12 and counts["subsampled"]
+
+
+def test_lexical_reference_reads_the_target_items_only():
+    items = ["Heat (1995). Genres: Action, Crime.", "Casino (1995). Genres: Crime, Drama.", "Babe (1995). Genres: Comedy."]
+    prompt = llm.inference_messages([0, 1], [[2]], items, max_items=5, max_nbr_items=2, max_chars=200)
+    target = rw.target_text(prompt)
+    assert "Casino" in target and "Babe" not in target  # the neighbour's items are not the target's
+    words = set(rw.re.findall(r"[a-z0-9]{3,}", target.lower()))
+    own = "User identity: crime fan, action lover, night owl; User interests: Crime, Drama, Action"
+    neighbour = "User identity: family viewer, comedy lover, parent; User interests: Comedy, Children's, Musical"
+    assert rw.lexical_overlap(words, own) == pytest.approx(5 / 6)  # "night owl" is not in the items
+    assert rw.lexical_overlap(words, neighbour) == 0.0  # Comedy is only in the neighbour's items
+    assert rw.lexical_overlap(words, "crime crime crime") == -1.0  # not a profile
+    pairs = [{"kind": "substitution", "lexical_margin": m} for m in (0.5, 0.0, -0.2, 0.1)]
+    ref = rw.lexical_reference(pairs + [{"kind": "empty", "lexical_margin": 1.0}])
+    assert ref["per_kind"] == {"empty": 1.0, "substitution": pytest.approx(2.5 / 4)}  # a tie counts half
+    assert ref["accuracy"] == pytest.approx(3.5 / 5)
 
 
 def test_wilson_interval():
