@@ -421,7 +421,7 @@ static int spmm_rows(const int64_t* rp, const int64_t* col, const T* val, const 
 // faults per forward at the bench's industrial size even with transparent huge pages). A LightGCN step
 // propagates into several such outputs and frees them again, so outputs of at least kPoolMinBytes come from a
 // small pool: a freed output's pages stay mapped (and huge, where THP allows) for the next one of about its
-// size; no faults then, and industrial spmm 1.2-1.4x faster (AMD EPYC, bench/spmm_ab.py, bench/RESULTS.md). At
+// size; no faults then, and industrial spmm 1.2-1.4x faster (AMD EPYC, bench/ops_ab.py, bench/RESULTS.md). At
 // most kPoolBlocks free blocks are kept (older ones are freed; the OS takes the rest at exit). Smaller outputs
 // come from torch's allocator (malloc reuses those already).
 constexpr size_t kHugePage = size_t(2) << 20;
