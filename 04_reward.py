@@ -80,6 +80,11 @@ def target_text(prompt):
     return turn.split(llm.TURN1_NEIGHBOR.split("{n}")[0])[0]
 
 
+def words(text):
+    """The lower-case words of 3+ letters or digits in `text` (what the lexical reference matches)."""
+    return set(re.findall(r"[a-z0-9]{3,}", text.lower()))
+
+
 def lexical_overlap(query_words, profile):
     """The share of a profile's terms (identity and interests) with a word of 3+ characters among `query_words`;
     -1 for an answer that is not one well-formed profile. A reference a reward model should beat: it reads no
@@ -90,7 +95,7 @@ def lexical_overlap(query_words, profile):
         return -1.0
     m = llm.PROFILE_RE.search(p)
     terms = [t for side in ("identity", "interests") for t in m.group(side).split(",") if t.strip()]
-    return sum(any(w in query_words for w in re.findall(r"[a-z0-9]{3,}", t.lower())) for t in terms) / len(terms)
+    return sum(bool(words(t) & query_words) for t in terms) / len(terms)
 
 
 def lexical_reference(pairs):
@@ -179,9 +184,9 @@ def load_pairs(run, tok, args):
         if max(len(c), len(j)) > args.max_length:
             counts["too_long"] += 1
             continue
-        words = set(re.findall(r"[a-z0-9]{3,}", target_text(r["prompt"]).lower()))
+        shown = words(target_text(r["prompt"]))
         dest.append({"user": u, "kind": r.get("kind", "?"), "chosen_ids": c, "rejected_ids": j,
-                     "lexical_margin": lexical_overlap(words, r["chosen"]) - lexical_overlap(words, r["rejected"])})
+                     "lexical_margin": lexical_overlap(shown, r["chosen"]) - lexical_overlap(shown, r["rejected"])})
     if args.limit is not None:  # a smoke run: the first N pairs of each side
         counts["limit"] = args.limit
         train, held = train[:args.limit], held[:args.limit]
@@ -281,7 +286,7 @@ def main(argv=None):
     lexical = lexical_reference(held) if held else None
     if after:
         log.info("held-out pairwise accuracy after training (95%% Wilson intervals; the lexical reference's in "
-                 "brackets): %s", describe(after, lexical))
+                 "parentheses): %s", describe(after, lexical))
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

@@ -776,7 +776,7 @@ struct TopkArgs {
 };
 
 // User blocks [blk0, blk1) of A.tile.users users: one thread's share. Scores
-// an A.tile.users x A.tile.items tile with one GEMM (the tile stays in L2),
+// an A.tile.users x A.tile.items tile with one GEMM (0.5-1 MB: it stays in cache),
 // then scans each user's row of it. always_inline: compiled once per ISA wrapper below.
 template <typename scalar_t, int VB>
 __attribute__((always_inline)) static inline void topk_blocks(const TopkArgs<scalar_t>& A,

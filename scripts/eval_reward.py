@@ -68,8 +68,9 @@ def main(argv=None):
         tok = llm.load_tokenizer(llm.resolve_llm(llm.DEFAULT_LLM))  # renders the pairs to apply --max-length
         _, held, counts = RW.load_pairs(run, tok, RW.parse_args(["--run", str(run)]))
         lexical = RW.lexical_reference(held)
+        per_kind = ", ".join(f"{k} {v:.3f}" for k, v in lexical["per_kind"].items())
         print(f"{run}: {len(held)} held-out pairs ({counts['heldout_mode']}), lexical reference "
-              f"{lexical['accuracy']:.3f}; per kind: " + ", ".join(f"{k} {v:.3f}" for k, v in lexical["per_kind"].items()))
+              f"{lexical['accuracy']:.3f}; per kind: {per_kind}")
         return lexical
     if not (run / "reward" / "config.json").exists():
         raise SystemExit(f"{run}/reward: no trained reward model (run 04_reward.py)")

@@ -347,11 +347,12 @@ def test_reward_eval_scores_every_heldout_pair(synthetic_run, tiny_llm):
 
 
 def test_lexical_reference_reads_the_target_items_only():
-    items = ["Heat (1995). Genres: Action, Crime.", "Casino (1995). Genres: Crime, Drama.", "Babe (1995). Genres: Comedy."]
+    items = ["Heat (1995). Genres: Action, Crime.", "Casino (1995). Genres: Crime, Drama.",
+             "Babe (1995). Genres: Comedy."]
     prompt = llm.inference_messages([0, 1], [[2]], items, max_items=5, max_nbr_items=2, max_chars=200)
     target = rw.target_text(prompt)
     assert "Casino" in target and "Babe" not in target  # the neighbour's items are not the target's
-    words = set(rw.re.findall(r"[a-z0-9]{3,}", target.lower()))
+    words = rw.words(target)
     own = "User identity: crime fan, action lover, night owl; User interests: Crime, Drama, Action"
     neighbour = "User identity: family viewer, comedy lover, parent; User interests: Comedy, Children's, Musical"
     assert rw.lexical_overlap(words, own) == pytest.approx(5 / 6)  # "night owl" is not in the items
