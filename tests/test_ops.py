@@ -123,6 +123,7 @@ def test_spmm_large_outputs_reuse_pooled_memory():
     g = gen(31)
     n_rows = n_cols = 70000  # outputs of 70000 x 64 floats = 17.9 MB, the backward's too
     d = 64
+
     def ref(A, x):
         rows = torch.repeat_interleave(torch.arange(A.rowptr.numel() - 1), A.rowptr.diff())
         return torch.zeros(A.rowptr.numel() - 1, x.shape[1]).index_add_(0, rows, A.val[:, None] * x[A.col])
