@@ -9,8 +9,8 @@ The ops come from the current directory's csrc/ (the checkout under test), and e
 folder. --threads torch threads (default 1).
   --op spmm  bench_ops.py's industrial graph, d = 32 and 64: forward and forward + backward (bench_ops.fwd_bwd,
              x.grad cleared first) interleaved by bench_ops.time_pair, 9 reps after a warm-up, median in ms, and the
-             minor page faults of one forward (its fresh output). Before 1dc0974 this was bench/spmm_ab.py (1 thread
-             only); the huge-page A/B in bench/RESULTS.md was measured before the backward cleared x.grad.
+             minor page faults of one forward (its fresh output). Until 6c7ff58 this was bench/spmm_ab.py (1 thread
+             only before cadd49b); the huge-page A/B in bench/RESULTS.md predates the backward's x.grad clearing.
   --op topk  bench_ops.py's three sizes, k = 40 with the training items excluded: 4096 sampled users (2048 at
              industrial size), median of 7 calls after a warm-up, in ms.
 """
