@@ -542,6 +542,7 @@ static inline bool better(const Cand<scalar_t>& a, const Cand<scalar_t>& b) {
 // GEMM floor 1477 -> 1031 ms, top-K 1.29x faster; bench/RESULTS.md).
 // Smaller candidate sets stay cache-resident, and 64-user blocks keep per-user
 // buffers in L2 and balance threads when users are few.
+// bench/bench_ops.py's topk_tile mirrors this rule for its GEMM floor.
 struct TopkTile {
   int64_t users, items;
 };

@@ -65,7 +65,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     if args.lexical_only:
-        tok = llm.load_tokenizer(llm.resolve_llm(llm.DEFAULT_LLM))  # renders the pairs to apply --max-length
+        # the tokenizer renders the pairs for --max-length: the reward model's when 04 has run, as 04 rendered them
+        trained = run / "reward" / "tokenizer_config.json"
+        tok = llm.load_tokenizer(trained.parent if trained.exists() else llm.resolve_llm(llm.DEFAULT_LLM))
         _, held, counts = RW.load_pairs(run, tok, RW.parse_args(["--run", str(run)]))
         lexical = RW.lexical_reference(held)
         per_kind = ", ".join(f"{k} {v:.3f}" for k, v in lexical["per_kind"].items())
