@@ -14,11 +14,15 @@
 #include <deque>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #endif
 
 namespace reclm {
@@ -110,6 +114,9 @@ void check_topk_args(const Tensor& user_emb, const Tensor& item_emb,
               num(exclude_rowptr.numel()), " entries, expected n_users+1 = ",
               num(user_emb.size(0) + 1));
   TORCH_CHECK(k >= 0, op, ": k must be >= 0, got ", num(k));
+  // The CPU kernel holds candidates by int32 position.
+  TORCH_CHECK(item_emb.size(0) <= std::numeric_limits<int32_t>::max(), op,
+              ": at most 2^31 - 1 items, got ", num(item_emb.size(0)));
   if (item_subset.has_value()) {
     check_index(*item_subset, op, "item_subset");
     check_same_device(user_emb, *item_subset, op, "item_subset");
@@ -523,18 +530,6 @@ Tensor spmm_cpu(const Tensor& rowptr_, const Tensor& col_, const Tensor& val_,
 
 // ---------------------------------------------------------------- top-k
 
-template <typename scalar_t>
-struct Cand {
-  scalar_t s;
-  int64_t i;
-};
-
-// Total order used everywhere: higher score first, then lower item id.
-template <typename scalar_t>
-static inline bool better(const Cand<scalar_t>& a, const Cand<scalar_t>& b) {
-  return a.s > b.s || (a.s == b.s && a.i < b.i);
-}
-
 // Tile shapes of the CPU top-K: users per GEMM x items per GEMM. Each user
 // block reads the whole candidate matrix once; when that matrix is larger than
 // kStreamBytes it comes from L3 or memory every time, and a block 4x larger
@@ -573,10 +568,12 @@ template <> struct KeyOf<double> { using type = uint64_t; };
 
 // Per-user candidate buffer, kept in increasing item-id order: items that
 // beat the threshold are appended; when it is full, `shrink` keeps the best k.
+// Items are held by their candidate position (the item id, or its index in
+// item_subset, which is sorted: the same order), as int32 to halve the traffic.
 template <typename scalar_t>
 struct TopkBuf {
   scalar_t* s;
-  int64_t* i;
+  int32_t* i;
   int64_t n;
   scalar_t thr;  // k-th best kept score, valid once `full`
   bool full;
@@ -588,9 +585,14 @@ struct TopkBuf {
 // by bisection on the order keys: each step counts keys >= mid over the
 // buffer, a branch-free loop the compiler vectorises, so the whole search is
 // a few hundred cycles with no data-dependent branches (nth_element on the
-// same buffer mispredicted its way to ~10 ns per candidate).
+// same buffer mispredicted its way to ~10 ns per candidate). The keys are
+// padded with zeros (below every score's key: 0 is a NaN's) to whole blocks of
+// kKeyBlock, so each count runs on whole vectors with no scalar remainder, and
+// the step is taken with masks: GCC made a select of it into a branch, taken
+// at random half the time.
+constexpr int64_t kKeyBlock = 16;
 template <typename scalar_t>
-__attribute__((always_inline)) static inline typename KeyOf<scalar_t>::type kth_key(
+__attribute__((always_inline)) static inline typename KeyOf<scalar_t>::type kth_key_generic(
     const TopkBuf<scalar_t>& b, int64_t k, typename KeyOf<scalar_t>::type* key) {
   using K = typename KeyOf<scalar_t>::type;
   const int64_t n = b.n;
@@ -601,30 +603,128 @@ __attribute__((always_inline)) static inline typename KeyOf<scalar_t>::type kth_
     lo = q < lo ? q : lo;
     hi = q > hi ? q : hi;
   }
+  const int64_t padded = (n + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  for (int64_t r = n; r < padded; ++r) key[r] = 0;
   // Largest t with #(key >= t) >= k: the key of the k-th best score.
   while (lo < hi) {
     const K mid = lo + (hi - lo) / 2 + 1;  // lo < mid <= hi, no overflow
     int32_t cnt = 0;
-    for (int64_t r = 0; r < n; ++r) cnt += key[r] >= mid;
-    if (cnt >= k) lo = mid; else hi = mid - 1;
+    for (int64_t r = 0; r < padded; r += kKeyBlock)
+      for (int64_t q = 0; q < kKeyBlock; ++q) cnt += key[r + q] >= mid;
+    if (cnt == k) {  // mid fell between the k-th and (k+1)-th keys: the k-th is the least >= mid
+      K least = std::numeric_limits<K>::max();
+      for (int64_t r = 0; r < n; ++r) least = key[r] >= mid && key[r] < least ? key[r] : least;
+      return least;
+    }
+    const K up = K(0) - K(cnt >= k);  // all ones: the k-th best is >= mid
+    lo ^= (lo ^ mid) & up;
+    hi ^= (hi ^ (mid - 1)) & ~up;
   }
   return lo;
 }
 
-template <typename scalar_t>
+#ifdef RECLM_X86_DISPATCH
+// The same for float on AVX-512: each bisection step counts with one compare
+// into a lane mask and a popcount per 16 keys, where GCC's vectorised count
+// ends every step in a horizontal add of a vector accumulator; the steps form
+// one dependent chain, so its latency is the cost (bench/RESULTS.md).
+__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma,popcnt"), noinline)) static uint32_t
+kth_key_avx512(const float* s, int64_t n, int64_t k, uint32_t* key) {
+  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
+  __m512i vmin = _mm512_set1_epi32(-1), vmax = _mm512_setzero_si512();
+  for (int64_t r = 0; r < n; r += 16) {
+    const __mmask16 valid = n - r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - r)) - 1);
+    const __m512i u = _mm512_castps_si512(_mm512_add_ps(_mm512_maskz_loadu_ps(valid, s + r),
+                                                        _mm512_setzero_ps()));  // -0 -> +0
+    const __mmask16 neg = _mm512_movepi32_mask(u);
+    const __m512i q = _mm512_mask_xor_epi32(_mm512_or_si512(u, sign), neg, u, _mm512_set1_epi32(-1));
+    _mm512_storeu_si512(key + r, _mm512_maskz_mov_epi32(valid, q));  // padding: key 0
+    vmin = _mm512_mask_min_epu32(vmin, valid, vmin, q);
+    vmax = _mm512_mask_max_epu32(vmax, valid, vmax, q);
+  }
+  uint32_t lo = _mm512_reduce_min_epu32(vmin), hi = _mm512_reduce_max_epu32(vmax);
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2 + 1;
+    const __m512i mv = _mm512_set1_epi32(static_cast<int32_t>(mid));
+    int64_t cnt = 0;
+    for (int64_t r = 0; r < n; r += 16)
+      cnt += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(key + r), mv));
+    if (cnt == k) {  // mid fell between the k-th and (k+1)-th keys: the k-th is the least >= mid
+      __m512i m = _mm512_set1_epi32(-1);
+      for (int64_t r = 0; r < n; r += 16) {
+        const __m512i kv = _mm512_loadu_si512(key + r);
+        m = _mm512_mask_min_epu32(m, _mm512_cmpge_epu32_mask(kv, mv), m, kv);
+      }
+      return _mm512_reduce_min_epu32(m);
+    }
+    const uint32_t up = 0u - uint32_t(cnt >= k);
+    lo ^= (lo ^ mid) & up;
+    hi ^= (hi ^ (mid - 1)) & ~up;
+  }
+  return lo;
+}
+#endif
+
+template <typename scalar_t, int VB>
+__attribute__((always_inline)) static inline typename KeyOf<scalar_t>::type kth_key(
+    const TopkBuf<scalar_t>& b, int64_t k, typename KeyOf<scalar_t>::type* key) {
+#ifdef RECLM_X86_DISPATCH
+  if constexpr (VB == 64 && std::is_same<scalar_t, float>::value) return kth_key_avx512(b.s, b.n, k, key);
+#endif
+  return kth_key_generic(b, k, key);
+}
+
+template <typename scalar_t, int VB>
 __attribute__((always_inline)) static inline scalar_t kth_score(
     const TopkBuf<scalar_t>& b, int64_t k, typename KeyOf<scalar_t>::type* key) {
-  const auto t = kth_key(b, k, key);
+  const auto t = kth_key<scalar_t, VB>(b, k, key);
   scalar_t ts = 0;
   for (int64_t r = 0; r < b.n; ++r) ts = key[r] == t ? b.s[r] : ts;
   return ts;
 }
 
-template <typename scalar_t>
+#ifdef RECLM_X86_DISPATCH
+// shrink for float on AVX-512: the kept lanes of 16 candidates at a time
+// packed with vcompressps/vpcompressd (the scalar compaction is ~8 dependent
+// instructions per candidate). Of the ties at the k-th key, the lowest ids
+// (the lowest lanes, first vectors) are kept.
+__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma,popcnt"), noinline)) static void
+shrink_avx512(TopkBuf<float>& b, int64_t k, uint32_t* key) {
+  const int64_t n = b.n;
+  const uint32_t t = kth_key_avx512(b.s, n, k, key);  // keys padded with 0 (< t) to 16
+  const __m512i tv = _mm512_set1_epi32(static_cast<int32_t>(t));
+  int64_t gt = 0;
+  for (int64_t r = 0; r < n; r += 16)
+    gt += __builtin_popcount(_mm512_cmpgt_epu32_mask(_mm512_loadu_si512(key + r), tv));
+  int64_t eq_left = k - gt, w = 0;
+  for (int64_t r = 0; r < n; r += 16) {  // stores at w <= r: only lanes already loaded
+    const __mmask16 valid = n - r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - r)) - 1);
+    const __m512i kv = _mm512_loadu_si512(key + r);
+    uint32_t eq = _mm512_cmpeq_epu32_mask(kv, tv);
+    while (__builtin_popcount(eq) > eq_left) eq &= ~(0x80000000u >> __builtin_clz(eq));
+    eq_left -= __builtin_popcount(eq);
+    const __mmask16 keep = static_cast<__mmask16>(_mm512_cmpgt_epu32_mask(kv, tv) | eq);
+    const __m512 sv = _mm512_maskz_loadu_ps(valid, b.s + r);  // no read past the buffer
+    const __m512i pv = _mm512_maskz_loadu_epi32(valid, b.i + r);
+    _mm512_storeu_ps(b.s + w, _mm512_maskz_compress_ps(keep, sv));
+    _mm512_storeu_si512(b.i + w, _mm512_maskz_compress_epi32(keep, pv));
+    w += __builtin_popcount(keep);
+  }
+  const uint32_t u = (t & 0x80000000u) ? (t & 0x7FFFFFFFu) : ~t;  // order_key's inverse
+  std::memcpy(&b.thr, &u, 4);
+  b.n = k;
+  b.full = true;
+}
+#endif
+
+template <typename scalar_t, int VB>
 __attribute__((always_inline)) static inline void shrink(TopkBuf<scalar_t>& b, int64_t k,
                                                         typename KeyOf<scalar_t>::type* key) {
+#ifdef RECLM_X86_DISPATCH
+  if constexpr (VB == 64 && std::is_same<scalar_t, float>::value) return shrink_avx512(b, k, key);
+#endif
   const int64_t n = b.n;
-  const auto t = kth_key(b, k, key);
+  const auto t = kth_key<scalar_t, VB>(b, k, key);
   int64_t gt = 0;
   for (int64_t r = 0; r < n; ++r) gt += key[r] > t;
   int64_t eq_left = k - gt, w = 0;
@@ -687,7 +787,88 @@ __attribute__((always_inline)) static inline T row_bound(const T* row, int64_t n
   }
   const int64_t ng = runs * W;
   TopkBuf<T> tb{gmax, nullptr, ng, ninf, false};
-  return kth_score(tb, k, key);
+  return kth_score<T, VB>(tb, k, key);
+}
+
+// Scan row[j, nt) whole vectors at a time into the buffer (t0: the row's
+// first candidate position); the scalar tail is left to the caller. GE (before
+// the first shrink): thr is a lower bound, ties with it are kept, and the scan
+// stops after the shrink that sets the exact threshold. Otherwise thr is
+// b.thr, raised by every shrink. Returns where it stopped. Appends are
+// branch-free: every lane is written (the buffer keeps kScanChunk >= W slots
+// of slack) and n advances past the lanes that pass.
+template <typename T, int VB, bool GE>
+__attribute__((always_inline)) static inline int64_t scan_vectors_generic(
+    TopkBuf<T>& b, T thr, const T* row, int64_t j, int64_t nt, int64_t t0, int64_t k,
+    int64_t fill, typename KeyOf<T>::type* key) {
+  using V = vec_t<T, VB>;
+  constexpr int W = VB / static_cast<int>(sizeof(T));
+  for (; j + W <= nt; j += W) {
+    if (!any_pass<T, VB, GE>(row + j, V{} + thr)) continue;
+    int64_t n = b.n;
+    for (int q = 0; q < W; ++q) {
+      b.s[n] = row[j + q];
+      b.i[n] = static_cast<int32_t>(t0 + j + q);
+      n += GE ? row[j + q] >= thr : row[j + q] > thr;
+    }
+    b.n = n;
+    if (n > fill) {
+      shrink<T, VB>(b, k, key);
+      if (GE) return j + W;
+      thr = b.thr;
+    }
+  }
+  return j;
+}
+
+#ifdef RECLM_X86_DISPATCH
+// The same for float on AVX-512, with no branch per vector: one compare into
+// a lane mask per 16 scores, the passing scores and positions packed with
+// vcompressps/vpcompressd into registers and stored whole (the memory form of
+// compress is microcoded on AMD Zen 4), n advanced by the mask's popcount.
+// About a quarter of the vectors pass somewhere in a netflix-sized row, too
+// many for a branch to predict (bench/RESULTS.md has the A/B). Not inlined:
+// these intrinsics compile only inside a function built for AVX-512, and
+// scan_row is a plain template; one call per row of a tile.
+template <bool GE>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"), noinline)) static int64_t
+scan_vectors_avx512(TopkBuf<float>& b, float thr, const float* row, int64_t j, int64_t nt,
+                    int64_t t0, int64_t k, int64_t fill, uint32_t* key) {
+  float* s = b.s;  // locals: the stores below cannot then be taken to alias b
+  int32_t* pos = b.i;
+  int64_t n = b.n;
+  __m512 tv = _mm512_set1_ps(thr);
+  __m512i pv = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(t0 + j)),
+                                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+  const __m512i step = _mm512_set1_epi32(16);
+  for (; j + 16 <= nt; j += 16, pv = _mm512_add_epi32(pv, step)) {
+    const __m512 v = _mm512_loadu_ps(row + j);
+    const __mmask16 m = _mm512_cmp_ps_mask(v, tv, GE ? _CMP_GE_OQ : _CMP_GT_OQ);  // NaN fails
+    _mm512_storeu_ps(s + n, _mm512_maskz_compress_ps(m, v));
+    _mm512_storeu_si512(pos + n, _mm512_maskz_compress_epi32(m, pv));
+    n += __builtin_popcount(m);
+    if (n > fill) {
+      b.n = n;
+      shrink<float, 64>(b, k, key);
+      n = b.n;
+      if (GE) return j + 16;
+      tv = _mm512_set1_ps(b.thr);
+    }
+  }
+  b.n = n;
+  return j;
+}
+#endif
+
+template <typename T, int VB, bool GE>
+__attribute__((always_inline)) static inline int64_t scan_vectors(
+    TopkBuf<T>& b, T thr, const T* row, int64_t j, int64_t nt, int64_t t0, int64_t k,
+    int64_t fill, typename KeyOf<T>::type* key) {
+#ifdef RECLM_X86_DISPATCH
+  if constexpr (VB == 64 && std::is_same<T, float>::value)
+    return scan_vectors_avx512<GE>(b, thr, row, j, nt, t0, k, fill, key);
+#endif
+  return scan_vectors_generic<T, VB, GE>(b, thr, row, j, nt, t0, k, fill, key);
 }
 
 // Stream a row of scores into the user's buffer. Before the first shrink the
@@ -696,69 +877,90 @@ __attribute__((always_inline)) static inline T row_bound(const T* row, int64_t n
 // item (higher id) must beat it strictly.
 template <typename scalar_t, int VB>
 __attribute__((always_inline)) static inline void scan_row(
-    TopkBuf<scalar_t>& b, const scalar_t* row, int64_t nt, const int64_t* ids, int64_t t0,
-    int64_t k, int64_t cap, typename KeyOf<scalar_t>::type* key, scalar_t* gmax) {
-  using V = vec_t<scalar_t, VB>;
-  constexpr int W = VB / static_cast<int>(sizeof(scalar_t));
+    TopkBuf<scalar_t>& b, const scalar_t* row, int64_t nt, int64_t t0, int64_t k, int64_t cap,
+    typename KeyOf<scalar_t>::type* key, scalar_t* gmax) {
   const int64_t fill = cap - kScanChunk;
   int64_t j = 0;
   if (!b.full) {
     const scalar_t lb = b.n == 0 ? row_bound<scalar_t, VB>(row, nt, k, gmax, key)
                                  : -std::numeric_limits<scalar_t>::infinity();
     if (lb > -std::numeric_limits<scalar_t>::infinity()) {
-      const V lbv = V{} + lb;
-      for (; j + W <= nt && !b.full; j += W) {
-        if (!any_pass<scalar_t, VB, true>(row + j, lbv)) continue;
-        int64_t n = b.n;
-        for (int q = 0; q < W; ++q) {
-          b.s[n] = row[j + q];
-          b.i[n] = ids ? ids[j + q] : t0 + j + q;
-          n += row[j + q] >= lb;
-        }
-        b.n = n;
-        if (n > fill) shrink(b, k, key);
-      }
+      j = scan_vectors<scalar_t, VB, true>(b, lb, row, j, nt, t0, k, fill, key);
       for (; j < nt && !b.full; ++j) {
         const scalar_t v = row[j];
         if (v >= lb) {
           b.s[b.n] = v;
-          b.i[b.n++] = ids ? ids[j] : t0 + j;
-          if (b.n > fill) shrink(b, k, key);
+          b.i[b.n++] = static_cast<int32_t>(t0 + j);
+          if (b.n > fill) shrink<scalar_t, VB>(b, k, key);
         }
       }
-      if (!b.full) shrink(b, k, key);  // >= k items reached lb: exact threshold now
+      if (!b.full) shrink<scalar_t, VB>(b, k, key);  // >= k items reached lb: exact threshold now
     } else {
       // Short row or first rows of a user: take every non-NaN until the buffer fills.
       for (; j < nt && !b.full; ++j) {
         const scalar_t v = row[j];
         if (v == v) {
           b.s[b.n] = v;
-          b.i[b.n++] = ids ? ids[j] : t0 + j;
-          if (b.n == fill) shrink(b, k, key);
+          b.i[b.n++] = static_cast<int32_t>(t0 + j);
+          if (b.n == fill) shrink<scalar_t, VB>(b, k, key);
         }
       }
     }
   }
-  for (; j + W <= nt; j += W) {
-    const scalar_t thr = b.thr;
-    if (!any_pass<scalar_t, VB, false>(row + j, V{} + thr)) continue;
-    // Branch-free append (cap leaves kScanChunk >= W slots of slack).
-    int64_t n = b.n;
-    for (int q = 0; q < W; ++q) {
-      b.s[n] = row[j + q];
-      b.i[n] = ids ? ids[j + q] : t0 + j + q;
-      n += row[j + q] > thr;
-    }
-    b.n = n;
-    if (n > fill) shrink(b, k, key);
-  }
+  j = scan_vectors<scalar_t, VB, false>(b, b.thr, row, j, nt, t0, k, fill, key);
   for (; j < nt; ++j) {
     const scalar_t v = row[j];
     if (v > b.thr) {
       b.s[b.n] = v;
-      b.i[b.n++] = ids ? ids[j] : t0 + j;
-      if (b.n > fill) shrink(b, k, key);
+      b.i[b.n++] = static_cast<int32_t>(t0 + j);
+      if (b.n > fill) shrink<scalar_t, VB>(b, k, key);
     }
+  }
+}
+
+// Write the buffer's n <= k candidates to a user's output row in the op's
+// order (higher score first, then lower id), then -inf / -1 fill. Up to
+// kRankSortMax candidates, each one's place is the number of candidates before
+// it in that order: n^2 branch-free comparisons that vectorise (std::sort's
+// data-dependent branches cost ~10% of ml-100k top-K at k = 40). Keys are
+// padded with zeros, as in kth_key (pos there is read but cannot matter).
+// Larger k: std::sort, n log n.
+constexpr int64_t kRankSortMax = 128;
+template <typename scalar_t>
+__attribute__((always_inline)) static inline void write_sorted(
+    const TopkBuf<scalar_t>& b, int64_t k, typename KeyOf<scalar_t>::type* key, const int64_t* sub,
+    scalar_t* srow, int64_t* irow) {
+  using K = typename KeyOf<scalar_t>::type;
+  const int64_t n = b.n;
+  const int32_t* pos = b.i;
+  const int64_t padded = (n + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  for (int64_t r = 0; r < n; ++r) key[r] = order_key(b.s[r]);
+  for (int64_t r = n; r < padded; ++r) key[r] = 0;
+  const auto put = [&](int64_t place, int64_t r) {
+    srow[place] = b.s[r];
+    irow[place] = sub ? sub[pos[r]] : pos[r];
+  };
+  if (n <= kRankSortMax) {
+    for (int64_t r = 0; r < n; ++r) {
+      const K kr = key[r];
+      const int32_t pr = pos[r];
+      int32_t place = 0;
+      for (int64_t q0 = 0; q0 < padded; q0 += kKeyBlock)
+        for (int64_t q = q0; q < q0 + kKeyBlock; ++q)
+          place += (key[q] > kr) | ((key[q] == kr) & (pos[q] < pr));
+      put(place, r);
+    }
+  } else {
+    std::vector<int64_t> order(n);
+    for (int64_t r = 0; r < n; ++r) order[r] = r;
+    std::sort(order.begin(), order.end(), [&](int64_t q, int64_t r) {
+      return key[q] > key[r] || (key[q] == key[r] && pos[q] < pos[r]);
+    });
+    for (int64_t j = 0; j < n; ++j) put(j, order[j]);
+  }
+  for (int64_t j = n; j < k; ++j) {
+    srow[j] = -std::numeric_limits<scalar_t>::infinity();
+    irow[j] = -1;
   }
 }
 
@@ -782,7 +984,6 @@ struct TopkArgs {
 template <typename scalar_t, int VB>
 __attribute__((always_inline)) static inline void topk_blocks(const TopkArgs<scalar_t>& A,
                                                              int64_t blk0, int64_t blk1) {
-  using C = Cand<scalar_t>;
   using K = typename KeyOf<scalar_t>::type;
   const Tensor& ue = A.ue;
   const Tensor& ie = A.ie;
@@ -800,10 +1001,9 @@ __attribute__((always_inline)) static inline void topk_blocks(const TopkArgs<sca
   Tensor scores_buf = at::empty({user_block * item_tile}, ue.options());
   Tensor item_buf = has_subset ? at::empty({item_tile, D}, ie.options()) : Tensor();
   std::vector<scalar_t> cand_s(user_block * cap);
-  std::vector<K> keys(std::max<int64_t>(cap, kMaxGroups));
+  std::vector<K> keys(std::max<int64_t>(cap, kMaxGroups) + kKeyBlock);  // + kth_key's padding
   std::vector<scalar_t> gmax(kMaxGroups);
-  std::vector<int64_t> cand_i(user_block * cap);
-  std::vector<C> fin(k);
+  std::vector<int32_t> cand_i(user_block * cap);
   std::vector<TopkBuf<scalar_t>> bufs(user_block);
   std::vector<int64_t> ex_pos(user_block);
   for (int64_t blk = blk0; blk < blk1; ++blk) {
@@ -841,21 +1041,13 @@ __attribute__((always_inline)) static inline void topk_blocks(const TopkArgs<sca
             if (f != ids + nt && *f == ex[ep]) row[f - ids] = nan;
           }
         }
-        scan_row<scalar_t, VB>(bufs[r], row, nt, ids, t0, k, cap, keys.data(), gmax.data());
+        scan_row<scalar_t, VB>(bufs[r], row, nt, t0, k, cap, keys.data(), gmax.data());
       }
     }
     for (int64_t r = 0; r < nu; ++r) {
       TopkBuf<scalar_t>& b = bufs[r];
-      if (b.n > k) shrink(b, k, keys.data());
-      for (int64_t j = 0; j < b.n; ++j) fin[j] = C{b.s[j], b.i[j]};
-      std::sort(fin.begin(), fin.begin() + b.n, [](const C& x, const C& y) { return better(x, y); });
-      scalar_t* srow = A.os + (u0 + r) * k;
-      int64_t* irow = A.oi + (u0 + r) * k;
-      for (int64_t j = 0; j < k; ++j) {
-        const bool ok = j < b.n;
-        srow[j] = ok ? fin[j].s : ninf;
-        irow[j] = ok ? fin[j].i : -1;
-      }
+      if (b.n > k) shrink<scalar_t, VB>(b, k, keys.data());
+      write_sorted(b, k, keys.data(), sub, A.os + (u0 + r) * k, A.oi + (u0 + r) * k);
     }
   }
 }

@@ -428,6 +428,7 @@ def _topk_args(**over):
     (dict(item_subset=torch.tensor([1, 1])), "item_subset must be sorted and unique"),
     (dict(item_subset=torch.tensor([0, 7])), "item_subset has ids outside"),
     (dict(item_subset=torch.tensor([0, 1], dtype=torch.int32)), "item_subset must be int64"),
+    (dict(item_emb=torch.ones(1, 3).expand(2**31, 3)), r"at most 2\^31 - 1 items"),  # no memory: a view
 ])
 def test_topk_bad_inputs(over, match):
     with pytest.raises(RuntimeError, match=match):
