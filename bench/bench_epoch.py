@@ -6,6 +6,7 @@
     python bench/bench_epoch.py --run /tmp/ovh --module old_07.py   # another 07 (with setup_training, train_epoch)
     python bench/bench_epoch.py --run /tmp/ovh --backbone biasmf --warmup-epochs 100 --keep-denormals
                                      # epochs late in training, denormals not flushed (as 07 ran before they were)
+    python bench/bench_epoch.py --run /tmp/ovh --phases 3   # also ms per step of each phase, over 3 epochs
 
 Each epoch is 07's own train_epoch (sampling, forward, backward, Adam, loss.item()) at 07's defaults. Base and
 Augment of a backbone are built in the same process and, after --warmup-epochs untimed epochs each (default 1),
@@ -53,6 +54,37 @@ def features(run, source, split, seed=0):
     return text, {"user_prof": unit(split["n_users"]), "item_prof": unit(split["n_items"])}, "synthetic"
 
 
+def phase_epoch(cf, model, opt, sampler, rng, args, sync, ms):
+    """One epoch of 07's train_epoch, whose loop this mirrors (keep the two in step), appending to ms the ms of each
+    step's phases: sample (the sampler's next batch, moved to the device), forward (model and loss), backward
+    (zero_grad and backward) and step (Adam, then the loss read back)."""
+    if hasattr(model, "new_epoch"):
+        model.new_epoch(rng)
+    batches = sampler.epoch(args.batch_size)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        u, pos, neg = (x.to(args.device) for x in batch)
+        sync()
+        t1 = time.perf_counter()
+        s_pos, s_neg, extra = model(u, pos, neg)
+        loss, bpr = common.bpr_loss(s_pos, s_neg, model.towers.id_rows(u, pos, neg), args.l2)
+        loss = loss + extra
+        sync()
+        t2 = time.perf_counter()
+        opt.zero_grad()
+        loss.backward()
+        sync()
+        t3 = time.perf_counter()
+        opt.step()
+        loss.item(), bpr.item()
+        t4 = time.perf_counter()
+        for k, a, b in (("sample", t0, t1), ("forward", t1, t2), ("backward", t2, t3), ("step", t3, t4)):
+            ms.setdefault(k, []).append((b - a) * 1e3)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a run directory written by 01_neighbors.py")
@@ -64,6 +96,8 @@ def main():
                     help="untimed epochs per model first (late epochs: tower weights decay into denormals)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after the timing, print torch.profiler's table (self CPU time) of N epochs per variant")
+    ap.add_argument("--phases", type=int, default=0, metavar="N",
+                    help="after the timing, ms per step of each phase (sample, forward, backward, step) over N epochs")
     ap.add_argument("--keep-denormals", action="store_true",
                     help="do not flush denormals to zero (every stage does, common.run_stage)")
     ap.add_argument("--device", default="cpu")
@@ -106,6 +140,15 @@ def main():
         w, c = ({v: statistics.median(x) for v, x in secs.items()} for secs in (wall, cpu))
         print(f"{backbone:<10}{w['base']:>9.3f}{w['augment']:>11.3f}{ratio(wall):>6.2f}x   "
               f"{c['base']:>11.3f}{c['augment']:>14.3f}{ratio(cpu):>6.2f}x", flush=True)
+        if a.phases:   # epochs interleaved as above; the median over all their steps
+            ph = {v: {} for v in runs}
+            for r in range(a.phases):
+                for v in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                    phase_epoch(cf, *runs[v], args, sync, ph[v])
+            ph = {v: {k: statistics.median(x) for k, x in d.items()} for v, d in ph.items()}
+            print("  ms/step " + "; ".join(f"{v}: " + " ".join(f"{k} {x:.2f}" for k, x in ph[v].items()) for v in ph)
+                  + "; augment - base: " + " ".join(f"{k} {ph['augment'][k] - ph['base'][k]:+.2f}" for k in ph["base"]),
+                  flush=True)
         for v in runs if a.profile else ():
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 for _ in range(a.profile):
