@@ -822,15 +822,17 @@ __attribute__((always_inline)) static inline int64_t scan_vectors_generic(
 }
 
 #ifdef RECLM_X86_DISPATCH
-// The same for float on AVX-512, with no branch per vector: one compare into
-// a lane mask per 16 scores, the passing scores and positions packed with
-// vcompressps/vpcompressd into registers and stored whole (the memory form of
-// compress is microcoded on AMD Zen 4), n advanced by the mask's popcount.
-// About a quarter of the vectors pass somewhere in a netflix-sized row, too
-// many for a branch to predict (bench/RESULTS.md has the A/B). Not inlined:
-// these intrinsics compile only inside a function built for AVX-512, and
-// scan_row is a plain template; one call per row of a tile.
-template <bool GE>
+// The same for float on AVX-512: one compare into a lane mask per 16 scores,
+// the passing scores and positions packed with vcompressps/vpcompressd into
+// registers and stored whole (the memory form of compress is microcoded on AMD
+// Zen 4), n advanced by the mask's popcount. SKIP = false: no branch per
+// vector; early in a user's candidates about a quarter of the vectors hold a
+// passing lane, too many for a branch to predict. SKIP = true: vectors with
+// none are skipped by a branch, cheaper once few pass (scan_vectors picks;
+// bench/RESULTS.md has the A/Bs). Not inlined: these intrinsics compile only
+// inside a function built for AVX-512, and scan_row is a plain template; one
+// call per row of a tile.
+template <bool GE, bool SKIP>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"), noinline)) static int64_t
 scan_vectors_avx512(TopkBuf<float>& b, float thr, const float* row, int64_t j, int64_t nt,
                     int64_t t0, int64_t k, int64_t fill, uint32_t* key) {
@@ -844,6 +846,7 @@ scan_vectors_avx512(TopkBuf<float>& b, float thr, const float* row, int64_t j, i
   for (; j + 16 <= nt; j += 16, pv = _mm512_add_epi32(pv, step)) {
     const __m512 v = _mm512_loadu_ps(row + j);
     const __mmask16 m = _mm512_cmp_ps_mask(v, tv, GE ? _CMP_GE_OQ : _CMP_GT_OQ);  // NaN fails
+    if (SKIP && !m) continue;
     _mm512_storeu_ps(s + n, _mm512_maskz_compress_ps(m, v));
     _mm512_storeu_si512(pos + n, _mm512_maskz_compress_epi32(m, pv));
     n += __builtin_popcount(m);
@@ -860,13 +863,20 @@ scan_vectors_avx512(TopkBuf<float>& b, float thr, const float* row, int64_t j, i
 }
 #endif
 
+// Past kSkipFrom * k candidates of a user, the exact threshold is beaten by a
+// new score with probability ~k / (candidates so far), so fewer than 1 in 8
+// vectors of 16 holds a passing lane, and a branch that skips the others is
+// well predicted.
+constexpr int64_t kSkipFrom = 128;
 template <typename T, int VB, bool GE>
 __attribute__((always_inline)) static inline int64_t scan_vectors(
     TopkBuf<T>& b, T thr, const T* row, int64_t j, int64_t nt, int64_t t0, int64_t k,
     int64_t fill, typename KeyOf<T>::type* key) {
 #ifdef RECLM_X86_DISPATCH
-  if constexpr (VB == 64 && std::is_same<T, float>::value)
-    return scan_vectors_avx512<GE>(b, thr, row, j, nt, t0, k, fill, key);
+  if constexpr (VB == 64 && std::is_same<T, float>::value) {
+    if (!GE && t0 >= kSkipFrom * k) return scan_vectors_avx512<false, true>(b, thr, row, j, nt, t0, k, fill, key);
+    return scan_vectors_avx512<GE, false>(b, thr, row, j, nt, t0, k, fill, key);
+  }
 #endif
   return scan_vectors_generic<T, VB, GE>(b, thr, row, j, nt, t0, k, fill, key);
 }
