@@ -583,13 +583,14 @@ struct TopkBuf {
 // kth_score: the score), and shrink: keep the best k, stably (among equal
 // scores the lower ids, which come first, stay). The k-th best is found
 // by bisection on the order keys: each step counts keys >= mid over the
-// buffer, a branch-free loop the compiler vectorises, so the whole search is
-// a few hundred cycles with no data-dependent branches (nth_element on the
-// same buffer mispredicted its way to ~10 ns per candidate). The keys are
-// padded with zeros (below every score's key: 0 is a NaN's) to whole blocks of
-// kKeyBlock, so each count runs on whole vectors with no scalar remainder, and
-// the step is taken with masks: GCC made a select of it into a branch, taken
-// at random half the time.
+// buffer, a branch-free loop the compiler vectorises (nth_element on the same
+// buffer mispredicted its way to ~10 ns per candidate). It stops as soon as
+// exactly k keys are >= mid: the k-th best is then the least of them. The keys
+// are padded with zeros (below every score's key: 0 is a NaN's) to whole
+// blocks of kKeyBlock, so each count runs on whole vectors with no scalar
+// remainder. The step is written with masks: GCC made a select of it into a
+// branch, taken at random half the time (no measurable difference, but no
+// branch to mispredict).
 constexpr int64_t kKeyBlock = 16;
 template <typename scalar_t>
 __attribute__((always_inline)) static inline typename KeyOf<scalar_t>::type kth_key_generic(
@@ -863,10 +864,11 @@ scan_vectors_avx512(TopkBuf<float>& b, float thr, const float* row, int64_t j, i
 }
 #endif
 
-// Past kSkipFrom * k candidates of a user, the exact threshold is beaten by a
-// new score with probability ~k / (candidates so far), so fewer than 1 in 8
-// vectors of 16 holds a passing lane, and a branch that skips the others is
-// well predicted.
+// Past m = kSkipFrom * k candidates of a user, a new score beats the k-th best
+// so far with probability about k / m when scores come in no particular order
+// (the kept threshold lags a little: it rises at each shrink), so about 1 in 8
+// vectors of 16 or fewer holds a passing lane, and a branch that skips the
+// others is well predicted (industrial top-K 15% faster, netflix unchanged).
 constexpr int64_t kSkipFrom = 128;
 template <typename T, int VB, bool GE>
 __attribute__((always_inline)) static inline int64_t scan_vectors(
@@ -874,7 +876,8 @@ __attribute__((always_inline)) static inline int64_t scan_vectors(
     int64_t fill, typename KeyOf<T>::type* key) {
 #ifdef RECLM_X86_DISPATCH
   if constexpr (VB == 64 && std::is_same<T, float>::value) {
-    if (!GE && t0 >= kSkipFrom * k) return scan_vectors_avx512<false, true>(b, thr, row, j, nt, t0, k, fill, key);
+    if (!GE && t0 >= kSkipFrom * k)
+      return scan_vectors_avx512<false, true>(b, thr, row, j, nt, t0, k, fill, key);
     return scan_vectors_avx512<GE, false>(b, thr, row, j, nt, t0, k, fill, key);
   }
 #endif
