@@ -27,6 +27,7 @@ Run     python 06_profile.py --run runs/ml100k --source base_llm
         for i in 0 1; do python 06_profile.py --run R --source S --shard $i/2 & done; wait
         python 06_profile.py --run R --source S --merge                       # combine the shards and embed
 """
+import argparse
 import collections
 import importlib
 import io
@@ -55,6 +56,13 @@ NO_REPEAT_NGRAM = 0            # > 0: no n-token run twice in one answer (llm.No
                                # sparse ml-100k's ppo model (141 eval users, README), n = 3 raised the share of
                                # profiles that parse from 23% to 44% (65% with --max-new-tokens 64) but the probe
                                # fell from 0.031 to 0.014 (p = 0.14); n = 5 changed neither.
+DISTINCT_TERMS = False         # True: no term twice in a profile's list (llm.DistinctTerms): the greedy answer
+                               # extends or changes a repeated term instead of being rejected for it. Measured on the
+                               # probe's 141 eval users of the 0b9ef3a AMD pipeline's ppo model (--probe-only, 1
+                               # thread): first answers that parse 74 -> 137, malformed after retries 5-6 -> 0, 193 ->
+                               # 135 s; probe 0.0313 against 0.0368 / 0.0324 / 0.0305 without it (retry seeds 0, 1, 2;
+                               # seed 0 paired: t-test p = 0.25). Within the retries' own spread, but lower than their
+                               # mean here and in an earlier try on the sparse run (README), so off by default.
 RETRIES = 5                    # an answer that does not parse is sampled again up to this many times. Measured on
                                # sparse ml-100k's ppo model (141 eval users, README): profiles that parse 54% -> 94%,
                                # probe 0.0366 -> 0.0354 (Wilcoxon p = 0.88), 114 s -> 217 s.
@@ -225,7 +233,8 @@ def run_phase(name, ids, make_messages, kind, out, shard, model, tok, args, max_
         for idx, answers, attempts in llm.generate_batches(
                 model, tok, [prompts[k] for k in todo], max_new_tokens, args.batch_size, args.temperature,
                 no_repeat_ngram=args.no_repeat_ngram, desc=name, accept=lambda a: llm.normalize_profile(a) is not None,
-                retries=args.retries, retry_temperature=args.retry_temperature, seed=args.retry_seed):
+                retries=args.retries, retry_temperature=args.retry_temperature, seed=args.retry_seed,
+                distinct_terms=args.distinct_terms):
             for j, answer, attempt in zip(idx, answers, attempts):
                 prof = llm.normalize_profile(answer)
                 row = {key: int(todo[j]), "profile": prof if prof else answer, "prompt_hash": hashes[todo[j]],
@@ -359,6 +368,8 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy")
     p.add_argument("--no-repeat-ngram", type=int, default=NO_REPEAT_NGRAM,
                    help="ban repeating any n-token run within one answer (0 = off)")
+    p.add_argument("--distinct-terms", action=argparse.BooleanOptionalAction, default=DISTINCT_TERMS,
+                   help="ban repeating a term within a profile's list (see DISTINCT_TERMS)")
     p.add_argument("--retries", type=int, default=RETRIES,
                    help="sample an answer that does not parse again, up to this many times (0 = keep it malformed)")
     p.add_argument("--retry-temperature", type=float, default=RETRY_TEMPERATURE, help="temperature of the retries")
@@ -414,7 +425,7 @@ def main(argv=None):
         "inputs": {r: common.sha256_path(run, r) for r in ["data/split.npz", "data/items.jsonl", "neighbors.npz"]
                    + models}, "source": args.source, "model": str(args.model),
         "decoding": [args.temperature, args.max_new_tokens, args.no_repeat_ngram, args.retries,
-                     args.retry_temperature, args.retry_seed],
+                     args.retry_temperature, args.retry_seed, args.distinct_terms],
         "code": {p.name: common.sha256_file(p) for p in common.stage_code("06_profile")}}, sort_keys=True))
     out.mkdir(parents=True, exist_ok=True)
     if args.restart:

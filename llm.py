@@ -523,6 +523,40 @@ class NoRepeatInAnswer:
         return scores
 
 
+_TERM_ENDERS = {}  # (tokenizer name, vocab size) -> ids of the tokens that end a term
+
+
+class DistinctTerms:
+    """A logits processor: while the term being written in a profile's current list ("User identity: a, b, c" or
+    "User interests: ...") equals an earlier term of that list (case-insensitive, as parse_profile compares them),
+    the tokens that would end it there (a comma, semicolon, full stop or newline first, or end-of-turn) are banned,
+    so the answer cannot repeat a term; the model extends or changes it instead ("casual viewer, casual viewer of
+    classic films"). Greedy answers of the CPU-budget model repeated a term in about half of the users' first answers
+    ("casual viewer, casual viewer, casual viewer"), which parse_profile rejects (06's defaults give the measurement)."""
+
+    def __init__(self, tok, prompt_len, stop_ids):
+        self.tok, self.prompt_len = tok, prompt_len
+        key = (tok.name_or_path, len(tok))
+        if key not in _TERM_ENDERS:
+            _TERM_ENDERS[key] = [i for i in range(len(tok))
+                                 if tok.decode([i]).lstrip(" ")[:1] in (",", ";", ".", "\n")]
+        self.enders = sorted(set(_TERM_ENDERS[key]) | set(stop_ids))
+
+    def __call__(self, input_ids, scores):
+        for row, text in enumerate(self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)):
+            low = text.lower()
+            at = max(low.rfind("identity:"), low.rfind("interests:"))
+            if at < 0:
+                continue
+            section = text[text.index(":", at) + 1:]
+            if ";" in section or "\n" in section:  # that list is closed
+                continue
+            terms = [t.strip(" .\"'").lower() for t in section.split(",")]
+            if terms[-1] and terms[-1] in terms[:-1]:
+                scores[row, self.enders] = -float("inf")
+        return scores
+
+
 SAMPLE_TOP_K = 50  # transformers' default top_k, which every sampled answer here had before TopKTopPSampler
 
 
@@ -596,7 +630,8 @@ def _prefill(decoder, input_ids, mask, prefix_kv, n_prefix, rows_per_forward):
 
 
 @torch.no_grad()
-def _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature, top_p, no_repeat_ngram):
+def _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature, top_p, no_repeat_ngram,
+            distinct_terms=False):
     """Answers to the prompts `input_ids` whose keys/values up to the last token are `prompt_kv` (per layer), from a
     preallocated cache (the default one re-concatenates every layer's keys/values per token: 28% of a SmolLM2 batch's
     time on a CPU); greedy at temperature 0, else sampled (TopKTopPSampler). Also returns that cache, whose first
@@ -609,6 +644,8 @@ def _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature,
     processors = LogitsProcessorList()
     if no_repeat_ngram > 0:
         processors.append(NoRepeatInAnswer(width, no_repeat_ngram))
+    if distinct_terms:
+        processors.append(DistinctTerms(tok, width, stop_token_ids(tok, model)))
     if temperature > 0:
         processors.append(TopKTopPSampler(temperature, top_p))
     out = model.generate(input_ids=input_ids, attention_mask=mask, cache=cache, logits_processor=processors,
@@ -621,10 +658,11 @@ def _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature,
 @torch.no_grad()
 def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temperature=0.0, top_p=0.95,
                      desc="generate", progress=True, prefix_cache=True, no_repeat_ngram=0, accept=None, retries=0,
-                     retry_temperature=0.7, seed=0, prefill_rows=None):
+                     retry_temperature=0.7, seed=0, prefill_rows=None, distinct_terms=False):
     """Batched generation over rendered chat prompts `texts`: prompts sorted by token length (less padding), left
     padding, stop at end-of-turn or after a whole profile line (ProfileLineDone), greedy when temperature == 0, no
-    n-gram of `no_repeat_ngram` tokens twice in one answer when > 0 (NoRepeatInAnswer). With `accept` (answer ->
+    n-gram of `no_repeat_ngram` tokens twice in one answer when > 0 (NoRepeatInAnswer), no term twice in a profile's
+    list with `distinct_terms` (DistinctTerms). With `accept` (answer ->
     bool), an answer it rejects is sampled again (temperature `retry_temperature`, top-p `top_p`, seeded by `seed`,
     the batch and the attempt) up to `retries` times, from the prompt's keys/values already computed: a retry costs
     decoding only. Yields (indices, answers, attempts) per batch, in the order the batches finish, so that callers can
@@ -663,7 +701,7 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
         mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(x)) + [1] * len(x) for x in own], device=device)
         prompt_kv = _prefill(decoder, input_ids, mask, prefix_kv, len(prefix), prefill_rows)
         answers, cache = _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature, top_p,
-                                 no_repeat_ngram)
+                                 no_repeat_ngram, distinct_terms)
         del prompt_kv
         n_prompt = input_ids.shape[1] - 1
         attempts = [0] * len(idx)
@@ -676,7 +714,7 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
             again, _ = _decode(model, tok, input_ids[rows], mask[rows],
                                [(layer.keys[rows, :, :n_prompt], layer.values[rows, :, :n_prompt])
                                 for layer in cache.layers], max_new_tokens, retry_temperature, top_p,
-                               no_repeat_ngram)
+                               no_repeat_ngram, distinct_terms)
             for r, a in zip(failed, again):
                 answers[r], attempts[r] = a, attempt
             failed = [r for r in failed if not accept(answers[r])]

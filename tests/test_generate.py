@@ -280,6 +280,40 @@ def test_generate_batches_no_repeat_ngram(char_llm):
     assert expected[0] != CHAR_PROFILE  # the trained answer repeats a pair (", ")
 
 
+def test_distinct_terms_bans_closing_a_repeated_term(char_llm):
+    """DistinctTerms bans exactly the tokens that would close the current term (a separator, newline or end-of-turn)
+    when that term equals an earlier one of the same list, case-insensitively; otherwise nothing."""
+    tok = llm.load_tokenizer(char_llm)
+    prompt = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    stop = llm.stop_token_ids(tok)
+    enders = sorted(set(tok.convert_tokens_to_ids([",", ";", ".", "\n"]) + stop))
+    cases = {"User identity: ab, cd, ab": True, "User identity: ab, AB": True, "User identity: ab, cd, a": False,
+             "User identity: ab, abc": False, "User identity: ab, cd, ef; User interests: gh, ab": False,
+             "User identity: ab, cd, ef; User interests: gh, GH": True, "ab, ab": False}
+    for text, banned in cases.items():
+        ids = torch.tensor([prompt + tok(text, add_special_tokens=False)["input_ids"]])
+        proc = llm.DistinctTerms(tok, len(prompt), stop)
+        assert proc.enders == enders
+        scores = proc(ids, torch.zeros(1, len(tok)))
+        assert torch.isinf(scores[0]).nonzero().flatten().tolist() == (enders if banned else []), text
+
+
+def test_generate_batches_distinct_terms(char_llm):
+    """With distinct_terms, answers that repeat no term are unchanged (the trained profile, the short answer, the
+    run-on one), and batched generation still equals itself without the prefix cache."""
+    tok = llm.load_tokenizer(char_llm)
+    texts = [llm.render(tok, m) for m in char_prompts(6)]
+    model, _ = llm.load_llm(char_llm, device="cpu", dtype=torch.float32)
+    runs = []
+    for kw in (dict(), dict(distinct_terms=True), dict(distinct_terms=True, prefix_cache=False)):
+        got = {}
+        for idx, answers, _ in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, 4, progress=False, **kw):
+            got.update(zip(idx, answers))
+        runs.append([got[k] for k in range(len(texts))])
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][0] == CHAR_PROFILE
+
+
 @pytest.mark.parametrize("prefill_rows", [1, 4])
 def test_generate_batches_retries_sample_from_the_prompt(char_llm, prefill_rows):
     """Answers `accept` rejects are sampled again from the prompts' cached keys/values: the same answers as stock

@@ -47,7 +47,7 @@ CPU_BEFORE = {
     "06": dict(source="ppo", teacher=None, model="default", device=None, dtype="auto", threads=1, encoder=None,
                batch_size=64, max_new_tokens=40, temperature=0.0, item_users=2, item_nbrs=3, shard=None, merge=False,
                what="all", wait_s=3600.0, limit=None, restart=False, probe_only=False, no_repeat_ngram=0,
-               retries=5, retry_temperature=0.7, retry_seed=0),
+               distinct_terms=False, retries=5, retry_temperature=0.7, retry_seed=0),
 }
 SHARED = {"run": Path("r"), "seed": 0, "force": False}
 
