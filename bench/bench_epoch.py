@@ -55,35 +55,43 @@ def features(run, source, split, seed=0):
 
 
 def phase_epoch(cf, model, opt, sampler, rng, args, sync, ms):
-    """One epoch of 07's train_epoch, whose loop this mirrors (keep the two in step), appending to ms the ms of each
-    step's phases: sample (the sampler's next batch, moved to the device), forward (model and loss), backward
-    (zero_grad and backward) and step (Adam, then the loss read back)."""
-    if hasattr(model, "new_epoch"):
-        model.new_epoch(rng)
-    batches = sampler.epoch(args.batch_size)
-    while True:
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        if batch is None:
-            break
-        u, pos, neg = (x.to(args.device) for x in batch)
-        sync()
-        t1 = time.perf_counter()
-        s_pos, s_neg, extra = model(u, pos, neg)
-        loss, bpr = common.bpr_loss(s_pos, s_neg, model.towers.id_rows(u, pos, neg), args.l2)
-        loss = loss + extra
-        sync()
-        t2 = time.perf_counter()
-        opt.zero_grad()
-        loss.backward()
-        sync()
-        t3 = time.perf_counter()
-        opt.step()
-        loss.item(), bpr.item()
-        t4 = time.perf_counter()
-        for k, a, b in (("sample", t0, t1), ("forward", t1, t2), ("backward", t2, t3), ("step", t3, t4)):
-            ms.setdefault(k, []).append((b - a) * 1e3)
+    """One epoch of 07's own train_epoch, timed by hooks (none of its loop is copied here), appending to ms the ms of
+    each step's phases: sample (the sampler producing the batch), forward (the model's forward), backward (from the
+    forward's end to the optimizer step: the loss, zero_grad and backward) and step (Adam's step)."""
+    t = {}
 
+    def mark(name):
+        sync()
+        t[name] = time.perf_counter()
+
+    def record(*_):
+        mark("step_end")
+        for k, a, b in (("sample", "sample", "sampled"), ("forward", "forward", "forward_end"),
+                        ("backward", "forward_end", "step"), ("step", "step", "step_end")):
+            ms.setdefault(k, []).append((t[b] - t[a]) * 1e3)
+
+    epoch = sampler.epoch
+
+    def timed_epoch(batch_size):
+        batches = epoch(batch_size)
+        while True:
+            mark("sample")
+            batch = next(batches, None)
+            if batch is None:
+                return
+            mark("sampled")
+            yield batch
+
+    sampler.epoch = timed_epoch
+    hooks = [model.register_forward_pre_hook(lambda *_: mark("forward")),
+             model.register_forward_hook(lambda *_: mark("forward_end")),
+             opt.register_step_pre_hook(lambda *_: mark("step")), opt.register_step_post_hook(record)]
+    try:
+        cf.train_epoch(model, opt, sampler, rng, args)
+    finally:
+        del sampler.epoch
+        for h in hooks:
+            h.remove()
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
