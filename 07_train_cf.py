@@ -127,10 +127,14 @@ def once(rep, n, idx):
 
 
 class Towers(nn.Module):
-    """The initial user and item representations of one variant (eqs. 1-2). users(idx) / items(idx)
-    return the rows of idx, or of everyone when idx is None; batch() gives a training batch's rows with each
-    tower run once. The text and profile embeddings are non-persistent buffers: model.pt holds only what
-    was learned."""
+    """The initial user and item representations of one variant (eqs. 1-2). both() gives every user's and every
+    item's, users(idx) / items(idx) the rows of idx (everyone when idx is None), batch() a training batch's rows
+    with each tower run once. The text and profile embeddings are non-persistent buffers: model.pt holds only what
+    was learned.
+
+    T_pro runs once per step on each distinct profile embedding, users' and items' together (row-wise, so exact): a
+    tuned model writes the same profile for many users and items (the ml-100k pipeline's `ppo`: 1,201 distinct of
+    943 + 1,682 rows), and T_pro's first layer on 384-d inputs is Augment's largest extra cost (bench/RESULTS.md)."""
 
     def __init__(self, variant, n_users, n_items, d, text=None, user_prof=None, item_prof=None, fusion=FUSION):
         super().__init__()
@@ -143,40 +147,56 @@ class Towers(nn.Module):
         else:
             self.register_buffer("text", torch.as_tensor(text, dtype=torch.float32), persistent=False)
             self.t_raw = mlp(self.text.shape[1], d)
-        if self.aug_user or self.aug_item:
-            d_t = (user_prof if self.aug_user else item_prof).shape[1]
-            self.t_pro = mlp(d_t, d)
-        if self.aug_user:
-            self.register_buffer("user_prof", torch.as_tensor(user_prof, dtype=torch.float32), persistent=False)
-            self.psi_user = Fusion(d, fusion)
-        if self.aug_item:
-            self.register_buffer("item_prof", torch.as_tensor(item_prof, dtype=torch.float32), persistent=False)
-            self.psi_item = Fusion(d, fusion)
+        sides = {s: np.asarray(p, dtype=np.float32) for s, p, on in
+                 (("user", user_prof, self.aug_user), ("item", item_prof, self.aug_item)) if on}
+        if sides:
+            distinct, row = np.unique(np.concatenate(list(sides.values())), axis=0, return_inverse=True)
+            self.register_buffer("prof", torch.from_numpy(distinct), persistent=False)
+            self.t_pro = mlp(distinct.shape[1], d)
+        start = 0
+        for side, p in sides.items():   # <side>_prof_row: that side's row of `prof`
+            self.register_buffer(f"{side}_prof_row", torch.from_numpy(row[start:start + len(p)].reshape(-1)),
+                                 persistent=False)
+            setattr(self, f"psi_{side}", Fusion(d, fusion))
+            start += len(p)
 
-    def users(self, idx=None):
+    def profile_rows(self):
+        """T_pro of every distinct profile embedding (None without profiles)."""
+        return self.t_pro(self.prof) if self.aug_user or self.aug_item else None
+
+    def users(self, idx=None, h=None):
+        """h: profile_rows(), when the caller has it already."""
         x = self.user_id.weight if idx is None else self.user_id(idx)
         if self.aug_user:
-            p = self.user_prof if idx is None else self.user_prof.index_select(0, idx)
-            x = self.psi_user(x, F.normalize(self.t_pro(p), dim=-1))
+            h = self.profile_rows() if h is None else h
+            rows = self.user_prof_row if idx is None else self.user_prof_row.index_select(0, idx)
+            x = self.psi_user(x, F.normalize(h.index_select(0, rows), dim=-1))
         return x
 
-    def items(self, idx=None):
+    def items(self, idx=None, h=None):
         if self.variant == "id":
             return self.item_id.weight if idx is None else self.item_id(idx)
         f = self.text if idx is None else self.text.index_select(0, idx)
         x = self.t_raw(f)
         if self.aug_item:
-            p = self.item_prof if idx is None else self.item_prof.index_select(0, idx)
-            x = self.psi_item(x, self.t_pro(p))
+            h = self.profile_rows() if h is None else h
+            rows = self.item_prof_row if idx is None else self.item_prof_row.index_select(0, idx)
+            x = self.psi_item(x, h.index_select(0, rows))
         return F.normalize(x, dim=-1)
 
+    def both(self):
+        """Every user's and every item's representation, T_pro run once for both."""
+        h = self.profile_rows()
+        return self.users(h=h), self.items(h=h)
+
     def batch(self, u, *items):
-        """A training batch's rows: x_u for the users u, then x_v for each item index tensor. A side with a
-        tower evaluates it once per step (not once per use), see `once`."""
-        users = once(self.users, len(self.user_id.weight), [u]) if self.aug_user else [self.user_id(u)]
+        """A training batch's rows: x_u for the users u, then x_v for each item index tensor. Each tower runs
+        once per step (not once per use), see `once`."""
+        h = self.profile_rows()
+        users = once(lambda r: self.users(r, h), len(self.user_id.weight), [u]) if self.aug_user else [self.user_id(u)]
         if self.variant == "id":
             return users + [self.item_id(i) for i in items]
-        return users + once(self.items, len(self.text), items)
+        return users + once(lambda r: self.items(r, h), len(self.text), items)
 
     def id_rows(self, u, pos, neg):
         """The batch's rows of the ID embeddings (what the per-example L2 acts on)."""
@@ -219,7 +239,7 @@ class BiasMF(nn.Module):
         return s_p, s_n, 0.0
 
     def dot_reps(self):
-        x_u, x_v = self.towers.users(), self.towers.items()
+        x_u, x_v = self.towers.both()
         b_v = self.b_item(torch.arange(len(x_v), device=x_v.device), x_v)
         return torch.cat([x_u, torch.ones_like(x_u[:, :1])], 1), torch.cat([x_v, b_v[:, None]], 1)
 
@@ -251,7 +271,7 @@ class LightGCN(nn.Module):
         self.towers, self.adj, self.n_users, self.args = towers, adj, n_users, args
 
     def initial(self):
-        return torch.cat([self.towers.users(), self.towers.items()])
+        return torch.cat(self.towers.both())
 
     def propagate(self, e0, adj=None, eps=0.0):
         """Layer mean over layers 0..L. Layer 0 stays in the mean: a cold item has no edges, so without
@@ -349,7 +369,7 @@ def ncf_topk(model, exclude, k, item_subset=None, users_per_tile=256, items_per_
     """All-rank top-k by the real NeuMF score, one (users x items) tile at a time. Same conventions as
     the ops' topk_scores: excluded items never returned, ties -> lower item id first, -inf / -1 fill.
     exclude: (rowptr, col) CSR over users; item_subset: sorted item ids to rank (zero-shot)."""
-    x_u, x_v = model.towers.users(), model.towers.items()
+    x_u, x_v = model.towers.both()
     n_users, n_items = len(x_u), len(x_v)
     cand = torch.arange(n_items) if item_subset is None else torch.as_tensor(item_subset, dtype=torch.int64)
     cand = cand.to(x_v.device)
@@ -403,7 +423,7 @@ def evaluate(model, exclude, test, item_subset, ks=(20,)):
 def collapse_counts(towers, cold_items):
     """Initial vectors that are zero or non-finite (a dead fusion), and how many distinct vectors the cold
     items have (a collapse: they are scored by these alone)."""
-    users, items = towers.users(), towers.items()
+    users, items = towers.both()
     dead = lambda x: int(((x.abs().sum(1) == 0) | ~torch.isfinite(x).all(1)).sum())
     cold = items[torch.as_tensor(cold_items, dtype=torch.int64, device=items.device)]
     return {"zero_users": dead(users), "zero_items": dead(items),

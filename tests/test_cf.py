@@ -266,9 +266,10 @@ def test_a_rerun_skips_models_trained_on_the_current_inputs(synthetic_run):
     assert log.stat().st_mtime_ns != stamp
 
 
-def naive_reps(t, users, items):
-    """Eqs. 1-2 written out from the parameters, row by row: every use recomputes its tower, and Psi multiplies
-    x and p by the two halves of its weight instead of concatenating them."""
+def naive_reps(t, users, items, prof):
+    """Eqs. 1-2 written out from the parameters, row by row: every use recomputes its tower on its own row of the
+    profile embeddings prof (T_pro is not shared between equal rows), and Psi multiplies x and p by the two halves
+    of its weight instead of concatenating them."""
     lin = lambda m, x: x @ m.weight.T + m.bias
     mlp = lambda s, x: lin(s[2], torch.relu(lin(s[0], x)))
     unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)   # F.normalize: a zero row stays zero
@@ -279,21 +280,21 @@ def naive_reps(t, users, items):
         return {"residual": x + y, "linear": y, "relu": torch.relu(y)}[f.kind]
     x_u = t.user_id.weight[users]
     if t.aug_user:
-        x_u = psi(t.psi_user, x_u, unit(mlp(t.t_pro, t.user_prof[users])))
+        x_u = psi(t.psi_user, x_u, unit(mlp(t.t_pro, prof["user_prof"][users])))
     if t.variant == "id":
         return x_u, t.item_id.weight[items]
     x_v = mlp(t.t_raw, t.text[items])
     if t.aug_item:
-        x_v = psi(t.psi_item, x_v, mlp(t.t_pro, t.item_prof[items]))
+        x_v = psi(t.psi_item, x_v, mlp(t.t_pro, prof["item_prof"][items]))
     return x_u, unit(x_v)
 
 
-def naive_forward(model, args, u, pos, neg, noise_seed):
+def naive_forward(model, args, u, pos, neg, noise_seed, prof):
     """What model(u, pos, neg) computes, from naive_reps and dense matrices (SimGCL's noise redrawn in the same
     order from the same seed)."""
     t = model.towers
     if isinstance(model, (cf.BiasMF, cf.NeuMF)):
-        (x_u, x_p), (_, x_n) = naive_reps(t, u, pos), naive_reps(t, u, neg)
+        (x_u, x_p), (_, x_n) = naive_reps(t, u, pos, prof), naive_reps(t, u, neg, prof)
         if isinstance(model, cf.NeuMF):
             return model.pair_scores(x_u, x_p), model.pair_scores(x_u, x_n), 0.0
         b_u = model.user_bias.weight[u, 0]
@@ -301,7 +302,7 @@ def naive_forward(model, args, u, pos, neg, noise_seed):
         b_v = lambda i, x: w[i, 0] if t.variant == "id" else x @ w[0] + model.item_bias.bias
         return (x_u * x_p).sum(-1) + b_u + b_v(pos, x_p), (x_u * x_n).sum(-1) + b_u + b_v(neg, x_n), 0.0
     n_users, n_items = len(t.user_id.weight), len(t.text) if t.variant != "id" else len(t.item_id.weight)
-    e0 = torch.cat(naive_reps(t, torch.arange(n_users), torch.arange(n_items)))
+    e0 = torch.cat(naive_reps(t, torch.arange(n_users), torch.arange(n_items), prof))
 
     def propagate(adj, eps=0.0):
         layers = [e0]
@@ -324,18 +325,23 @@ def naive_forward(model, args, u, pos, neg, noise_seed):
 @pytest.mark.parametrize("variant", cf.VARIANTS)
 def test_forward_equals_a_naive_reference(backbone, variant):
     """Each tower runs once per step and its rows are shared by every use (BPR's positives and negatives, both
-    contrastive views): scores, contrastive loss and gradients equal a naive per-use computation, on the path
-    that evaluates all rows (batch >= rows) and on the one that evaluates the distinct rows (a small batch)."""
+    contrastive views; T_pro's rows, by every user and item with that profile embedding): scores, contrastive loss
+    and gradients equal a naive per-use computation, on the path that evaluates all rows (batch >= rows) and on
+    the one that evaluates the distinct rows (a small batch)."""
     n_users, n_items, d, d_t = 7, 11, 4, 5
     rng = np.random.default_rng(0)
     train_u, train_i = rng.integers(0, n_users, 30), rng.integers(0, n_items - 2, 30)   # two items without edges
     split = {"n_users": n_users, "n_items": n_items, "train_u": train_u, "train_i": train_i}
-    feats = {"text": rng.standard_normal((n_items, d_t)), "user_prof": rng.standard_normal((n_users, d_t)),
-             "item_prof": rng.standard_normal((n_items, d_t))}
+    pool = rng.standard_normal((6, d_t))   # profiles repeat, within a side and across users and items
+    feats = {"text": rng.standard_normal((n_items, d_t)), "user_prof": pool[rng.integers(0, 4, n_users)],
+             "item_prof": pool[rng.integers(2, 6, n_items)]}
+    prof = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in feats.items()}
     for fusion in ("residual", "linear", "relu") if cf.uses_profiles(variant) else ("residual",):
         args = cf.parse_args(["--run", "unused", "--dim", str(d), "--device", "cpu", "--fusion", fusion])
         torch.manual_seed(0)
         towers = cf.Towers(variant, n_users, n_items, d, **(feats if variant != "id" else {}), fusion=fusion)
+        if variant == "augment":   # T_pro runs on the 6 distinct rows, not on 7 + 11
+            assert len(towers.prof) == len(np.unique(np.r_[feats["user_prof"], feats["item_prof"]], axis=0)) == 6
         model = cf.build_model(backbone, towers, split, args)
         for p in model.parameters():   # no zero biases: every term shows
             torch.nn.init.normal_(p, std=0.5)
@@ -345,7 +351,7 @@ def test_forward_equals_a_naive_reference(backbone, variant):
             u, pos, neg = (torch.as_tensor(rng.integers(0, n, batch)) for n in (n_users, n_items, n_items))
             torch.manual_seed(5)
             got = model(u, pos, neg)
-            want = naive_forward(model, args, u, pos, neg, noise_seed=5)
+            want = naive_forward(model, args, u, pos, neg, noise_seed=5, prof=prof)
             for g, w in zip(got, want):
                 torch.testing.assert_close(torch.as_tensor(g), torch.as_tensor(w), rtol=1e-4, atol=1e-5)
             params = [p for p in model.parameters()]
