@@ -19,25 +19,7 @@ SETTINGS=${SETTINGS:-"dense sparse5"}
 SEEDS=${SEEDS:-"0 1 2"}
 ROOT=${ROOT:-runs/exp}
 
-step() {  # step NAME COMMAND...: run once; a marker records success
-  local name=$1 t=$SECONDS; shift
-  if [ -e "$RUN/.done/$name" ]; then echo "== $RUN: $name done before, skipped"; return; fi
-  echo "== $RUN: $name"
-  "$@"
-  mkdir -p "$RUN/.done" && touch "$RUN/.done/$name"
-  echo "$name $((SECONDS - t)) s" | tee -a "$RUN/.done/times"
-}
-both() {  # two python command lines side by side; fails if either fails
-  python $1 & local a=$!
-  python $2 & local b=$!
-  wait $a && wait $b
-}
-timed() {  # timed NAME COMMAND...: always runs (the stage resumes by itself), logs its wall time
-  local name=$1 t=$SECONDS; shift
-  echo "== $RUN: $name"
-  "$@"
-  mkdir -p "$RUN/.done" && echo "$name $((SECONDS - t)) s" | tee -a "$RUN/.done/times"
-}
+. scripts/steps.sh
 
 run_dir() { RUN=$ROOT/$1; }
 # 1. the split, the language-model stages and both profile sources, per setting
