@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 export OMP_NUM_THREADS=1
+export SFT_STEPS=${SFT_STEPS:-128}  # cpu preset: 03's steps; longer than the quick pipeline's 16 (README, "03's budget")
 . scripts/presets.sh
 SETTINGS=${SETTINGS:-"dense sparse5"}
 SEEDS=${SEEDS:-"0 1 2"}

@@ -52,11 +52,11 @@ CPU_BEFORE = {
 SHARED = {"run": Path("r"), "seed": 0, "force": False}
 
 
-def preset_flags(preset):
-    """{stage: [flags]} as scripts/presets.sh sets them for `preset`."""
+def preset_flags(preset, **env):
+    """{stage: [flags]} as scripts/presets.sh sets them for `preset` (env: more variables, e.g. SFT_STEPS)."""
     names = {"03": "SFT_FLAGS", "04": "REWARD_FLAGS", "05": "PPO_FLAGS", "06": "PROFILE_FLAGS"}
     script = ". scripts/presets.sh >/dev/null && " + " && ".join(f'echo "${v}"' for v in names.values())
-    out = subprocess.run(["bash", "-c", script], cwd=REPO, env={"PRESET": preset, "PATH": "/usr/bin:/bin"},
+    out = subprocess.run(["bash", "-c", script], cwd=REPO, env={"PRESET": preset, "PATH": "/usr/bin:/bin", **env},
                          capture_output=True, text=True, check=True).stdout.splitlines()
     return {stage: shlex.split(line) for stage, line in zip(names, out)}
 
@@ -72,6 +72,15 @@ def test_cpu_preset_is_the_cpu_defaults_of_before():
     # 03's gpt_kd runs with the same flags; --variant is the only difference
     kd = vars(SFT.parse_args(["--run", "r", "--variant", "gpt_kd"] + flags["03"]))
     assert kd == {**parsed["03"], "variant": "gpt_kd"}
+
+
+def test_sft_steps_sets_only_03s_steps():
+    """SFT_STEPS (experiments.sh: 128) sets 03's --max-steps under the cpu preset and nothing else; gpu ignores it."""
+    default, longer = preset_flags("cpu"), preset_flags("cpu", SFT_STEPS="128")
+    assert longer["03"] == [("128" if f == "16" else f) for f in default["03"]] and "16" in default["03"]
+    assert {k: v for k, v in longer.items() if k != "03"} == {k: v for k, v in default.items() if k != "03"}
+    assert vars(SFT.parse_args(["--run", "r"] + longer["03"]))["max_steps"] == 128
+    assert preset_flags("gpu", SFT_STEPS="128") == preset_flags("gpu")
 
 
 def test_gpu_preset_is_the_stage_defaults():
