@@ -94,6 +94,7 @@ def phase_epoch(cf, model, opt, sampler, rng, args, sync, ms):
         for h in hooks:
             h.remove()
 
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a run directory written by 01_neighbors.py")
