@@ -7,6 +7,7 @@
     python bench/bench_epoch.py --run /tmp/ovh --backbone biasmf --warmup-epochs 100 --keep-denormals
                                      # epochs late in training, denormals not flushed (as 07 ran before they were)
     python bench/bench_epoch.py --run /tmp/ovh --phases 3   # also ms per step of each phase, over 3 epochs
+    python bench/bench_epoch.py --run /tmp/ovh --backbone biasmf --profile 3   # also what Augment adds per step, by op
 
 Each epoch is 07's own train_epoch (sampling, forward, backward, Adam, loss.item()) at 07's defaults. Base and
 Augment of a backbone are built in the same process and, after --warmup-epochs untimed epochs each (default 1),
@@ -95,6 +96,24 @@ def phase_epoch(cf, model, opt, sampler, rng, args, sync, ms):
             h.remove()
 
 
+def print_profile_diff(cf, runs, args, epochs, steps, rows=15):
+    """What Augment adds per step, by op and input shapes: torch.profiler's self CPU time over `epochs` epochs of
+    each variant, Augment minus Base, in ms per step (the profiler's own overhead included in both)."""
+    per_step = {}
+    for v in runs:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(epochs):
+                cf.train_epoch(*runs[v], args)
+        per_step[v] = {(e.key, str(e.input_shapes)): e.self_cpu_time_total / 1e3 / (epochs * steps)
+                       for e in prof.key_averages(group_by_input_shape=True)}
+    base, aug = per_step["base"], per_step["augment"]
+    extra = sorted(((aug.get(k, 0.0) - base.get(k, 0.0), k) for k in set(base) | set(aug)), reverse=True)
+    print(f"  profiler, ms/step over {epochs} epochs each: base {sum(base.values()):.2f}, augment "
+          f"{sum(aug.values()):.2f}; the largest differences (augment - base), by op and input shapes:")
+    for i, (x, (op, shapes)) in enumerate(extra[:rows] + extra[-3:]):
+        print(("    ...\n" if i == rows else "") + f"    {x:+.3f}  {op[:40]:<40} {shapes[:80]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a run directory written by 01_neighbors.py")
@@ -105,7 +124,7 @@ def main():
     ap.add_argument("--warmup-epochs", type=int, default=1,
                     help="untimed epochs per model first (late epochs: tower weights decay into denormals)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="after the timing, print torch.profiler's table (self CPU time) of N epochs per variant")
+                    help="after the timing, what Augment adds per step by op (torch.profiler over N epochs per variant)")
     ap.add_argument("--phases", type=int, default=0, metavar="N",
                     help="after the timing, ms per step of each phase (sample, forward, backward, step) over N epochs")
     ap.add_argument("--keep-denormals", action="store_true",
@@ -159,12 +178,8 @@ def main():
             print("  ms/step " + "; ".join(f"{v}: " + " ".join(f"{k} {x:.2f}" for k, x in ph[v].items()) for v in ph)
                   + "; augment - base: " + " ".join(f"{k} {ph['augment'][k] - ph['base'][k]:+.2f}" for k in ph["base"]),
                   flush=True)
-        for v in runs if a.profile else ():
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                for _ in range(a.profile):
-                    cf.train_epoch(*runs[v], args)
-            print(f"== {backbone} {v}: {a.profile} epochs\n"
-                  + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        if a.profile:
+            print_profile_diff(cf, runs, args, a.profile, steps=-(-len(split["train_u"]) // args.batch_size))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
