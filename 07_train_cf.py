@@ -113,16 +113,18 @@ class Fusion(nn.Module):
         return x + y if self.kind == "residual" else torch.relu(y) if self.kind == "relu" else y
 
 
-def once(rep, n, idx):
-    """For each index tensor i in idx, the rows i of rep(None), with rep evaluated once for all of them: on all n
-    rows when the batch holds at least n indices (then no more rows than one evaluation per use, and no gather
-    of the wide fixed inputs), else on the distinct rows."""
+def distinct_rows(n, idx):
+    """(rows, inv) for the index tensors idx: the rows of n that a step evaluates (None: all of them, when idx hold
+    at least n indices; then no more rows than one evaluation per use, and no gather of the wide fixed inputs; else
+    the distinct indices), and each index's position among them."""
     flat = torch.cat(idx)
-    if len(flat) >= n:
-        x, inv = rep(None), flat
-    else:
-        rows, inv = torch.unique(flat, return_inverse=True)
-        x = rep(rows)
+    return (None, flat) if len(flat) >= n else torch.unique(flat, return_inverse=True)
+
+
+def once(rep, rows, inv, idx):
+    """For each index tensor i in idx, the rows i of rep(None), with rep evaluated once for all of them, on
+    `rows` (rows, inv: distinct_rows(n, idx))."""
+    x = rep(rows)
     return list(x.index_select(0, inv).split([len(i) for i in idx]))   # index_select: faster than x[inv]
 
 
@@ -132,9 +134,10 @@ class Towers(nn.Module):
     with each tower run once. The text and profile embeddings are non-persistent buffers: model.pt holds only what
     was learned.
 
-    T_pro runs once per step on each distinct profile embedding, users' and items' together (row-wise, so exact): a
-    tuned model writes the same profile for many users and items (the ml-100k pipeline's `ppo`: 1,201 distinct of
-    943 + 1,682 rows), and T_pro's first layer on 384-d inputs is Augment's largest extra cost (bench/RESULTS.md)."""
+    T_pro runs once per step on each distinct profile embedding that the step reads, users' and items' together
+    (row-wise, so exact): a tuned model writes the same profile for many users and items (the ml-100k pipeline's
+    `ppo`: 1,201 distinct of 943 + 1,682 rows), and T_pro's first layer on 384-d inputs is Augment's largest extra
+    cost (bench/RESULTS.md)."""
 
     def __init__(self, variant, n_users, n_items, d, text=None, user_prof=None, item_prof=None, fusion=FUSION):
         super().__init__()
@@ -160,9 +163,15 @@ class Towers(nn.Module):
             setattr(self, f"psi_{side}", Fusion(d, fusion))
             start += len(p)
 
-    def profile_rows(self):
-        """T_pro of every distinct profile embedding (None without profiles)."""
-        return self.t_pro(self.prof) if self.aug_user or self.aug_item else None
+    def profile_rows(self, need=None):
+        """T_pro of the distinct profile embeddings (None without profiles): of all, or of the rows `need` only, the
+        others left zero (a training step reads no other row; batch())."""
+        if not (self.aug_user or self.aug_item):
+            return None
+        if need is None:
+            return self.t_pro(self.prof)
+        h = self.t_pro(self.prof.index_select(0, need))
+        return h.new_zeros(len(self.prof), h.shape[1]).index_copy(0, need, h)
 
     def users(self, idx=None, h=None):
         """h: profile_rows(), when the caller has it already."""
@@ -191,12 +200,24 @@ class Towers(nn.Module):
 
     def batch(self, u, *items):
         """A training batch's rows: x_u for the users u, then x_v for each item index tensor. Each tower runs
-        once per step (not once per use), see `once`."""
-        h = self.profile_rows()
-        users = once(lambda r: self.users(r, h), len(self.user_id.weight), [u]) if self.aug_user else [self.user_id(u)]
+        once per step (not once per use), see `once`, and T_pro only on the profile rows those users and items
+        read (on ml-100k every row; on larger data, where a batch holds a fraction of the users, far fewer)."""
         if self.variant == "id":
-            return users + [self.item_id(i) for i in items]
-        return users + once(lambda r: self.items(r, h), len(self.text), items)
+            return [self.user_id(u)] + [self.item_id(i) for i in items]
+        user_rows, user_inv = distinct_rows(len(self.user_id.weight), [u]) if self.aug_user else (None, u)
+        item_rows, item_inv = distinct_rows(len(self.text), items)
+        h = self.profile_rows(self.profile_rows_read(user_rows, item_rows))
+        users = once(lambda r: self.users(r, h), user_rows, user_inv, [u]) if self.aug_user else [self.user_id(u)]
+        return users + once(lambda r: self.items(r, h), item_rows, item_inv, items)
+
+    def profile_rows_read(self, user_rows, item_rows):
+        """The rows of `prof` that users(user_rows) and items(item_rows) read: None for all of them."""
+        read = [(m, r) for on, m, r in ((self.aug_user, "user_prof_row", user_rows),
+                                        (self.aug_item, "item_prof_row", item_rows)) if on]
+        if all(r is None for _, r in read):   # every row of each side with profiles: all of `prof`
+            return None
+        return torch.unique(torch.cat([getattr(self, m) if r is None else getattr(self, m).index_select(0, r)
+                                       for m, r in read]))
 
     def id_rows(self, u, pos, neg):
         """The batch's rows of the ID embeddings (what the per-example L2 acts on)."""

@@ -8,6 +8,7 @@
                                      # epochs late in training, denormals not flushed (as 07 ran before they were)
     python bench/bench_epoch.py --run /tmp/ovh --phases 3   # also ms per step of each phase, over 3 epochs
     python bench/bench_epoch.py --run /tmp/ovh --backbone biasmf --profile 3   # also what Augment adds per step, by op
+    python bench/bench_epoch.py --synthetic 60000 40000 8 --backbone biasmf --reps 3   # a larger, sparser dataset
 
 Each epoch is 07's own train_epoch (sampling, forward, backward, Adam, loss.item()) at 07's defaults. Base and
 Augment of a backbone are built in the same process and, after --warmup-epochs untimed epochs each (default 1),
@@ -54,6 +55,25 @@ def features(run, source, split, seed=0):
     unit = lambda n: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(
         rng.standard_normal((n, text.shape[1])).astype(np.float32))
     return text, {"user_prof": unit(split["n_users"]), "item_prof": unit(split["n_items"])}, "synthetic"
+
+
+def synthetic(n_users, n_items, per_user, distinct=0.46, d_t=384, seed=0):
+    """A split and features of a chosen size, for epochs at scales no bundled dataset has: per_user interactions per
+    user over power-law items (exponent 0.8), unit text and profile embeddings, the profiles drawn from a pool so
+    that a fraction `distinct` of the users' and items' rows differ (the ml-100k pipeline's `ppo`: 1,201 of 2,625)."""
+    rng = np.random.default_rng(seed)
+    pop = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    pairs = np.unique(np.repeat(np.arange(n_users), per_user) * n_items
+                      + rng.choice(n_items, n_users * per_user, p=pop / pop.sum()))
+    none = np.zeros(0, dtype=np.int64)
+    split = {"train_u": pairs // n_items, "train_i": pairs % n_items, "valid_u": none, "valid_i": none,
+             "test_u": none, "test_i": none, "cold_items": none, "n_users": n_users, "n_items": n_items}
+    unit = lambda n: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(
+        rng.standard_normal((n, d_t)).astype(np.float32))
+    pool = unit(max(1, int(distinct * (n_users + n_items))))
+    which = rng.permutation(np.r_[np.arange(len(pool)), rng.integers(0, len(pool), n_users + n_items - len(pool))])
+    prof = {"user_prof": pool[which[:n_users]], "item_prof": pool[which[n_users:]]}
+    return split, unit(n_items), prof, f"synthetic ({len(pool)} distinct of {n_users + n_items})"
 
 
 def phase_epoch(cf, model, opt, sampler, rng, args, sync, ms):
@@ -116,7 +136,9 @@ def print_profile_diff(cf, runs, args, epochs, steps, rows=15):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, required=True, help="a run directory written by 01_neighbors.py")
+    ap.add_argument("--run", type=Path, help="a run directory written by 01_neighbors.py")
+    ap.add_argument("--synthetic", type=int, nargs=3, metavar=("USERS", "ITEMS", "PER_USER"),
+                    help="instead of --run: a synthetic split and features of this size (see synthetic())")
     ap.add_argument("--source", default="ppo", help="profiles/<source>/ when present (else synthetic)")
     ap.add_argument("--backbone", nargs="+", default=None, help="default: all of 07's")
     ap.add_argument("--reps", type=int, default=5, help="timed epochs per model (median)")
@@ -135,8 +157,13 @@ def main():
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(not a.keep_denormals)   # every stage flushes them (common.run_stage)
     cf = load_07(a.module)
-    split = common.load_split(a.run)
-    text, prof, prof_src = features(a.run, a.source, split)
+    if (a.run is None) == (a.synthetic is None):
+        ap.error("give one of --run and --synthetic")
+    if a.synthetic:
+        split, text, prof, prof_src = synthetic(*a.synthetic)
+    else:
+        split = common.load_split(a.run)
+        text, prof, prof_src = features(a.run, a.source, split)
     args = cf.parse_args(["--run", str(a.run), "--device", a.device])
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     load0 = os.getloadavg()

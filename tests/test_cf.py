@@ -327,7 +327,7 @@ def test_forward_equals_a_naive_reference(backbone, variant):
     """Each tower runs once per step and its rows are shared by every use (BPR's positives and negatives, both
     contrastive views; T_pro's rows, by every user and item with that profile embedding): scores, contrastive loss
     and gradients equal a naive per-use computation, on the path that evaluates all rows (batch >= rows) and on
-    the one that evaluates the distinct rows (a small batch)."""
+    the one that evaluates the distinct rows (a small batch); T_pro runs on the profile rows the batch reads."""
     n_users, n_items, d, d_t = 7, 11, 4, 5
     rng = np.random.default_rng(0)
     train_u, train_i = rng.integers(0, n_users, 30), rng.integers(0, n_items - 2, 30)   # two items without edges
@@ -347,10 +347,21 @@ def test_forward_equals_a_naive_reference(backbone, variant):
             torch.nn.init.normal_(p, std=0.5)
         if backbone == "sgl":
             model.new_epoch(np.random.default_rng(1))
-        for batch in (12, 3):
+        t_pro_rows = []
+        if cf.uses_profiles(variant):
+            towers.t_pro.register_forward_hook(lambda m, inp, out: t_pro_rows.append(len(inp[0])))
+        for batch in (12, 6, 3):   # users and items all; users distinct, items all; both distinct
             u, pos, neg = (torch.as_tensor(rng.integers(0, n, batch)) for n in (n_users, n_items, n_items))
             torch.manual_seed(5)
+            t_pro_rows.clear()
             got = model(u, pos, neg)
+            if cf.uses_profiles(variant) and backbone in ("biasmf", "ncf"):   # graph backbones read every row
+                # a side whose batch holds at least its row count is evaluated on all its rows, else on the batch's
+                read = [m if len(r) >= len(m) else m[r] for on, m, r in
+                        ((towers.aug_user, getattr(towers, "user_prof_row", None), u),
+                         (towers.aug_item, getattr(towers, "item_prof_row", None), torch.cat([pos, neg]))) if on]
+                assert t_pro_rows == [len(torch.unique(torch.cat(read)))]   # T_pro once, on the rows read
+                assert variant != "augment" or batch > 3 or t_pro_rows[0] < len(towers.prof)   # fewer here
             want = naive_forward(model, args, u, pos, neg, noise_seed=5, prof=prof)
             for g, w in zip(got, want):
                 torch.testing.assert_close(torch.as_tensor(g), torch.as_tensor(w), rtol=1e-4, atol=1e-5)
