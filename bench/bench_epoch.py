@@ -18,7 +18,8 @@ reported: on a shared machine the CPU time is the steadier one (it leaves out th
 core). The load average is printed before and after: above the core count, read the seconds as contended.
 Profiles: profiles/<--source>/ of the run when it has them, else random unit vectors of the item-text width
 (what 06 writes with the same encoder). Those are all distinct, an upper bound on Augment's cost: 07 runs the
-profile tower once per distinct profile embedding, and a tuned model's profiles repeat (profiles= says which).
+profile tower once per distinct profile embedding, and a tuned model's profiles repeat (profiles= says which). With
+--synthetic, the split, the item texts and the profiles are generated (see synthetic()).
 """
 from __future__ import annotations
 
