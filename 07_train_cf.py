@@ -212,12 +212,11 @@ class Towers(nn.Module):
 
     def profile_rows_read(self, user_rows, item_rows):
         """The rows of `prof` that users(user_rows) and items(item_rows) read: None for all of them."""
-        read = [(m, r) for on, m, r in ((self.aug_user, "user_prof_row", user_rows),
-                                        (self.aug_item, "item_prof_row", item_rows)) if on]
+        read = ([(self.user_prof_row, user_rows)] if self.aug_user else []) + \
+               ([(self.item_prof_row, item_rows)] if self.aug_item else [])
         if all(r is None for _, r in read):   # every row of each side with profiles: all of `prof`
             return None
-        return torch.unique(torch.cat([getattr(self, m) if r is None else getattr(self, m).index_select(0, r)
-                                       for m, r in read]))
+        return torch.unique(torch.cat([m if r is None else m.index_select(0, r) for m, r in read]))
 
     def id_rows(self, u, pos, neg):
         """The batch's rows of the ID embeddings (what the per-example L2 acts on)."""

@@ -53,9 +53,15 @@ def features(run, source, split, seed=0):
         return text, {"user_prof": common.load_npy(prof / "user_emb.npy"),
                       "item_prof": common.load_npy(prof / "item_emb.npy")}, f"profiles/{source}"
     rng = np.random.default_rng(seed)
-    unit = lambda n: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(
-        rng.standard_normal((n, text.shape[1])).astype(np.float32))
-    return text, {"user_prof": unit(split["n_users"]), "item_prof": unit(split["n_items"])}, "synthetic"
+    d_t = text.shape[1]
+    return text, {"user_prof": unit_rows(rng, split["n_users"], d_t),
+                  "item_prof": unit_rows(rng, split["n_items"], d_t)}, "synthetic"
+
+
+def unit_rows(rng, n, d):
+    """n random unit vectors of width d (a sentence encoder's outputs are unit vectors too)."""
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def synthetic(n_users, n_items, per_user, distinct=0.46, d_t=384, seed=0):
@@ -69,12 +75,10 @@ def synthetic(n_users, n_items, per_user, distinct=0.46, d_t=384, seed=0):
     none = np.zeros(0, dtype=np.int64)
     split = {"train_u": pairs // n_items, "train_i": pairs % n_items, "valid_u": none, "valid_i": none,
              "test_u": none, "test_i": none, "cold_items": none, "n_users": n_users, "n_items": n_items}
-    unit = lambda n: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(
-        rng.standard_normal((n, d_t)).astype(np.float32))
-    pool = unit(max(1, int(distinct * (n_users + n_items))))
+    pool = unit_rows(rng, max(1, int(distinct * (n_users + n_items))), d_t)
     which = rng.permutation(np.r_[np.arange(len(pool)), rng.integers(0, len(pool), n_users + n_items - len(pool))])
     prof = {"user_prof": pool[which[:n_users]], "item_prof": pool[which[n_users:]]}
-    return split, unit(n_items), prof, f"synthetic ({len(pool)} distinct of {n_users + n_items})"
+    return split, unit_rows(rng, n_items, d_t), prof, f"synthetic ({len(pool)} distinct of {n_users + n_items})"
 
 
 def phase_epoch(cf, model, opt, sampler, rng, args, sync, ms):
