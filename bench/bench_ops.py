@@ -1,8 +1,10 @@
 """Benchmark of the reclm ops against plain torch; prints a markdown report.
 
-    python bench/bench_ops.py            # full: 3 sizes, d=32/64, 1 and 2 threads (minutes)
-    python bench/bench_ops.py --quick    # ml-100k + netflix, 1 thread, no memory runs
-    python bench/bench_ops.py --device cuda
+Run from the repository root, as a module:
+
+    python -m bench.bench_ops            # full: 3 sizes, d=32/64, 1 and 2 threads (minutes)
+    python -m bench.bench_ops --quick    # ml-100k + netflix, 1 thread, no memory runs
+    python -m bench.bench_ops --device cuda
 
 Everything printed is markdown, ready to paste into bench/RESULTS.md: a header
 (machine, torch, command, load average before and after), then one table.
@@ -10,11 +12,10 @@ Everything printed is markdown, ready to paste into bench/RESULTS.md: a header
 Rows. spmm fwd: ``spmm(A, x)`` vs ``torch.sparse.mm`` on a ``sparse_csr_tensor``
 of the same CSR, with A the LightGCN-normalised bipartite adjacency
 ((U+I) x (U+I)) of a synthetic power-law graph. spmm fwd+bwd: the same plus
-``.backward(gy)`` w.r.t. x, whose .grad is set to None before each call (as
-after a training step's ``zero_grad()``; until commit 938b61c every backward
-after the first also added the gradient into the previous one, 67 MB at
-industrial d=64, which neither a training loop nor 07, where x is not a leaf,
-does). top-K: k=40 over all items with the training
+``.backward(gy)`` w.r.t. x, whose .grad is set to None before each call (as a
+training step's ``zero_grad()`` leaves it), so that a backward never also adds
+into the previous call's gradient, which neither a training loop nor 07 (where
+x is not a leaf) does. top-K: k=40 over all items with the training
 items excluded, d=64, ours vs a blocked torch reference (matmul a block of
 users, -inf via index_put_, torch.topk; the block is sized to a 256 MB score
 buffer). For top-K the table also gives the GEMM floor: the same
@@ -52,8 +53,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from csrc.ops import csr_from_coo, load_extension, spmm, topk_scores  # noqa: E402
+from csrc.ops import csr_from_coo, load_extension, spmm, topk_scores
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZES = {  # users, items, edges
     "ml-100k": (943, 1682, 64_000),
@@ -203,8 +205,8 @@ def mem_child(which, size, n_users, threads):
 
 
 def peak_mem(which, size, n_users, threads):
-    cmd = [sys.executable, __file__, "--_mem", which, size, str(n_users), str(threads)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-m", "bench.bench_ops", "--_mem", which, size, str(n_users), str(threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -250,7 +252,7 @@ def main():
     load0 = os.getloadavg()
     dev_name = torch.cuda.get_device_name(dev) if cuda else cpu_name()
     print(f"Machine: {dev_name}; torch {torch.__version__}; device {dev}. "
-          f"Command: `{' '.join(['python bench/bench_ops.py'] + sys.argv[1:])}`; {reps} interleaved reps "
+          f"Command: `{' '.join(['python -m bench.bench_ops'] + sys.argv[1:])}`; {reps} interleaved reps "
           f"after a warm-up, median (min-max) in ms.\n")
     rows = []
     print("References: spmm `torch.sparse.mm` on a CSR tensor (MKL on CPU, cuSPARSE on CUDA); "

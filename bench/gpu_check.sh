@@ -36,6 +36,6 @@ grep -E "PASSED|FAILED|ERROR|SKIPPED" /tmp/reclm_gpu_tests.log | grep -v PASSED 
 grep -A14 "Fatal Python error" /tmp/reclm_gpu_tests.log | head -30
 tail -3 /tmp/reclm_gpu_tests.log
 echo "== bench ($(( $(date +%s) - start )) s so far)"
-timeout 180 $PY bench/bench_ops.py --device cuda --reps 7 --topk-users 16384 2>&1 | grep -v Warning
+timeout 180 $PY -m bench.bench_ops --device cuda --reps 7 --topk-users 16384 2>&1 | grep -v Warning
 echo "== done in $(( $(date +%s) - start )) s; tests exit status $test_rc"
 exit $test_rc

@@ -2,15 +2,17 @@
 and two builds of the extension cannot share a process.
 
     # one checkout per build, each with its own extension cache; alternate them, run each a few times
-    (cd old_checkout && RECLM_CACHE=/tmp/reclm_old python /path/to/bench/ops_ab.py --op spmm [--threads 2])
-    (cd new_checkout && RECLM_CACHE=/tmp/reclm_new python /path/to/bench/ops_ab.py --op spmm [--threads 2])
+    (cd old_checkout && RECLM_CACHE=/tmp/reclm_old python -m bench.ops_ab --op spmm [--threads 2])
+    (cd new_checkout && RECLM_CACHE=/tmp/reclm_new python -m bench.ops_ab --op spmm [--threads 2])
 
-The ops come from the current directory's csrc/ (the checkout under test), and each line printed names that
+Run as a module from the root of the checkout under test: the ops come from its csrc/ and the bench from its
+bench/ (copy this file and bench_ops.py into a checkout that lacks them), and each line printed names the csrc/
 folder. --threads torch threads (default 1).
   --op spmm  bench_ops.py's industrial graph, d = 32 and 64: forward and forward + backward (bench_ops.fwd_bwd,
              x.grad cleared first) interleaved by bench_ops.time_pair, 9 reps after a warm-up, median in ms, and the
-             minor page faults of one forward (its fresh output). Until 6c7ff58 this was bench/spmm_ab.py (1 thread
-             only before cadd49b); the huge-page A/B in bench/RESULTS.md predates the backward's x.grad clearing.
+             minor page faults of one forward (its fresh output). Its fwd+bwd times are not comparable with the
+             huge-page A/B in bench/RESULTS.md (section Ops, "Huge pages, A/B"), whose backward did not clear
+             x.grad.
   --op topk  bench_ops.py's three sizes, k = 40 with the training items excluded: 4096 sampled users (2048 at
              industrial size), median of 7 calls after a warm-up, in ms.
 """
@@ -23,11 +25,16 @@ import time
 
 import torch
 
-# The checkout's ops first: bench_ops puts its own repository first on sys.path and imports csrc.ops from there.
-sys.path.insert(0, os.getcwd())
-from csrc.ops import spmm, topk_scores  # noqa: E402
-sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import SIZES, _nosync, fwd_bwd, lightgcn_adj, powerlaw_edges, time_pair, topk_inputs  # noqa: E402
+from bench.bench_ops import (
+    SIZES,
+    _nosync,
+    fwd_bwd,
+    lightgcn_adj,
+    powerlaw_edges,
+    time_pair,
+    topk_inputs,
+)
+from csrc.ops import spmm, topk_scores
 
 
 def where():

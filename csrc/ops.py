@@ -1,10 +1,12 @@
 """RecLM custom ops (namespace ``reclm``): sparse propagation and top-K retrieval.
 
-The C++/CUDA sources next to this file are built with
+The C++/CUDA sources next to this file (``reclm_ops.cpp``, ``reclm_ops_cuda.cu``
+and the header they share, ``reclm_ops.h``) are built with
 ``torch.utils.cpp_extension.load`` on first use and cached in
 ``$RECLM_CACHE/ops/<torch version>_<cpu|cuXXX>`` (``RECLM_CACHE`` defaults to
-``~/.cache/reclm``). The CUDA file is compiled only when a GPU and CUDA_HOME are
-present (``RECLM_BUILD_CUDA=1`` forces it, for compile-only checks).
+``~/.cache/reclm``); an edit to any of them rebuilds it. The CUDA file is
+compiled only when a GPU and CUDA_HOME are present (``RECLM_BUILD_CUDA=1``
+forces it, for compile-only checks).
 
 Ops
 ---
@@ -51,6 +53,7 @@ items get NaN.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -63,6 +66,7 @@ from torch import Tensor
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _LOCK = threading.Lock()
 _LOADED = False
+_HEADERS = ("reclm_ops.h",)  # included by the sources; see _headers_define
 
 __all__ = ["CSR", "csr_from_coo", "spmm", "topk_scores", "rank_metrics", "load_extension"]
 
@@ -78,6 +82,19 @@ def _build_cuda() -> bool:
                                f"(torch {torch.__version__}, CUDA_HOME={CUDA_HOME})")
         return True
     return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def _headers_define() -> str:
+    """``-DRECLM_HEADERS_SHA=<digest of the headers>``. torch's ``load`` decides
+    whether to rebuild from the sources it is given and the compiler flags, and a
+    header cannot be given as a source (it would be compiled on its own), so the
+    headers' digest goes into the flags: an edit to a header changes the compile
+    commands and rebuilds both files (ninja's depfiles would catch it too)."""
+    h = hashlib.sha256()
+    for name in _HEADERS:
+        with open(os.path.join(_HERE, name), "rb") as f:
+            h.update(f.read())
+    return "-DRECLM_HEADERS_SHA=" + h.hexdigest()[:16]
 
 
 def _cache_dir(cuda: bool) -> str:
@@ -117,9 +134,11 @@ def load_extension() -> None:
             sources.append(os.path.join(_HERE, "reclm_ops_cuda.cu"))
         build_dir = _cache_dir(cuda)
         os.makedirs(build_dir, exist_ok=True)
-        load(name="reclm_ops", sources=sources, extra_cflags=["-O3", "-fopenmp"],
-             extra_cuda_cflags=["-O3"], extra_ldflags=["-fopenmp"], build_directory=build_dir,
-             is_python_module=False, verbose=os.environ.get("RECLM_VERBOSE") == "1")
+        headers = _headers_define()
+        load(name="reclm_ops", sources=sources, extra_cflags=["-O3", "-fopenmp", headers],
+             extra_cuda_cflags=["-O3", headers], extra_ldflags=["-fopenmp"],
+             extra_include_paths=[_HERE], build_directory=build_dir, is_python_module=False,
+             verbose=os.environ.get("RECLM_VERBOSE") == "1")
         _register_python_impls()
         _LOADED = True
 

@@ -1,5 +1,7 @@
-// reclm ops: schemas, argument checks shared with the CUDA file, CPU kernels.
+// reclm ops: schemas, argument checks shared with the CUDA file (declared in reclm_ops.h), CPU kernels.
 // Python side (fake tensors, autograd, wrappers, docs) lives in csrc/ops.py.
+#include "reclm_ops.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -26,17 +28,6 @@
 #endif
 
 namespace reclm {
-
-using at::Tensor;
-
-// validate_once kinds (shared with the CUDA file).
-constexpr int kMemoExclusions = 1, kMemoSubset = 2, kMemoSpmm = 3;
-
-// Numbers and shapes in error messages are formatted with std::to_string, never streamed: on the lent GPU
-// machine (torch 2.11, gcc 13.3) inserting an int64 into c10::str's ostringstream segfaulted inside
-// libstdc++ (std::ostream::_M_insert<long>) instead of raising, while strings and dtypes streamed fine
-// (bench/RESULTS.md, CUDA section). Shared with the CUDA file.
-std::string num(int64_t v) { return std::to_string(v); }
 
 static std::string shape(at::IntArrayRef s) {
   std::string out = "[";
@@ -356,8 +347,8 @@ template <typename T, int VB>
 __attribute__((always_inline)) static inline int spmm_rows_dispatch(
     const int64_t* rp, const int64_t* col, const T* val, const T* x, T* y, int64_t d,
     int64_t nnz, int64_t n_cols, int64_t r0, int64_t r1) {
-  // Prefetching pays only when x does not sit in L2 (measured: it costs ~30%
-  // at ml-100k, where x is < 1 MB, and gains 5-40% at the larger sizes).
+  // Prefetching pays only when x does not sit in L2, so it is on only for x over 1 MB (bench/RESULTS.md,
+  // section What the spmm kernel does, and what bounds it).
   const bool pf = n_cols * d * static_cast<int64_t>(sizeof(T)) > (int64_t(1) << 20);
 #define RECLM_CASE(D)                                                                   \
   case D:                                                                               \
@@ -424,13 +415,12 @@ static int spmm_rows(const int64_t* rp, const int64_t* col, const T* val, const 
   return spmm_rows_base<T>(rp, col, val, x, y, d, nnz, n_cols, r0, r1);
 }
 
-// A fresh output of tens of MB is a new mmap, and the kernel zeroes every page of it on first write (325-929
-// faults per forward at the bench's industrial size even with transparent huge pages). A LightGCN step
-// propagates into several such outputs and frees them again, so outputs of at least kPoolMinBytes come from a
-// small pool: a freed output's pages stay mapped (and huge, where THP allows) for the next one of about its
-// size; no faults then, and industrial spmm 1.2-1.4x faster (AMD EPYC, bench/ops_ab.py, bench/RESULTS.md). At
-// most kPoolBlocks free blocks are kept (older ones are freed; the OS takes the rest at exit). Smaller outputs
-// come from torch's allocator (malloc reuses those already).
+// A fresh output of tens of MB is a new mmap whose every page the kernel zeroes on first write (huge pages or
+// not), and a LightGCN step propagates into several such outputs and frees them again, so outputs of at least
+// kPoolMinBytes come from a small pool: a freed output's pages stay mapped (and huge, where THP allows) for the
+// next one of about its size, which then takes no page faults (bench/RESULTS.md, section Ops, "Pooled spmm
+// outputs"). At most kPoolBlocks free blocks are kept (older ones are freed; the OS takes the rest at exit).
+// Smaller outputs come from torch's allocator (malloc reuses those already).
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kPoolMinBytes = size_t(16) << 20;
 constexpr size_t kPoolBlocks = 4;
@@ -533,8 +523,7 @@ Tensor spmm_cpu(const Tensor& rowptr_, const Tensor& col_, const Tensor& val_,
 // Tile shapes of the CPU top-K: users per GEMM x items per GEMM. Each user
 // block reads the whole candidate matrix once; when that matrix is larger than
 // kStreamBytes it comes from L3 or memory every time, and a block 4x larger
-// reads it 4x less often (AMD EPYC, industrial size, 1 thread: bench_ops'
-// GEMM floor 1477 -> 1031 ms, top-K 1.29x faster; bench/RESULTS.md).
+// reads it 4x less often (bench/RESULTS.md, section Ops, "Top-K tile shape").
 // Smaller candidate sets stay cache-resident, and 64-user blocks keep per-user
 // buffers in L2 and balance threads when users are few.
 // bench/bench_ops.py's topk_tile mirrors this rule for its GEMM floor.
@@ -583,14 +572,14 @@ struct TopkBuf {
 // kth_score: the score), and shrink: keep the best k, stably (among equal
 // scores the lower ids, which come first, stay). The k-th best is found
 // by bisection on the order keys: each step counts keys >= mid over the
-// buffer, a branch-free loop the compiler vectorises (nth_element on the same
-// buffer mispredicted its way to ~10 ns per candidate). It stops as soon as
+// buffer, a branch-free loop the compiler vectorises, because nth_element's
+// data-dependent branches mispredict on such buffers (bench/RESULTS.md, section
+// What the top-K kernel does, and what bounds it). It stops as soon as
 // exactly k keys are >= mid: the k-th best is then the least of them. The keys
 // are padded with zeros (below every score's key: 0 is a NaN's) to whole
 // blocks of kKeyBlock, so each count runs on whole vectors with no scalar
-// remainder. The step is written with masks: GCC made a select of it into a
-// branch, taken at random half the time (no measurable difference, but no
-// branch to mispredict).
+// remainder. The step is written with masks because GCC made a select of it
+// into a branch, taken at random half the time.
 constexpr int64_t kKeyBlock = 16;
 template <typename scalar_t>
 __attribute__((always_inline)) static inline typename KeyOf<scalar_t>::type kth_key_generic(
@@ -628,7 +617,8 @@ __attribute__((always_inline)) static inline typename KeyOf<scalar_t>::type kth_
 // The same for float on AVX-512: each bisection step counts with one compare
 // into a lane mask and a popcount per 16 keys, where GCC's vectorised count
 // ends every step in a horizontal add of a vector accumulator; the steps form
-// one dependent chain, so its latency is the cost (bench/RESULTS.md).
+// one dependent chain, so its latency is the cost (bench/RESULTS.md, section
+// Ops, "The top-K selection").
 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma,popcnt"), noinline)) static uint32_t
 kth_key_avx512(const float* s, int64_t n, int64_t k, uint32_t* key) {
   const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
@@ -830,7 +820,8 @@ __attribute__((always_inline)) static inline int64_t scan_vectors_generic(
 // vector; early in a user's candidates about a quarter of the vectors hold a
 // passing lane, too many for a branch to predict. SKIP = true: vectors with
 // none are skipped by a branch, cheaper once few pass (scan_vectors picks;
-// bench/RESULTS.md has the A/Bs). Not inlined: these intrinsics compile only
+// bench/RESULTS.md, section Ops, "The top-K selection" and the industrial
+// top-K run of the skip rule). Not inlined: these intrinsics compile only
 // inside a function built for AVX-512, and scan_row is a plain template; one
 // call per row of a tile.
 template <bool GE, bool SKIP>
@@ -868,7 +859,8 @@ scan_vectors_avx512(TopkBuf<float>& b, float thr, const float* row, int64_t j, i
 // so far with probability about k / m when scores come in no particular order
 // (the kept threshold lags a little: it rises at each shrink), so about 1 in 8
 // vectors of 16 or fewer holds a passing lane, and a branch that skips the
-// others is well predicted (industrial top-K 15% faster, netflix unchanged).
+// others is well predicted (bench/RESULTS.md, section Ops, the industrial
+// top-K run of the skip rule).
 constexpr int64_t kSkipFrom = 128;
 template <typename T, int VB, bool GE>
 __attribute__((always_inline)) static inline int64_t scan_vectors(
@@ -934,9 +926,10 @@ __attribute__((always_inline)) static inline void scan_row(
 // Write the buffer's n <= k candidates to a user's output row in the op's
 // order (higher score first, then lower id), then -inf / -1 fill. Up to
 // kRankSortMax candidates, each one's place is the number of candidates before
-// it in that order: n^2 branch-free comparisons that vectorise (std::sort's
-// data-dependent branches cost ~10% of ml-100k top-K at k = 40). Keys are
-// padded with zeros, as in kth_key (pos there is read but cannot matter).
+// it in that order: n^2 branch-free comparisons that vectorise, because
+// std::sort's data-dependent branches mispredict (bench/RESULTS.md, section Ops,
+// "The top-K selection"). Keys are padded with zeros, as in kth_key (pos there
+// is read but cannot matter).
 // Larger k: std::sort, n log n.
 constexpr int64_t kRankSortMax = 128;
 template <typename scalar_t>

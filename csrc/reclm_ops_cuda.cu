@@ -1,4 +1,6 @@
-// CUDA kernels for the reclm ops (schemas and argument checks: reclm_ops.cpp).
+// CUDA kernels for the reclm ops (schemas and argument checks: reclm_ops.cpp, shared parts in reclm_ops.h).
+#include "reclm_ops.h"
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -7,24 +9,10 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <functional>
 #include <limits>
 #include <string>
 
 namespace reclm {
-
-using at::Tensor;
-
-// Defined in reclm_ops.cpp (metadata checks shared by both backends).
-void check_spmm_args(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                     const Tensor&, const Tensor&, const Tensor&);
-void check_topk_args(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
-                     const c10::optional<Tensor>&);
-void check_item_subset(const Tensor&, int64_t);
-std::string num(int64_t);  // error-message numbers (see reclm_ops.cpp)
-void validate_once(int kind, const Tensor& a, const Tensor& b, int64_t n,
-                   const std::function<void()>& check);
-constexpr int kMemoExclusions = 1, kMemoSubset = 2, kMemoSpmm = 3;  // as in reclm_ops.cpp
 
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -68,7 +56,7 @@ static void check_csr_cuda(const Tensor& rp, const Tensor& col, int64_t n_cols, 
 // ---------------------------------------------------------------- spmm
 // Rows of a LightGCN graph follow a power law, so one warp per row leaves the
 // hub rows (tens of thousands of entries) on one warp while the rest of the GPU
-// idles (measured on an H200: 15-50x slower than cuSPARSE). Instead each warp
+// idles (bench/RESULTS.md, section CUDA). Instead each warp
 // takes a chunk of `chunk_nnz` consecutive entries, whatever rows they belong
 // to. A row inside one chunk is written directly; a row cut by a chunk boundary
 // is written as per-chunk partial sums (two slots per chunk: its first and its
@@ -340,8 +328,8 @@ __global__ void select_topk_kernel(const scalar_t* __restrict__ scores, int64_t 
   }
   __syncthreads();
   // The row is read kPrefetch * blockDim scores at a time, all loads issued
-  // before any is used: a scan that waited on one load per step was bound by
-  // memory latency (measured: 9x slower than the bandwidth allows).
+  // before any is used, because a scan that waits on one load per step is bound
+  // by memory latency, not bandwidth.
   for (int64_t base0 = 0; base0 < n_cand; base0 += kPrefetch * blockDim.x) {
     scalar_t pre[kPrefetch];
 #pragma unroll

@@ -3,12 +3,10 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import pytest
 import torch
 
-from csrc.ops import CSR, csr_from_coo, load_extension, rank_metrics, spmm, topk_scores
+from csrc.ops import csr_from_coo, load_extension, rank_metrics, spmm, topk_scores
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -156,9 +154,7 @@ def test_spmm_fused_validation_zero_width():
 
 
 _ISA_SCRIPT = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-sys.path.insert(0, sys.argv[1] + "/tests")
+import torch
 import test_ops as T
 torch.set_num_threads(1)
 for dtype in (torch.float32, torch.float64):
@@ -178,10 +174,12 @@ print("ok")
 def test_cpu_isa_fallbacks(isa):
     # The CPU kernels are compiled for AVX-512, AVX2 and the baseline ISA and
     # picked at run time; RECLM_ISA caps the choice (read once per process).
+    # The child imports this file (from tests/) and csrc.ops (from the root).
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, RECLM_ISA=isa, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, root], env=env,
+    path = os.pathsep.join(filter(None, [root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, RECLM_ISA=isa, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
