@@ -17,7 +17,6 @@ Run:
   python 01_neighbors.py --run runs/mind --dataset mind --data-dir MINDsmall_train --split snapshot --cutoff 2019-11-14
   python 01_neighbors.py --run runs/ml100k_n5 --max-train-per-user 5        # the data-scarce setting
 """
-import sys
 import time
 from pathlib import Path
 
@@ -49,7 +48,8 @@ def parse_args(argv):
     p.add_argument("--cold-frac", type=float, default=COLD_FRAC, help="cold-items: newest fraction of items held out")
     p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="cold-items: each user's latest fraction to test")
     p.add_argument("--cutoff", default=None, help="snapshot split: a timestamp or ISO date")
-    p.add_argument("--valid-frac", type=float, default=VALID_FRAC, help="each user's latest training fraction to validation")
+    p.add_argument("--valid-frac", type=float, default=VALID_FRAC,
+                   help="each user's latest training fraction to validation")
     p.add_argument("--max-train-per-user", type=int, default=MAX_TRAIN_PER_USER,
                    help="data-scarce setting: each user keeps at most N training rows (0: all)")
     p.add_argument("--scarce-keep", default=SCARCE_KEEP, choices=["random", "earliest"],
@@ -96,7 +96,8 @@ def train_lightgcn(split, args):
             continue
         with torch.no_grad():
             out = common.lightgcn(adj, emb, args.layers)
-        recall = float(np.nanmean(common.rank_eval(out[:n_users], out[n_users:], exclude, valid, ks=(20,))["recall@20"]))
+        recall = float(np.nanmean(
+            common.rank_eval(out[:n_users], out[n_users:], exclude, valid, ks=(20,))["recall@20"]))
         bar.set_postfix(loss=f"{total / sampler.n_batches(args.batch_size):.4f}", valid_r20=f"{recall:.4f}")
         if recall > best_recall:
             best, best_recall, best_epoch, bad = out[:n_users].detach().cpu().clone(), recall, epoch, 0
@@ -141,7 +142,7 @@ def main(argv=None):
     # get warm neighbours; under --max-train-per-user some non-cold items keep only validation rows, or none
     warm = np.unique(split["train_i"])
     if split["n_users"] <= args.k or len(warm) <= args.k:
-        sys.exit(f"01: need more than k={args.k} users and warm items for neighbours")
+        raise common.StageError(f"need more than k={args.k} users and warm items for neighbours")
     user_nbrs, user_sims = top_k_cosine(user_emb, user_emb, args.k, np.arange(split["n_users"]))
     item_nbrs, item_sims = top_k_cosine(item_emb, item_emb[warm], args.k, key_ids=warm)
 

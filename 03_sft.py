@@ -28,7 +28,10 @@ import numpy as np
 import torch
 
 import common
+import generate
 import llm
+import prompts
+import teachers
 
 log = common.log
 
@@ -52,49 +55,13 @@ KD_GEN_BATCH = 8           # naive/mask: generation batch of sft_gpt_kd's profil
 KD_MAX_NEW_TOKENS = 48     # a 3+3 profile is ~25-30 SmolLM2 tokens
 INIT = "gpt_kd"            # naive/mask: continue the sft_gpt_kd LoRA (the paper's ablation) | fresh
 KD_ADAPTER = "sft_gpt_kd"
-ITEM_USERS = 5             # warm item examples show 1-5 of the item's most recent users (the SPEC's 5, 06's default)
+ITEM_USERS = 5             # warm item examples show 1-5 of the item's most recent users (06's default)
 ITEM_NBRS = 3              # cold item examples show this many text-similar warm items (06's --item-nbrs default)
-# The cpu preset's budget teaches SmolLM2-135M the format: 27 of 32 users' profiles from the inference prompt parse
-# after mask, 32 of 32 after 15 gpt_kd steps (5 steps at lr 2e-4 on attention only: 0 of 943); step times:
-# bench/RESULTS.md, "Stage timings".
-
-# ----------------------------------------------------------------------------- prompt templates
-KD_SYSTEM = llm.SYSTEM_PROMPT
-KD_PROMPT = (
-    "Items the user interacted with, oldest to newest{dropped}:\n{items}\n\n"
-    "Write this user's profile.")
-
-# Turn 1 (the target's and its neighbours' items, then one profile line each) is llm.turn1_messages: the inference
-# prompt of 02, 05 and 06 is the same turn, so the tuned model is later asked what it learnt here.
-TURN2_PROMPT = ("Will the target user interact with this item?\n{item}\n"
-                "Answer Yes or No.")
-ANSWERS = {1: "Yes", 0: "No"}
-
+# The cpu preset's budget is what teaches SmolLM2-135M the profile format in minutes (docs/results.md, "03's
+# budget"; step times: bench/RESULTS.md, "Stage timings").
 
 # ----------------------------------------------------------------------------- data
-
-def kd_messages(items, item_text, max_items, item_chars, profile=None):
-    text, dropped = llm.item_list(items, item_text, max_items, max_chars=item_chars)
-    msgs = [{"role": "system", "content": KD_SYSTEM},
-            {"role": "user", "content": KD_PROMPT.format(dropped=llm.dropped_note(dropped), items=text)}]
-    if profile is not None:
-        msgs.append({"role": "assistant", "content": profile})
-    return msgs
-
-
-def two_turn_messages(target_items, nbrs, item_text, v, label, target_profile, max_items, max_nbr_items,
-                      item_chars):
-    """nbrs: list of (items, profile). target_items must already exclude a positive v."""
-    answers = [llm.TURN1_ANSWER_LINE.format(who=llm.TARGET_WHO, profile=target_profile)]
-    answers += [llm.TURN1_ANSWER_LINE.format(who=f"Similar user {n}", profile=profile)
-                for n, (_, profile) in enumerate(nbrs, 1)]
-    return llm.turn1_messages(target_items, [items for items, _ in nbrs], item_text, max_items, max_nbr_items,
-                              item_chars) + [
-        {"role": "assistant", "content": "\n".join(answers)},
-        {"role": "user", "content": TURN2_PROMPT.format(item=item_text[v][:item_chars * 2])},
-        {"role": "assistant", "content": ANSWERS[label]},
-    ]
-
+# The prompts (prompts.kd_messages, prompts.two_turn_messages, the item prompts) are in prompts.py.
 
 def tokenize_example(tok, messages, last_turn_only):
     """input_ids and labels (-100 off the supervised spans) from the template's {% generation %} markers: the
@@ -156,13 +123,11 @@ def fits(tok, msgs, max_length):
 
 
 def rules_reprofiler(rows, train, item_text, shown):
-    """02's RulesTeacher when every distill row is its profile (then a target whose shown list loses the positive
-    item gets the profile of the list it shows), else None (such positives are not drawn)."""
+    """The rules teacher's profile function when every distill row is its profile (then a target whose shown list
+    loses the positive item gets the profile of the list it shows), else None (such positives are not drawn)."""
     if not rows or any(r.get("teacher") != "rules" for r in rows):
         return None
-    import importlib
-    teacher = importlib.import_module("02_distill").RulesTeacher(item_text, train, shown["max_items"],
-                                                                   shown["max_chars"])
+    teacher = teachers.RulesTeacher(item_text, train, shown["max_items"], shown["max_chars"])
     return teacher.profile
 
 
@@ -177,22 +142,22 @@ def add_example(examples, stats, tok, args, msgs, last_turn_only=False, **info):
 def item_examples(run, tok, args, teacher, n, rng, stats):
     """Up to n single-turn item-profile examples, half warm, half cold (06's item prompts, llm.*_item_messages), the
     answer in the user format: warm, the profiles of an item's 1-ITEM_USERS most recent taught training users ->
-    their merged profile (llm.merge_profiles); cold, up to ITEM_NBRS text-similar warm items with their warm item
+    their merged profile (prompts.merge_profiles); cold, up to ITEM_NBRS text-similar warm items with their warm item
     profiles -> those profiles merged. Each target is a function of its prompt, and 06 then asks items for a form
     the model was trained on."""
     split = common.load_split(run)
     n_items = split["n_items"]
-    text = [llm.clip(t, args.prompt["inference"]["max_chars"]) for t in common.load_items(run)]
+    text = [prompts.clip(t, args.prompt["inference"]["max_chars"]) for t in common.load_items(run)]
     users_of = common.user_items(split["train_i"], split["train_u"], n_items)  # chronological per item
     taught = [[int(u) for u in users_of[i] if int(u) in teacher][::-1] for i in range(n_items)]  # newest first
-    warm_profile = {i: llm.merge_profiles([teacher[u] for u in us[:ITEM_USERS]]) for i, us in enumerate(taught)
+    warm_profile = {i: prompts.merge_profiles([teacher[u] for u in us[:ITEM_USERS]]) for i, us in enumerate(taught)
                     if us}
     item_nbrs = common.load_neighbors(run)["item_nbrs"]
     examples = []
     for i in rng.permutation(sorted(warm_profile))[:(n + 1) // 2]:
         users = taught[i][:int(rng.integers(1, ITEM_USERS + 1))]  # 06 shows --item-users of them: any count
-        msgs = llm.warm_item_messages(text[i], [teacher[u] for u in users])
-        target = llm.merge_profiles([teacher[u] for u in users])
+        msgs = prompts.warm_item_messages(text[i], [teacher[u] for u in users])
+        target = prompts.merge_profiles([teacher[u] for u in users])
         add_example(examples, stats, tok, args, msgs + [{"role": "assistant", "content": target}], item=int(i),
                     kind="warm_item")
     for i in rng.permutation(n_items):
@@ -200,8 +165,8 @@ def item_examples(run, tok, args, teacher, n, rng, stats):
             break
         similar = [int(j) for j in item_nbrs[i] if int(j) != i and int(j) in warm_profile][:ITEM_NBRS]
         if similar:
-            msgs = llm.cold_item_messages(text[i], [(text[j], warm_profile[j]) for j in similar])
-            target = llm.merge_profiles([warm_profile[j] for j in similar])
+            msgs = prompts.cold_item_messages(text[i], [(text[j], warm_profile[j]) for j in similar])
+            target = prompts.merge_profiles([warm_profile[j] for j in similar])
             add_example(examples, stats, tok, args, msgs + [{"role": "assistant", "content": target}],
                         item=int(i), kind="cold_item")
     return examples
@@ -231,7 +196,7 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
     examples = []
     if variant == "gpt_kd":
         for u in targets:
-            msgs = kd_messages(train[u], item_text, shown["max_items"], shown["max_chars"], teacher[u])
+            msgs = prompts.kd_messages(train[u], item_text, shown["max_items"], shown["max_chars"], teacher[u])
             add_example(examples, stats, tok, args, msgs, user=u, kind="user")
     else:
         examples = two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher, targets, eval_users,
@@ -246,7 +211,7 @@ def build_examples(run, variant, tok, args, kd_profiles=None):
 def two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher, targets, eval_users, kd_profiles,
                       rng, stats):
     """The two-turn dialogues (naive, mask), one per target user (the "sft" set of user_sets.json).
-    System: collaborative filtering and the two stages (llm.TWO_TURN_SYSTEM).
+    System: collaborative filtering and the two stages (prompts.TWO_TURN_SYSTEM).
     Turn 1: the target's and its similar users' (neighbors.npz user_nbrs) item lists -> every user's profile, one
     per line. Profiles come from the teacher (distill.jsonl) and, for neighbours the teacher did not see, from
     sft_gpt_kd (`kd_profiles`). Users of the "eval" set are held out: never a target, left out as neighbours;
@@ -274,12 +239,14 @@ def two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher,
             if v in eval_users:  # held out of every training set, as a neighbour too
                 stats["nbrs_eval"] += 1
             elif v in teacher:
-                nbrs.append((train[v], teacher[v])); stats["nbrs_teacher"] += 1
+                nbrs.append((train[v], teacher[v]))
+                stats["nbrs_teacher"] += 1
             elif v in kd_profiles:
-                nbrs.append((train[v], kd_profiles[v])); stats["nbrs_kd"] += 1
+                nbrs.append((train[v], kd_profiles[v]))
+                stats["nbrs_kd"] += 1
             else:
                 stats["nbrs_skipped"] += 1
-        nbr_shown = set(int(i) for items, _ in nbrs for i in llm.shown_items(items, mi))
+        nbr_shown = set(int(i) for items, _ in nbrs for i in prompts.shown_items(items, mi))
         own = set(int(i) for i in train[u]) | set(int(i) for i in valid[u])
         # a positive is an item of the target's that a neighbour shows: one older than the target's shown window
         # (its list and profile stay as they are), or, with a re-profiling teacher, one of its shown items (the
@@ -306,7 +273,8 @@ def two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher,
             profile, reprofiled = reprofile(target_items), True
         stats["pos_hidden"] += bool(label) and not reprofiled
         stats["pos_reprofiled"] += reprofiled
-        msgs = two_turn_messages(target_items, nbrs, item_text, v_item, label, profile, mi, mi, shown["max_chars"])
+        msgs = prompts.two_turn_messages(target_items, nbrs, item_text, v_item, label, profile, mi, mi,
+                                         shown["max_chars"])
         add_example(examples, stats, tok, args, msgs, last_turn_only=(variant == "naive"), user=u, kind="two_turn",
                     label=label, item=v_item, reprofiled=reprofiled)
     # examples too long to fit can unbalance the labels again
@@ -320,16 +288,6 @@ def two_turn_examples(run, variant, tok, args, train, valid, item_text, teacher,
 
 
 # ----------------------------------------------------------------------------- neighbours' profiles from sft_gpt_kd
-
-def generate_texts(model, tok, message_lists, max_new_tokens, batch_size, desc="generate", temperature=0.0):
-    """generate_batches over chat messages; the answers in input order."""
-    out = [None] * len(message_lists)
-    texts = [llm.render(tok, m) for m in message_lists]
-    for idx, answers, _ in llm.generate_batches(model, tok, texts, max_new_tokens, batch_size, temperature, desc=desc):
-        for k, a in zip(idx, answers):
-            out[k] = a
-    return out
-
 
 def kd_neighbor_profiles(run, args, teacher, sets):
     """{user: profile} written by sft_gpt_kd for the sft targets' neighbours that the teacher did not see;
@@ -362,10 +320,11 @@ def kd_neighbor_profiles(run, args, teacher, sets):
             for s in range(0, len(todo), args.kd_gen_batch * 4):
                 chunk = todo[s:s + args.kd_gen_batch * 4]
                 shown = args.prompt["teacher"]
-                msgs = [kd_messages(train[v], item_text, shown["max_items"], shown["max_chars"]) for v in chunk]
-                texts = generate_texts(model, tok, msgs, args.kd_max_new_tokens, args.kd_gen_batch, desc="kd profiles")
+                msgs = [prompts.kd_messages(train[v], item_text, shown["max_items"], shown["max_chars"]) for v in chunk]
+                texts = generate.generate_texts(model, tok, msgs, args.kd_max_new_tokens, args.kd_gen_batch,
+                                                desc="kd profiles")
                 for v, t in zip(chunk, texts):
-                    row = {"user": v, "raw": t, "profile": llm.parse_profile(t), "adapter_sha": sha}
+                    row = {"user": v, "raw": t, "profile": prompts.parse_profile(t), "adapter_sha": sha}
                     common.append_jsonl(f, row)
                     rows.append(row)
         del model
@@ -393,7 +352,7 @@ def train_sft(model_path, tok, examples, out_dir, args, init_adapter=None):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    use_bf16 = llm.pick_dtype("auto", device) == torch.bfloat16  # autocast; on CPUs with bf16 FMA ~1.8x faster
+    use_bf16 = llm.pick_dtype("auto", device) == torch.bfloat16  # autocast, also on CPUs with fast bf16 FMA
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     model = start_lora(model, args, init_adapter)
@@ -479,9 +438,9 @@ def main(argv=None):
     common.setup_logging(run, f"03_sft_{args.variant}")
     common.seed_everything(args.seed)
     inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "distill.jsonl", "user_sets.json",
-              llm.PROMPT_FILE]
+              prompts.PROMPT_FILE]
     common.check_inputs(run, inputs, args.force)
-    args.prompt = llm.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
+    args.prompt = prompts.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
     model_path = llm.resolve_llm(args.model)
     tok = llm.load_tokenizer(model_path)
     sets = json.loads((run / "user_sets.json").read_text())

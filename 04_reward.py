@@ -29,6 +29,7 @@ import torch
 
 import common
 import llm
+import prompts
 
 log = common.log
 
@@ -77,7 +78,7 @@ def accuracy_row(margins):
 def target_text(prompt):
     """The part of a pair's query that shows the target user's items: its user turn up to the first neighbour."""
     turn = next(m["content"] for m in prompt if m["role"] == "user")
-    return turn.split(llm.TURN1_NEIGHBOR.split("{n}")[0])[0]
+    return turn.split(prompts.TURN1_NEIGHBOR.split("{n}")[0])[0]
 
 
 def words(text):
@@ -90,10 +91,10 @@ def lexical_overlap(query_words, profile):
     -1 for an answer that is not one well-formed profile. A reference a reward model should beat: it reads no
     more than word overlap and the profile format (on the quick pipeline's 846 held-out pairs: 0.96 overall, 0.86
     on substitution, where the trained reward model was near chance; scripts/eval_reward.py --lexical-only)."""
-    p = llm.parse_profile(profile)
+    p = prompts.parse_profile(profile)
     if p is None:
         return -1.0
-    m = llm.PROFILE_RE.search(p)
+    m = prompts.PROFILE_RE.search(p)
     terms = [t for side in ("identity", "interests") for t in m.group(side).split(",") if t.strip()]
     return sum(bool(words(t) & query_words) for t in terms) / len(terms)
 
@@ -150,8 +151,8 @@ def describe(res, lexical=None):
 
 def load_pairs(run, tok, args):
     """(train pairs, held-out pairs, counts); each pair tokenised: chosen_ids, rejected_ids, kind, user. A query is
-    the row's prompt messages (llm.inference_messages), a response one assistant turn after it, rendered with the
-    tokenizer's chat template (llm.render_ids): the score is read at the last token of the rendered assistant turn,
+    the row's prompt messages (prompts.inference_messages), a response one assistant turn after it, rendered with the
+    tokenizer's chat template (prompts.render_ids): the score is read at the last token of the rendered assistant turn,
     the same rendering 05 scores its rollouts with."""
     run = Path(run)
     sets = json.loads((run / "user_sets.json").read_text())
@@ -179,8 +180,8 @@ def load_pairs(run, tok, args):
         if dest is None:
             counts["other_users"] += 1
             continue
-        c = llm.render_ids(tok, r["prompt"], r["chosen"])
-        j = llm.render_ids(tok, r["prompt"], r["rejected"])
+        c = prompts.render_ids(tok, r["prompt"], r["chosen"])
+        j = prompts.render_ids(tok, r["prompt"], r["rejected"])
         if max(len(c), len(j)) > args.max_length:
             counts["too_long"] += 1
             continue

@@ -2,7 +2,7 @@
 
 Policy = the SFT model (--sft, default sft_mask; its adapter merged into the base LLM) + a new LoRA; reference = the
 same network with that LoRA disabled; value = Linear(hidden, 1) on the policy's last hidden state, starting at zero
-(--value-backprop: its loss trains the LoRA too). Prompts: the inference prompt (llm.inference_messages) of the
+(--value-backprop: its loss trains the LoRA too). Prompts: the inference prompt (prompts.inference_messages) of the
 "ppo" user set, --batch-size per step, one pass over them by default (--steps 0). A rollout ends where 06's
 generation ends it: at end-of-turn or at the token that completes the first profile line (--no-profile-stop:
 end-of-turn only). Its reward: the reward model's score of the profile 06 would keep (--incomplete-score when
@@ -23,13 +23,15 @@ import json
 import re
 import shutil
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 import common
+import generate
 import llm
+import prompts
 
 log = common.log
 
@@ -82,12 +84,12 @@ def total_steps(cfg, n_prompts):
 
 
 # Rollouts answer the inference prompt exactly as 02's reward queries and 06's user prompts show it: its sizes come
-# from 02's prompt.json (llm.prompt_settings), never from a flag here.
+# from 02's prompt.json (prompts.prompt_settings), never from a flag here.
 
 
 # ----------------------------------------------------------------------------- PPO core (pure functions)
 # Small pure functions (masked_whiten, kl_penalised_rewards, gae, ppo_losses, KLController) and train(), which takes
-# any reward_fn(prompts, texts, response_ids) -> scores, so that tests can pass a programmatic reward.
+# any reward_fn(queries, texts, response_ids) -> scores, so that tests can pass a programmatic reward.
 
 def masked_mean(x, mask, dim=None):
     if dim is None:
@@ -214,12 +216,12 @@ def explained_variance(values, returns, mask):
 
 def response_ends(tok, resp, stop_ids, at_profile=True):
     """Per row of generated ids [B, T]: (tokens kept, how it ended: "eot" | "profile" | None). With at_profile,
-    06's rule (llm.answer_end: the first stop token or the token completing the first profile line, whichever
+    06's rule (generate.answer_end: the first stop token or the token completing the first profile line, whichever
     comes first); else the first stop token only. None: cut at max_new_tokens."""
     out, stops = [], set(stop_ids)
     for row in resp.tolist():
         if at_profile:
-            out.append(llm.answer_end(tok, row, stop_ids))
+            out.append(generate.answer_end(tok, row, stop_ids))
         else:
             eot = next((k for k, t in enumerate(row) if t in stops), None)
             out.append((len(row), None) if eot is None else (eot + 1, "eot"))
@@ -233,16 +235,16 @@ def response_mask(resp, lengths, pad_id):
 
 
 @torch.no_grad()
-def rollout(policy, value_head, tok, prompts, cfg):
-    """Generate responses for chat-message prompts; logprobs under policy and reference, values."""
+def rollout(policy, value_head, tok, queries, cfg):
+    """Generate responses for chat-message queries; logprobs under policy and reference, values."""
     from transformers import StoppingCriteriaList
     device = next(policy.parameters()).device
-    texts = [llm.render(tok, p) for p in prompts]
+    texts = [prompts.render(tok, p) for p in queries]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     n_prompt = enc["input_ids"].shape[1]
-    stop_ids = llm.stop_token_ids(tok, policy)  # as 06: any end-of-turn token ends a response
-    stopping = [llm.ProfileLineDone(tok, n_prompt)] if cfg.stop_at_profile else []
+    stop_ids = generate.stop_token_ids(tok, policy)  # as 06: any end-of-turn token ends a response
+    stopping = [generate.ProfileLineDone(tok, n_prompt)] if cfg.stop_at_profile else []
     gen = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                           max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
                           eos_token_id=stop_ids, stopping_criteria=StoppingCriteriaList(stopping))
@@ -256,22 +258,22 @@ def rollout(policy, value_head, tok, prompts, cfg):
     resp_texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, mask)]
     ended = torch.tensor([how is not None for _, how in ends], device=device)
     # what 06 would keep of each answer: the profile normalize_profile parses from an answer that ended
-    profiles = [llm.normalize_profile(t) if how else None for (_, how), t in zip(ends, resp_texts)]
+    profiles = [prompts.normalize_profile(t) if how else None for (_, how), t in zip(ends, resp_texts)]
     return dict(input_ids=input_ids, attention_mask=att, n_prompt=n_prompt, mask=mask.float(), logprobs=logp,
                 ref_logprobs=ref_logp, values=values, texts=resp_texts, resp=resp, ended=ended,
                 how=[how for _, how in ends], profiles=profiles, complete=[p is not None for p in profiles])
 
 
-def rollout_scores(reward_fn, prompts, ro, cfg):
+def rollout_scores(reward_fn, queries, ro, cfg):
     """Sequence scores [B]: reward_fn's of every response text (stop_at_profile off), or of the profile 06 keeps
     from each complete response (the form the reward model was trained on), and cfg.incomplete_score for the
     others (06 keeps nothing of them)."""
     if not cfg.stop_at_profile:
-        return torch.as_tensor(reward_fn(prompts, ro["texts"], ro["resp"]), dtype=torch.float32)
-    scores = torch.full((len(prompts),), float(cfg.incomplete_score))
+        return torch.as_tensor(reward_fn(queries, ro["texts"], ro["resp"]), dtype=torch.float32)
+    scores = torch.full((len(queries),), float(cfg.incomplete_score))
     keep = [k for k, c in enumerate(ro["complete"]) if c]
     if keep:
-        got = reward_fn([prompts[k] for k in keep], [ro["profiles"][k] for k in keep], ro["resp"][keep])
+        got = reward_fn([queries[k] for k in keep], [ro["profiles"][k] for k in keep], ro["resp"][keep])
         scores[keep] = torch.as_tensor(got, dtype=torch.float32).cpu()
     return scores
 
@@ -293,13 +295,13 @@ def trainable_state(policy, value_head):
             "value_head": value_head.state_dict()}
 
 
-def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimizer_state=None, beta=None,
+def train(policy, value_head, tok, queries, reward_fn, cfg, start_step=0, optimizer_state=None, beta=None,
           on_step=None, on_checkpoint=None, progress=True):
     """Hand-written PPO. policy: a peft model (reference = adapter disabled); value_head: nn.Module;
-    prompts: list of chat-message lists; reward_fn(prompts, texts, response_ids) -> scores [B] (with
+    queries: list of chat-message lists; reward_fn(queries, texts, response_ids) -> scores [B] (with
     cfg.stop_at_profile it is asked about the complete responses only, texts = their profiles: rollout_scores).
     on_step(row, rollout) receives each step's log row; on_checkpoint(step, optimizer, kl_ctl) is called every
-    cfg.ckpt_every steps; cfg.steps 0 = one pass over the prompts (total_steps). Returns the list of log rows.
+    cfg.ckpt_every steps; cfg.steps 0 = one pass over the queries (total_steps). Returns the list of log rows.
     A step: rollout, sequence scores, KL-penalised per-token rewards (eq. 8), GAE (gamma, lambda) and whitened
     advantages, then cfg.ppo_epochs passes over the rollout in minibatches of the clipped policy loss plus vf_coef
     times the clipped value loss, AdamW, gradient clipping."""
@@ -313,13 +315,13 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
     kl_ctl = KLController(cfg.beta if beta is None else beta, cfg.target_kl, cfg.kl_horizon)
     policy.eval()  # no dropout: the logprobs of the rollout and of the update must agree
     history = []
-    steps = total_steps(cfg, len(prompts))
+    steps = total_steps(cfg, len(queries))
     for step in tqdm(range(start_step, steps), desc="ppo", unit="step", disable=not progress,
                      initial=start_step, total=steps):
         t0 = time.time()
         torch.manual_seed(cfg.seed * 100003 + step)
-        idx = prompt_batch(len(prompts), cfg.batch_size, step, cfg.seed)
-        batch = [prompts[k] for k in idx]
+        idx = prompt_batch(len(queries), cfg.batch_size, step, cfg.seed)
+        batch = [queries[k] for k in idx]
         ro = rollout(policy, value_head, tok, batch, cfg)
         scores = rollout_scores(reward_fn, batch, ro, cfg).to(device)
         ro["scores"] = raw_scores = scores.clone()
@@ -351,7 +353,8 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
         complete = torch.tensor(ro["complete"], dtype=torch.bool, device=device)
         rm = raw_scores[complete] if cfg.stop_at_profile else raw_scores
         # score: the sequence scores PPO optimises; rm_score: the reward model's, of the complete responses only
-        row = {"step": step + 1, "score": raw_scores.mean().item(), "score_std": raw_scores.std().item() if B > 1 else 0.0,
+        row = {"step": step + 1, "score": raw_scores.mean().item(),
+               "score_std": raw_scores.std().item() if B > 1 else 0.0,
                "rm_score": rm.mean().item() if len(rm) else None, "complete_frac": complete.float().mean().item(),
                "kl": kl_seq.mean().item(), "kl_per_token": masked_mean(kl, mask).item(), "beta": beta,
                "non_score_reward": (-beta * kl_seq).mean().item(),
@@ -373,15 +376,15 @@ def train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=0, optimi
 # ----------------------------------------------------------------------------- stage
 
 class RewardScorer:
-    """reward_fn(prompts, responses) -> scores, with the reward model 04 saved."""
+    """reward_fn(queries, responses) -> scores, with the reward model 04 saved."""
 
     def __init__(self, path, device=None, batch_size=8):
         self.model, self.tok = llm.load_reward_model(path, device)
         self.batch_size = batch_size
 
-    def __call__(self, prompts, responses):
+    def __call__(self, queries, responses):
         return llm.score_ids(self.model, self.tok,
-                             [llm.render_ids(self.tok, p, r) for p, r in zip(prompts, responses)], self.batch_size)
+                             [prompts.render_ids(self.tok, p, r) for p, r in zip(queries, responses)], self.batch_size)
 
 
 def trend(rows):
@@ -410,7 +413,7 @@ def ppo_prompts(run, users, sizes):
     item_text = common.load_items(run)
     nbrs = common.load_neighbors(run)["user_nbrs"]
     kept = [int(u) for u in users if len(train[int(u)])]
-    return [llm.user_prompt(u, train, nbrs, item_text, **sizes) for u in kept], kept
+    return [prompts.user_prompt(u, train, nbrs, item_text, **sizes) for u in kept], kept
 
 
 CHECKPOINT_KEYS = ("step", "steps", "sft_sha", "beta", "state", "optimizer")
@@ -428,7 +431,8 @@ def load_checkpoint(path):
         why = (f"it asks to unpickle {m.group(1)}, which could run code" if m else
                f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
         raise common.DataError(f"{path}: refused to load this PPO checkpoint ({why}); 05 writes only tensors, "
-                               "numbers, strings, lists and dicts. Delete it, or pass --restart to start over") from None
+                               "numbers, strings, lists and dicts. Delete it, or pass --restart to start "
+                               "over") from None
     if not (isinstance(ck, dict) and all(k in ck for k in CHECKPOINT_KEYS) and isinstance(ck["state"], dict)
             and {"lora", "value_head"} <= set(ck["state"])):
         raise common.DataError(f"{path}: not a checkpoint 05 wrote (expected the keys {', '.join(CHECKPOINT_KEYS)}); "
@@ -479,17 +483,52 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def resume_state(ck, ckpt_path, policy, value_head, sft_sha, steps, resume_key):
+    """(start step, optimizer state, beta) from the checkpoint `ck` when it was written from these inputs (data, SFT
+    adapter, reward model) and arguments, loading its LoRA and value head into the models; else a fresh start."""
+    if ck is None:
+        return 0, None, None
+    if ck.get("sft_sha") == sft_sha and ck.get("steps") == steps and ck.get("resume_key") == resume_key:
+        cur = dict(policy.named_parameters())
+        for k, v in ck["state"]["lora"].items():
+            cur[k].data.copy_(v.to(cur[k].device))
+        value_head.load_state_dict(ck["state"]["value_head"])
+        log.info("resuming from %s at step %d", ckpt_path, ck["step"])
+        return ck["step"], ck["optimizer"], ck["beta"]
+    log.info("%s was written from other inputs (data, --sft adapter, reward model) or arguments; starting over",
+             ckpt_path)
+    return 0, None, None
+
+
+def log_step(logf, row, ro):
+    """Append a PPO step's row to ppo_log.jsonl (with the share of rollouts 06 could parse and one example)."""
+    row["valid_profile_frac"] = float(np.mean([prompts.parse_profile(t) is not None for t in ro["texts"]]))
+    row["example"] = ro["texts"][0][:300]
+    common.append_jsonl(logf, row)
+    log.info("step %d: score %.3f, complete %.2f, kl %.3f, len %.1f, clip %.3f, vf %.4f, ev %.2f, pg %.4f, "
+             "beta %s, valid %.2f (%.1fs)", row["step"], row["score"], row["complete_frac"], row["kl"],
+             row["response_length"], row["clip_fraction"], row["value_loss"], row["explained_variance"],
+             row["policy_loss"], row["beta"], row["valid_profile_frac"], row["seconds"])
+
+
+def log_trend(summary):
+    if "score_vs_step" in summary:
+        def thirds(key):
+            return " -> ".join("-" if v is None else f"{v:.3f}" for v in summary[key].values())
+        log.info("over %d steps, first third -> last third: score %s, complete %s, kl %s; Spearman rho of score "
+                 "and step %.2f (p %.2g)", summary["steps"], thirds("score"), thirds("complete_frac"), thirds("kl"),
+                 summary["score_vs_step"]["spearman_rho"], summary["score_vs_step"]["p"])
+
+
 def main(argv=None):
     args = parse_args(argv)
-    run = args.run
-    started = time.time()
+    run, sft_name, started = args.run, args.sft, time.time()
     common.setup_logging(run, "05_ppo")
     common.seed_everything(args.seed)
-    sft_name = args.sft
-    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "user_sets.json", llm.PROMPT_FILE,
+    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "user_sets.json", prompts.PROMPT_FILE,
               f"{sft_name}/", f"{args.reward}/"]  # model directories are inputs: their files' hashes
     common.check_inputs(run, inputs, args.force)
-    args.prompt = llm.prompt_settings(run)["inference"]
+    args.prompt = prompts.prompt_settings(run)["inference"]
     cfg = PPOConfig(**{k: getattr(args, k) for k in asdict(PPOConfig()) if hasattr(args, k)})
     cfg.seed = args.seed
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -497,57 +536,32 @@ def main(argv=None):
     sft_sha = common.sha256_file(run / sft_name / "adapter_model.safetensors")
     ckpt_path = work / "checkpoint.pt"
     ck = load_checkpoint(ckpt_path) if ckpt_path.exists() and not args.restart else None  # before any model loads
-    # a checkpoint is resumed only when written from these inputs (data, SFT adapter, reward model) and arguments
-    resume_key = llm.prompt_hash(json.dumps({"inputs": {r: common.sha256_path(run, r) for r in inputs},
-                                             "args": {k: v for k, v in vars(args).items() if k not in RESUME_SKIP}},
-                                            sort_keys=True, default=str))
+    resume_key = prompts.prompt_hash(json.dumps({"inputs": {r: common.sha256_path(run, r) for r in inputs},
+                                                 "args": {k: v for k, v in vars(args).items()
+                                                          if k not in RESUME_SKIP}}, sort_keys=True, default=str))
 
+    # 1. the ppo users' inference prompts
     sets = json.loads((run / "user_sets.json").read_text())
-    prompts, users = ppo_prompts(run, sets["ppo"][:args.limit], args.prompt)
-    if not prompts:
+    queries, users = ppo_prompts(run, sets["ppo"][:args.limit], args.prompt)
+    if not queries:
         raise common.DataError(f"{run}/user_sets.json: the ppo user set has no user with training items")
-    cfg.steps = total_steps(cfg, len(prompts))
-    log.info("PPO prompts: %d users of the ppo set; %d steps of %d", len(prompts), cfg.steps, cfg.batch_size)
+    cfg.steps = total_steps(cfg, len(queries))
+    log.info("PPO prompts: %d users of the ppo set; %d steps of %d", len(queries), cfg.steps, cfg.batch_size)
 
+    # 2. the policy (a new LoRA on the SFT model merged into the base weights), its value head, the reward model
     sft_llm, tok = llm.load_llm(args.model, adapter=run / sft_name, device=device)
     merged = sft_llm.merge_and_unload()
     policy = llm.lora_model(merged, args)
-    hidden = merged.config.hidden_size
-    value_head = new_value_head(hidden).to(device)
+    value_head = new_value_head(merged.config.hidden_size).to(device)
     scorer = RewardScorer(run / args.reward, device=device, batch_size=args.reward_batch)
-
-    def reward_fn(batch_prompts, texts, _ids):
-        return scorer(batch_prompts, texts)
-
-    start, opt_state, beta = 0, None, None
-    if ck is not None:
-        if ck.get("sft_sha") == sft_sha and ck.get("steps") == cfg.steps and ck.get("resume_key") == resume_key:
-            cur = dict(policy.named_parameters())
-            for k, v in ck["state"]["lora"].items():
-                cur[k].data.copy_(v.to(cur[k].device))
-            value_head.load_state_dict(ck["state"]["value_head"])
-            start, opt_state, beta = ck["step"], ck["optimizer"], ck["beta"]
-            log.info("resuming from %s at step %d", ckpt_path, start)
-        else:
-            log.info("%s was written from other inputs (data, --sft adapter, reward model) or arguments; starting "
-                     "over", ckpt_path)
+    start, opt_state, beta = resume_state(ck, ckpt_path, policy, value_head, sft_sha, cfg.steps, resume_key)
     if start == 0:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "ppo_log.jsonl"
-    rows = [r for r in common.read_jsonl(log_path, repair=True) if r["step"] <= start]
-    common.write_jsonl(log_path, rows)
-    logf = open(log_path, "a")
+    common.write_jsonl(log_path, [r for r in common.read_jsonl(log_path, repair=True) if r["step"] <= start])
 
-    def on_step(row, ro):
-        row["valid_profile_frac"] = float(np.mean([llm.parse_profile(t) is not None for t in ro["texts"]]))
-        row["example"] = ro["texts"][0][:300]
-        common.append_jsonl(logf, row)
-        log.info("step %d: score %.3f, complete %.2f, kl %.3f, len %.1f, clip %.3f, vf %.4f, ev %.2f, pg %.4f, "
-                 "beta %s, valid %.2f (%.1fs)", row["step"], row["score"], row["complete_frac"], row["kl"],
-                 row["response_length"], row["clip_fraction"], row["value_loss"], row["explained_variance"],
-                 row["policy_loss"], row["beta"], row["valid_profile_frac"], row["seconds"])
-
+    # 3. PPO, checkpointed every --ckpt-every steps
     def on_checkpoint(step, opt, kl_ctl):
         with common.atomic_path(ckpt_path) as tmp:
             torch.save({"step": step, "steps": cfg.steps, "sft_sha": sft_sha, "resume_key": resume_key,
@@ -555,20 +569,18 @@ def main(argv=None):
                         "optimizer": opt.state_dict()}, tmp)
 
     t0 = time.time()
-    history = train(policy, value_head, tok, prompts, reward_fn, cfg, start_step=start, optimizer_state=opt_state,
-                    beta=beta, on_step=on_step, on_checkpoint=on_checkpoint)
-    logf.close()
+    with open(log_path, "a") as logf:
+        history = train(policy, value_head, tok, queries, lambda q, texts, _ids: scorer(q, texts), cfg,
+                        start_step=start, optimizer_state=opt_state, beta=beta,
+                        on_step=lambda row, ro: log_step(logf, row, ro), on_checkpoint=on_checkpoint)
+
+    # 4. the adapter, the value head and what it was trained on, then ppo/ in one rename
     policy.save_pretrained(work)
     tok.save_pretrained(work)
     torch.save(value_head.state_dict(), work / "value_head.pt")
     common.write_json(work / "base.json", {"sft": sft_name})
     summary = trend(common.read_jsonl(log_path))  # every step, also those before a resume
-    if "score_vs_step" in summary:
-        def thirds(key):
-            return " -> ".join("-" if v is None else f"{v:.3f}" for v in summary[key].values())
-        log.info("over %d steps, first third -> last third: score %s, complete %s, kl %s; Spearman rho of score "
-                 "and step %.2f (p %.2g)", summary["steps"], thirds("score"), thirds("complete_frac"), thirds("kl"),
-                 summary["score_vs_step"]["spearman_rho"], summary["score_vs_step"]["p"])
+    log_trend(summary)
     common.write_json(work / "ppo_info.json", {"config": asdict(cfg), "users": users, "sft": sft_name,
                                                "base_model": str(args.model), "resumed_at": start,
                                                "train_seconds": round(time.time() - t0, 1),

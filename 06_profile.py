@@ -1,4 +1,4 @@
-"""06_profile — user profiles, item profiles (warm and cold) and their text embeddings (SPEC sections 5, 6, 7).
+"""06_profile — user profiles, item profiles (warm and cold) and their text embeddings (docs/spec.md, sections 5-7).
 
 A user's profile answers the inference prompt (its and its neighbours' training items, as prompt.json "inference"
 shows them: turn 1 of 03's dialogue, whose answer is opened at "Target user:" and kept up to the end of that line, so
@@ -29,7 +29,6 @@ Run     python 06_profile.py --run runs/ml100k --source base_llm
 """
 import argparse
 import collections
-import importlib
 import io
 import json
 import logging
@@ -40,65 +39,59 @@ import numpy as np
 import torch
 
 import common
+import generate
 import llm
+import prompts
+import teachers
 
 log = logging.getLogger("reclm.06")
 
 # ----------------------------------------------------------------------------- defaults
 # The paper's setting, bf16 on a GPU (--dtype auto). scripts/presets.sh `cpu` passes --item-users 2 for the LLM
-# sources: generation is prefill-bound on a CPU (measured costs: bench/RESULTS.md and README).
+# sources: generation is prefill-bound on a CPU (bench/RESULTS.md, "Batched generation").
+# The decoding defaults below were chosen on the probe of the eval users (validation items only); the measurements
+# are in docs/results.md, "Decoding".
 SOURCE = "base_llm"            # the untuned LLM: the reference every trained source is compared with
 BATCH_SIZE = 64                # prompts per generation batch
 MAX_NEW_TOKENS = 40            # a 3+3 user profile is ~25-30 SmolLM2 tokens
 TEMPERATURE = 0.0              # greedy: a profile is the model's most likely answer, reproducible
-NO_REPEAT_NGRAM = 0            # > 0: no n-token run twice in one answer (llm.NoRepeatInAnswer), against the greedy
-                               # loops of the CPU-budget model ("heavy viewer, heavy viewer, ..."). Off: measured on
-                               # sparse ml-100k's ppo model (141 eval users, README), n = 3 raised the share of
-                               # profiles that parse from 23% to 44% (65% with --max-new-tokens 64) but the probe
-                               # fell from 0.031 to 0.014 (p = 0.14); n = 5 changed neither.
-DISTINCT_TERMS = False         # True: no term twice in a profile's list (llm.DistinctTerms): the greedy answer
-                               # extends or changes a repeated term instead of being rejected for it. Measured on the
-                               # probe's 141 eval users of the 0b9ef3a AMD pipeline's ppo model (--probe-only, 1
-                               # thread): first answers that parse 74 -> 137, malformed after retries 5-6 -> 0, 193 ->
-                               # 135 s; probe 0.0313 against 0.0368 / 0.0324 / 0.0305 without it (retry seeds 0, 1, 2;
-                               # seed 0 paired: t-test p = 0.25). Within the retries' own spread, but lower than their
-                               # mean here and in an earlier try on the sparse run (README), so off by default.
-RETRIES = 5                    # an answer that does not parse is sampled again up to this many times. Measured on
-                               # sparse ml-100k's ppo model (141 eval users, README): profiles that parse 54% -> 94%,
-                               # probe 0.0366 -> 0.0354 (Wilcoxon p = 0.88), 114 s -> 217 s.
+NO_REPEAT_NGRAM = 0            # > 0: no n-token run twice in one answer (generate.NoRepeatInAnswer), against the greedy
+                               # loops of a small tuned model ("heavy viewer, heavy viewer, ..."). Off: more profiles
+                               # parse with it, but the probe fell
+DISTINCT_TERMS = False         # True: no term twice in a profile's list (generate.DistinctTerms): the greedy answer
+                               # extends or changes a repeated term instead of being rejected for it. Off: nearly every
+                               # first answer parses with it, but the probe was not better than the retries' own spread
+RETRIES = 5                    # an answer that does not parse is sampled again up to this many times: most profiles
+                               # then parse, at the same probe
 RETRY_TEMPERATURE = 0.7        # ... at this temperature (top-k 50, top-p 0.95), seeded per batch and attempt: retried
 RETRY_SEED = 0                 # answers depend on which others share their batch, so shards may retry differently
-ITEM_USERS = 5                 # warm items: profiles of up to this many most recent training users (the SPEC's 5)
+ITEM_USERS = 5                 # warm items: profiles of up to this many most recent training users (the paper's 5)
 ITEM_NBRS = 3                  # cold items: this many text-similar warm items
 WAIT_S = 3600                  # --shard: how long to wait for the other shards' user profiles
-# One torch thread per process, parallelism through --shard: on a busy 2-core box, small-batch decode matmuls
-# ([32 x 576] x [576 x 1536]) took 24 ms with 2 OpenMP threads against 0.6 ms with 1 (threads spin at barriers
-# when the cores are shared), i.e. generation was ~20x slower with torch's default.
+# One torch thread per process, parallelism through --shard: OpenMP threads spin at barriers when the cores are
+# shared, which made small-batch decode matmuls many times slower than one thread (docs/design.md, "One torch
+# thread per process").
 THREADS = 1
 # User prompts show what 02's prompt.json "inference" says (newest target items, items per neighbour, neighbours,
-# item text chars), as 02's reward queries and 05's rollouts do: no flags here (llm.prompt_settings).
+# item text chars), as 02's reward queries and 05's rollouts do: no flags here (prompts.prompt_settings).
 TEACHER = "teacher"            # --source teacher: 02's teacher writes every profile (no LLM)
 SOURCES = common.PROFILE_SOURCES  # the LLM sources, then TEACHER
 PROBE_K = llm.PROBE_K
 
-# ----------------------------------------------------------------------------- prompt templates
-# User prompts are llm.inference_messages (shared with 02's reward pairs and 05's PPO prompts); item prompts are
-# llm.warm_item_messages / cold_item_messages (shared with 03, which trains them).
-
-
 # ----------------------------------------------------------------------------- prompts
+# User prompts are prompts.inference_messages (shared with 02's reward pairs and 05's PPO prompts); item prompts are
+# prompts.warm_item_messages / cold_item_messages (shared with 03, which trains them).
 
 def user_messages(u, train, nbrs, item_text, args):
-    return llm.user_prompt(u, train, nbrs, item_text, **args.prompt["inference"])
+    return prompts.user_prompt(u, train, nbrs, item_text, **args.prompt["inference"])
 
 
 def kd_user_messages(run, train, item_text_full):
-    """sft_gpt_kd's user prompt: the single-turn prompt 03 trained it on (03_sft.kd_messages: the user's own items,
+    """sft_gpt_kd's user prompt: the single-turn prompt 03 trained it on (prompts.kd_messages: the user's own items,
     no neighbours), with the sizes sft_gpt_kd/sft_info.json records. Asked with the inference prompt instead,
     GPT_KD answers a prompt it never saw."""
-    sft = importlib.import_module("03_sft")
     shown = json.loads((run / "sft_gpt_kd" / "sft_info.json").read_text())["prompt"]
-    return lambda u: sft.kd_messages(train[u], item_text_full, shown["max_items"], shown["max_chars"])
+    return lambda u: prompts.kd_messages(train[u], item_text_full, shown["max_items"], shown["max_chars"])
 
 
 def short_profile(row):
@@ -107,12 +100,12 @@ def short_profile(row):
 
 def warm_item_messages(i, item_text, users_of, user_rows, args):
     recent = [int(u) for u in users_of[i] if int(u) in user_rows][-args.item_users:][::-1]  # newest first
-    return llm.warm_item_messages(item_text[i], [short_profile(user_rows[u]) for u in recent])
+    return prompts.warm_item_messages(item_text[i], [short_profile(user_rows[u]) for u in recent])
 
 
 def cold_item_messages(i, item_text, item_nbrs, item_rows, args):
     similar = [int(j) for j in item_nbrs[i] if int(j) != i and int(j) in item_rows][:args.item_nbrs]
-    return llm.cold_item_messages(item_text[i], [(item_text[j], short_profile(item_rows[j])) for j in similar])
+    return prompts.cold_item_messages(item_text[i], [(item_text[j], short_profile(item_rows[j])) for j in similar])
 
 
 # ----------------------------------------------------------------------------- files
@@ -127,7 +120,7 @@ def parse_shard(s):
         i, n = (int(x) for x in s.split("/"))
         assert 0 <= i < n
     except (ValueError, AssertionError):
-        raise SystemExit(f"--shard expects i/n with 0 <= i < n, got {s!r}") from None
+        raise common.UsageError(f"--shard expects i/n with 0 <= i < n, got {s!r}") from None
     return i, n
 
 
@@ -158,29 +151,6 @@ def fresh_rows(upstream, hashes=None):
     return lambda k, r: r.get("upstream") == upstream and r.get("prompt_hash") == hashes.get(k)
 
 
-def load_profile_model(run, source, model=llm.DEFAULT_LLM, device=None):
-    """(model, tokenizer) that writes profiles for `source`: the untuned LLM, an SFT adapter, or the PPO adapter
-    stacked on the SFT adapter it was trained over (ppo/base.json names it; 05 trained it on the SFT model merged in
-    float32, i.e. on base + SFT delta + PPO delta, which two active LoRA adapters compute). Adapters are folded
-    (llm.fold_lora: one down and one up product per layer for all adapters), never merged: 06 generates in bf16,
-    and bf16(W + delta) rounds small deltas away. Measured on the quick pipeline's models: 25% of the weights
-    sft_mask's merge changes and 93% of those PPO's changes round back to the base model's bf16 value (before
-    938b61c, 06 merged the SFT adapter of the ppo source)."""
-    run = Path(run)
-    if source == "base_llm":
-        return llm.load_llm(model, device=device)
-    if source.startswith("sft_"):
-        tuned, tok = llm.load_llm(model, adapter=run / source, device=device)
-        return llm.fold_lora(tuned), tok
-    if source == "ppo":
-        sft = json.loads((run / "ppo" / "base.json").read_text())["sft"]
-        stacked, tok = llm.load_llm(model, adapter=run / sft, device=device)
-        stacked.load_adapter(run / "ppo", adapter_name="ppo")
-        stacked.base_model.set_adapter([stacked.active_adapter, "ppo"])
-        return llm.fold_lora(stacked), tok
-    raise ValueError(f"unknown --source {source!r}; expected one of {', '.join(s for s in SOURCES if s != TEACHER)}")
-
-
 def model_dirs(run, source):
     """The run's model directories that --source loads (load_profile_model): inputs of this stage, so that
     retraining one makes these profiles stale."""
@@ -198,8 +168,9 @@ def wait_for(out, kind, needed, args, what, fresh=None):
         if not missing:
             return rows
         if time.time() > deadline:
-            raise SystemExit(f"{what}: {len(missing)} {kind} profiles are still missing (e.g. id {missing[0]}) after "
-                             f"--wait-s {args.wait_s}; run the other shards (or `--what {kind}` without --shard)")
+            raise common.StageError(f"{what}: {len(missing)} {kind} profiles are still missing (e.g. id {missing[0]}) "
+                                    f"after --wait-s {args.wait_s}; run the other shards (or `--what {kind}` without "
+                                    "--shard)")
         log.info("%s: waiting for %d %s profiles from other shards", what, len(missing), kind)
         time.sleep(min(30, max(1, args.wait_s / 20)))
 
@@ -208,14 +179,14 @@ def run_phase(name, ids, make_messages, kind, out, shard, model, tok, args, max_
               upstream=None, redone=None):
     """Generate the profiles of `ids` that no file holds from the current prompt and `upstream` state (rows of
     another prompt or upstream state are redone, counted in `redone[name]`); append them to this process's file.
-    An answer that llm.normalize_profile cannot repair into a 3+3 profile (items too: they are asked for the user
+    An answer that prompts.normalize_profile cannot repair into a 3+3 profile (items too: they are asked for the user
     format, which 03 trains on teacher item profiles) is sampled again, up to --retries times; one that never
     parses keeps its raw text, since its embedding still carries signal, and is marked "valid": false (counted in
     the log and probe.json). Rows are written as their batch finishes."""
     own = own_file(out, kind, shard)
     key = "user" if kind == "users" else "item"
-    prompts = {k: llm.render(tok, make_messages(k)) for k in ids}
-    hashes = {k: llm.prompt_hash(t) for k, t in prompts.items()}
+    texts = {k: prompts.render(tok, make_messages(k)) for k in ids}
+    hashes = {k: prompts.prompt_hash(t) for k, t in texts.items()}
     present = read_all(out, kind, own=own)
     done = read_all(out, kind, fresh=fresh_rows(upstream, hashes))
     todo = [k for k in ids if k not in done]
@@ -229,14 +200,15 @@ def run_phase(name, ids, make_messages, kind, out, shard, model, tok, args, max_
     n_fixed, n_bad = 0, 0
     with open(own, "a") as f:
         # the first answer is the decoding of --temperature; one that does not parse is sampled again from the
-        # prompt already run (llm.generate_batches: a retry costs decoding only)
-        for idx, answers, attempts in llm.generate_batches(
-                model, tok, [prompts[k] for k in todo], max_new_tokens, args.batch_size, args.temperature,
-                no_repeat_ngram=args.no_repeat_ngram, desc=name, accept=lambda a: llm.normalize_profile(a) is not None,
+        # prompt already run (generate.generate_batches: a retry costs decoding only)
+        for idx, answers, attempts in generate.generate_batches(
+                model, tok, [texts[k] for k in todo], max_new_tokens, args.batch_size, args.temperature,
+                no_repeat_ngram=args.no_repeat_ngram, desc=name,
+                accept=lambda a: prompts.normalize_profile(a) is not None,
                 retries=args.retries, retry_temperature=args.retry_temperature, seed=args.retry_seed,
                 distinct_terms=args.distinct_terms):
             for j, answer, attempt in zip(idx, answers, attempts):
-                prof = llm.normalize_profile(answer)
+                prof = prompts.normalize_profile(answer)
                 row = {key: int(todo[j]), "profile": prof if prof else answer, "prompt_hash": hashes[todo[j]],
                        "upstream": upstream, "valid": prof is not None, "attempt": attempt}
                 common.append_jsonl(f, {**row, **(extra or {})})
@@ -251,70 +223,62 @@ def run_phase(name, ids, make_messages, kind, out, shard, model, tok, args, max_
 # 02's teacher itself, in seconds (plus the text encoder), in one pass: no shards or resume (--shard, --merge, --what
 # and --limit are refused); --probe-only works as for the other sources.
 
-def distill_module():
-    """02_distill as a module (its file name starts with a digit): its teachers are reused, not copied."""
-    return importlib.import_module("02_distill")
+API_ARGS = ("n_users", "min_items", "max_items", "max_chars", "retries", "temperature", "max_new_tokens", "api_base",
+            "api_model", "api_key_env", "api_timeout", "api_max_tries", "api_backoff", "concurrency")
 
 
-def check_teacher_args(args):
-    bad = [o for o, on in (("--shard", args.shard), ("--merge", args.merge), ("--what", args.what != "all"),
-                           ("--limit", args.limit is not None)) if on]
-    if bad:
-        raise SystemExit(f"--source teacher writes every profile in one pass without an LLM; {', '.join(bad)} "
-                         "apply to the LLM sources only")
-
-
-def api_teacher_args(run, D):
-    """The arguments 02 last ran with, which must be --teacher api: 06 then sends exactly 02's prompts."""
+def api_teacher_args(run):
+    """The arguments 02 last ran with (manifest.json), which must be --teacher api: 06 then sends exactly 02's
+    prompts to the same model, with the same retries."""
     rec = common.read_manifest(run)["stages"].get("02_distill")
     used = rec["args"].get("teacher") if rec else None
     if used != "api":
-        raise SystemExit("--source teacher --teacher api reuses 02's API teacher with the settings 02 last ran with, "
-                         f"but {'02 has not run' if rec is None else f'02 last ran with --teacher {used}'}: run "
-                         "02_distill.py --teacher api --api-model M [--api-base URL] first")
-    a = D.build_parser().parse_args(["--run", str(run)])
-    for k, v in rec["args"].items():
-        if k not in ("run", "force") and hasattr(a, k):
-            setattr(a, k, v)
-    a.on_fail = "rules"  # every user needs a profile: one the API never answers in form gets the rules profile
-    return a
+        raise common.StageError("--source teacher --teacher api reuses 02's API teacher with the settings 02 last ran "
+                                f"with, but {'02 has not run' if rec is None else f'02 last ran with --teacher {used}'}"
+                                ": run 02_distill.py --teacher api --api-model M [--api-base URL] first")
+    missing = [k for k in API_ARGS if k not in rec["args"]]
+    if missing:
+        raise common.StaleInputError(f"{run}/manifest.json: 02's record lacks {', '.join(missing)} (written by an "
+                                     "older 02_distill.py): run 02 again")
+    # every user needs a profile: one the API never answers in form gets the rules profile
+    return argparse.Namespace(**{**rec["args"], "run": Path(run), "on_fail": "rules"})
 
 
-def teacher_user_rows(run, users, train, item_text, rules, args, D):
+def teacher_user_rows(run, users, train, item_text, rules, args):
     """({user: row}, what the probe records): exactly the distillation target 02 would write for every user.
-    --teacher rules: 02's RulesTeacher on the user's training items. --teacher api: 02's API teacher with the
-    arguments 02 last ran with (manifest.json): the same prompts, worked example, model and retries, answers from
+    --teacher rules: the rules teacher on the user's training items. --teacher api: 02's API teacher with the
+    arguments 02 last ran with: the same prompts, worked example, model and retries, answers from
     teacher_cache.jsonl where 02 already asked (new answers are appended to it), the rules profile for a user the
     API never answers in form (02's --on-fail rules). "prompt_hash" hashes what the profile was computed from (the
     teacher prompt for --teacher api)."""
     if args.teacher == "rules":
         rows = {u: {"user": u, "profile": rules.profile(train[u]), "teacher": "rules",
-                    "prompt_hash": llm.prompt_hash(json.dumps({"teacher": "rules", "items": train[u].tolist()}))}
+                    "prompt_hash": prompts.prompt_hash(json.dumps({"teacher": "rules", "items": train[u].tolist()}))}
                 for u in users}
         return rows, {"teacher": "rules", "teacher_model": "rules"}
-    a = api_teacher_args(run, D)
-    _, example = D.sample_and_example(train, rules, a)
+    a = api_teacher_args(run)
+    _, example = teachers.sample_and_example(train, rules, a)
     stats = collections.Counter(written=0, failed=0, malformed_answers=0, retries=0, retried_ok=0)
     buf = io.StringIO()  # run_api appends 02's distill rows; they are only read back here
-    D.run_api(users, train, item_text, rules, example, a, buf, stats)
+    teachers.run_api(users, train, item_text, rules, example, a, buf, stats)
     rows = {}
     for r in map(json.loads, buf.getvalue().splitlines()):
         rows[int(r["user"])] = {"user": int(r["user"]), "profile": r["profile"], "teacher": r["teacher"],
-                                "prompt_hash": llm.prompt_hash(json.dumps(r["prompt"], sort_keys=True))}
+                                "prompt_hash": prompts.prompt_hash(json.dumps(r["prompt"], sort_keys=True))}
     return rows, {"teacher": "api", "teacher_model": a.api_model, "stats": dict(stats)}
 
 
-def teacher_item_rows(warm, other, users_of, user_rows, item_nbrs, rules, args, D):
-    """{item: row} in the user format (llm.merge_profiles, as 03's item examples): a warm item takes the most common
-    identity and interest terms of the teacher profiles of its (up to --item-users) most recent training users; any
-    other item those of the teacher item profiles of its (up to --item-nbrs) text-similar warm items. Ties go to the
-    term met first (newest user / most similar item first, then the order within the profile); fewer than three
-    distinct terms are topped up from the rules profile of the item alone. Each row names the users or items it
+def teacher_item_rows(warm, other, users_of, user_rows, item_nbrs, rules, args):
+    """{item: row} in the user format (prompts.merge_profiles, as 03's item examples): a warm item takes the most
+    common identity and interest terms of the teacher profiles of its (up to --item-users) most recent training
+    users; any other item those of the teacher item profiles of its (up to --item-nbrs) text-similar warm items. Ties
+    go to the term met first (newest user / most similar item first, then the order within the profile); fewer than
+    three distinct terms are topped up from the rules profile of the item alone. Each row names the users or items it
     came from ("from_users" / "from_items")."""
     def row(i, kind, profiles, src):
-        prof = llm.merge_profiles(profiles, fill=[rules.profile([i])])  # topped up by the item's own genres
+        prof = prompts.merge_profiles(profiles, fill=[rules.profile([i])])  # topped up by the item's own genres
         return {"item": i, "profile": prof, "kind": kind, "teacher": args.teacher, **src,
-                "prompt_hash": llm.prompt_hash(json.dumps({"teacher": args.teacher, "from": profiles}))}
+                "prompt_hash": prompts.prompt_hash(json.dumps({"teacher": args.teacher, "from": profiles}))}
 
     rows = {}
     for i in warm:
@@ -327,29 +291,132 @@ def teacher_item_rows(warm, other, users_of, user_rows, item_nbrs, rules, args, 
     return rows
 
 
-def write_teacher_profiles(run, out, user_ids, warm, other, train, users_of, item_text, item_nbrs, args):
+def write_teacher_profiles(run, out, d, args):
     """--source teacher: users.jsonl and items.jsonl (when items are asked for) in one pass; returns what the
     probe records about the teacher."""
-    D = distill_module()
-    rules = D.RulesTeacher(item_text, train, **args.prompt["teacher"])  # as 02 built it: full texts, 02's sizes
-    users, info = teacher_user_rows(run, user_ids, train, item_text, rules, args, D)
+    rules = teachers.RulesTeacher(d.item_text_full, d.train, **args.prompt["teacher"])  # as 02 built it
+    users, info = teacher_user_rows(run, d.user_ids, d.train, d.item_text_full, rules, args)
     rows = {"users": users}
-    if warm or other:
-        rows["items"] = teacher_item_rows(warm, other, users_of, users, item_nbrs, rules, args, D)
+    if d.warm or d.other:
+        rows["items"] = teacher_item_rows(d.warm, d.other, d.users_of, users, d.nbrs["item_nbrs"], rules, args)
     for kind, by_id in rows.items():
         for r in by_id.values():
-            r["valid"] = llm.parse_profile(r["profile"]) == r["profile"]
+            r["valid"] = prompts.parse_profile(r["profile"]) == r["profile"]
         common.write_jsonl(out / f"{kind}.jsonl", [by_id[k] for k in sorted(by_id)])
         log.info("teacher %s: %d profiles of %s, %d malformed", args.teacher, len(by_id), kind,
                  sum(not r["valid"] for r in by_id.values()))
     return info
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the LLM sources
 # The order of the work (item profiles need user profiles): users, warm items (items with training users), the
-# other items (cold, and any item without training users), then embeddings and the probe.
+# other items (cold, and any item without training users); then (finish) embeddings and the probe.
 
-def build_parser():
+def write_llm_profiles(run, out, d, args, upstream, shard, t_gen, redone):
+    """Generate the phases --what asks for, for this shard's ids, appending rows as batches finish."""
+    model, tok = llm.load_profile_model(run, args.source, args.model, device=args.device)
+    model = model.to(llm.pick_dtype(args.dtype, args.device)).eval()
+    log.info("model dtype %s, %d torch threads", next(model.parameters()).dtype, torch.get_num_threads())
+    user_msgs = (kd_user_messages(run, d.train, d.item_text_full) if args.source == "sft_gpt_kd" else
+                 (lambda u: user_messages(u, d.train, d.nbrs["user_nbrs"], d.item_text, args)))
+    mine = (lambda ids: [k for k in ids if k % shard[1] == shard[0]])
+
+    def fresh(ids, make):  # other shards' rows count only once built from the current prompt and upstream
+        return fresh_rows(upstream, {k: prompts.prompt_hash(prompts.render(tok, make(k))) for k in ids})
+
+    def phase(name, ids, make, kind, t_key, extra=None, t0=None):
+        t0 = t0 or time.time()
+        run_phase(name, mine(ids), make, kind, out, shard, model, tok, args, args.max_new_tokens, extra,
+                  upstream=upstream, redone=redone)
+        t_gen[t_key] = round(time.time() - t0, 1)
+
+    if args.what in ("all", "users"):
+        phase("user profiles", d.user_ids, user_msgs, "users", "users_s")
+    if args.what in ("all", "warm", "cold"):
+        user_rows = wait_for(out, "users", d.user_ids, args, "warm items", fresh(d.user_ids, user_msgs))
+        warm_msgs = (lambda i: warm_item_messages(i, d.item_text, d.users_of, user_rows, args))
+    if args.what in ("all", "warm"):
+        phase("warm item profiles", d.warm, warm_msgs, "items", "warm_items_s", {"kind": "warm"})
+    if args.what in ("all", "cold"):
+        t = time.time()
+        item_rows = wait_for(out, "items", d.warm, args, "cold items", fresh(d.warm, warm_msgs))
+        cold_msgs = (lambda i: cold_item_messages(i, d.item_text, d.nbrs["item_nbrs"], item_rows, args))
+        phase("cold item profiles", d.other, cold_msgs, "items", "cold_items_s", {"kind": "cold"}, t0=t)
+
+
+# ----------------------------------------------------------------------------- finish: files, embeddings, probe
+
+def collect_rows(out, d, teacher, upstream):
+    """One row per id in users.jsonl / items.jsonl (the shard files merged and removed), and the malformed counts."""
+    result = {}
+    for kind, ids in (("users", d.user_ids), ("items", d.warm + d.other)):
+        key = "user" if kind == "users" else "item"
+        rows = read_all(out, kind, own=out / f"{kind}.jsonl", fresh=None if teacher else fresh_rows(upstream))
+        missing = [k for k in ids if k not in rows]
+        if missing:
+            raise common.StageError(f"{out}: {len(missing)} {kind} profiles missing (e.g. {key} {missing[0]}); "
+                                    "run the shards (or this stage without --merge) first")
+        final = [rows[k] for k in sorted(rows)]
+        common.write_jsonl(out / f"{kind}.jsonl", final)
+        for p in out.glob(f"{kind}.shard*of*.jsonl"):
+            p.unlink()
+        result[kind] = final
+        bad = sum(not r["valid"] for r in final)
+        result[f"malformed_{kind}"] = bad
+        log.info("%s: %d profiles, %d malformed (%.1f%%)", kind, len(final), bad, 100 * bad / max(len(final), 1))
+    return result
+
+
+def embed_and_probe(run, out, d, args, result, info):
+    """The profile embeddings (all users and items; --probe-only: the eval users') and probe.json: Recall@K of the
+    users' validation items ranked by their profile against the item texts (and, all users, the item profiles).
+    Returns (probe, outputs)."""
+    user_prof = {r["user"]: r["profile"] for r in result["users"]}
+    probe = {"source": args.source, **info["teacher"]}
+    if args.probe_only:
+        u_emb = common.encode_texts([user_prof[u] for u in d.user_ids], args.encoder, device=args.device,
+                                    desc="encode user profiles")
+        text_emb, probe["item_embeddings"] = llm.item_embeddings_for_probe(run, d.item_text_full, u_emb.shape[1],
+                                                                           args.encoder, args.device)
+        probe.update(malformed_users=result["malformed_users"], redone=info["redone"],
+                     eval_users=llm.profile_probe(d.split, d.user_ids, u_emb, text_emb))
+        outputs = ["users.jsonl", "probe.json"]
+    else:
+        item_prof = {r["item"]: r["profile"] for r in result["items"]}
+        # --limit leaves some ids without a profile: embed their item text / an empty string instead
+        t = time.time()
+        u_emb = common.encode_texts([user_prof.get(u, "") for u in range(d.n_users)], args.encoder,
+                                    device=args.device, desc="encode user profiles")
+        i_emb = common.encode_texts([item_prof.get(i, d.item_text_full[i]) for i in range(d.n_items)], args.encoder,
+                                    device=args.device, desc="encode item profiles")
+        common.save_npy(out / "user_emb.npy", u_emb.astype(np.float32))
+        common.save_npy(out / "item_emb.npy", i_emb.astype(np.float32))
+        info["seconds"]["embed_s"] = round(time.time() - t, 1)
+        text_emb, probe["item_embeddings"] = llm.item_embeddings_for_probe(run, d.item_text_full, u_emb.shape[1],
+                                                                           args.encoder, args.device)
+        everyone = np.arange(d.n_users)
+        probe.update(n_users=d.n_users, n_items=d.n_items, malformed_users=result["malformed_users"],
+                     malformed_items=result["malformed_items"],
+                     all_users=llm.profile_probe(d.split, everyone, u_emb, text_emb),
+                     all_users_vs_item_profiles=llm.profile_probe(d.split, everyone, u_emb, i_emb),
+                     seconds=info["seconds"], redone=info["redone"])
+        if d.eval_users:
+            probe["eval_users"] = llm.profile_probe(d.split, d.eval_users, u_emb[d.eval_users], text_emb)
+        outputs = ["users.jsonl", "items.jsonl", "user_emb.npy", "item_emb.npy", "probe.json"]
+    common.write_json(out / "probe.json", probe)
+    head = probe.get("eval_users", probe.get("all_users"))
+    k = PROBE_K
+    log.info("probe (%d %s users, %s): profile Recall@%d = %.4f (history centroid %.4f, random %.4f)%s",
+             head["n_users"], "eval" if "eval_users" in probe else "all", args.source, k, head[f"recall@{k}"],
+             head[f"centroid_recall@{k}"], head[f"random_recall@{k}"],
+             "" if args.probe_only else "; user profile vs item profile Recall@%d = %.4f"
+             % (k, probe["all_users_vs_item_profiles"][f"recall@{k}"]))
+    return probe, outputs
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv):
     p = common.stage_parser(__doc__)
     p.add_argument("--source", default=SOURCE, choices=SOURCES,
                    help="which model writes the profiles, or `teacher`: 02's teacher itself")
@@ -360,7 +427,7 @@ def build_parser():
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="model dtype; auto: bf16 on a GPU that has it and on a CPU with native bf16 matmuls "
-                        "(AVX512-BF16/AMX: 2.4x the float32 GEMM rate here), else float32")
+                        "(AVX512-BF16/AMX), else float32")
     p.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads; 0 = torch's choice (see THREADS)")
     p.add_argument("--encoder", default=None, help="text encoder for the embeddings (default: the shipped MiniLM)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="prompts per generation batch")
@@ -387,178 +454,103 @@ def build_parser():
     p.add_argument("--probe-only", action="store_true",
                    help="only the eval users' profiles (user_sets.json) and the probe, in profiles/<source>/"
                         "probe_only/: compares sources in minutes; 07 cannot use it")
-    return p
+    args = p.parse_args(argv)
+    if args.source == TEACHER:
+        bad = [o for o, on in (("--shard", args.shard), ("--merge", args.merge), ("--what", args.what != "all"),
+                               ("--limit", args.limit is not None)) if on]
+        if bad:
+            raise common.UsageError(f"--source teacher writes every profile in one pass without an LLM; "
+                                    f"{', '.join(bad)} apply to the LLM sources only")
+        args.teacher = args.teacher or "rules"
+    elif args.teacher:
+        raise common.UsageError(f"--teacher applies to --source teacher only, not --source {args.source}")
+    args.shard_of = parse_shard(args.shard)
+    if args.merge and args.shard:
+        raise common.UsageError("--merge combines all shards; do not pass --shard with it")
+    return args
+
+
+def stage_inputs(run, args):
+    """(the files this stage reads, the model directories among them): retraining a model it loads, or re-running
+    02 for the API teacher's prompts, makes these profiles stale."""
+    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "item_text_emb.npy", prompts.PROMPT_FILE]
+    if args.source == TEACHER and args.teacher == "api":
+        api_teacher_args(run)  # fails early, with what to run, unless 02 used the API teacher
+        inputs.append("distill.jsonl")
+    models = [] if args.source == TEACHER else model_dirs(run, args.source)
+    recorded = {o for s in common.read_manifest(run)["stages"].values() for o in s.get("outputs", {})}
+    users = ["user_sets.json"] if (run / "user_sets.json").exists() and (
+        args.probe_only or "user_sets.json" in recorded) else []  # the probe's eval users
+    return inputs + models + users, models
+
+
+def upstream_state(run, args, models):
+    """What the rows are built from besides their prompt: a resumed row is reused only if both match."""
+    return prompts.prompt_hash(json.dumps({
+        "inputs": {r: common.sha256_path(run, r) for r in ["data/split.npz", "data/items.jsonl", "neighbors.npz"]
+                   + models}, "source": args.source, "model": str(args.model),
+        "decoding": [args.temperature, args.max_new_tokens, args.no_repeat_ngram, args.retries,
+                     args.retry_temperature, args.retry_seed, args.distinct_terms],
+        "code": {p.name: common.sha256_file(p) for p in common.stage_code("06_profile")}}, sort_keys=True))
+
+
+def load_data(run, args):
+    """The split, texts, neighbours, and the ids to profile: every user, warm items (with training users), the
+    others; --probe-only: the eval users only; --limit: the first N of each."""
+    d = argparse.Namespace(split=common.load_split(run), item_text_full=common.load_items(run),
+                           nbrs=common.load_neighbors(run))
+    d.n_users, d.n_items = d.split["n_users"], d.split["n_items"]
+    d.item_text = [prompts.clip(t, args.prompt["inference"]["max_chars"]) for t in d.item_text_full]
+    d.train = common.user_items(d.split["train_u"], d.split["train_i"], d.n_users)
+    d.users_of = common.user_items(d.split["train_i"], d.split["train_u"], d.n_items)  # chronological per item
+    sets_path = run / "user_sets.json"
+    d.eval_users = json.loads(sets_path.read_text())["eval"] if sets_path.exists() else None
+    d.user_ids = list(range(d.n_users))[:args.limit]
+    d.warm = [i for i in range(d.n_items) if len(d.users_of[i])][:args.limit]
+    d.other = [i for i in range(d.n_items) if not len(d.users_of[i])][:args.limit]
+    if args.probe_only:
+        if d.eval_users is None:
+            raise common.StageError(f"--probe-only needs {sets_path} (run 02_distill.py)")
+        d.user_ids, d.warm, d.other = sorted(d.eval_users)[:args.limit], [], []
+    return d
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    teacher = args.source == TEACHER
-    if teacher:
-        check_teacher_args(args)
-        args.teacher = args.teacher or "rules"
-    elif args.teacher:
-        raise SystemExit(f"--teacher applies to --source teacher only, not --source {args.source}")
-    run = args.run
+    args = parse_args(argv)
+    run, teacher, started = args.run, args.source == TEACHER, time.time()
     out = run / "profiles" / args.source / ("probe_only" if args.probe_only else "")
     stage = f"06_{'probe' if args.probe_only else 'profile'}_{args.source}"
     common.setup_logging(run, stage)
     common.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    started = time.time()
-    shard = parse_shard(args.shard)
-    if args.merge and args.shard:
-        raise SystemExit("--merge combines all shards; do not pass --shard with it")
-    inputs = ["data/split.npz", "data/items.jsonl", "neighbors.npz", "item_text_emb.npy", llm.PROMPT_FILE]
-    if teacher and args.teacher == "api":
-        api_teacher_args(run, distill_module())  # fails early, with what to run, unless 02 used the API teacher
-        inputs.append("distill.jsonl")  # 02's run fixes the API prompts: re-running 02 makes these profiles stale
-    models = [] if teacher else model_dirs(run, args.source)
-    inputs += models  # the model directories it loads are inputs: retraining one makes these profiles stale
-    recorded = {o for s in common.read_manifest(run)["stages"].values() for o in s.get("outputs", {})}
-    if (run / "user_sets.json").exists() and (args.probe_only or "user_sets.json" in recorded):
-        inputs.append("user_sets.json")  # the probe's eval users
+    inputs, models = stage_inputs(run, args)
     common.check_inputs(run, inputs, args.force)
-    args.prompt = llm.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
-    # what the rows are built from besides their prompt: a resumed row is reused only if both match
-    upstream = llm.prompt_hash(json.dumps({
-        "inputs": {r: common.sha256_path(run, r) for r in ["data/split.npz", "data/items.jsonl", "neighbors.npz"]
-                   + models}, "source": args.source, "model": str(args.model),
-        "decoding": [args.temperature, args.max_new_tokens, args.no_repeat_ngram, args.retries,
-                     args.retry_temperature, args.retry_seed, args.distinct_terms],
-        "code": {p.name: common.sha256_file(p) for p in common.stage_code("06_profile")}}, sort_keys=True))
+    args.prompt = prompts.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
+    upstream = upstream_state(run, args, models)
     out.mkdir(parents=True, exist_ok=True)
     if args.restart:
         for p in list(out.glob("*.jsonl")) + list(out.glob("*.npy")):
             p.unlink()
+    d = load_data(run, args)
 
-    split = common.load_split(run)
-    n_users, n_items = split["n_users"], split["n_items"]
-    item_text_full = common.load_items(run)
-    item_text = [llm.clip(t, args.prompt["inference"]["max_chars"]) for t in item_text_full]
-    nb = common.load_neighbors(run)
-    train = common.user_items(split["train_u"], split["train_i"], n_users)
-    users_of = common.user_items(split["train_i"], split["train_u"], n_items)  # chronological per item
-    user_ids = list(range(n_users))[:args.limit]
-    warm = [i for i in range(n_items) if len(users_of[i])][:args.limit]
-    other = [i for i in range(n_items) if not len(users_of[i])][:args.limit]
-    if args.probe_only:
-        if not (run / "user_sets.json").exists():
-            raise SystemExit(f"--probe-only needs {run}/user_sets.json (run 02_distill.py)")
-        user_ids = sorted(json.loads((run / "user_sets.json").read_text())["eval"])[:args.limit]
-        warm = other = []
-    mine = (lambda ids: [k for k in ids if k % shard[1] == shard[0]])
-    t_gen, teacher_info, redone = {}, {}, {}
-
+    # 1. the profiles: the teacher's in one pass, or the LLM's phases (a shard or one phase stops after its own)
+    info = {"teacher": {}, "seconds": {}, "redone": {}}
     if teacher:
         t = time.time()
-        teacher_info = write_teacher_profiles(run, out, user_ids, warm, other, train, users_of, item_text_full,
-                                              nb["item_nbrs"], args)
-        t_gen["teacher_s"] = round(time.time() - t, 1)
+        info["teacher"] = write_teacher_profiles(run, out, d, args)
+        info["seconds"]["teacher_s"] = round(time.time() - t, 1)
     elif not args.merge:
-        model, tok = load_profile_model(run, args.source, args.model, device=args.device)
-        model = model.to(llm.pick_dtype(args.dtype, args.device)).eval()
-        log.info("model dtype %s, %d torch threads", next(model.parameters()).dtype, torch.get_num_threads())
-        user_msgs = (kd_user_messages(run, train, item_text_full) if args.source == "sft_gpt_kd" else
-                     (lambda u: user_messages(u, train, nb["user_nbrs"], item_text, args)))
-
-        def fresh(ids, make):  # other shards' rows count only once built from the current prompt and upstream
-            return fresh_rows(upstream, {k: llm.prompt_hash(llm.render(tok, make(k))) for k in ids})
-        if args.what in ("all", "users"):
-            t = time.time()
-            run_phase("user profiles", mine(user_ids), user_msgs, "users", out, shard, model, tok, args,
-                      args.max_new_tokens, upstream=upstream, redone=redone)
-            t_gen["users_s"] = round(time.time() - t, 1)
-        if args.what in ("all", "warm", "cold"):
-            user_rows = wait_for(out, "users", user_ids, args, "warm items", fresh(user_ids, user_msgs))
-        if args.what in ("all", "warm"):
-            t = time.time()
-            run_phase("warm item profiles", mine(warm),
-                      lambda i: warm_item_messages(i, item_text, users_of, user_rows, args),
-                      "items", out, shard, model, tok, args, args.max_new_tokens, {"kind": "warm"},
-                      upstream=upstream, redone=redone)
-            t_gen["warm_items_s"] = round(time.time() - t, 1)
-        if args.what in ("all", "cold"):
-            t = time.time()
-            item_rows = wait_for(out, "items", warm, args, "cold items",
-                                 fresh(warm, lambda i: warm_item_messages(i, item_text, users_of, user_rows, args)))
-            run_phase("cold item profiles", mine(other),
-                      lambda i: cold_item_messages(i, item_text, nb["item_nbrs"], item_rows, args),
-                      "items", out, shard, model, tok, args, args.max_new_tokens, {"kind": "cold"},
-                      upstream=upstream, redone=redone)
-            t_gen["cold_items_s"] = round(time.time() - t, 1)
-        del model
-        if shard[1] > 1 or args.what != "all":
+        write_llm_profiles(run, out, d, args, upstream, args.shard_of, info["seconds"], info["redone"])
+        if args.shard_of[1] > 1 or args.what != "all":
             log.info("phase(s) done in %.1fs; run --merge (or --what all) to combine and embed", time.time() - started)
             return None
 
-    # ---- finalise: one row per id in users.jsonl / items.jsonl, embeddings, probe
-    result = {}
-    for kind, ids in (("users", user_ids), ("items", warm + other)):
-        key = "user" if kind == "users" else "item"
-        rows = read_all(out, kind, own=out / f"{kind}.jsonl", fresh=None if teacher else fresh_rows(upstream))
-        missing = [k for k in ids if k not in rows]
-        if missing:
-            raise SystemExit(f"{out}: {len(missing)} {kind} profiles missing (e.g. {key} {missing[0]}); "
-                             "run the shards (or this stage without --merge) first")
-        final = [rows[k] for k in sorted(rows)]
-        common.write_jsonl(out / f"{kind}.jsonl", final)
-        for p in out.glob(f"{kind}.shard*of*.jsonl"):
-            p.unlink()
-        result[kind] = final
-        bad = sum(not r["valid"] for r in final)
-        result[f"malformed_{kind}"] = bad
-        log.info("%s: %d profiles, %d malformed (%.1f%%)", kind, len(final), bad, 100 * bad / max(len(final), 1))
-
-    user_prof = {r["user"]: r["profile"] for r in result["users"]}
-    if args.probe_only:
-        u_emb = common.encode_texts([user_prof[u] for u in user_ids], args.encoder, device=args.device,
-                                    desc="encode user profiles")
-        text_emb, item_src = llm.item_embeddings_for_probe(run, item_text_full, u_emb.shape[1], args.encoder,
-                                                           args.device)
-        probe = {"source": args.source, **teacher_info, "item_embeddings": item_src,
-                 "malformed_users": result["malformed_users"], "redone": redone,
-                 "eval_users": llm.profile_probe(split, user_ids, u_emb, text_emb)}
-        common.write_json(out / "probe.json", probe)
-        head = probe["eval_users"]
-        log.info("probe (%d eval users, %s): profile Recall@%d = %.4f (history centroid %.4f, random %.4f)",
-                 len(user_ids), args.source, PROBE_K, head[f"recall@{PROBE_K}"],
-                 head[f"centroid_recall@{PROBE_K}"], head[f"random_recall@{PROBE_K}"])
-        rel = out.relative_to(run)
-        common.record_stage(run, stage, args, inputs, [f"{rel}/users.jsonl", f"{rel}/probe.json"], started)
-        return probe
-    item_prof = {r["item"]: r["profile"] for r in result["items"]}
-    # --limit leaves some ids without a profile: embed their item text / an empty string instead
-    u_texts = [user_prof.get(u, "") for u in range(n_users)]
-    i_texts = [item_prof.get(i, item_text_full[i]) for i in range(n_items)]
-    t = time.time()
-    u_emb = common.encode_texts(u_texts, args.encoder, device=args.device, desc="encode user profiles")
-    i_emb = common.encode_texts(i_texts, args.encoder, device=args.device, desc="encode item profiles")
-    common.save_npy(out / "user_emb.npy", u_emb.astype(np.float32))
-    common.save_npy(out / "item_emb.npy", i_emb.astype(np.float32))
-    t_gen["embed_s"] = round(time.time() - t, 1)
-
-    text_emb, item_src = llm.item_embeddings_for_probe(run, item_text_full, u_emb.shape[1], args.encoder, args.device)
-    sets_path = run / "user_sets.json"
-    eval_users = json.loads(sets_path.read_text())["eval"] if sets_path.exists() else None
-    probe = {"source": args.source, **teacher_info, "item_embeddings": item_src,
-             "n_users": n_users, "n_items": n_items,
-             "malformed_users": result["malformed_users"], "malformed_items": result["malformed_items"],
-             "all_users": llm.profile_probe(split, np.arange(n_users), u_emb, text_emb),
-             "all_users_vs_item_profiles": llm.profile_probe(split, np.arange(n_users), u_emb, i_emb),
-             "seconds": t_gen, "redone": redone}
-    if eval_users:
-        probe["eval_users"] = llm.profile_probe(split, eval_users, u_emb[eval_users], text_emb)
-    common.write_json(out / "probe.json", probe)
-    head = probe.get("eval_users", probe["all_users"])
-    log.info("probe (%s users): profile Recall@%d = %.4f (history centroid %.4f, random %.4f); "
-             "user profile vs item profile Recall@%d = %.4f", "eval" if eval_users else "all", PROBE_K,
-             head[f"recall@{PROBE_K}"], head[f"centroid_recall@{PROBE_K}"], head[f"random_recall@{PROBE_K}"],
-             PROBE_K, probe["all_users_vs_item_profiles"][f"recall@{PROBE_K}"])
-    rel = f"profiles/{args.source}"
-    outputs = [f"{rel}/users.jsonl", f"{rel}/items.jsonl", f"{rel}/user_emb.npy", f"{rel}/item_emb.npy",
-               f"{rel}/probe.json"]
-    common.record_stage(run, stage, args, inputs, outputs, started)
+    # 2. one file per kind, the embeddings and the probe
+    result = collect_rows(out, d, teacher, upstream)
+    probe, outputs = embed_and_probe(run, out, d, args, result, info)
+    rel = out.relative_to(run)
+    common.record_stage(run, stage, args, inputs, [f"{rel}/{o}" for o in outputs], started)
     return probe
 
 

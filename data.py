@@ -2,8 +2,8 @@
 
 load_dataset reads ml-100k (RecBole atomic files, from the recbole wheel), MIND, the Netflix Prize or your own CSV into
 a RawData (raw user and item ids, timestamps, each item's text); make_split turns that into dense ids and the arrays
-of data/split.npz (SPEC section 3). A malformed file is a common.DataError naming the file, the line and what was
-expected. Only 01 imports it (and tests/test_data.py, bench/bench_generate.py).
+of data/split.npz (docs/spec.md, section 3). A malformed file is a common.DataError naming the file, the line and
+what was expected. Only 01 imports it (and tests/test_data.py, bench/bench_generate.py).
 """
 import contextlib
 import csv
@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from common import DataError, UsageError, log
-
 
 # ----------------------------------------------------------------------------- raw data loaders
 
@@ -142,13 +141,16 @@ def load_ml100k(root=None, min_rating=0.0):
         for n, line in enumerate(f, 2):
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 4:
-                _fail(inter_path, n, f"expected 4 tab-separated fields (user, item, rating, timestamp), got {len(parts)}")
+                _fail(inter_path, n,
+                      f"expected 4 tab-separated fields (user, item, rating, timestamp), got {len(parts)}")
             rating = _parse_number(inter_path, n, parts[2], "rating")
             ts = _parse_number(inter_path, n, parts[3], "timestamp")
             if parts[1] not in item_text:
                 _fail(inter_path, n, f"item {parts[1]!r} is not in {item_path.name}")
             if rating >= min_rating:
-                users.append(parts[0]); items.append(parts[1]); times.append(ts)
+                users.append(parts[0])
+                items.append(parts[1])
+                times.append(ts)
     return _finish("ml-100k", users, items, times, item_text, item_path)
 
 
@@ -166,7 +168,8 @@ def load_mind(root):
         for n, line in f:
             parts = line.rstrip("\r\n").split("\t")
             if len(parts) < 5:
-                _fail(news_path, n, f"expected at least 5 tab-separated fields (id, category, subcategory, title, abstract), got {len(parts)}")
+                _fail(news_path, n, "expected at least 5 tab-separated fields (id, category, subcategory, title, "
+                                    f"abstract), got {len(parts)}")
             nid, cat, sub, title, abstract = parts[:5]
             item_text[nid] = f"{cat} / {sub}: {title.strip()}. {abstract.strip()}".strip()
     beh_path = _nonempty(root / "behaviors.tsv")
@@ -175,7 +178,8 @@ def load_mind(root):
         for n, line in f:
             parts = line.rstrip("\r\n").split("\t")
             if len(parts) != 5:
-                _fail(beh_path, n, f"expected 5 tab-separated fields (impression id, user, time, history, impressions), got {len(parts)}")
+                _fail(beh_path, n, "expected 5 tab-separated fields (impression id, user, time, history, "
+                                   f"impressions), got {len(parts)}")
             _, user, when, history, impressions = parts
             try:
                 ts = dt.datetime.strptime(when, MIND_TIME).timestamp()
@@ -191,7 +195,9 @@ def load_mind(root):
             for nid in clicked:
                 if nid not in item_text:
                     _fail(beh_path, n, f"news id {nid!r} is not in {news_path.name}")
-                users.append(user); items.append(nid); times.append(ts)
+                users.append(user)
+                items.append(nid)
+                times.append(ts)
     return _finish("mind", users, items, times, item_text, news_path)
 
 
@@ -236,7 +242,9 @@ def load_netflix(root, min_rating=0.0):
                 except ValueError:
                     _fail(path, n, f"expected a date YYYY-MM-DD, got {parts[2]!r}")
                 if rating >= min_rating:
-                    users.append(parts[0]); items.append(movie); times.append(ts)
+                    users.append(parts[0])
+                    items.append(movie)
+                    times.append(ts)
     return _finish("netflix", users, items, times, item_text, titles_path)
 
 
@@ -286,7 +294,9 @@ def load_csv(root):
     for n, (user, item, ts) in _csv_rows(inter_path, ["user", "item", "timestamp"]):
         if item not in item_text:
             _fail(inter_path, n, f"item {item!r} is not in {items_path.name}")
-        users.append(user); items.append(item); times.append(_parse_time(inter_path, n, ts))
+        users.append(user)
+        items.append(item)
+        times.append(_parse_time(inter_path, n, ts))
     return _finish("csv", users, items, times, item_text, items_path)
 
 
@@ -342,7 +352,7 @@ def _cap_train(users, times, in_train, n, keep, rng):
 
 def make_split(data, split="cold-items", cold_frac=0.2, test_frac=0.2, cutoff=None, valid_frac=0.1, seed=0,
                max_train_per_user=0, scarce_keep="random"):
-    """Dense ids and train/valid/test/cold arrays (SPEC section 3).
+    """Dense ids and train/valid/test/cold arrays (docs/spec.md, section 3).
 
     cold-items: the newest `cold_frac` of items by first interaction are cold, all their interactions
     are test; of the rest, each user's latest `test_frac` go to test.  snapshot: train < cutoff <= test.

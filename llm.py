@@ -1,24 +1,14 @@
-"""Prompts, profiles and language models: what the language-model stages 02-06 share (and bench/bench_generate.py).
+"""Language models for the stages 02-06: loading, LoRA, reward scoring and the profile-quality probe.
 
-A module of its own, not part of common.py, because only 02-06 use it: 01, 07 and 08 never load a language model or
-read a prompt. Its sections, in the order a profile is made:
-  language model  resolve_llm (the default SmolLM2 GGUF, de-quantised once), load_tokenizer, load_llm, fold_lora,
-                  pick_dtype
-  prompts         the inference prompt (eq. 5) that 02's reward queries, 05's rollouts and 06's user profiles share,
-                  its sizes (PROMPT_SIZES, recorded by 02 in prompt.json), the item prompts 03 trains and 06 asks
-  profiles        the profile format: parse_profile, normalize_profile, merge_profiles
-  generation      batched generation and its stop rule (generate_batches; 02's local teacher, 03, 05, 06)
+  language model  resolve_llm (the shipped SmolLM2 GGUF, de-quantised once), load_tokenizer, load_llm, fold_lora,
+                  pick_dtype, load_profile_model (the model that writes a profile source's profiles: 06, bench/)
   training        LoRA, the per-step log, trained folders, reward-model scoring (03, 04, 05)
-  probe           the profile-quality probe of 02 and 06 (SPEC section 7)
-A stage's recorded code includes this file (common.stage_code): editing a prompt or the profile format here marks
-what 02-06 built with it as built by changed code, as editing common.py does.
+  probe           the profile-quality probe of 02 and 06 (docs/spec.md, section 7)
+Prompts and the profile format are in prompts.py, the generation engine in generate.py.
 """
-import collections
-import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import StaleInputError, append_jsonl, encode_texts, history_centroids, load_npy, log, user_items
+from common import append_jsonl, encode_texts, history_centroids, load_npy, log, user_items
+from generate import shared_prefix
 
 CACHE = Path(os.environ.get("RECLM_CACHE", Path.home() / ".cache" / "reclm"))
 
@@ -113,9 +104,9 @@ CPU_ATTENTION = "reclm_cpu"
 
 
 def _cpu_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """sdpa, except for one-token decode steps: there torch's CPU flash kernel spends ~10 ms per layer on a
-    [32 x 9 heads x 1] query (measured: 0.41 s of a 0.5 s SmolLM2 decode step at batch 32, bf16), while two small
-    matmuls over the key/value heads (grouped query attention, no repeat_kv copies) take well under 1 ms."""
+    """sdpa, except for one-token decode steps: torch's CPU flash kernel is slow on a one-token query (most of a
+    decode step's time went there), while two small matmuls over the key/value heads (grouped query attention, no
+    repeat_kv copies) are cheap (bench/RESULTS.md, "Batched generation")."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if query.shape[2] != 1 or (module.training and dropout):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -164,9 +155,8 @@ class FoldedLoRA(torch.nn.Module):
     ([sum of ranks, in]) and B their scaled up projections side by side ([out, sum of ranks]), the second product
     added into the base output in place: two small products per layer whatever the number of adapters, where peft
     runs a chain of small ops per adapter (down, up, scale, add). A merge into bf16 weights would round the deltas
-    away (06 load_profile_model); this keeps them apart, in the model's dtype. 06's user phase on 128 users with the
-    ppo model (two adapters; bench/bench_profile_phase.py, 3 pairs alternating with peft's live adapters): 1.07x,
-    1.11x, 1.29x faster (README)."""
+    away (load_profile_model); this keeps them apart, in the model's dtype, and is faster than peft's live adapters
+    (bench/bench_profile_phase.py; docs/results.md, "Profiles of the ppo source")."""
 
     def __init__(self, base, down, up):
         super().__init__()
@@ -226,499 +216,26 @@ def pick_dtype(name, device=None):
     return torch.bfloat16 if native else torch.float32
 
 
-# ----------------------------------------------------------------------------- prompts
-# The inference prompt (eq. 5) is shared by 02 (reward-pair queries), 05 (PPO prompts) and 06 (profiles);
-# the stage-specific prompts live at the top of each stage.
-
-# The format is described in words, never shown with sample terms: small models copy any example verbatim
-# (SmolLM2-135M copied both "A, B, C" placeholders and a concrete sample profile into most of its answers).
-PROFILE_FORM = ("one line: 'User identity:' then {n} short comma-separated identities (who the user is), then "
-                "'; User interests:' then {n} comma-separated interests (genres, topics or themes)")
-SYSTEM_PROMPT = (
-    "You write user profiles for a recommender. Users with similar histories share interests, so similar "
-    "users' items help describe the target user. Reply with " + PROFILE_FORM.format(n="three") + ".")
-
-# The two-turn dialogue 03 teaches (sec. 2.3.2). Its first turn is also the inference prompt (eq. 5) of 02's reward
-# pairs, 05's rollouts and 06's user profiles, with the answer opened by the target's line ("Target user:"): the tuned
-# model is asked exactly the question it was trained on. (Asked a separate single-profile prompt instead, the CPU-budget
-# model mixed the two formats, "Target user identity: ...": 23% of its eval users' profiles parsed, 77% with this one;
-# after 02-06 were re-run on it, 58% of all users' parsed, from 26%. README.)
-TWO_TURN_SYSTEM = (
-    "You are a recommendation assistant. Collaborative filtering assumes that users with similar interaction "
-    "histories share interests, so similar users' histories and profiles help predict what a user will like. "
-    "The task has two stages: first you write a profile for the target user and for each similar user from "
-    "their items, then you use these profiles to predict whether the target user will interact with a new item. "
-    "A profile is " + PROFILE_FORM.format(n="three") + ".")
-TURN1_PROMPT = (
-    "Target user's items, oldest to newest{dropped}:\n{target}\n\n"
-    "{neighbors}\n\n"
-    "Write a profile for the target user and for each similar user, one per line.")
-TURN1_NEIGHBOR = "Similar user {n}'s items{dropped}:\n{items}"
-TURN1_ANSWER_LINE = "{who}: {profile}"
-TARGET_WHO = "Target user"     # `who` of the target's line; the neighbours' are "Similar user {n}"
-ANSWER_PREFIX = TURN1_ANSWER_LINE.format(who=TARGET_WHO, profile="").rstrip()  # the open answer of eq. 5
-INFERENCE_FORMAT = "two-turn first turn, answer opened"  # prompt.json records it; older runs asked another prompt
-
-
-def clip(text, max_chars):
-    return text if len(text) <= max_chars else text[:max_chars - 1].rstrip() + "…"
-
-
-def shown_items(items, max_items):
-    """The items a prompt shows of a history (oldest to newest): the newest `max_items` (0 = all). The one rule,
-    shared by the prompts (item_list) and 02's teachers, whose profiles must be a function of what is shown."""
-    return list(items)[-max_items:] if max_items else list(items)
-
-
-def item_list(items, item_text, max_items, max_chars=80):
-    """A numbered list of the newest `max_items` items (texts cut to max_chars), and how many were dropped."""
-    kept = shown_items(items, max_items)
-    lines = [f"{n}. {clip(item_text[i], max_chars)}" for n, i in enumerate(kept, 1)]
-    return "\n".join(lines), len(items) - len(kept)
-
-
-# How much of a user's history the inference prompt shows: 02's reward queries, 05's PPO prompts and 06's user
-# prompts all use these, so the reward model scores profiles for the very prompts the policy answers. Prompt tokens
-# are what CPU generation pays for (it is prefill-bound): these keep a prompt near 300 SmolLM2 tokens on ml-100k
-# (SmolLM2 spells out every digit of a year), ~80 of them the shared system prompt.
-PROMPT_SIZES = dict(max_items=5, max_nbr_items=2, n_nbrs=2, max_chars=48)
-PROMPT_FILE = "prompt.json"  # 02 writes the sizes it ran with; 03, 05 and 06 read them (one source of truth)
-
-
-def prompt_settings(run):
-    """The prompt sizes 02 ran with: {"teacher": {max_items, max_chars}, what the teacher saw of a user, which 03's
-    training prompts show too; "inference": PROMPT_SIZES' keys, the inference prompt of 02's reward queries, 05's
-    rollouts and 06's user profiles}. A stage that trained or answers on other sizes would learn or be scored on
-    prompts it never sees, so there are no per-stage flags for them: change them in 02."""
-    path = Path(run) / PROMPT_FILE
-    if not path.exists():
-        raise StaleInputError(f"{path} is missing: run 02_distill.py first (it records the prompt sizes)")
-    settings = json.loads(path.read_text())
-    if settings.get("inference_format") != INFERENCE_FORMAT:
-        raise StaleInputError(f"{path} was written by an older 02_distill.py, whose reward pairs ask another "
-                              f"inference prompt than this code's ({INFERENCE_FORMAT!r}): run 02 again, then 03-06")
-    return settings
-
-
-def dropped_note(n):
-    return f" ({n} older items not shown)" if n else ""
-
-
-def turn1_messages(target_items, neighbor_items, item_text, max_items, max_nbr_items, max_chars):
-    """The first turn of 03's dialogue (system and user messages): the target's and its neighbours' items."""
-    target, dropped = item_list(target_items, item_text, max_items, max_chars)
-    blocks = []
-    for n, items in enumerate(neighbor_items, 1):
-        text, d = item_list(items, item_text, max_nbr_items, max_chars)
-        blocks.append(TURN1_NEIGHBOR.format(n=n, dropped=dropped_note(d), items=text))
-    return [{"role": "system", "content": TWO_TURN_SYSTEM},
-            {"role": "user", "content": TURN1_PROMPT.format(dropped=dropped_note(dropped), target=target,
-                                                            neighbors="\n\n".join(blocks) or "(no similar users)")}]
-
-
-def inference_messages(target_items, neighbor_items, item_text, max_items=PROMPT_SIZES["max_items"],
-                       max_nbr_items=PROMPT_SIZES["max_nbr_items"], max_chars=PROMPT_SIZES["max_chars"]):
-    """The inference prompt (eq. 5): turn 1 of 03's dialogue, then the assistant's answer opened with the target's
-    line prefix (ANSWER_PREFIX). The model continues it with the target's profile (render); a response to it is
-    that continuation (render_ids)."""
-    return (turn1_messages(target_items, neighbor_items, item_text, max_items, max_nbr_items, max_chars)
-            + [{"role": "assistant", "content": ANSWER_PREFIX}])
-
-
-def user_prompt(u, train, user_nbrs, item_text, max_items=PROMPT_SIZES["max_items"],
-                max_nbr_items=PROMPT_SIZES["max_nbr_items"], n_nbrs=PROMPT_SIZES["n_nbrs"],
-                max_chars=PROMPT_SIZES["max_chars"]):
-    """The inference prompt of user u: its training items and those of its first n_nbrs neighbours (0 = all)."""
-    nb = [int(v) for v in user_nbrs[u] if int(v) >= 0 and int(v) != u]
-    nb = nb[:n_nbrs] if n_nbrs else nb
-    return inference_messages(train[u], [train[v] for v in nb], item_text, max_items, max_nbr_items, max_chars)
-
-
-# Item profiles ("the users this item suits") are written in the user format, which 03 teaches on teacher item
-# profiles: a warm item's is the most common terms of the profiles of its recent training users, a cold item's
-# those of its text-similar warm items' item profiles (merge_profiles), each a function of what its prompt shows.
-ITEM_SYSTEM = (
-    "You are a recommendation assistant that describes which users an item suits. An item profile describes "
-    "the users the item targets. Reply with " + PROFILE_FORM.format(n="three") + ".")
-WARM_ITEM_PROMPT = (
-    "Item: {item}\n\n"
-    "Profiles of users who chose this item:\n{profiles}\n\n"
-    "Write the profile of the users this item suits.")
-COLD_ITEM_PROMPT = (
-    "Item: {item}\n\n"
-    "Similar items and the users they suit:\n{similar}\n\n"
-    "Write the profile of the users this item suits.")
-
-
-def warm_item_messages(item, profiles):
-    """item: its text; profiles: its recent users' profiles, newest first."""
-    lines = [f"{n}. {p}" for n, p in enumerate(profiles, 1)]
-    return [{"role": "system", "content": ITEM_SYSTEM},
-            {"role": "user", "content": WARM_ITEM_PROMPT.format(item=item, profiles="\n".join(lines))}]
-
-
-def cold_item_messages(item, similar):
-    """item: its text; similar: [(text, item profile)] of its text-similar warm items, most similar first."""
-    lines = [f"{n}. {t} -> {p}" for n, (t, p) in enumerate(similar, 1)]
-    return [{"role": "system", "content": ITEM_SYSTEM},
-            {"role": "user", "content": COLD_ITEM_PROMPT.format(item=item, similar="\n".join(lines) or "(none)")}]
-
-
-def render(tok, messages):
-    """The prompt text a model continues: a new assistant turn, or the open final assistant message (an answer
-    prefix, as inference_messages ends with)."""
-    if messages[-1]["role"] == "assistant":
-        return tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def render_ids(tok, prompt_messages, response):
-    """Token ids of the prompt messages followed by one assistant turn holding `response`; a prompt that ends with
-    an open answer (inference_messages) has the response appended to it, as the model wrote it there."""
-    msgs = list(prompt_messages)
-    if msgs[-1]["role"] == "assistant":
-        response = (msgs.pop()["content"] + " " + response.lstrip()).rstrip()
-    msgs.append({"role": "assistant", "content": response})
-    return list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
-
-
-def prompt_hash(text):
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- profiles
-
-PROFILE_RE = re.compile(r"User identity:\s*(?P<identity>[^;\n]+?)\s*;\s*User interests:\s*(?P<interests>[^\n]+)",
-                        re.IGNORECASE)
-
-
-def parse_profile(text, n_each=3):
-    """The canonical profile string if `text` holds `n_each` identities and `n_each` interests, else None."""
-    m = PROFILE_RE.search(text or "")
-    if not m:
-        return None
-    parts = []
-    for key in ("identity", "interests"):
-        terms = [t.strip(" .\"'") for t in m.group(key).split(",")]
-        terms = [t for t in terms if t]
-        if len(terms) != n_each or len(set(t.lower() for t in terms)) != n_each:
-            return None
-        parts.append(", ".join(terms))
-    return f"User identity: {parts[0]}; User interests: {parts[1]}"
-
-
-_SECTION_GAP = re.compile(r"(User identity:[^\n;]*?)\s*[\n.]+\s*(User interests:)", re.I)
-
-
-def normalize_profile(text, n_each=3):
-    """parse_profile after light repairs of what small models often write: the two parts on separate
-    lines (or split by '.'), bullets/bold marks, and more than `n_each` terms (the first `n_each` distinct ones
-    are kept). Returns the canonical profile or None."""
-    if not text:
-        return None
-    t = text.replace("**", "").replace("*", "")
-    t = _SECTION_GAP.sub(r"\1; \2", t)
-    m = PROFILE_RE.search(t)
-    if not m:
-        return None
-    parts = []
-    for key in ("identity", "interests"):
-        terms, seen = [], set()
-        for term in m.group(key).split(","):
-            term = term.strip(" .\"'-")
-            if term and term.lower() not in seen and len(term) <= 60:
-                seen.add(term.lower())
-                terms.append(term)
-        if len(terms) < n_each or all(len(t) <= 1 for t in terms):  # too few, or the A, B, C placeholders copied
-            return None
-        parts.append(", ".join(terms[:n_each]))
-    return parse_profile(f"User identity: {parts[0]}; User interests: {parts[1]}", n_each=n_each)
-
-
-def merge_profiles(profiles, fill=(), n=3):
-    """The profile of the n most common identity and n most common interest terms of `profiles` (case-insensitive;
-    ties to the term met first), topped up from the profiles in `fill`; None if fewer than n terms a side."""
-    parts = []
-    for side in ("identity", "interests"):
-        count, first, name = collections.Counter(), {}, {}
-        for weight, p in [(1, p) for p in profiles] + [(0, p) for p in fill]:  # fill terms rank after counted ones
-            m = PROFILE_RE.search(p or "")
-            for t in (m.group(side).split(",") if m else []):
-                t = t.strip(" .\"'")
-                if t:
-                    count[t.lower()] += weight
-                    first.setdefault(t.lower(), len(first))
-                    name.setdefault(t.lower(), t)
-        parts.append(", ".join(name[k] for k in sorted(count, key=lambda k: (-count[k], first[k]))[:n]))
-    return parse_profile(f"User identity: {parts[0]}; User interests: {parts[1]}", n)
-
-
-# ----------------------------------------------------------------------------- generation
-
-# End-of-turn tokens of common chat templates (ChatML, Llama-3, Phi-3, Gemma): an answer ends at any of them, also
-# where the tokenizer's eos_token is another one (Llama-3's base eos is <|end_of_text|>, its turns end at <|eot_id|>).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
-
-
-def stop_token_ids(tok, model=None):
-    """Token ids that end an answer: the tokenizer's eos, the end-of-turn tokens it knows, and (with `model`) the
-    eos ids of the model's generation config. Shared by 06's generation (generate_batches) and 05's rollouts."""
-    ids = {tok.eos_token_id}
-    for t in END_OF_TURN_TOKENS:
-        k = tok.convert_tokens_to_ids(t)
-        if isinstance(k, int) and k != tok.unk_token_id and k is not None:
-            ids.add(k)
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    return sorted(i for i in ids if isinstance(i, int))
-
-
-def shared_prefix(id_lists):
-    """The longest token prefix common to every list, leaving each list at least one token of its own."""
-    first = id_lists[0]
-    n = min(len(ids) for ids in id_lists) - 1
-    for ids in id_lists[1:]:
-        n = next((k for k in range(n) if ids[k] != first[k]), n)
-    return first[:max(n, 0)]
-
-
-def profile_line_complete(text):
-    """06's stop rule on an answer's text: it holds a whole profile line (PROFILE_RE followed by a newline)."""
-    m = PROFILE_RE.search(text)
-    return m is not None and text[m.end():].startswith("\n")
-
-
-class ProfileLineDone:
-    """A transformers stopping criterion: a sequence is done once its answer holds a whole profile line
-    (profile_line_complete). Tuned models go on to write their neighbours' profiles (the two-turn
-    training answer) until max_new_tokens; these tokens are discarded anyway."""
-
-    def __init__(self, tok, prompt_len):
-        self.tok, self.prompt_len = tok, prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        done = [profile_line_complete(t) for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class NoRepeatInAnswer:
-    """A transformers logits processor: bans every token that would repeat an n-gram already in the answer (the
-    generated tokens only). Greedy decoding of a small tuned model degenerates into repeated terms ("heavy viewer,
-    heavy viewer, heavy viewer") and never reaches "User interests:"; HF's no_repeat_ngram_size would also count
-    the prompt, whose genres and identities a profile is meant to reuse."""
-
-    def __init__(self, prompt_len, n):
-        self.prompt_len, self.n = prompt_len, n
-
-    def __call__(self, input_ids, scores):
-        n, answers = self.n, input_ids[:, self.prompt_len:].tolist()
-        for row, ids in enumerate(answers):
-            if len(ids) < n - 1:
-                continue
-            tail = ids[len(ids) - n + 1:]  # the last n - 1 tokens ([] for n = 1)
-            banned = {ids[k + n - 1] for k in range(len(ids) - n + 1) if ids[k:k + n - 1] == tail}
-            if banned:
-                scores[row, list(banned)] = -float("inf")
-        return scores
-
-
-_TERM_ENDERS = {}  # (tokenizer name, vocab size) -> ids of the tokens that end a term
-
-
-class DistinctTerms:
-    """A logits processor: while the term being written in a profile's current list ("User identity: a, b, c" or
-    "User interests: ...") equals an earlier term of that list (case-insensitive, as parse_profile compares them),
-    the tokens that would end it there (a comma, semicolon, full stop or newline first, or end-of-turn) are banned,
-    so the answer cannot repeat a term; the model extends or changes it instead ("casual viewer, casual viewer of
-    classic films"). Greedy answers of the CPU-budget model repeated a term in about half of the users' first answers
-    ("casual viewer, casual viewer, casual viewer"), which parse_profile rejects (06's defaults give the measurement)."""
-
-    def __init__(self, tok, prompt_len, stop_ids):
-        self.tok, self.prompt_len = tok, prompt_len
-        key = (tok.name_or_path, len(tok))
-        if key not in _TERM_ENDERS:
-            _TERM_ENDERS[key] = [i for i in range(len(tok))
-                                 if tok.decode([i]).lstrip(" ")[:1] in (",", ";", ".", "\n")]
-        self.enders = sorted(set(_TERM_ENDERS[key]) | set(stop_ids))
-
-    def __call__(self, input_ids, scores):
-        for row, text in enumerate(self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)):
-            low = text.lower()
-            at = max(low.rfind("identity:"), low.rfind("interests:"))
-            if at < 0:
-                continue
-            section = text[text.index(":", at) + 1:]
-            if ";" in section or "\n" in section:  # that list is closed
-                continue
-            terms = [t.strip(" .\"'").lower() for t in section.split(",")]
-            if terms[-1] and terms[-1] in terms[:-1]:
-                scores[row, self.enders] = -float("inf")
-        return scores
-
-
-SAMPLE_TOP_K = 50  # transformers' default top_k, which every sampled answer here had before TopKTopPSampler
-
-
-class TopKTopPSampler:
-    """Sampling as a logits processor, for greedy decoding to pick the token it leaves: the distribution of
-    transformers' sampling (scores / temperature, then its TopK and TopP warpers) drawn over the top-k tokens only.
-    transformers sorts and draws over the whole vocabulary each step: with SmolLM2's 49,152 tokens that was 2.7 s of a
-    14.2 s decode of 32 rows x 40 tokens (torch.profiler, bf16, 1 thread). Not the same random stream as
-    transformers' sampling, the same distribution (tests/test_generate.py)."""
-
-    def __init__(self, temperature, top_p=1.0, top_k=SAMPLE_TOP_K):
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-
-    def distribution(self, scores):
-        """(probabilities [rows, k], token ids [rows, k]): the tokens that can be drawn, most likely first."""
-        values, tokens = (scores / self.temperature).topk(min(self.top_k, scores.shape[-1]), dim=-1)
-        probs = values.float().softmax(-1)
-        if self.top_p < 1.0:  # TopPLogitsWarper keeps a token while the mass of the likelier ones is below top_p,
-            drop = probs.cumsum(-1) - probs >= self.top_p  # and always the likeliest
-            drop[:, 0] = False
-            probs = probs.masked_fill(drop, 0.0)
-        return probs / probs.sum(-1, keepdim=True), tokens
-
-    def __call__(self, input_ids, scores):
-        probs, tokens = self.distribution(scores)
-        drawn = tokens.gather(1, torch.multinomial(probs, 1))
-        return torch.full_like(scores, -float("inf")).scatter_(1, drawn, 0.0)
-
-
-def answer_end(tok, ids, stop_ids):
-    """Where generate_batches' rule ends one generated answer `ids` (a list of token ids): (n, how), n tokens kept,
-    up to and including the first stop token (how = "eot") or the token that completes the first profile line
-    (how = "profile"), whichever comes first; (len(ids), None) when neither occurs (cut at max_new_tokens). Tokens
-    after the end (padding of a finished row, or a batch's later tokens) are not looked at."""
-    stops = set(stop_ids)
-    eot = next((k for k, t in enumerate(ids) if t in stops), None)
-    for n in range(1, (len(ids) if eot is None else eot) + 1):
-        if profile_line_complete(tok.decode(ids[:n], skip_special_tokens=True)):
-            return n, "profile"
-    return (len(ids), None) if eot is None else (eot + 1, "eot")
-
-
-# On a CPU, prompts are run through the model a few at a time (llm._prefill): the activations of the elementwise ops
-# and attention of a few prompts stay in cache, those of a batch of 64 do not (a plain forward of 32 user prompts:
-# 24.2 s in one piece, 20.2 s 8 at a time). 06's user phase on 128 prompts with the pipeline's ppo model, adapters
-# merged (bench/bench_profile_phase.py at 71b79f3, bf16, 1 thread): 128 s at 4 rows, 117 s at 8, 124 s at 16. A GPU
-# takes the whole batch.
-CPU_PREFILL_ROWS = 8
-
-
-@torch.no_grad()
-def _prefill(decoder, input_ids, mask, prefix_kv, n_prefix, rows_per_forward):
-    """The keys/values of every prompt token but the last, per layer ([batch, kv heads, width - 1, head dim]), computed
-    by `decoder` (the model without its LM head: model.get_decoder()) `rows_per_forward` prompts at a time, each
-    starting from the shared prefix's keys/values (n_prefix tokens)."""
-    from transformers import DynamicCache
-    width = input_ids.shape[1]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate computes them: left padding takes no positions
-    chunks = []
-    for s in range(0, input_ids.shape[0], rows_per_forward):
-        rows = slice(s, s + rows_per_forward)
-        cache, n = DynamicCache(), input_ids[rows].shape[0]
-        for layer, kv in enumerate(prefix_kv.layers if prefix_kv is not None else []):
-            cache.update(kv.keys.expand(n, -1, -1, -1), kv.values.expand(n, -1, -1, -1), layer)
-        if width - 1 > n_prefix:
-            decoder(input_ids=input_ids[rows, n_prefix:width - 1], attention_mask=mask[rows, :width - 1],
-                    position_ids=position_ids[rows, n_prefix:width - 1], cache=cache, use_cache=True)
-        chunks.append(cache)
-    return [(torch.cat([c.layers[layer].keys for c in chunks]), torch.cat([c.layers[layer].values for c in chunks]))
-            for layer in range(len(chunks[0].layers))]
-
-
-@torch.no_grad()
-def _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature, top_p, no_repeat_ngram,
-            distinct_terms=False):
-    """Answers to the prompts `input_ids` whose keys/values up to the last token are `prompt_kv` (per layer), from a
-    preallocated cache (the default one re-concatenates every layer's keys/values per token: 28% of a SmolLM2 batch's
-    time on a CPU); greedy at temperature 0, else sampled (TopKTopPSampler). Also returns that cache, whose first
-    width - 1 positions still hold the prompts afterwards."""
-    from transformers import LogitsProcessorList, StaticCache, StoppingCriteriaList
-    width = input_ids.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-    for layer, (keys, values) in enumerate(prompt_kv):
-        cache.update(keys, values, layer)
-    processors = LogitsProcessorList()
-    if no_repeat_ngram > 0:
-        processors.append(NoRepeatInAnswer(width, no_repeat_ngram))
-    if distinct_terms:
-        processors.append(DistinctTerms(tok, width, stop_token_ids(tok, model)))
-    if temperature > 0:
-        processors.append(TopKTopPSampler(temperature, top_p))
-    out = model.generate(input_ids=input_ids, attention_mask=mask, cache=cache, logits_processor=processors,
-                         max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tok, model),
-                         pad_token_id=tok.pad_token_id, do_sample=False, temperature=None, top_p=None, top_k=None,
-                         stopping_criteria=StoppingCriteriaList([ProfileLineDone(tok, width)]))
-    return [a.strip() for a in tok.batch_decode(out[:, width:], skip_special_tokens=True)], cache
-
-
-@torch.no_grad()
-def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temperature=0.0, top_p=0.95,
-                     desc="generate", progress=True, prefix_cache=True, no_repeat_ngram=0, accept=None, retries=0,
-                     retry_temperature=0.7, seed=0, prefill_rows=None, distinct_terms=False):
-    """Batched generation over rendered chat prompts `texts`: prompts sorted by token length (less padding), left
-    padding, stop at end-of-turn or after a whole profile line (ProfileLineDone), greedy when temperature == 0, no
-    n-gram of `no_repeat_ngram` tokens twice in one answer when > 0 (NoRepeatInAnswer), no term twice in a profile's
-    list with `distinct_terms` (DistinctTerms). With `accept` (answer ->
-    bool), an answer it rejects is sampled again (temperature `retry_temperature`, top-p `top_p`, seeded by `seed`,
-    the batch and the attempt) up to `retries` times, from the prompt's keys/values already computed: a retry costs
-    decoding only. Yields (indices, answers, attempts) per batch, in the order the batches finish, so that callers can
-    append results as they go; attempts[j] is the try that wrote answers[j] (0: the first), the last one when none
-    was accepted.
-
-    CPU generation of short answers is prefill-bound, and every prompt starts with the same system message: with
-    `prefix_cache` the tokens all prompts share are run once, and each batch starts from their keys/values (layout
-    [shared prefix][left padding][own tokens]; positions come from the attention mask, so the padding in the middle
-    changes nothing); the rest of each prompt is run `prefill_rows` prompts at a time (default: CPU_PREFILL_ROWS on
-    a CPU, the whole batch elsewhere)."""
-    from tqdm import tqdm
-    from transformers import DynamicCache
-    if not texts:
-        return
-    assert tok.padding_side == "left", "batched generation needs a left-padding tokenizer (load_tokenizer)"
-    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    device = next(model.parameters()).device
-    prefill_rows = prefill_rows or (CPU_PREFILL_ROWS if device.type == "cpu" else batch_size)
-    prefix = shared_prefix(ids) if prefix_cache else []
-    # The prompts' forward runs the decoder without its LM head: only keys/values are wanted. Asking the causal LM
-    # for the last position's logits cost 40% of a bf16 CPU forward of 8 prompts: torch ran the head on the strided
-    # last-position slice as a batched matmul, copying the [49152, 576] head weight once per prompt
-    # (bench/bench_prefill.py).
-    decoder = model.get_decoder()
-    prefix_kv = None
-    if prefix:
-        prefix_kv = DynamicCache()
-        decoder(torch.tensor([prefix], device=device), cache=prefix_kv, use_cache=True)
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress)):
-        own = [ids[k][len(prefix):] for k in idx]
-        width = max(len(x) for x in own)
-        input_ids = torch.tensor([prefix + [tok.pad_token_id] * (width - len(x)) + x for x in own], device=device)
-        mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(x)) + [1] * len(x) for x in own], device=device)
-        prompt_kv = _prefill(decoder, input_ids, mask, prefix_kv, len(prefix), prefill_rows)
-        answers, cache = _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature, top_p,
-                                 no_repeat_ngram, distinct_terms)
-        del prompt_kv
-        n_prompt = input_ids.shape[1] - 1
-        attempts = [0] * len(idx)
-        failed = [r for r, a in enumerate(answers) if accept is not None and not accept(a)]
-        for attempt in range(1, retries + 1):
-            if not failed:
-                break
-            torch.manual_seed(seed + 1000 * b + attempt)
-            rows = torch.tensor(failed, device=device)
-            again, _ = _decode(model, tok, input_ids[rows], mask[rows],
-                               [(layer.keys[rows, :, :n_prompt], layer.values[rows, :, :n_prompt])
-                                for layer in cache.layers], max_new_tokens, retry_temperature, top_p,
-                               no_repeat_ngram, distinct_terms)
-            for r, a in zip(failed, again):
-                answers[r], attempts[r] = a, attempt
-            failed = [r for r in failed if not accept(answers[r])]
-        yield [int(k) for k in idx], answers, attempts
+def load_profile_model(run, source, model=DEFAULT_LLM, device=None):
+    """(model, tokenizer) that writes profiles for `source`: the untuned LLM (base_llm), an SFT adapter (sft_*), or
+    the PPO adapter stacked on the SFT adapter it was trained over (ppo; ppo/base.json names it: 05 trained it on the
+    SFT model merged in float32, i.e. on base + SFT delta + PPO delta, which two active LoRA adapters compute).
+    Adapters are folded (fold_lora: one down and one up product per layer for all adapters), never merged: 06
+    generates in bf16, and bf16(W + delta) rounds most of a small delta away (docs/results.md, "Profiles of the ppo
+    source")."""
+    run = Path(run)
+    if source == "base_llm":
+        return load_llm(model, device=device)
+    if source.startswith("sft_"):
+        tuned, tok = load_llm(model, adapter=run / source, device=device)
+        return fold_lora(tuned), tok
+    if source == "ppo":
+        sft = json.loads((run / "ppo" / "base.json").read_text())["sft"]
+        stacked, tok = load_llm(model, adapter=run / sft, device=device)
+        stacked.load_adapter(run / "ppo", adapter_name="ppo")
+        stacked.base_model.set_adapter([stacked.active_adapter, "ppo"])
+        return fold_lora(stacked), tok
+    raise ValueError(f"unknown profile source {source!r}; expected base_llm, sft_gpt_kd, sft_naive, sft_mask or ppo")
 
 
 # ----------------------------------------------------------------------------- training (03, 04, 05)
@@ -803,7 +320,8 @@ def score_groups(model, tok, groups, desc="score", progress=True):
     """Reward-model scores of token-id sequences given in groups whose members share a prompt (a query's chosen and
     rejected answers): a list of float tensors, one per group, equal to score_ids on the whole sequences (tested).
     Each group's common prefix (shared_prefix) runs once and its members' own tokens run on its cached keys/values:
-    04's held-out query has 6 pairs but 7 distinct answers, all sharing its prompt (5.5x faster: bench/bench_score.py).
+    04's held-out query has 6 pairs but 7 distinct answers, all sharing its prompt (bench/RESULTS.md, "Held-out
+    reward scoring").
     Members of a group that are the same sequence are scored once. `model`: a sequence-classification model (peft
     wrapped or not) whose score head is `.score` and whose transformer is its base_model_prefix attribute."""
     from tqdm import tqdm
@@ -839,18 +357,18 @@ def score_groups(model, tok, groups, desc="score", progress=True):
 
 def heldout_items(split):
     """Per-user validation items and training items, as lists of int arrays. Test items are never read: the
-    probe chooses teachers, prompts and sources, and only 08 may look at test (SPEC section 3)."""
+    probe chooses teachers, prompts and sources, and only 08 may look at test (docs/spec.md, section 3)."""
     n = split["n_users"]
     held = user_items(split["valid_u"], split["valid_i"], n)
     train = user_items(split["train_u"], split["train_i"], n)
     return held, train
 
 
-PROBE_K = 20  # the probe's Recall@K (SPEC section 7); 02 and 06 log it under this K
+PROBE_K = 20  # the probe's Recall@K (docs/spec.md, section 7); 02 and 06 log it under this K
 
 
 def profile_probe(split, users, user_emb, item_emb, k=PROBE_K, chunk=1024):
-    """SPEC section 7: for each of `users` (rows of `user_emb` aligned with it), rank every item by cosine with
+    """docs/spec.md, section 7: for each of `users` (rows of `user_emb` aligned with it), rank every item by cosine with
     `item_emb` (training items excluded) and compute Recall@k of the user's validation items (never test items:
     heldout_items). Users without validation items are skipped and counted ("n_skipped_no_valid"). Also reports
     the same ranking done with the mean of the user's training-item embeddings ("history centroid": a profile-free

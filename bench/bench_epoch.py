@@ -1,21 +1,21 @@
 """Seconds per training epoch of 07's Base and Augment, per backbone, and the ratio Augment / Base.
 
     python 01_neighbors.py --run /tmp/ovh                  # once: the bundled ml-100k split and item texts
-    python bench/bench_epoch.py --run /tmp/ovh             # 1-2 min on 2 cores
-    python bench/bench_epoch.py --run /tmp/ovh --backbone biasmf ncf --reps 9
-    python bench/bench_epoch.py --run /tmp/ovh --module old_07.py   # another 07 (with setup_training, train_epoch)
-    python bench/bench_epoch.py --run /tmp/ovh --backbone biasmf --warmup-epochs 100 --keep-denormals
-                                     # epochs late in training, denormals not flushed (as 07 ran before they were)
-    python bench/bench_epoch.py --run /tmp/ovh --phases 3   # also ms per step of each phase, over 3 epochs
-    python bench/bench_epoch.py --run /tmp/ovh --backbone biasmf --profile 3   # also what Augment adds per step, by op
-    python bench/bench_epoch.py --synthetic 60000 40000 8 --backbone biasmf --reps 3   # a larger, sparser dataset
+    python -m bench.bench_epoch --run /tmp/ovh             # every backbone, Base and Augment
+    python -m bench.bench_epoch --run /tmp/ovh --backbone biasmf ncf --reps 9
+    python -m bench.bench_epoch --run /tmp/ovh --module old_07.py   # another 07 (with setup_training, train_epoch)
+    python -m bench.bench_epoch --run /tmp/ovh --backbone biasmf --warmup-epochs 100 --keep-denormals
+                                     # epochs late in training, denormals not flushed (what flushing saves)
+    python -m bench.bench_epoch --run /tmp/ovh --phases 3   # also ms per step of each phase, over 3 epochs
+    python -m bench.bench_epoch --run /tmp/ovh --backbone biasmf --profile 3   # also what Augment adds per step, by op
+    python -m bench.bench_epoch --synthetic 60000 40000 8 --backbone biasmf --reps 3   # a larger, sparser dataset
 
 Each epoch is 07's own train_epoch (sampling, forward, backward, Adam, loss.item()) at 07's defaults. Base and
 Augment of a backbone are built in the same process and, after --warmup-epochs untimed epochs each (default 1),
 their epochs interleaved (the order flipping every round), so drift in the machine's load hits both alike; seconds
-are medians, the ratio is the median over rounds of the round's Augment / Base. Wall time and this process's CPU time are both
-reported: on a shared machine the CPU time is the steadier one (it leaves out the time the process waited for a
-core). The load average is printed before and after: above the core count, read the seconds as contended.
+are medians, the ratio is the median over rounds of the round's Augment / Base. Wall time and this process's CPU
+time are both reported: on a shared machine the CPU time is the steadier one (it leaves out the time the process
+waited for a core). The load average is printed before and after: above the core count, read the seconds as contended.
 Profiles: profiles/<--source>/ of the run when it has them, else random unit vectors of the item-text width
 (what 06 writes with the same encoder). Those are all distinct, an upper bound on Augment's cost: 07 runs the
 profile tower once per distinct profile embedding, and a tuned model's profiles repeat (profiles= says which). With
@@ -27,16 +27,15 @@ import argparse
 import importlib.util
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import common
+
+ROOT = common.REPO
 
 
 def load_07(path):
@@ -67,7 +66,8 @@ def unit_rows(rng, n, d):
 def synthetic(n_users, n_items, per_user, distinct=0.46, d_t=384, seed=0):
     """A split and features of a chosen size, for epochs at scales no bundled dataset has: per_user interactions per
     user over power-law items (exponent 0.8), unit text and profile embeddings, the profiles drawn from a pool so
-    that a fraction `distinct` of the users' and items' rows differ (the ml-100k pipeline's `ppo`: 1,201 of 2,625)."""
+    that a fraction `distinct` of the users' and items' rows differ (by default the share in the ml-100k pipeline's
+    `ppo` profiles: bench/RESULTS.md, section "Augment's overhead per epoch")."""
     rng = np.random.default_rng(seed)
     pop = 1.0 / np.arange(1, n_items + 1) ** 0.8
     pairs = np.unique(np.repeat(np.arange(n_users), per_user) * n_items
@@ -151,7 +151,8 @@ def main():
     ap.add_argument("--warmup-epochs", type=int, default=1,
                     help="untimed epochs per model first (late epochs: tower weights decay into denormals)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="after the timing, what Augment adds per step by op (torch.profiler over N epochs per variant)")
+                    help="after the timing, what Augment adds per step by op "
+                         "(torch.profiler over N epochs per variant)")
     ap.add_argument("--phases", type=int, default=0, metavar="N",
                     help="after the timing, ms per step of each phase (sample, forward, backward, step) over N epochs")
     ap.add_argument("--keep-denormals", action="store_true",

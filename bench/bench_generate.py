@@ -1,33 +1,33 @@
-"""Profiles per second: 06's batched generator (llm.generate_batches: left padding, prompts sorted by length,
+"""Profiles per second: 06's batched generator (generate.generate_batches: left padding, prompts sorted by length,
 the shared system-prompt prefix run once, a preallocated cache) against one-at-a-time `model.generate` on the same
-prompts and the same model, greedy, in one run; prints the ratios (target >= 6x on 2 CPU cores), and the batched
-generator without the prefix cache, to show what that part brings. Not a timed test.
+prompts and the same model, greedy, in one run; prints the ratios (bench/RESULTS.md, section "Batched generation"),
+and the batched generator without the prefix cache, to show what that part brings. Not a timed test.
 
-    python bench/bench_generate.py                     # 64 prompts, SmolLM2-135M, CPU
-    python bench/bench_generate.py --quick             # 32 prompts batched, 8 of them one at a time
-    python bench/bench_generate.py --run runs/ml100k   # prompts of that run (default: ml-100k from the recbole wheel)
-    python bench/bench_generate.py --model PATH --device cuda
+    python -m bench.bench_generate                     # 64 prompts, SmolLM2-135M, CPU
+    python -m bench.bench_generate --quick             # 32 prompts batched, 8 of them one at a time
+    python -m bench.bench_generate --run runs/ml100k   # prompts of that run (default: ml-100k from the recbole wheel)
+    python -m bench.bench_generate --model PATH --device cuda
 
-Prompts are 06's user prompts (llm.user_prompt with llm.PROMPT_SIZES). Each path is timed on its own prompts after one warm-up generate; the
-one-at-a-time rate may be measured on a subset (--n-single) since it is the slow side. Wall time and process CPU
+Prompts are 06's user prompts (prompts.user_prompt with prompts.PROMPT_SIZES). Each path is timed on its own
+prompts after one warm-up generate; the one-at-a-time rate may be measured on a subset (--n-single) since it is the
+slow side. Wall time and process CPU
 time are both printed (on a shared machine the CPU-time ratio is the steadier one).
 """
 import argparse
-import importlib
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-import data  # noqa: E402
-import llm  # noqa: E402
+import common
+import data
+import generate
+import llm
+import prompts
 
-P06 = importlib.import_module("06_profile")
+P06 = common.load_stage("06_profile")
 
 
 def ml100k_prompts(n, seed=0):
@@ -39,14 +39,14 @@ def ml100k_prompts(n, seed=0):
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     users = np.random.default_rng(seed).permutation(split["n_users"])[:n + 3]
     nbrs = {int(u): [int(v) for v in users[k + 1:k + 4]] for k, u in enumerate(users[:n])}
-    return [llm.user_prompt(int(u), train, nbrs, text) for u in users[:n]]
+    return [prompts.user_prompt(int(u), train, nbrs, text) for u in users[:n]]
 
 
 def run_prompts(run, n):
     split = common.load_split(run)
     nb = common.load_neighbors(run)["user_nbrs"]
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
-    return [llm.user_prompt(u, train, nb, common.load_items(run)) for u in range(min(n, split["n_users"]))]
+    return [prompts.user_prompt(u, train, nb, common.load_items(run)) for u in range(min(n, split["n_users"]))]
 
 
 def timed(fn):
@@ -76,18 +76,18 @@ def main(argv=None):
     model, tok = llm.load_llm(args.model, device=args.device)
     model = model.to(llm.pick_dtype(args.dtype, args.device)).eval()
     msgs = run_prompts(args.run, args.n) if args.run else ml100k_prompts(args.n)
-    texts = [llm.render(tok, m) for m in msgs]
+    texts = [prompts.render(tok, m) for m in msgs]
     lens = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
     print(f"model {llm.resolve_llm(args.model)} ({next(model.parameters()).dtype}) on {args.device}, "
           f"{torch.get_num_threads()} threads; "
           f"{len(texts)} prompts, {np.mean(lens):.0f} tokens on average (min {min(lens)}, max {max(lens)}); "
           f"max_new_tokens {args.max_new_tokens}, greedy")
-    stops = llm.stop_token_ids(tok)
-    list(llm.generate_batches(model, tok, texts[:2], 4, 2, progress=False))  # warm-up
+    stops = generate.stop_token_ids(tok)
+    list(generate.generate_batches(model, tok, texts[:2], 4, 2, progress=False))  # warm-up
 
     def batched(prefix_cache=True):
         out = [None] * len(texts)
-        for idx, ans, _ in llm.generate_batches(model, tok, texts, args.max_new_tokens, args.batch_size,
+        for idx, ans, _ in generate.generate_batches(model, tok, texts, args.max_new_tokens, args.batch_size,
                                              desc="batched", prefix_cache=prefix_cache):
             for k, a in zip(idx, ans):
                 out[k] = a
@@ -108,7 +108,7 @@ def main(argv=None):
     s_out, s_wall, s_cpu = timed(single)
     nb, ns = len(texts), args.n_single
     same = np.mean([a == b for a, b in zip(b_out, s_out)])
-    valid = np.mean([llm.normalize_profile(a) is not None for a in b_out])
+    valid = np.mean([prompts.normalize_profile(a) is not None for a in b_out])
     print(f"batched (batch {args.batch_size}): {nb / b_wall:.2f} profiles/s wall ({b_wall:.1f}s for {nb}), "
           f"{nb / b_cpu:.2f} profiles per CPU-second")
     print(f"batched, no prefix cache: {nb / n_wall:.2f} profiles/s wall ({n_wall:.1f}s for {nb}); the prefix cache "

@@ -1,10 +1,10 @@
-"""Seconds for one prefill forward of 06 (8 user prompts, what llm._prefill runs at a time on a CPU): the full causal
-LM asked for the last position's logits only (logits_to_keep=1, what _prefill did until the decoder-only change)
-against the decoder without its LM head (what _prefill runs now: it keeps only the keys/values), and the LM head
-alone on the strided last-position slice the full model feeds it against the same rows made contiguous.
+"""Seconds for one prefill forward of 06 (8 user prompts, what generate._prefill runs at a time on a CPU): the full
+causal LM asked for the last position's logits only (logits_to_keep=1) against the decoder without its LM head (what
+_prefill runs, since it keeps only the keys/values), and the LM head alone on the strided last-position slice the
+full model feeds it against the same rows made contiguous.
 
-    python bench/bench_prefill.py --run R                  # the untuned SmolLM2-135M on R's user prompts
-    python bench/bench_prefill.py --run R --source ppo     # R's profile model (06_profile.load_profile_model)
+    python -m bench.bench_prefill --run R                  # the untuned SmolLM2-135M on R's user prompts
+    python -m bench.bench_prefill --run R --source ppo     # R's profile model (llm.load_profile_model)
 
 R is a run in which 02 has run (and the stage that trains --source, for a tuned one).
 
@@ -12,20 +12,18 @@ bf16 where the CPU has it (06's default), 1 thread, the median of --reps after a
 """
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import llm  # noqa: E402
-from profile_prompts import model_and_prompts  # noqa: E402  (bench/, next to this script)
+import generate
+from bench.profile_prompts import model_and_prompts
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--run", type=Path, required=True)
 p.add_argument("--source", default="base_llm", help="06's --source (default: %(default)s)")
-p.add_argument("--prompts", type=int, default=llm.CPU_PREFILL_ROWS)
+p.add_argument("--prompts", type=int, default=generate.CPU_PREFILL_ROWS)
 p.add_argument("--reps", type=int, default=5)
 args = p.parse_args()
 torch.set_num_threads(1)

@@ -1,22 +1,20 @@
 """Held-out reward scoring: 04's grouped scorer (llm.score_groups: a user's query once, each distinct answer on its
-cached keys/values) against scoring every chosen and rejected sequence whole (llm.score_ids, what 04 did before), on
+cached keys/values) against scoring every chosen and rejected sequence whole (llm.score_ids, the plain path), on
 the same pairs and the same trained reward model, in one process; prints the time of each, their ratio, and the
 largest score difference. Not a timed test.
 
-    python bench/bench_score.py --run runs/ml100k [--users 20]      # needs the run's 02 and 04 outputs
+    python -m bench.bench_score --run runs/ml100k [--users 20]      # needs the run's 02 and 04 outputs
 """
 import argparse
-import importlib
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import llm  # noqa: E402
+import common
+import llm
 
-RW = importlib.import_module("04_reward")
+RW = common.load_stage("04_reward")
 
 
 def main():

@@ -1,22 +1,22 @@
 """Compare profile probes on the same users: each probe's Recall@K, share of profiles that parse, distinct valid
 profiles and the share of valid profiles holding the most common identity line (diversity), and a paired
 Wilcoxon signed-rank test of each against the first, over the users both scored (the per-user values that
-llm.profile_probe writes to probe.json). Used for the README's decoding comparisons.
+llm.profile_probe writes to probe.json). Used for the decoding comparisons (docs/results.md, "Decoding: banned
+repeats and distinct terms do not help; sampling again does").
 
-Run  python scripts/compare_probes.py DIR_OR_PROBE_JSON [...] [--part eval_users]
+Run  python -m scripts.compare_probes DIR_OR_PROBE_JSON [...] [--part eval_users]
      (a directory holds probe.json and users.jsonl, e.g. runs/R/profiles/ppo/probe_only)
 """
 import argparse
 import collections
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import wilcoxon
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import llm  # noqa: E402
+import llm
+import prompts
 
 
 def load(path, part):
@@ -24,7 +24,8 @@ def load(path, part):
     probe_json = path / "probe.json" if path.is_dir() else path
     probe = json.loads(probe_json.read_text())
     if part not in probe:
-        raise SystemExit(f"{probe_json}: no {part!r} part (has {', '.join(k for k in probe if isinstance(probe[k], dict))})")
+        parts = ", ".join(k for k in probe if isinstance(probe[k], dict))
+        raise SystemExit(f"{probe_json}: no {part!r} part (has {parts})")
     p = probe[part]
     key = f"recall@{llm.PROBE_K}_by_user"
     if key not in p:
@@ -34,7 +35,7 @@ def load(path, part):
     if users_jsonl.exists():
         rows = list({r["user"]: r for r in map(json.loads, users_jsonl.open())}.values())  # a re-run appends: last wins
         good = [r["profile"] for r in rows if r.get("valid")]
-        identities = collections.Counter(llm.PROFILE_RE.search(g).group("identity").lower() for g in good)
+        identities = collections.Counter(prompts.PROFILE_RE.search(g).group("identity").lower() for g in good)
         top = identities.most_common(1)[0][1] / len(good) if good else float("nan")
         stats = f"{len(good)} / {len(rows)} ({len(good) / max(len(rows), 1):.0%}) | {len(set(good))} | {top:.1%}"
     return dict(zip(p["users"], p[key])), p, stats

@@ -10,23 +10,21 @@ pairs), the comparison for two reward models scored on the same pairs.
 --lexical-only prints the lexical reference alone (04_reward.lexical_reference: word overlap of each answer with the
 target's items, no model), also for runs without a reward model.
 
-Run  python scripts/eval_reward.py --run runs/ml100k [--device cuda] [--out F] [--against OTHER_RUN/reward/eval.json]
-     python scripts/eval_reward.py --run runs/ml100k --lexical-only
+Run  python -m scripts.eval_reward --run runs/ml100k [--device cuda] [--out F] [--against OTHER_RUN/reward/eval.json]
+     python -m scripts.eval_reward --run runs/ml100k --lexical-only
 """
 import argparse
-import importlib
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from scipy.stats import binomtest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import llm  # noqa: E402
+import common
+import llm
 
-RW = importlib.import_module("04_reward")
+RW = common.load_stage("04_reward")
 
 
 def mcnemar(ours, theirs):

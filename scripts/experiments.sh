@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's result tables: ml-100k dense (as shipped) and sparse (at most 5 training rows per user, the
+# The result tables of docs/results.md: ml-100k dense (as shipped) and sparse (at most 5 training rows per user, the
 # paper's data-scarce setting), each with Base and Augment (profiles from the rules teacher itself, the upper
 # bound of distillation, and from the PPO-tuned model) for the five backbones at 3 seeds, beside 08's
 # reference rows.
@@ -8,13 +8,13 @@
 # every model already trained on the current inputs; so run it again (as often as needed, e.g. in one-hour
 # pieces) until it prints "experiments done". Delete RUN/.done/<step> to redo a step. Wall seconds of every
 # step go to RUN/.done/times.
-# Measured on the project's 2-vCPU machine (one torch thread per process, two processes): see README, Results.
+# Laid out for a 2-core machine (one torch thread per process, two processes at a time): docs/design.md.
 # The language-model stages run with the flags of PRESET (scripts/presets.sh: gpu when torch sees a GPU, else cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 export OMP_NUM_THREADS=1
-export SFT_STEPS=${SFT_STEPS:-128}  # cpu preset: 03's steps; longer than the quick pipeline's 16 (README, "03's budget")
+export SFT_STEPS=${SFT_STEPS:-128}  # cpu preset: 03's steps; longer than the quick pipeline's 16 (docs/results.md, "03's budget")
 . scripts/presets.sh
 SETTINGS=${SETTINGS:-"dense sparse5"}
 SEEDS=${SEEDS:-"0 1 2"}

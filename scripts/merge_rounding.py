@@ -1,21 +1,18 @@
 """How much of an adapter's weight change a bf16 merge keeps: for each model 06 can load from a run, the share of
 the weights that merging the adapter changes (in float32) whose bf16 value equals the un-merged one, i.e. whose
 change bf16 rounds away; and, for the ppo source, the largest logit difference between 06's model (SFT and PPO
-adapters folded, not merged) and the float32 merge 05 trained on. Used for the README's "Profiles of the ppo
-source".
+adapters folded, not merged) and the float32 merge 05 trained on. Used for docs/results.md, "Profiles of the `ppo`
+source: adapters merged into bf16 weights, and the probe's noise".
 
-Run  python scripts/merge_rounding.py --run runs/ml100k [--sft sft_mask]
+Run  python -m scripts.merge_rounding --run runs/ml100k [--sft sft_mask]
 """
 import argparse
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import llm  # noqa: E402
+import llm
 
 
 def rounded_away(before, after):
@@ -46,8 +43,9 @@ def main(argv=None):
     ppo_merged = PeftModel.from_pretrained(sft_merged, a.run / "ppo").merge_and_unload()
     changed, lost = rounded_away(sft_w, ppo_merged.state_dict())
     print(f"ppo over {sft}: {changed:,} weights changed by the merge, {lost:,} ({lost / changed:.1%}) equal in bf16")
-    used, tok = importlib.import_module("06_profile").load_profile_model(a.run, "ppo", device="cpu")
-    ids = torch.tensor([tok("User identity: film fan, student, critic; User interests: Drama, War, Comedy")["input_ids"]])
+    used, tok = llm.load_profile_model(a.run, "ppo", device="cpu")
+    profile = "User identity: film fan, student, critic; User interests: Drama, War, Comedy"
+    ids = torch.tensor([tok(profile)["input_ids"]])
     with torch.no_grad():
         diff = (used(ids).logits - ppo_merged(ids).logits).abs().max().item()
     print(f"06's ppo model (adapters folded, not merged: llm.fold_lora) vs the float32 merge: "

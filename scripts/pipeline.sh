@@ -2,9 +2,9 @@
 # The whole pipeline on the bundled ml-100k data, on a fresh machine too:
 #   bash scripts/pipeline.sh [RUN_DIR]        (default runs/ml100k)
 #   PRESET=cpu bash scripts/pipeline.sh       (the preset: gpu when torch sees a GPU, else cpu; scripts/presets.sh)
-# Each stage prints its wall time; outputs go to RUN_DIR (see README: "The run directory").
+# Each stage prints its wall time; outputs go to RUN_DIR (docs/design.md, "The run directory and its manifest").
 # Laid out for a 2-core machine: every process runs one torch thread (OpenMP threads spinning on shared cores made
-# training ~10x slower), and independent work runs side by side, one process per core: the reward model trains
+# training many times slower), and independent work runs side by side, one process per core: the reward model trains
 # beside SFT and 07's Base models; 06 runs as two shards; 07's Augment models as two processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +28,8 @@ both() {  # two stage commands side by side; fails if either fails
   echo "== ${1%% *} (two processes) took $((SECONDS - t)) s"
 }
 stage 01_neighbors.py --run "$RUN"
-stage 02_distill.py --run "$RUN"                      # rules teacher: the offline default (see README)
-# One process per core, the work split so that both finish together (measured stage times, see README):
+stage 02_distill.py --run "$RUN"                      # rules teacher: the offline default (02's TEACHER)
+# One process per core, the work split so that both finish together (docs/results.md, "The quick pipeline, timed"):
 #   this shell:  03 gpt_kd -> 03 mask (continues gpt_kd's LoRA) -> 07 base (all backbones) -> 05 (needs 04 too)
 #   background:  04                                                  (log: $RUN/track2.out)
 t=$SECONDS

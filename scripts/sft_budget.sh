@@ -34,4 +34,4 @@ for n in $STEPS; do
   step 06-probe-ppo python 06_profile.py --run "$RUN" --source ppo --probe-only $PROFILE_FLAGS
   probes+=("$RUN/profiles/sft_mask/probe_only" "$RUN/profiles/ppo/probe_only")
 done
-python scripts/compare_probes.py "${probes[@]}"
+python -m scripts.compare_probes "${probes[@]}"

@@ -1,5 +1,4 @@
 """Shared fixtures: a synthetic run directory as 01 would write it, and a tiny random chat LLM."""
-import sys
 import time
 from pathlib import Path
 
@@ -7,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-import llm  # noqa: E402
+import common
+import llm
 
 GENRES = ["comedy", "drama", "horror", "romance", "action", "animation"]
 

@@ -1,7 +1,6 @@
 """Stage 07 (07_train_cf.py) on the synthetic run: every backbone x variant trains and writes what 08
 reads, early stopping never looks at the test split, NCF's tiled ranking equals a dense reference, and
 stale inputs are refused."""
-import importlib
 import json
 import time
 
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 import common
 
-cf = importlib.import_module("07_train_cf")
+cf = common.load_stage("07_train_cf")
 
 FAST = ["--max-epochs", "6", "--eval-every", "2", "--batch-size", "64", "--lr", "0.01"]
 
@@ -79,7 +78,8 @@ def test_every_variant_trains_and_writes_outputs(synthetic_run, backbone):
             if meta["can_score_cold"]:
                 zero = np.load(folder / "topk_zero.npz")["indices"]
                 assert np.isin(zero[zero >= 0], split["cold_items"]).all()
-            seen = set(zip(np.r_[split["train_u"], split["valid_u"]].tolist(), np.r_[split["train_i"], split["valid_i"]].tolist()))
+            seen = set(zip(np.r_[split["train_u"], split["valid_u"]].tolist(),
+                           np.r_[split["train_i"], split["valid_i"]].tolist()))
             assert not any((u, i) in seen for u in range(n_users) for i in full[u] if i >= 0)
         rec = manifest[f"07_train_cf/{name}"]
         assert set(rec["outputs"]) == {f"cf/{name}/{f.name}" for f in folder.iterdir()}
@@ -126,7 +126,10 @@ def test_early_stopping_never_reads_test(synthetic_run, monkeypatch):
     after = outputs()
     assert before.keys() == after.keys()
     for key in before:
-        assert np.array_equal(before[key], after[key]) if isinstance(before[key], np.ndarray) else before[key] == after[key], key
+        if isinstance(before[key], np.ndarray):
+            assert np.array_equal(before[key], after[key]), key
+        else:
+            assert before[key] == after[key], key
 
 
 def dense_topk(scores, exclude, k, subset=None):
@@ -195,7 +198,7 @@ def test_stale_inputs_are_refused_unless_forced(synthetic_run):
     emb = np.load(run / "item_text_emb.npy")
     common.save_npy(run / "item_text_emb.npy", emb[:, ::-1].copy())   # changed after 01 wrote it
     argv = ["--run", str(run), "--backbone", "biasmf", "--max-epochs", "2", "--eval-every", "1"]
-    with pytest.raises(SystemExit, match="01_neighbors"):
+    with pytest.raises(common.StaleInputError, match="01_neighbors"):
         cf.main(argv)
     assert not (run / "cf").exists()
     metas = cf.main(argv + ["--force"])
@@ -203,7 +206,7 @@ def test_stale_inputs_are_refused_unless_forced(synthetic_run):
 
 
 def test_augment_needs_recorded_profiles(synthetic_run):
-    with pytest.raises(SystemExit, match="profiles/ppo/user_emb.npy"):
+    with pytest.raises(common.StaleInputError, match="profiles/ppo/user_emb.npy"):
         cf.main(["--run", str(synthetic_run), "--variant", "augment", "--source", "ppo", *FAST])
 
 
@@ -235,7 +238,8 @@ def test_l2_acts_on_the_tower_weights(synthetic_run):
         cf.main(["--run", str(run), "--backbone", "biasmf", "--variant", "augment", "--source", "test", *FAST,
                  "--l2", l2, "--redo"])
         state = torch.load(run / "cf" / "biasmf_augment_test_s0" / "model.pt", weights_only=True)
-        norms[l2] = {k: float(v.norm()) for k, v in state.items() if k.startswith("towers.") and "_id." not in k and k.endswith("weight")}
+        norms[l2] = {k: float(v.norm()) for k, v in state.items()
+                     if k.startswith("towers.") and "_id." not in k and k.endswith("weight")}
     assert norms["0"].keys() == norms["1"].keys() and len(norms["0"]) == 6
     assert all(norms["1"][k] < norms["0"][k] for k in norms["0"]), norms
 

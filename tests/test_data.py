@@ -37,8 +37,10 @@ def test_ml100k_reads_and_merges_duplicates(tmp_path):
 
 @pytest.mark.parametrize("inter, match", [
     ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t1\t3\n", r"ml-100k.inter:2: expected 4"),
-    ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t1\tgood\t1\n", r"ml-100k.inter:2: expected a number for rating"),
-    ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t3\t1\n196\t9\t3\t1\n", r"ml-100k.inter:3: item '9'"),
+    ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t1\tgood\t1\n",
+     r"ml-100k.inter:2: expected a number for rating"),
+    ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t3\t1\n196\t9\t3\t1\n",
+     r"ml-100k.inter:3: item '9'"),
     ("", r"ml-100k.inter:1: file is empty"),
 ])
 def test_ml100k_malformed(tmp_path, inter, match):
@@ -80,7 +82,8 @@ def test_mind_clicks_are_history_and_positive_impressions(tmp_path):
     ("1\tU1\t11/15/2019 8:55:22 AM\tN1\n", r"behaviors.tsv:1: expected 5 tab-separated"),
     ("1\tU1\tyesterday\tN1\tN2-1\n", r"behaviors.tsv:1: expected a time"),
     ("1\tU1\t11/15/2019 8:55:22 AM\tN1\tN2-x\n", r"behaviors.tsv:1: expected impressions like"),
-    ("1\tU1\t11/15/2019 8:55:22 AM\tN1\tN2-0\n2\tU2\t11/15/2019 8:55:22 AM\tN9\tN2-0\n", r"behaviors.tsv:2: news id 'N9'"),
+    ("1\tU1\t11/15/2019 8:55:22 AM\tN1\tN2-0\n2\tU2\t11/15/2019 8:55:22 AM\tN9\tN2-0\n",
+     r"behaviors.tsv:2: news id 'N9'"),
 ])
 def test_mind_malformed(tmp_path, behaviors, match):
     write(tmp_path / "news.tsv", NEWS)
@@ -356,8 +359,8 @@ def test_constant_scores_get_random_level_zero_shot_recall(seed):
     const = common.rank_eval(torch.zeros(s["n_users"], 4), torch.zeros(s["n_items"], 4), exclude, test, ks=(20,),
                              item_subset=torch.from_numpy(cold.astype(np.int64)))
     chance = 20 / len(cold)
-    assert np.nanmean(const["recall@20"]) < 2 * chance   # 0.6-1.3x over seeds
-    # the same fixed list in raw-id order (the old numbering) would look like a strong model
+    assert np.nanmean(const["recall@20"]) < 2 * chance   # chance level, up to the seed's noise
+    # the same fixed list in raw-id order (what numbering by raw id would rank) would look like a strong model
     by_raw = set(sorted(cold, key=lambda i: int(item_raw[i]))[:20])
     hits = [len(by_raw & set(t)) / len(t) for t in common.user_items(s["test_u"][on_cold], s["test_i"][on_cold],
                                                                       s["n_users"]) if len(t)]

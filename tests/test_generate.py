@@ -6,7 +6,9 @@ import string
 import pytest
 import torch
 
+import generate
 import llm
+import prompts
 
 torch.set_num_threads(1)
 
@@ -116,32 +118,32 @@ def test_cpu_attention_matches_sdpa(cache_kind):
 
 
 def test_shared_prefix():
-    assert llm.shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
-    assert llm.shared_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]  # every prompt keeps a token of its own
-    assert llm.shared_prefix([[7, 1], [8, 1]]) == []
-    assert llm.shared_prefix([[5]]) == []
+    assert generate.shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
+    assert generate.shared_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]  # every prompt keeps a token of its own
+    assert generate.shared_prefix([[7, 1], [8, 1]]) == []
+    assert generate.shared_prefix([[5]]) == []
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_prefix_cache_generation_equals_whole_prompts(tiny_llm, batch_size):
     model, tok = llm.load_llm(tiny_llm, device="cpu", dtype=torch.float32)
     items = [f"{g} movie ( {k} )" for k, g in enumerate(["comedy", "drama", "horror", "romance", "action"] * 3)]
-    texts = [llm.render(tok, llm.inference_messages(list(range(k % 7 + 1)), [list(range(k, k + 3))], items))
+    texts = [prompts.render(tok, prompts.inference_messages(list(range(k % 7 + 1)), [list(range(k, k + 3))], items))
              for k in range(7)]
     ids = tok(texts, add_special_tokens=False)["input_ids"]
-    assert len(llm.shared_prefix(ids)) > 20  # the system prompt and more are shared
+    assert len(generate.shared_prefix(ids)) > 20  # the system prompt and more are shared
 
     def answers(prefix_cache):  # sampled (a random model's greedy answer is one token repeated), same seed
         torch.manual_seed(0)
         out = {}
-        for idx, ans, _ in llm.generate_batches(model, tok, texts, max_new_tokens=12, batch_size=batch_size,
+        for idx, ans, _ in generate.generate_batches(model, tok, texts, max_new_tokens=12, batch_size=batch_size,
                                              temperature=1.0, top_p=1.0, progress=False,
                                              prefix_cache=prefix_cache):
             out.update(zip(idx, ans))
         return [out[k] for k in range(len(texts))]
 
     # the prompts' forward runs the decoder only: the LM head sees decode steps, one contiguous position per prompt
-    # (before, it also got the prompts' strided last positions, which torch multiplied by copying its weight per row)
+    # (not the prompts' strided last positions, which torch multiplies by copying its weight per row)
     head_rows = []
     hook = model.get_output_embeddings().register_forward_hook(
         lambda m, args, out: head_rows.append((args[0].shape[1], args[0].is_contiguous())))
@@ -167,13 +169,13 @@ def test_profile_line_done():
                "The movie\n"]
     width = max(map(len, answers))
     ids = torch.tensor([[ord(c) for c in prompt] + [0] * (width - len(a)) + [ord(c) for c in a] for a in answers])
-    done = llm.ProfileLineDone(CharTokenizer(), len(prompt))(ids, None)
+    done = generate.ProfileLineDone(CharTokenizer(), len(prompt))(ids, None)
     assert done.tolist() == [True, False, False, False]
 
 
 def first_profile_line(text):
     """06's rule written out plainly: the answer up to the end of its first whole profile line (or all of it)."""
-    m = llm.PROFILE_RE.search(text)
+    m = prompts.PROFILE_RE.search(text)
     return text[:m.end()] if m and text[m.end():].startswith("\n") else text
 
 
@@ -187,8 +189,8 @@ def test_fast_generation_matches_stock_generate(char_llm, batch_size):
     assert tok.pad_token_id == tok.eos_token_id != eot
     # the six trained prompts, and unseen ones whose answers hang on small differences in the logits
     msgs = char_prompts(6) + [char_messages(k, kind) for k, kind in [(0, "q"), (7, "z"), (3, "a"), (9, "pz")]]
-    texts = [llm.render(tok, m) for m in msgs]
-    assert len(llm.shared_prefix(tok(texts, add_special_tokens=False)["input_ids"])) > 20
+    texts = [prompts.render(tok, m) for m in msgs]
+    assert len(generate.shared_prefix(tok(texts, add_special_tokens=False)["input_ids"])) > 20
 
     stock = AutoModelForCausalLM.from_pretrained(char_llm, dtype=torch.float32).eval()
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -201,7 +203,7 @@ def test_fast_generation_matches_stock_generate(char_llm, batch_size):
 
     model, _ = llm.load_llm(char_llm, device="cpu", dtype=torch.float32)
     got = {}
-    for idx, answers, _ in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, batch_size, progress=False):
+    for idx, answers, _ in generate.generate_batches(model, tok, texts, CHAR_MAX_NEW, batch_size, progress=False):
         got.update(zip(idx, answers))
     assert [got[k] for k in range(len(texts))] == expected
     # every way of ending occurred: a profile line with more after it, an early <|eot_id|>, max_new_tokens
@@ -213,30 +215,31 @@ def test_fast_generation_matches_stock_generate(char_llm, batch_size):
 
 def test_answer_end(char_llm):
     tok = llm.load_tokenizer(char_llm)
-    stops = llm.stop_token_ids(tok)
+    stops = generate.stop_token_ids(tok)
     ids = (lambda text: tok(text, add_special_tokens=False)["input_ids"])
     line = ids(CHAR_PROFILE + "\n")
-    assert llm.answer_end(tok, ids(CHAR_PROFILE + "\nSimilar 1: xy<|im_end|>"), stops) == (len(line), "profile")
-    assert llm.answer_end(tok, ids("No.<|eot_id|>la la"), stops) == (4, "eot")
-    assert llm.answer_end(tok, ids(CHAR_PROFILE + "<|im_end|>\n"), stops) == (len(line), "eot")
-    assert llm.answer_end(tok, ids("la la"), stops) == (5, None)
+    assert generate.answer_end(tok, ids(CHAR_PROFILE + "\nSimilar 1: xy<|im_end|>"), stops) == (len(line), "profile")
+    assert generate.answer_end(tok, ids("No.<|eot_id|>la la"), stops) == (4, "eot")
+    assert generate.answer_end(tok, ids(CHAR_PROFILE + "<|im_end|>\n"), stops) == (len(line), "eot")
+    assert generate.answer_end(tok, ids("la la"), stops) == (5, None)
 
 
 def test_stop_token_ids_know_other_templates():
     """Llama-3 ends a turn with <|eot_id|> while its base eos is <|end_of_text|>: both stop an answer, and so do the
     eos ids of the model's generation config."""
     from types import SimpleNamespace
+
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|eot_id|>": 2, "a": 3, "<|reserved_4|>": 4}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab)),
                                   bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
                                   additional_special_tokens=["<|eot_id|>", "<|reserved_4|>"])
-    assert llm.stop_token_ids(tok) == [1, 2]
+    assert generate.stop_token_ids(tok) == [1, 2]
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[1, 4]))
-    assert llm.stop_token_ids(tok, model) == [1, 2, 4]
+    assert generate.stop_token_ids(tok, model) == [1, 2, 4]
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
-    assert llm.stop_token_ids(tok, model) == [1, 2]
+    assert generate.stop_token_ids(tok, model) == [1, 2]
 
 
 def test_no_repeat_in_answer_matches_brute_force():
@@ -244,7 +247,7 @@ def test_no_repeat_in_answer_matches_brute_force():
     vocab, prompt_len = 6, 4
     for n in (1, 2, 3):
         ids = torch.randint(0, vocab, (8, prompt_len + 9), generator=g)
-        scores = llm.NoRepeatInAnswer(prompt_len, n)(ids, torch.zeros(8, vocab))
+        scores = generate.NoRepeatInAnswer(prompt_len, n)(ids, torch.zeros(8, vocab))
         for row in range(8):
             answer = ids[row, prompt_len:].tolist()
             for t in range(vocab):
@@ -259,14 +262,14 @@ def test_generate_batches_no_repeat_ngram(char_llm):
     from transformers import AutoModelForCausalLM, LogitsProcessorList
     tok = llm.load_tokenizer(char_llm)
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    texts = [llm.render(tok, m) for m in char_prompts(6)]
+    texts = [prompts.render(tok, m) for m in char_prompts(6)]
     stock = AutoModelForCausalLM.from_pretrained(char_llm, dtype=torch.float32).eval()
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     n_prompt = enc["input_ids"].shape[1]
     with torch.no_grad():
         out = stock.generate(**enc, do_sample=False, max_new_tokens=CHAR_MAX_NEW, eos_token_id=[tok.eos_token_id, eot],
                              pad_token_id=tok.pad_token_id,
-                             logits_processor=LogitsProcessorList([llm.NoRepeatInAnswer(n_prompt, 2)]))
+                             logits_processor=LogitsProcessorList([generate.NoRepeatInAnswer(n_prompt, 2)]))
     for row in out[:, n_prompt:].tolist():
         ids = row[:next((k for k, t in enumerate(row) if t in (tok.eos_token_id, eot)), len(row))]
         pairs = [tuple(ids[k:k + 2]) for k in range(len(ids) - 1)]
@@ -274,7 +277,8 @@ def test_generate_batches_no_repeat_ngram(char_llm):
     expected = [first_profile_line(a).strip() for a in tok.batch_decode(out[:, n_prompt:], skip_special_tokens=True)]
     model, _ = llm.load_llm(char_llm, device="cpu", dtype=torch.float32)
     got = {}
-    for idx, answers, _ in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, 4, progress=False, no_repeat_ngram=2):
+    for idx, answers, _ in generate.generate_batches(model, tok, texts, CHAR_MAX_NEW, 4, progress=False,
+                                                     no_repeat_ngram=2):
         got.update(zip(idx, answers))
     assert [got[k] for k in range(len(texts))] == expected
     assert expected[0] != CHAR_PROFILE  # the trained answer repeats a pair (", ")
@@ -285,14 +289,14 @@ def test_distinct_terms_bans_closing_a_repeated_term(char_llm):
     when that term equals an earlier one of the same list, case-insensitively; otherwise nothing."""
     tok = llm.load_tokenizer(char_llm)
     prompt = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    stop = llm.stop_token_ids(tok)
+    stop = generate.stop_token_ids(tok)
     enders = sorted(set(tok.convert_tokens_to_ids([",", ";", ".", "\n"]) + stop))
     cases = {"User identity: ab, cd, ab": True, "User identity: ab, AB": True, "User identity: ab, cd, a": False,
              "User identity: ab, abc": False, "User identity: ab, cd, ef; User interests: gh, ab": False,
              "User identity: ab, cd, ef; User interests: gh, GH": True, "ab, ab": False}
     for text, banned in cases.items():
         ids = torch.tensor([prompt + tok(text, add_special_tokens=False)["input_ids"]])
-        proc = llm.DistinctTerms(tok, len(prompt), stop)
+        proc = generate.DistinctTerms(tok, len(prompt), stop)
         assert proc.enders == enders
         scores = proc(ids, torch.zeros(1, len(tok)))
         assert torch.isinf(scores[0]).nonzero().flatten().tolist() == (enders if banned else []), text
@@ -302,12 +306,12 @@ def test_generate_batches_distinct_terms(char_llm):
     """With distinct_terms, answers that repeat no term are unchanged (the trained profile, the short answer, the
     run-on one), and batched generation still equals itself without the prefix cache."""
     tok = llm.load_tokenizer(char_llm)
-    texts = [llm.render(tok, m) for m in char_prompts(6)]
+    texts = [prompts.render(tok, m) for m in char_prompts(6)]
     model, _ = llm.load_llm(char_llm, device="cpu", dtype=torch.float32)
     runs = []
     for kw in (dict(), dict(distinct_terms=True), dict(distinct_terms=True, prefix_cache=False)):
         got = {}
-        for idx, answers, _ in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, 4, progress=False, **kw):
+        for idx, answers, _ in generate.generate_batches(model, tok, texts, CHAR_MAX_NEW, 4, progress=False, **kw):
             got.update(zip(idx, answers))
         runs.append([got[k] for k in range(len(texts))])
     assert runs[0] == runs[1] == runs[2]
@@ -322,12 +326,12 @@ def test_generate_batches_retries_sample_from_the_prompt(char_llm, prefill_rows)
     from transformers import AutoModelForCausalLM, LogitsProcessorList
     tok = llm.load_tokenizer(char_llm)
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    texts = [llm.render(tok, m) for m in char_prompts(6)]
+    texts = [prompts.render(tok, m) for m in char_prompts(6)]
     model, _ = llm.load_llm(char_llm, device="cpu", dtype=torch.float32)
 
     def run(**kw):
         out = {}
-        for idx, answers, attempts in llm.generate_batches(model, tok, texts, CHAR_MAX_NEW, 8, progress=False,
+        for idx, answers, attempts in generate.generate_batches(model, tok, texts, CHAR_MAX_NEW, 8, progress=False,
                                                            prefill_rows=prefill_rows, **kw):
             out.update(zip(idx, zip(answers, attempts)))
         return [out[k] for k in range(len(texts))]
@@ -350,7 +354,7 @@ def test_generate_batches_retries_sample_from_the_prompt(char_llm, prefill_rows)
         with torch.no_grad():
             out = stock.generate(**enc, do_sample=False, max_new_tokens=CHAR_MAX_NEW, pad_token_id=tok.pad_token_id,
                                  eos_token_id=[tok.eos_token_id, eot],
-                                 logits_processor=LogitsProcessorList([llm.TopKTopPSampler(1.0, 1.0)]))
+                                 logits_processor=LogitsProcessorList([generate.TopKTopPSampler(1.0, 1.0)]))
         answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for k, a in zip(pending, answers):
             expected[k] = (first_profile_line(a).strip(), attempt)
@@ -363,14 +367,18 @@ def test_generate_batches_retries_sample_from_the_prompt(char_llm, prefill_rows)
 def test_top_k_top_p_sampler_matches_transformers(temperature, top_p):
     """TopKTopPSampler's distribution is transformers' sampling distribution (temperature, TopK 50, TopP warpers, then
     softmax over the vocabulary), and its draws follow it."""
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(6, 300, generator=g) * torch.tensor([0.5, 1, 2, 4, 8, 16]).unsqueeze(1)
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(llm.SAMPLE_TOP_K)]
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(generate.SAMPLE_TOP_K)]
                                   + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
     expected = warpers(None, scores.clone()).softmax(-1)
-    sampler = llm.TopKTopPSampler(temperature, top_p)
+    sampler = generate.TopKTopPSampler(temperature, top_p)
     probs, tokens = sampler.distribution(scores)
     got = torch.zeros_like(expected).scatter_(1, tokens, probs)
     torch.testing.assert_close(got, expected)

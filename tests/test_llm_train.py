@@ -15,13 +15,15 @@ import torch
 
 import common
 import llm
+import prompts
+import teachers
 from test_generate import CHAR_MAX_NEW, CHAR_PROFILE, build_char_llm, char_prompts
 
 torch.set_num_threads(1)
-sft = importlib.import_module("03_sft")
-rw = importlib.import_module("04_reward")
-ppo = importlib.import_module("05_ppo")
-prof = importlib.import_module("06_profile")
+sft = common.load_stage("03_sft")
+rw = common.load_stage("04_reward")
+ppo = common.load_stage("05_ppo")
+prof = common.load_stage("06_profile")
 
 IDENTITIES = ["student", "fan", "teen", "adult", "parent", "critic"]
 GENRES = ["comedy", "drama", "horror", "romance", "action", "animation"]
@@ -46,7 +48,7 @@ def write_stage02(run, teacher="rules"):
     nbrs = common.load_neighbors(run)["user_nbrs"]
     sets = {"eval": [0, 1], "sft": list(range(6, 22)), "reward": list(range(2, 6)) + list(range(22, 34)),
             "ppo": list(range(34, n))}
-    prompt = {u: llm.inference_messages(train[u], [train[v] for v in nbrs[u]], items) for u in range(n)}
+    prompt = {u: prompts.inference_messages(train[u], [train[v] for v in nbrs[u]], items) for u in range(n)}
     distill = [{"user": u, "prompt": prompt[u], "profile": profile_of(u), "teacher": teacher} for u in range(2, n)
                if u not in UNTAUGHT]
     pairs = []
@@ -59,14 +61,14 @@ def write_stage02(run, teacher="rules"):
     common.write_jsonl(run / "distill.jsonl", distill)
     common.write_jsonl(run / "reward_pairs.jsonl", pairs)
     common.write_json(run / "user_sets.json", sets)
-    common.write_json(run / llm.PROMPT_FILE, {"teacher": {"max_items": 5, "max_chars": 48},
-                                              "inference": llm.PROMPT_SIZES,
-                                              "inference_format": llm.INFERENCE_FORMAT})
+    common.write_json(run / prompts.PROMPT_FILE, {"teacher": {"max_items": 5, "max_chars": 48},
+                                              "inference": prompts.PROMPT_SIZES,
+                                              "inference_format": prompts.INFERENCE_FORMAT})
 
     class Args:
         seed = 0
     common.record_stage(run, "02_distill", Args(), [], ["distill.jsonl", "reward_pairs.jsonl", "user_sets.json",
-                                                        llm.PROMPT_FILE], time.time())
+                                                        prompts.PROMPT_FILE], time.time())
     return run
 
 
@@ -92,7 +94,7 @@ def segments(labels):
 
 def sft_args(run, variant, tiny_llm, *extra):
     args = sft.parse_args(["--run", str(run), "--variant", variant, "--model", tiny_llm, *extra])
-    args.prompt = llm.prompt_settings(run)  # as main sets it
+    args.prompt = prompts.prompt_settings(run)  # as main sets it
     return args
 
 
@@ -105,7 +107,7 @@ def test_sft_supervised_spans(synthetic_run, tiny_llm):
     train = common.user_items(split["train_u"], split["train_i"], split["n_users"])
     valid = common.user_items(split["valid_u"], split["valid_i"], split["n_users"])
     texts = common.load_items(run)
-    rules = importlib.import_module("02_distill").RulesTeacher(texts, train, 5, 48)
+    rules = teachers.RulesTeacher(texts, train, 5, 48)
     for variant in ["gpt_kd", "naive", "mask"]:
         examples, stats = sft.build_examples(run, variant, tok, sft_args(run, variant, tiny_llm, "--n-nbrs", "3"))
         users = [e for e in examples if e["kind"] in ("user", "two_turn")]
@@ -125,13 +127,14 @@ def test_sft_supervised_spans(synthetic_run, tiny_llm):
             if e["kind"] in ("warm_item", "cold_item"):  # the answer is the merge of the profiles the prompt shows
                 shown = [line.split(" -> ")[-1].split(". ", 1)[-1] for line in
                          e["messages"][1]["content"].split("\n") if "User identity:" in line]
-                assert shown and answers == [llm.merge_profiles(shown)]
+                assert shown and answers == [prompts.merge_profiles(shown)]
                 continue
             turn1, turn2 = answers
             assert turn2 == ("Yes" if e["label"] else "No")
             target_block = e["messages"][1]["content"].split("Similar user")[0]
             v = e["item"]
-            shown_items = [i for i in train[e["user"]] if int(i) != v][-5:] if e["reprofiled"] else train[e["user"]][-5:]
+            shown_items = ([i for i in train[e["user"]] if int(i) != v][-5:] if e["reprofiled"]
+                           else train[e["user"]][-5:])
             assert all(f"{texts[i][:30]}" in target_block for i in shown_items)
             # the target's profile is a function of its shown list: the teacher's, or the rules profile of the list
             expect_profile = rules.profile([i for i in train[e["user"]] if int(i) != v]) if e["reprofiled"] \
@@ -214,7 +217,8 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch, tmp_path):
     run = write_stage02(synthetic_run)
     base = ["--run", str(run), "--model", tiny_llm, "--device", "cpu"]
     for variant in ["gpt_kd", "naive", "mask"]:
-        out = sft.main(base + ["--variant", variant, "--max-steps", "2", "--batch-size", "2", "--kd-max-new-tokens", "8"])
+        out = sft.main(base + ["--variant", variant, "--max-steps", "2", "--batch-size", "2",
+                               "--kd-max-new-tokens", "8"])
         assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer_config.json").exists()
         rows = common.read_jsonl(out / "train_log.jsonl")
         assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
@@ -241,7 +245,7 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch, tmp_path):
                                  sft_args(run, "gpt_kd", tiny_llm))[0]
     asked = prof.kd_user_messages(run, train, common.load_items(run))
     assert all(e["messages"][:-1] == asked(e["user"]) for e in trained if e["kind"] == "user")
-    model, _ = prof.load_profile_model(run, "sft_mask", model=tiny_llm, device="cpu")
+    model, _ = llm.load_profile_model(run, "sft_mask", model=tiny_llm, device="cpu")
 
     # 04: trains, scores every held-out pair, reports per-kind accuracy with a 95% interval, reloads as a classifier
     out = rw.main(base + ["--max-steps", "3", "--batch-size", "4"])
@@ -277,7 +281,7 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch, tmp_path):
     single = [scorer([r["prompt"]], [t])[0] for r, t in zip(rows, ["", "a b", rows[2]["chosen"]])]
     torch.testing.assert_close(batched, torch.stack(single), atol=1e-4, rtol=1e-4)  # left padding is harmless
 
-    # 05: runs, logs, writes an adapter that prof.load_profile_model stacks on the SFT model. The tiny model
+    # 05: runs, logs, writes an adapter that llm.load_profile_model stacks on the SFT model. The tiny model
     # never writes a profile line, so --no-profile-stop lets the reward model score its answers here
     args = base + ["--steps", "3", "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "6",
                    "--ckpt-every", "2", "--ppo-epochs", "1", "--no-profile-stop"]
@@ -293,7 +297,7 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch, tmp_path):
     assert json.loads((out / "base.json").read_text()) == {"sft": "sft_mask"}
     assert (out / "value_head.pt").exists()
     assert {"sft_mask/", "reward/"} <= set(common.read_manifest(run)["stages"]["05_ppo"]["inputs"])  # model dirs
-    model, tok = prof.load_profile_model(run, "ppo", model=tiny_llm, device="cpu")
+    model, tok = llm.load_profile_model(run, "ppo", model=tiny_llm, device="cpu")
     # 06's ppo model is base + SFT LoRA + PPO LoRA, both folded, not merged (a merge into bf16 weights would round the
     # deltas away), computing what 05 trained: the PPO adapter on the SFT model merged in float32
     from peft import PeftModel
@@ -349,7 +353,7 @@ def test_reward_eval_scores_every_heldout_pair(synthetic_run, tiny_llm):
 def test_lexical_reference_reads_the_target_items_only():
     items = ["Heat (1995). Genres: Action, Crime.", "Casino (1995). Genres: Crime, Drama.",
              "Babe (1995). Genres: Comedy."]
-    prompt = llm.inference_messages([0, 1], [[2]], items, max_items=5, max_nbr_items=2, max_chars=200)
+    prompt = prompts.inference_messages([0, 1], [[2]], items, max_items=5, max_nbr_items=2, max_chars=200)
     target = rw.target_text(prompt)
     assert "Casino" in target and "Babe" not in target  # the neighbour's items are not the target's
     words = rw.words(target)
@@ -488,7 +492,7 @@ def short_prompts(run, n=8):
     return [[{"role": "user", "content": f"write the profile of user {k} : comedy drama"}] for k in range(n)]
 
 
-def even_token_reward(prompts, texts, resp):
+def even_token_reward(queries, texts, resp):
     """Fraction of generated tokens (up to the end-of-turn) with an even id."""
     out = []
     for row in resp:
@@ -500,13 +504,13 @@ def even_token_reward(prompts, texts, resp):
 
 def test_ppo_raises_a_programmatic_reward(synthetic_run, tiny_llm):
     policy, vh, tok = tiny_policy(tiny_llm)
-    prompts = short_prompts(synthetic_run)
+    queries = short_prompts(synthetic_run)
     cfg = ppo.PPOConfig(steps=30, batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-2, max_new_tokens=8,
                         beta=0.05, seed=0, stop_at_profile=False)  # a reward of any text, not of profile lines
-    hist = ppo.train(policy, vh, tok, prompts, even_token_reward, cfg, progress=False)
+    hist = ppo.train(policy, vh, tok, queries, even_token_reward, cfg, progress=False)
     scores = [h["score"] for h in hist]
     first, last = np.mean(scores[:5]), np.mean(scores[-10:])
-    assert last > first + 0.1, scores   # measured: ~0.49 -> ~0.63 (a random policy sits at 0.5)
+    assert last > first + 0.1, scores   # a random policy sits at 0.5; 0.1 is a clear rise above its noise
     assert all(math.isfinite(h["kl"]) and h["kl"] < 10.0 for h in hist)
     assert all(0.0 <= h["clip_fraction"] <= 1.0 for h in hist)
 
@@ -527,7 +531,7 @@ def test_ppo_rollouts_end_where_06_stops(char_llm):
     policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     asked, seen = [], []
 
-    def reward_fn(prompts, texts, resp):
+    def reward_fn(queries, texts, resp):
         asked.extend(texts)
         return torch.full((len(texts),), 1.5)
     cfg = ppo.PPOConfig(steps=1, batch_size=6, minibatch_size=3, max_new_tokens=CHAR_MAX_NEW, seed=0)
@@ -563,10 +567,10 @@ def test_value_head_and_explained_variance():
     assert ppo.explained_variance(-returns, returns, mask) < 0
 
 
-def exact_kl(policy, tok, prompts):
-    """Mean KL(policy || reference) of the next-token distributions over the prompts' positions, and the largest
+def exact_kl(policy, tok, queries):
+    """Mean KL(policy || reference) of the next-token distributions over the queries' positions, and the largest
     log-probability difference."""
-    enc = tok([tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts],
+    enc = tok([tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in queries],
               return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         lp = torch.log_softmax(policy(**enc).logits, -1)
@@ -580,14 +584,14 @@ def exact_kl(policy, tok, prompts):
 def test_ppo_huge_beta_stays_at_reference(synthetic_run, tiny_llm):
     """With beta huge the KL term dominates the reward: the policy is pulled back to the reference after each
     move, while without a penalty it drifts away chasing the reward."""
-    prompts = short_prompts(synthetic_run)
+    queries = short_prompts(synthetic_run)
     out = {}
     for beta in (0.0, 1e3):
         policy, vh, tok = tiny_policy(tiny_llm)
         cfg = ppo.PPOConfig(steps=10, batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-2, max_new_tokens=8,
                             beta=beta, seed=0, stop_at_profile=False)
-        hist = ppo.train(policy, vh, tok, prompts, even_token_reward, cfg, progress=False)
-        out[beta] = exact_kl(policy, tok, prompts) + (np.mean([h["score"] for h in hist[-3:]]),)
+        hist = ppo.train(policy, vh, tok, queries, even_token_reward, cfg, progress=False)
+        out[beta] = exact_kl(policy, tok, queries) + (np.mean([h["score"] for h in hist[-3:]]),)
         assert hist[0]["kl"] == 0.0  # the new LoRA starts as the identity: policy == reference
     (kl_free, diff_free, _), (kl_huge, diff_huge, _) = out[0.0], out[1e3]
     assert kl_huge < 0.2 * kl_free and kl_huge < 0.1, out

@@ -1,14 +1,12 @@
-"""The presets of scripts/presets.sh. cpu: the flags that keep the CPU pipeline computing what it computed before
-the stage defaults became the paper's (every parsed argument compared with the values of that time). gpu: the stage
-defaults themselves, run end to end (02 -> 03 gpt_kd -> 03 mask -> 04 -> 05 -> 06) on a CPU with --limit and the
-tiny LLM, so that no code path of the GPU settings runs for the first time on a GPU."""
-import importlib
+"""The presets of scripts/presets.sh. cpu: the sizes that fit a CPU, each stage parsing exactly the values the preset
+names on top of its own defaults, and nothing else changed. gpu: the stage defaults themselves, run end to end
+(02 -> 03 gpt_kd -> 03 mask -> 04 -> 05 -> 06) on a CPU with --limit and the tiny LLM, so that no code path of the
+GPU settings runs for the first time on a GPU."""
 import json
 import shlex
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 import common
@@ -16,40 +14,24 @@ import llm
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-D = importlib.import_module("02_distill")
-SFT = importlib.import_module("03_sft")
-RW = importlib.import_module("04_reward")
-PPO = importlib.import_module("05_ppo")
-PROF = importlib.import_module("06_profile")
+D = common.load_stage("02_distill")
+SFT = common.load_stage("03_sft")
+RW = common.load_stage("04_reward")
+PPO = common.load_stage("05_ppo")
+PROF = common.load_stage("06_profile")
 
 ATTN = "q_proj,k_proj,v_proj,o_proj"
-# Every argument 03-06 parsed under the CPU defaults of commit 7dfa1e2 (03's --n-neighbors is now --n-nbrs, 04's
-# --holdout-frac --heldout-frac; --limit is new; 04 then scored every held-out pair, the cpu preset a sample of 300),
-# with 06's --item-users as its main() resolved it for an LLM source; --no-repeat-ngram is new (0 = as before); 04
-# then trained 8 steps, the cpu preset now 32 (measured: README); 06's --retries / --retry-temperature are new (06
-# then kept an answer that did not parse; now it samples it again, up to 5 times); 04's --eval-batch is gone (a
-# user's pairs are scored as one group) and the cpu preset scores every held-out pair again, as 7dfa1e2 did; 06's
-# --retry-seed is new (0, the constant it replaces).
-CPU_BEFORE = {
-    "03": dict(variant="mask", model="default", device=None, max_steps=16, epochs=1.0, batch_size=2, grad_accum=1,
-               lr=2e-3, lora_r=8, lora_alpha=16, lora_dropout=0.05,
-               lora_targets=ATTN + ",gate_proj,up_proj,down_proj", max_length=1024, n_nbrs=2, item_frac=0.5,
-               kd_gen_batch=8, kd_max_new_tokens=48, init="gpt_kd", limit=None),
-    "04": dict(model="default", device=None, max_steps=32, epochs=1.0, batch_size=4, grad_accum=1, lr=3e-4, lora_r=8,
-               lora_alpha=16, lora_dropout=0.0, lora_targets=ATTN, max_length=2048, heldout="auto", heldout_frac=0.2,
-               max_eval_pairs=0, center_rewards=0.01, eval_before=False, limit=None),
-    "05": dict(sft="sft_mask", reward="reward", model="default", device=None, steps=3, batch_size=4, minibatch_size=2,
-               ppo_epochs=1, lr=5e-5, temperature=1.0, top_p=1.0, max_new_tokens=40, beta=0.05, target_kl=0.0,
-               kl_horizon=10000, gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
-               max_grad_norm=1.0, value_backprop=False, missing_eos_penalty=0.0, incomplete_score=-3.0, ckpt_every=5,
-               whiten_advantages=True, stop_at_profile=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-               lora_targets=ATTN, reward_batch=8, limit=None, restart=False),
-    "06": dict(source="ppo", teacher=None, model="default", device=None, dtype="auto", threads=1, encoder=None,
-               batch_size=64, max_new_tokens=40, temperature=0.0, item_users=2, item_nbrs=3, shard=None, merge=False,
-               what="all", wait_s=3600.0, limit=None, restart=False, probe_only=False, no_repeat_ngram=0,
-               distinct_terms=False, retries=5, retry_temperature=0.7, retry_seed=0),
+# What PRESET=cpu changes, as each stage parses it (SFT_STEPS unset); every other argument keeps the stage's default.
+CPU = {
+    "03": dict(max_steps=16, epochs=1.0, batch_size=2, lr=2e-3, lora_dropout=0.05, max_length=1024,
+               lora_targets=ATTN + ",gate_proj,up_proj,down_proj"),
+    "04": dict(max_steps=32, epochs=1.0, lr=3e-4, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets=ATTN),
+    "05": dict(steps=3, batch_size=4, minibatch_size=2, lr=5e-5, temperature=1.0, top_p=1.0, max_new_tokens=40,
+               lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets=ATTN),
+    "06": dict(item_users=2),
 }
-SHARED = {"run": Path("r"), "seed": 0, "force": False}
+PARSE = {"03": SFT.parse_args, "04": RW.parse_args, "05": PPO.parse_args, "06": PROF.parse_args}
+ARGV = {"03": ["--run", "r"], "04": ["--run", "r"], "05": ["--run", "r"], "06": ["--run", "r", "--source", "ppo"]}
 
 
 def preset_flags(preset, **env):
@@ -61,17 +43,16 @@ def preset_flags(preset, **env):
     return {stage: shlex.split(line) for stage, line in zip(names, out)}
 
 
-def test_cpu_preset_is_the_cpu_defaults_of_before():
+def test_cpu_preset_changes_only_its_flags():
     flags = preset_flags("cpu")
-    parsed = {"03": vars(SFT.parse_args(["--run", "r"] + flags["03"])),
-              "04": vars(RW.parse_args(["--run", "r"] + flags["04"])),
-              "05": vars(PPO.parse_args(["--run", "r"] + flags["05"])),
-              "06": vars(PROF.build_parser().parse_args(["--run", "r", "--source", "ppo"] + flags["06"]))}
-    for stage, before in CPU_BEFORE.items():
-        assert parsed[stage] == {**SHARED, **before}, stage
+    for stage, parse in PARSE.items():
+        default = vars(parse(ARGV[stage]))
+        assert vars(parse(ARGV[stage] + flags[stage])) == {**default, **CPU[stage]}, stage
+        # each flag moves a stage default: the cpu preset differs from gpu (the defaults) exactly there
+        assert all(default[k] != v for k, v in CPU[stage].items()), stage
     # 03's gpt_kd runs with the same flags; --variant is the only difference
     kd = vars(SFT.parse_args(["--run", "r", "--variant", "gpt_kd"] + flags["03"]))
-    assert kd == {**parsed["03"], "variant": "gpt_kd"}
+    assert kd == {**vars(SFT.parse_args(ARGV["03"] + flags["03"])), "variant": "gpt_kd"}
 
 
 def test_sft_steps_sets_only_03s_steps():

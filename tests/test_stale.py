@@ -1,9 +1,8 @@
-"""The manifest's staleness check across stages (SPEC section 2): a re-run upstream stage makes everything built
-from its old outputs stale (checked from the hashes each consumer recorded, transitively, model directories
+"""The manifest's staleness check across stages (docs/spec.md, section 2): a re-run upstream stage makes everything
+built from its old outputs stale (checked from the hashes each consumer recorded, transitively, model directories
 included), resumed rows of 02 and 06 are reused only when built from the same prompt and upstream state, and
 every record holds the code (git revision, sha256 of the script and of the repository modules it imports) that 08
 compares."""
-import importlib
 import json
 import time
 
@@ -16,15 +15,14 @@ import llm
 from test_eval import toy_run  # noqa: F401 - a fixture
 
 torch.set_num_threads(1)
-D = importlib.import_module("02_distill")
-RW = importlib.import_module("04_reward")
-P = importlib.import_module("06_profile")
-CF = importlib.import_module("07_train_cf")
-EV = importlib.import_module("08_eval")
+D = common.load_stage("02_distill")
+RW = common.load_stage("04_reward")
+P = common.load_stage("06_profile")
+CF = common.load_stage("07_train_cf")
+EV = common.load_stage("08_eval")
 
 CF_FAST = ["--backbone", "biasmf", "--max-epochs", "2", "--min-epochs", "1", "--eval-every", "1",
            "--batch-size", "64", "--dim", "8"]
-REFUSED = (common.StaleInputError, SystemExit)  # 07 and 08 turn the error into a one-line exit
 
 
 class Args:
@@ -117,16 +115,19 @@ def test_record_has_code_and_works_without_git(tmp_path, monkeypatch):
 
 
 def test_code_includes_the_shared_modules_a_stage_imports(tmp_path):
-    """A stage's recorded code is its script and the repository modules it imports: data.py for 01, llm.py for 02-06
-    (prompts, the profile format). Editing llm.py makes what 02-06 built show as built by changed code in 08, as
-    editing common.py does."""
+    """A stage's recorded code is its script and the repository modules it imports, directly or through one another:
+    data.py for 01; llm.py, generate.py and prompts.py for 02-06, and teachers.py for those that use a teacher (02, 03,
+    06). Editing a prompt makes what 02-06 built show as built by changed code in 08, as editing common.py does."""
     def names(stage):
         return sorted(p.name for p in common.stage_code(stage))
     assert names("01_neighbors") == ["01_neighbors.py", "common.py", "data.py"]
-    scripts = {"02_distill": "02_distill.py", "03_sft_mask": "03_sft.py", "04_reward": "04_reward.py",
-               "05_ppo": "05_ppo.py", "06_profile_ppo": "06_profile.py", "06_probe_base_llm": "06_profile.py"}
-    for stage, script in scripts.items():
-        assert names(stage) == sorted([script, "common.py", "llm.py"])
+    lm = ["common.py", "generate.py", "llm.py", "prompts.py"]
+    scripts = {"02_distill": ["02_distill.py", "teachers.py"], "03_sft_mask": ["03_sft.py", "teachers.py"],
+               "04_reward": ["04_reward.py"], "05_ppo": ["05_ppo.py"],
+               "06_profile_ppo": ["06_profile.py", "teachers.py"],
+               "06_probe_base_llm": ["06_profile.py", "teachers.py"]}
+    for stage, own in scripts.items():
+        assert names(stage) == sorted(own + lm)
     assert names("08_eval") == ["08_eval.py", "common.py"]
     run = tmp_path / "run"
     common.write_json(run / "a.json", {"v": 1})
@@ -153,13 +154,16 @@ def test_new_split_makes_every_later_stage_refuse(synthetic_run, tiny_llm):
                                                      r"data/split.npz, which 01_neighbors has since rewritten; "
                                                      r"re-run 02_distill \("):
         RW.main(["--run", str(run), "--model", tiny_llm, "--device", "cpu"])
-    with pytest.raises(common.StaleInputError, match=r"(user_sets|prompt).json was built by 02_distill .* re-run 02_distill"):
+    with pytest.raises(common.StaleInputError,
+                       match=r"(user_sets|prompt).json was built by 02_distill .* re-run 02_distill"):
         P.main(profile_args(run, tiny_llm, "base_llm", "--probe-only"))
-    with pytest.raises(REFUSED, match=r"profiles/base_llm/user_emb.npy was written by 06_profile_base_llm from "
-                                      r"inputs that are now stale: .*re-run 02_distill, then 06_profile_base_llm"):
+    with pytest.raises(common.StaleInputError,
+                       match=r"profiles/base_llm/user_emb.npy was written by 06_profile_base_llm from "
+                             r"inputs that are now stale: .*re-run 02_distill, then 06_profile_base_llm"):
         CF.main(["--run", str(run), "--variant", "augment", "--source", "base_llm", *CF_FAST])
-    with pytest.raises(REFUSED, match=r"cf/biasmf_augment_base_llm_s0/.* re-run 02_distill, then "
-                                      r"06_profile_base_llm, 07_train_cf/biasmf_augment_base_llm_s0"):
+    with pytest.raises(common.StaleInputError,
+                       match=r"cf/biasmf_augment_base_llm_s0/.* re-run 02_distill, then "
+                             r"06_profile_base_llm, 07_train_cf/biasmf_augment_base_llm_s0"):
         EV.main(["--run", str(run), "--ks", "5"])
     # 02 reads only 01's outputs, which are current: it redoes every row built from the old split
     n = len(rows(run / "distill.jsonl"))
@@ -179,7 +183,7 @@ def test_retrained_ppo_makes_profiles_and_models_stale(synthetic_run, tiny_llm, 
             common.write_text(run / name / f, json.dumps({"sft": "sft_mask"}) if f == "base.json" else "weights 1")
         inputs = ["data/split.npz"] + (["sft_mask/adapter_model.safetensors"] if name == "ppo" else [])
         common.record_stage(run, stage, Args(), inputs, [f"{name}/{f}" for f in files], time.time())
-    monkeypatch.setattr(P, "load_profile_model", lambda run, source, model, device=None:
+    monkeypatch.setattr(llm, "load_profile_model", lambda run, source, model, device=None:
                         llm.load_llm(tiny_llm, device="cpu"))
     P.main(profile_args(run, tiny_llm, "ppo", "--limit", "3"))
     argv = ["--run", str(run), "--variant", "augment", "--source", "ppo", *CF_FAST]
@@ -191,8 +195,9 @@ def test_retrained_ppo_makes_profiles_and_models_stale(synthetic_run, tiny_llm, 
     common.write_text(run / "ppo" / "adapter_model.safetensors", "weights 2")  # 05 retrained
     common.record_stage(run, "05_ppo", Args(), ["data/split.npz", "sft_mask/adapter_model.safetensors"],
                         ["ppo/adapter_model.safetensors", "ppo/base.json"], time.time())
-    with pytest.raises(REFUSED, match=r"profiles/ppo/user_emb.npy was built by 06_profile_ppo from ppo/, which "
-                                      r"05_ppo has since rewritten; re-run 06_profile_ppo"):
+    with pytest.raises(common.StaleInputError,
+                       match=r"profiles/ppo/user_emb.npy was built by 06_profile_ppo from ppo/, which "
+                             r"05_ppo has since rewritten; re-run 06_profile_ppo"):
         CF.main(argv)
     CF.main(argv + ["--force"])  # the profiles' files did not change, but what they were built from did
     assert model.stat().st_mtime_ns != written  # retrained, not skipped
@@ -200,7 +205,7 @@ def test_retrained_ppo_makes_profiles_and_models_stale(synthetic_run, tiny_llm, 
     common.write_text(run / "sft_mask" / "adapter_model.safetensors", "weights 3")
     common.record_stage(run, "03_sft_mask", Args(), ["data/split.npz"], ["sft_mask/adapter_model.safetensors"],
                         time.time())
-    with pytest.raises(REFUSED, match=r"re-run 05_ppo, then 06_profile_ppo"):
+    with pytest.raises(common.StaleInputError, match=r"re-run 05_ppo, then 06_profile_ppo"):
         CF.main(argv)
     # 06 re-run: every row was built by the old model, so every row is redone
     assert {"ppo/", "sft_mask/"} <= set(common.read_manifest(run)["stages"]["06_profile_ppo"]["inputs"])
@@ -222,7 +227,7 @@ def test_distill_redoes_rows_of_another_prompt_or_upstream(synthetic_run):
     tampered = json.loads(json.dumps(first))
     tampered[2]["prompt"][-1]["content"] += " (an older prompt format)"
     tampered[2]["profile"] = "User identity: a, b, c; User interests: x, y, z"
-    tampered[5].pop("upstream", None)  # a row from before upstream states were recorded
+    tampered[5].pop("upstream", None)  # a row without a recorded upstream state
     common.write_jsonl(path, tampered)
     out = D.main(args)
     assert rows(path) == first

@@ -1,17 +1,17 @@
 """06_profile --source teacher: the rules teacher of 02 writes every user and item profile (the upper bound of
 distillation), no LLM. Fast: the synthetic run of conftest.py and the shipped text encoder."""
-import importlib
 import json
 
 import numpy as np
 import pytest
 
 import common
-import llm
+import prompts
+import teachers
 from conftest import GENRES, assert_probes_close
 
-D = importlib.import_module("02_distill")
-P = importlib.import_module("06_profile")
+D = common.load_stage("02_distill")
+P = common.load_stage("06_profile")
 
 
 def rows(path):
@@ -19,7 +19,7 @@ def rows(path):
 
 
 def terms(profile, side):
-    return llm.PROFILE_RE.search(profile).group(side).split(", ")
+    return prompts.PROFILE_RE.search(profile).group(side).split(", ")
 
 
 def teacher_args(run, *extra):
@@ -38,12 +38,12 @@ def test_teacher_profiles_embeddings_manifest(synthetic_run):
     assert [r["user"] for r in users] == list(range(n_users))
     target = {r["user"]: r["profile"] for r in rows(synthetic_run / "distill.jsonl")}
     assert all(r["valid"] and r["teacher"] == "rules" and r["profile"] == target[r["user"]] for r in users)
-    assert all(llm.parse_profile(r["profile"]) == r["profile"] for r in users)
+    assert all(prompts.parse_profile(r["profile"]) == r["profile"] for r in users)
 
     # items: one valid profile each in the user format, warm from their recent training users, the others from
     # their warm text neighbours, each the merge of those profiles
     assert [r["item"] for r in items] == list(range(n_items))
-    assert all(r["valid"] and llm.parse_profile(r["profile"]) == r["profile"] and r["prompt_hash"]
+    assert all(r["valid"] and prompts.parse_profile(r["profile"]) == r["profile"] and r["prompt_hash"]
                for r in items)
     users_of = common.user_items(split["train_i"], split["train_u"], n_items)
     item_nbrs = common.load_neighbors(synthetic_run)["item_nbrs"]
@@ -54,7 +54,7 @@ def test_teacher_profiles_embeddings_manifest(synthetic_run):
             assert r["kind"] == "warm" and r["from_users"] == [int(u) for u in users_of[i][-5:][::-1]]
             assert terms(r["profile"], "interests")[0] in {t for u in r["from_users"]
                                                           for t in terms(target[u], "interests")}
-            assert r["profile"] == llm.merge_profiles([target[u] for u in r["from_users"]])
+            assert r["profile"] == prompts.merge_profiles([target[u] for u in r["from_users"]])
         else:
             assert r["kind"] == "cold" and r["from_items"]
             assert set(r["from_items"]) <= set(item_nbrs[i].tolist())
@@ -64,7 +64,7 @@ def test_teacher_profiles_embeddings_manifest(synthetic_run):
             # learnt from its warm neighbours' users
             group = {GENRES[g].title() for g in range(len(GENRES)) if g % 2 == (i % len(GENRES)) % 2}
             got = set(terms(r["profile"], "interests"))
-            assert len(got & group) >= 2 and got <= group | set(D.INTEREST_FILL), (got, group)
+            assert len(got & group) >= 2 and got <= group | set(teachers.INTEREST_FILL), (got, group)
     assert {r["kind"] for r in items} == {"warm", "cold"}
 
     ue, ie = np.load(out / "user_emb.npy"), np.load(out / "item_emb.npy")
@@ -89,9 +89,9 @@ def test_teacher_probe_only_and_refusals(synthetic_run):
     full = P.main(teacher_args(synthetic_run))
     assert_probes_close(quick["eval_users"], full["eval_users"])
     for extra, msg in ((["--shard", "0/2"], "--shard"), (["--merge"], "--merge"), (["--limit", "3"], "--limit")):
-        with pytest.raises(SystemExit, match=msg):
+        with pytest.raises(common.UsageError, match=msg):
             P.main(teacher_args(synthetic_run, *extra))
-    with pytest.raises(SystemExit, match="--source teacher only"):
+    with pytest.raises(common.UsageError, match="--source teacher only"):
         P.main(["--run", str(synthetic_run), "--source", "ppo", "--teacher", "rules"])
 
 
@@ -99,11 +99,11 @@ def test_merge_profiles_counts_ties_and_fill():
     a = "User identity: fan, teen, parent; User interests: comedy, drama, war"
     b = "User identity: Teen, critic, student; User interests: war, horror, comedy"
     # identities: teen twice, then the first met; interests: comedy and war twice (comedy met first)
-    assert llm.merge_profiles([a, b]) == "User identity: teen, fan, parent; User interests: comedy, war, drama"
-    assert llm.merge_profiles([b, a, a]) == "User identity: Teen, fan, parent; User interests: war, comedy, drama"
+    assert prompts.merge_profiles([a, b]) == "User identity: teen, fan, parent; User interests: comedy, war, drama"
+    assert prompts.merge_profiles([b, a, a]) == "User identity: Teen, fan, parent; User interests: war, comedy, drama"
     fill = "User identity: x1, teen, x2; User interests: y1, y2, y3"
     # fill terms rank after every counted term, whatever their count in the fill
     one = "User identity: solo, fan, critic; User interests: noir, war, jazz"
-    assert llm.merge_profiles([one], fill=[fill, fill]) == one
-    assert llm.merge_profiles([], fill=[fill]) == fill  # no source profile: the fill alone
-    assert llm.merge_profiles([]) is None and llm.merge_profiles(["not a profile"]) is None
+    assert prompts.merge_profiles([one], fill=[fill, fill]) == one
+    assert prompts.merge_profiles([], fill=[fill]) == fill  # no source profile: the fill alone
+    assert prompts.merge_profiles([]) is None and prompts.merge_profiles(["not a profile"]) is None
