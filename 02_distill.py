@@ -101,7 +101,7 @@ class StampedRows:
 def upstream_key(run, args):
     """What a distill row is built from besides its prompt: data/split.npz and data/items.jsonl (the rules
     teacher's catalogue statistics too) and the teacher with its model; for the rules teacher, this file (its rules:
-    they are instant to rerun, and a changed rule must not leave old profiles in place)."""
+    they are instant to rerun, and a changed rule must not leave old profiles in place): teachers.py."""
     rules = "rules " + common.sha256_file(Path(teachers.__file__))
     model = {"rules": rules, "local": args.teacher_model, "api": f"{args.api_base} {args.api_model}"}[args.teacher]
     files = {r: common.sha256_path(run, r) for r in ("data/split.npz", "data/items.jsonl")}
@@ -291,6 +291,7 @@ def parse_args(argv):
                    help="newest items shown to the teacher, whose profile depends on these only; the reward queries "
                         "(--pair-max-items) must show at least as many (default: %(default)s, the inference prompt's)")
     p.add_argument("--max-chars", type=int, default=MAX_CHARS, help="item text cut, as the prompts cut it")
+    p.add_argument("--chat-template", default=None, help="local teacher: " + llm.TEMPLATE_HELP)
     p.add_argument("--teacher-model", default=llm.DEFAULT_LLM,
                    help="local teacher: local path or hub id (default: the shipped SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
@@ -322,6 +323,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.teacher == "api":
         teachers.api_key(args.api_key_env)  # no key (or a key given in place of its variable's name): refuse now
+        if not args.api_model:
+            raise common.UsageError("--teacher api needs --api-model")
     check_pair_sizes(args)
     if args.train_substitutions < 1:
         raise common.UsageError(f"--train-substitutions {args.train_substitutions}: at least 1 substitution pair "

@@ -140,7 +140,7 @@ def add_example(examples, stats, tok, args, msgs, last_turn_only=False, **info):
 
 
 def item_examples(run, tok, args, teacher, n, rng, stats):
-    """Up to n single-turn item-profile examples, half warm, half cold (06's item prompts, llm.*_item_messages), the
+    """Up to n single-turn item-profile examples, half warm, half cold (06's item prompts, prompts.*_item_messages), the
     answer in the user format: warm, the profiles of an item's 1-ITEM_USERS most recent taught training users ->
     their merged profile (prompts.merge_profiles); cold, up to ITEM_NBRS text-similar warm items with their warm item
     profiles -> those profiles merged. Each target is a function of its prompt, and 06 then asks items for a form
@@ -378,6 +378,7 @@ def parse_args(argv=None):
     p = common.stage_parser(__doc__)
     p.add_argument("--variant", choices=["gpt_kd", "naive", "mask"], default=VARIANT, help="what to train (see above)")
     p.add_argument("--model", default=llm.DEFAULT_LLM, help=llm.MODEL_HELP)
+    p.add_argument("--chat-template", default=None, help=llm.TEMPLATE_HELP)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps; 0 = --epochs full epochs")
     p.add_argument("--epochs", type=float, default=EPOCHS, help="passes over the examples (with --max-steps 0)")
@@ -442,10 +443,12 @@ def main(argv=None):
     common.check_inputs(run, inputs, args.force)
     args.prompt = prompts.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
     model_path = llm.resolve_llm(args.model)
-    tok = llm.load_tokenizer(model_path)
+    init_adapter = init_adapter_of(run, args)  # before any work: a missing sft_gpt_kd is refused at once
+    # the LoRA it continues was trained with a template, saved beside it: keep training on that one
+    saved = init_adapter is not None and (Path(init_adapter) / "tokenizer_config.json").exists()
+    tok = llm.load_tokenizer(init_adapter if saved else model_path, None if saved else args.chat_template)
     sets = json.loads((run / "user_sets.json").read_text())
 
-    init_adapter = init_adapter_of(run, args)  # before any work: a missing sft_gpt_kd is refused at once
     kd, extra_outputs = {}, []
     if args.variant != "gpt_kd":
         kd, extra_outputs = kd_neighbor_profiles(run, args, teacher_profiles(run, sets), sets)

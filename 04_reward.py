@@ -207,6 +207,7 @@ def load_pairs(run, tok, args):
 def parse_args(argv=None):
     p = common.stage_parser(__doc__)
     p.add_argument("--model", default=llm.DEFAULT_LLM, help=llm.MODEL_HELP)
+    p.add_argument("--chat-template", default=None, help=llm.TEMPLATE_HELP)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps; 0 = --epochs full epochs")
     p.add_argument("--epochs", type=float, default=EPOCHS, help="passes over the pairs (with --max-steps 0)")
@@ -245,7 +246,7 @@ def main(argv=None):
     common.check_inputs(run, inputs, args.force)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_path = llm.resolve_llm(args.model)
-    tok = llm.load_tokenizer(model_path)
+    tok = llm.load_tokenizer(model_path, args.chat_template)
     train, held, counts = load_pairs(run, tok, args)
     log.info("reward pairs: %s", json.dumps(counts))
     if not train:

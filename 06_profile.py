@@ -237,6 +237,8 @@ def api_teacher_args(run):
                                 f"with, but {'02 has not run' if rec is None else f'02 last ran with --teacher {used}'}"
                                 ": run 02_distill.py --teacher api --api-model M [--api-base URL] first")
     missing = [k for k in API_ARGS if k not in rec["args"]]
+    if rec["args"].get("n_users") is None:  # 02 records it resolved; None is an older 02's "the default"
+        missing.append("n_users (resolved)")
     if missing:
         raise common.StaleInputError(f"{run}/manifest.json: 02's record lacks {', '.join(missing)} (written by an "
                                      "older 02_distill.py): run 02 again")
@@ -314,7 +316,8 @@ def write_teacher_profiles(run, out, d, args):
 
 def write_llm_profiles(run, out, d, args, upstream, shard, t_gen, redone):
     """Generate the phases --what asks for, for this shard's ids, appending rows as batches finish."""
-    model, tok = llm.load_profile_model(run, args.source, args.model, device=args.device)
+    model, tok = llm.load_profile_model(run, args.source, args.model, device=args.device,
+                                        chat_template=args.chat_template)
     model = model.to(llm.pick_dtype(args.dtype, args.device)).eval()
     log.info("model dtype %s, %d torch threads", next(model.parameters()).dtype, torch.get_num_threads())
     user_msgs = (kd_user_messages(run, d.train, d.item_text_full) if args.source == "sft_gpt_kd" else
@@ -424,6 +427,8 @@ def parse_args(argv):
                    help="--source teacher only: 02's rules teacher, or its API teacher with 02's last arguments "
                         "(default: rules)")
     p.add_argument("--model", default=llm.DEFAULT_LLM, help=llm.MODEL_HELP)
+    p.add_argument("--chat-template", default=None, help=llm.TEMPLATE_HELP + "; the tuned sources use the "
+                   "template their adapter was trained with")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="model dtype; auto: bf16 on a GPU that has it and on a CPU with native bf16 matmuls "
@@ -464,7 +469,7 @@ def parse_args(argv):
         args.teacher = args.teacher or "rules"
     elif args.teacher:
         raise common.UsageError(f"--teacher applies to --source teacher only, not --source {args.source}")
-    args.shard_of = parse_shard(args.shard)
+    parse_shard(args.shard)  # checked now; main parses it again
     if args.merge and args.shard:
         raise common.UsageError("--merge combines all shards; do not pass --shard with it")
     return args
@@ -524,6 +529,7 @@ def main(argv=None):
     common.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    shard = parse_shard(args.shard)
     inputs, models = stage_inputs(run, args)
     common.check_inputs(run, inputs, args.force)
     args.prompt = prompts.prompt_settings(run)  # 02's sizes (recorded in the manifest with the other arguments)
@@ -541,8 +547,8 @@ def main(argv=None):
         info["teacher"] = write_teacher_profiles(run, out, d, args)
         info["seconds"]["teacher_s"] = round(time.time() - t, 1)
     elif not args.merge:
-        write_llm_profiles(run, out, d, args, upstream, args.shard_of, info["seconds"], info["redone"])
-        if args.shard_of[1] > 1 or args.what != "all":
+        write_llm_profiles(run, out, d, args, upstream, shard, info["seconds"], info["redone"])
+        if shard[1] > 1 or args.what != "all":
             log.info("phase(s) done in %.1fs; run --merge (or --what all) to combine and embed", time.time() - started)
             return None
 

@@ -95,6 +95,9 @@ def run_stage(main, argv=None):
     # then many times slower on x86 (bench/bench_epoch.py --warmup-epochs; bench/RESULTS.md, "Augment's overhead per
     # epoch"); the results do not change.
     torch.set_flush_denormal(True)
+    if torch.cuda.is_available():  # TF32 matmuls for the float32 parts (07's recommenders, 01's LightGCN)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     try:
         return main(argv)
     except (DataError, StaleInputError, StageError, FileNotFoundError) as e:
@@ -382,7 +385,8 @@ def load_stage(name):
 def stage_code(stage):
     """The code files of a stage: its script (by the stage name's number: '06_profile_ppo' -> 06_profile.py) and the
     repository modules it imports at the top, directly or through one another: common.py, and data.py for 01, or
-    llm.py, prompts.py, teachers.py and generate.py for 02-06, so that editing one of them shows in 08's code note.
+    llm.py, prompts.py and generate.py for 02-06 and teachers.py for 02, 03 and 06, so that editing one of them
+    shows in 08's code note.
     No stage imports another stage."""
     m = re.match(r"(\d\d)_", stage)
     todo = (sorted(REPO.glob(f"{m.group(1)}_*.py"))[:1] if m else []) + [REPO / "common.py"]

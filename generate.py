@@ -202,7 +202,10 @@ def _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature,
         processors.append(DistinctTerms(tok, width, stop_token_ids(tok, model)))
     if temperature > 0:
         processors.append(TopKTopPSampler(temperature, top_p))
+    # disable_compile: given a StaticCache on a GPU, transformers would compile the forward for every new cache
+    # object, i.e. once per batch
     out = model.generate(input_ids=input_ids, attention_mask=mask, cache=cache, logits_processor=processors,
+                         disable_compile=True,
                          max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tok, model),
                          pad_token_id=tok.pad_token_id, do_sample=False, temperature=None, top_p=None, top_k=None,
                          stopping_criteria=StoppingCriteriaList([ProfileLineDone(tok, width)]))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import append_jsonl, encode_texts, history_centroids, load_npy, log, user_items
+from common import UsageError, append_jsonl, encode_texts, history_centroids, load_npy, log, user_items
 from generate import shared_prefix
 
 CACHE = Path(os.environ.get("RECLM_CACHE", Path.home() / ".cache" / "reclm"))
@@ -28,9 +28,12 @@ DEFAULT_LLM = "default"
 MODEL_HELP = "base LLM: local path or hub id (default: the shipped SmolLM2-135M-Instruct)"  # --model of 03-06
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# ChatML with {% generation %} markers around each assistant reply, end-of-turn included, so that
-# `return_assistant_tokens_mask=True` marks exactly what the model should learn to say.
-CHATML_TEMPLATE = (
+# Chat templates with {% generation %} markers around each assistant reply, end-of-turn included, so that
+# `return_assistant_tokens_mask=True` marks exactly what the model should learn to say (03 trains on those tokens).
+# A model's own template rarely has the markers; load_tokenizer puts the one of its family in its place (or the one
+# --chat-template names), and 03/04 save it with their adapters, so later stages read the template it was trained
+# with. Each renders the same conversation as the family's official template does.
+CHATML_TEMPLATE = (  # Qwen2.5, SmolLM2 and other ChatML models
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
     "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
@@ -38,6 +41,28 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+LLAMA3_TEMPLATE = (  # Llama-3 / 3.1 Instruct: a turn ends at <|eot_id|>
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+LLAMA2_TEMPLATE = (  # Llama-2-chat: the system prompt inside the first [INST], a reply ends at eos
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set turns = messages[1:] %}{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}"
+    "{% set content = message['content'] %}"
+    "{% if loop.index0 == 0 and system %}{% set content = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + content %}"
+    "{% endif %}{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
+    "{% else %}{{ ' ' }}{% generation %}{{ message['content'] | trim + ' ' + eos_token }}{% endgeneration %}"
+    "{% endif %}{% endfor %}"
+)
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "llama2": LLAMA2_TEMPLATE}
+TEMPLATE_HELP = ("chat template: " + " | ".join(CHAT_TEMPLATES) + " | a Jinja file whose assistant turns carry "
+                 "{%% generation %%} markers (default: the model's own if it has them, else its family's)")
 
 
 def _smollm_dir():
@@ -81,22 +106,42 @@ def resolve_llm(model=DEFAULT_LLM):
     return str(out)
 
 
+def template_family(template, vocab):
+    """The CHAT_TEMPLATES name for a model's own template (or its vocabulary), or None if it is none of them."""
+    template = template or ""
+    if "<|im_start|>" in template or "<|im_start|>" in vocab:
+        return "chatml"
+    if "<|start_header_id|>" in template or "<|start_header_id|>" in vocab:
+        return "llama3"
+    if "[INST]" in template and "<<SYS>>" in template:
+        return "llama2"
+    return None
+
+
 def load_tokenizer(path, chat_template=None):
-    """Tokenizer with left padding (for batched generation), a pad token, and a chat template whose
-    assistant turns carry generation markers. `chat_template` may be a file holding a Jinja template."""
+    """Tokenizer with left padding (for batched generation), a pad token, and a chat template whose assistant turns
+    carry generation markers: `chat_template` (a CHAT_TEMPLATES name or a Jinja file), else the tokenizer's own if it
+    has the markers (as 03 and 04 save it), else the template of its family (template_family)."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if chat_template:
-        tok.chat_template = Path(chat_template).read_text()
+        named = CHAT_TEMPLATES.get(chat_template)
+        if named is None and not (len(chat_template) < 4096 and Path(chat_template).is_file()):
+            raise UsageError(f"--chat-template {chat_template}: neither one of {', '.join(CHAT_TEMPLATES)} nor a file")
+        tok.chat_template = named or Path(chat_template).read_text()
+        if "{% generation %}" not in tok.chat_template:
+            raise UsageError(f"--chat-template {chat_template}: the template has no {{% generation %}} markers "
+                             "around the assistant turns, so 03 cannot tell what to train on")
     elif "{% generation %}" not in (tok.chat_template or ""):
-        if "<|im_start|>" in (tok.chat_template or "") or "<|im_start|>" in tok.get_vocab():
-            tok.chat_template = CHATML_TEMPLATE
-        else:
-            raise ValueError(f"{path}: its chat template has no {{% generation %}} markers and is not ChatML; "
-                             "pass --chat-template FILE with a template that marks assistant turns")
+        family = template_family(tok.chat_template, tok.get_vocab())
+        if family is None:
+            raise UsageError(f"{path}: its chat template is not ChatML, Llama-2-chat or Llama-3 and has no "
+                             "{% generation %} markers; pass --chat-template with one of "
+                             f"{', '.join(CHAT_TEMPLATES)} or a file that marks the assistant turns")
+        tok.chat_template = CHAT_TEMPLATES[family]
     return tok
 
 
@@ -129,9 +174,10 @@ def _register_cpu_attention():
     AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
 
 
-def load_llm(model=DEFAULT_LLM, adapter=None, device=None, dtype=None):
-    """(model, tokenizer). float32 on CPU; bf16 on a GPU that supports it. `adapter`: a peft folder.
-    On CPU the attention is _cpu_attention (sdpa with a faster decode step)."""
+def load_llm(model=DEFAULT_LLM, adapter=None, device=None, dtype=None, chat_template=None):
+    """(model, tokenizer). float32 on CPU; bf16 on a GPU that supports it. `adapter`: a peft folder, whose saved
+    tokenizer (and its chat template) is used when it has one. On CPU the attention is _cpu_attention (sdpa with a
+    faster decode step)."""
     from transformers import AutoModelForCausalLM
     path = resolve_llm(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -142,7 +188,8 @@ def load_llm(model=DEFAULT_LLM, adapter=None, device=None, dtype=None):
         _register_cpu_attention()
         extra["attn_implementation"] = CPU_ATTENTION
     llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device)
-    tok = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path)
+    saved = adapter and (Path(adapter) / "tokenizer_config.json").exists()
+    tok = load_tokenizer(adapter if saved else path, None if saved else chat_template)
     if adapter:
         from peft import PeftModel
         llm = PeftModel.from_pretrained(llm, adapter)
@@ -216,7 +263,7 @@ def pick_dtype(name, device=None):
     return torch.bfloat16 if native else torch.float32
 
 
-def load_profile_model(run, source, model=DEFAULT_LLM, device=None):
+def load_profile_model(run, source, model=DEFAULT_LLM, device=None, chat_template=None):
     """(model, tokenizer) that writes profiles for `source`: the untuned LLM (base_llm), an SFT adapter (sft_*), or
     the PPO adapter stacked on the SFT adapter it was trained over (ppo; ppo/base.json names it: 05 trained it on the
     SFT model merged in float32, i.e. on base + SFT delta + PPO delta, which two active LoRA adapters compute).
@@ -225,7 +272,7 @@ def load_profile_model(run, source, model=DEFAULT_LLM, device=None):
     source")."""
     run = Path(run)
     if source == "base_llm":
-        return load_llm(model, device=device)
+        return load_llm(model, device=device, chat_template=chat_template)
     if source.startswith("sft_"):
         tuned, tok = load_llm(model, adapter=run / source, device=device)
         return fold_lora(tuned), tok
@@ -284,7 +331,7 @@ def replace_dir(tmp, final):
 
 def load_reward_model(path, device=None):
     """(model, tokenizer) of the reward model 04 saved in `path`: a float32 sequence classifier in eval mode whose pad
-    token is the tokenizer's (score_ids / score_groups read the last token's score)."""
+    token is the tokenizer's (a sequence's score is read at its last token that is not the pad token)."""
     from transformers import AutoModelForSequenceClassification
     tok = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
@@ -315,6 +362,14 @@ def score_ids(model, tok, id_lists, batch_size=8):
     return out
 
 
+def without_trailing(ids, pad):
+    """`ids` up to its last token that is not `pad` (all of it when it does not end in pad)."""
+    ids = list(ids)
+    while len(ids) > 1 and ids[-1] == pad:
+        ids.pop()
+    return ids
+
+
 @torch.inference_mode()
 def score_groups(model, tok, groups, desc="score", progress=True):
     """Reward-model scores of token-id sequences given in groups whose members share a prompt (a query's chosen and
@@ -322,8 +377,11 @@ def score_groups(model, tok, groups, desc="score", progress=True):
     Each group's common prefix (shared_prefix) runs once and its members' own tokens run on its cached keys/values:
     04's held-out query has 6 pairs but 7 distinct answers, all sharing its prompt (bench/RESULTS.md, "Held-out
     reward scoring").
-    Members of a group that are the same sequence are scored once. `model`: a sequence-classification model (peft
-    wrapped or not) whose score head is `.score` and whose transformer is its base_model_prefix attribute."""
+    Members of a group that are the same sequence are scored once. A sequence is scored at its last token that is
+    not the pad token, as transformers' sequence classifiers (and so 04's training and 05's score_ids) pool: where
+    pad is the end-of-turn token (Llama-2 `</s>`, Llama-3 `<|eot_id|>`), the token before the closing one. `model`:
+    a sequence-classification model (peft wrapped or not) whose score head is `.score` and whose transformer is its
+    base_model_prefix attribute."""
     from tqdm import tqdm
     from transformers import DynamicCache
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -331,6 +389,7 @@ def score_groups(model, tok, groups, desc="score", progress=True):
     device = next(model.parameters()).device
     out = []
     for group in tqdm(groups, desc=desc, unit="group", disable=not progress):
+        group = [without_trailing(ids, tok.pad_token_id) for ids in group]
         unique = sorted({tuple(ids) for ids in group})
         prefix = shared_prefix([list(u) for u in unique]) if len(unique) > 1 else list(unique[0][:-1])
         cache = DynamicCache()

@@ -7,8 +7,8 @@
           read from a named environment variable and never logged)
 Each run_<teacher>(todo, train, item_text, rules, example, args, f, stats) appends one distill row per user to `f`;
 `args` holds 02's arguments (06 passes the ones 02 recorded in manifest.json). sample_and_example picks the users to
-distil and the worked example the local and api teachers are shown. To add a teacher: a run_<name> function here
-and its name in 02's TEACHERS. The teacher prompt itself is prompts.teacher_messages.
+distil and the worked example the local and api teachers are shown. To add a teacher: a run_<name> function here,
+and its name in 02's TEACHERS and DEFAULT_N_USERS. The teacher prompt itself is prompts.teacher_messages.
 """
 import collections
 import concurrent.futures as cf
@@ -36,14 +36,14 @@ import prompts
 log = logging.getLogger("reclm.teachers")
 
 # ----------------------------------------------------------------------------- rules teacher
-# The teacher sees exactly what the prompts that carry its profile show (docs/spec.md, section 5): the newest MAX_ITEMS
-# training items, each item's text cut at MAX_CHARS as the prompts cut it (a genre cut to a prefix that only one
+# The teacher sees exactly what the prompts that carry its profile show (docs/spec.md, section 5): the newest max_items
+# training items, each item's text cut at max_chars as the prompts cut it (a genre cut to a prefix that only one
 # catalogue genre has, "Thr…", still reads as Thriller; a genre cut away is not seen), and the history's length
 # (the prompts say how many older items they leave out). A target the student cannot see is a target it cannot
 # learn: it learns the population's modal profile instead. Neighbours' items never enter a user's profile: the KD
 # prompt shows none, and one profile per user then serves the KD, two-turn and inference prompts alike, and stays
 # apart from the substitution negative (the neighbour's own profile).
-# Terms are chosen by smoothed lift against the population of shown items (every user's newest MAX_ITEMS), so
+# Terms are chosen by smoothed lift against the population of shown items (every user's newest max_items), so
 # that a profile says what sets the user apart: Drama, in most ml-100k windows, names only users who watch more of
 # it than most, and a decade names only users whose items lean to it (not "90s film fan" for everyone).
 
@@ -418,7 +418,7 @@ def run_local(todo, train, item_text, rules, example, args, f, stats):
     generation, then sampled retries (--retries, --temperature) of the answers that do not parse. Users still
     malformed after the retries get the rules profile ("teacher": "rules", "fallback_from": "local"; --on-fail skip
     leaves them out)."""
-    model, tok = llm.load_llm(args.teacher_model, device=args.device)
+    model, tok = llm.load_llm(args.teacher_model, device=args.device, chat_template=args.chat_template)
     model = model.to(llm.pick_dtype(args.dtype, args.device)).eval()
     name = Path(llm.resolve_llm(args.teacher_model)).name
     chunk = args.batch_size * 4  # rows are appended after every chunk (resumable)

@@ -2,19 +2,17 @@
 the code of the checkout it runs in, so that two commits can be compared on the same prompts and model:
 
     python -m bench.bench_profile_phase --run R                       # this checkout, 06's defaults
-    cd /tmp/old && python -m bench.bench_profile_phase --run R        # another checkout (copy bench/ there first)
+    cd /tmp/other && python -m bench.bench_profile_phase --run R      # another checkout with this layout
     python -m bench.bench_profile_phase --run R --prefill-rows 16     # generate.generate_batches' prefill chunking
 
 R is a run in which 05 (or 03, with --source sft_mask) has run. Greedy first answers, then up to --retries samples at
-06's retry temperature, batch 64, 40 new tokens, bf16 where the CPU has it, 1 thread. A checkout whose
-generate_batches has no in-batch retries (no `accept` argument) is run with whole-phase retry passes: every answer
-that does not parse is sampled again over the whole phase, prompts included. Prints seconds, the share that parses,
+06's retry temperature, batch 64, 40 new tokens, bf16 where the CPU has it, 1 thread. The other checkout needs the
+module layout of this one (prompts.py, generate.py, llm.load_profile_model). Prints seconds, the share that parses,
 and attempts.
 Run on an idle machine, one checkout after the other.
 """
 import argparse
 import collections
-import inspect
 import time
 from pathlib import Path
 
@@ -41,26 +39,11 @@ parses = (lambda a: prompts.normalize_profile(a) is not None)
 print(f"{common.REPO}: {type(model).__name__}, {len(texts)} prompts", flush=True)
 
 start, result = time.perf_counter(), {}
-if "accept" in inspect.signature(generate.generate_batches).parameters:
-    extra = {"prefill_rows": args.prefill_rows} if args.prefill_rows else {}
-    for idx, answers, attempts in generate.generate_batches(model, tok, texts, P06.MAX_NEW_TOKENS, P06.BATCH_SIZE, 0.0,
-                                                       accept=parses, retries=args.retries,
-                                                       retry_temperature=P06.RETRY_TEMPERATURE, **extra):
-        result.update(zip(idx, zip(answers, attempts)))
-else:  # a generate_batches without in-batch retries: whole-phase retry passes, each prompt run again
-    pending = list(range(len(texts)))
-    for attempt in range(args.retries + 1):
-        torch.manual_seed(P06.RETRY_SEED + attempt)
-        temperature = 0.0 if attempt == 0 else P06.RETRY_TEMPERATURE
-        failed = []
-        for idx, answers in generate.generate_batches(model, tok, [texts[k] for k in pending], P06.MAX_NEW_TOKENS,
-                                                 P06.BATCH_SIZE, temperature):
-            for j, a in zip(idx, answers):
-                result[pending[j]] = (a, attempt)
-                failed += [] if parses(a) else [pending[j]]
-        pending = failed
-        if not pending:
-            break
+extra = {"prefill_rows": args.prefill_rows} if args.prefill_rows else {}
+for idx, answers, attempts in generate.generate_batches(model, tok, texts, P06.MAX_NEW_TOKENS, P06.BATCH_SIZE, 0.0,
+                                                        accept=parses, retries=args.retries,
+                                                        retry_temperature=P06.RETRY_TEMPERATURE, **extra):
+    result.update(zip(idx, zip(answers, attempts)))
 seconds = time.perf_counter() - start
 print(f"{common.REPO}: {seconds:.1f} s for {len(texts)} users; "
       f"parse {np.mean([parses(a) for a, _ in result.values()]):.3f}"

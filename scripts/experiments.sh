@@ -13,7 +13,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-export OMP_NUM_THREADS=1
 export SFT_STEPS=${SFT_STEPS:-128}  # cpu preset: 03's steps; longer than the quick pipeline's 16 (docs/results.md, "03's budget")
 . scripts/presets.sh
 SETTINGS=${SETTINGS:-"dense sparse5"}
@@ -32,11 +31,15 @@ for setting in $SETTINGS; do
     *) echo "unknown setting $setting (dense or sparseN)"; exit 2 ;;
   esac
   step 01 python 01_neighbors.py --run "$RUN" $split_opts
-  step 02 python 02_distill.py --run "$RUN"
+  step 02 python 02_distill.py --run "$RUN" $DISTILL_FLAGS
   step 03kd+04 both "03_sft.py --run $RUN --variant gpt_kd $SFT_FLAGS" "04_reward.py --run $RUN $REWARD_FLAGS"
   step 03 python 03_sft.py --run "$RUN" --variant mask $SFT_FLAGS  # continues the gpt_kd LoRA (the paper's ablation)
   step 05 python 05_ppo.py --run "$RUN" --sft sft_mask $PPO_FLAGS
   step 06-teacher python 06_profile.py --run "$RUN" --source teacher
+  if [ "$LAYOUT" = sequential ]; then  # one process: shards run one after the other would wait for each other
+    step 06-ppo python 06_profile.py --run "$RUN" --source ppo $PROFILE_FLAGS
+    continue
+  fi
   step 06-ppo-shards both "06_profile.py --run $RUN --source ppo --shard 0/2 $PROFILE_FLAGS" \
                           "06_profile.py --run $RUN --source ppo --shard 1/2 $PROFILE_FLAGS"
   step 06-ppo-merge python 06_profile.py --run "$RUN" --source ppo --merge $PROFILE_FLAGS

@@ -2,14 +2,14 @@
 # The whole pipeline on the bundled ml-100k data, on a fresh machine too:
 #   bash scripts/pipeline.sh [RUN_DIR]        (default runs/ml100k)
 #   PRESET=cpu bash scripts/pipeline.sh       (the preset: gpu when torch sees a GPU, else cpu; scripts/presets.sh)
+#   MODEL=meta-llama/Llama-2-7b-chat-hf TEACHER=api API_MODEL=gpt-4o-mini bash scripts/pipeline.sh   (on a GPU)
 # Each stage prints its wall time; outputs go to RUN_DIR (docs/design.md, "The run directory and its manifest").
-# Laid out for a 2-core machine: every process runs one torch thread (OpenMP threads spinning on shared cores made
-# training many times slower), and independent work runs side by side, one process per core: the reward model trains
-# beside SFT and 07's Base models; 06 runs as two shards; 07's Augment models as two processes.
+# The preset's LAYOUT: sequential (gpu) runs one stage at a time, so that one model has the device; side_by_side
+# (cpu, for 2 cores) runs independent work as two one-thread processes: the reward model trains beside SFT and 07's
+# Base models; 06 runs as two shards; 07's Augment models as two processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-export OMP_NUM_THREADS=1
 . scripts/presets.sh
 RUN=${1:-runs/ml100k}
 total=$SECONDS
@@ -28,7 +28,18 @@ both() {  # two stage commands side by side; fails if either fails
   echo "== ${1%% *} (two processes) took $((SECONDS - t)) s"
 }
 stage 01_neighbors.py --run "$RUN"
-stage 02_distill.py --run "$RUN"                      # rules teacher: the offline default (02's TEACHER)
+stage 02_distill.py --run "$RUN" $DISTILL_FLAGS       # rules teacher unless TEACHER says otherwise
+if [ "$LAYOUT" = sequential ]; then
+  stage 03_sft.py --run "$RUN" --variant gpt_kd $SFT_FLAGS
+  stage 03_sft.py --run "$RUN" --variant mask $SFT_FLAGS
+  stage 04_reward.py --run "$RUN" $REWARD_FLAGS
+  stage 05_ppo.py --run "$RUN" --sft sft_mask $PPO_FLAGS
+  stage 06_profile.py --run "$RUN" --source ppo $PROFILE_FLAGS
+  stage 07_train_cf.py --run "$RUN" --backbone simgcl sgl lightgcn biasmf ncf --variant base augment --source ppo
+  stage 08_eval.py --run "$RUN"
+  echo "== pipeline took $((SECONDS - total)) s; tables in $RUN/results/tables.md"
+  exit 0
+fi
 # One process per core, the work split so that both finish together (docs/results.md, "The quick pipeline, timed"):
 #   this shell:  03 gpt_kd -> 03 mask (continues gpt_kd's LoRA) -> 07 base (all backbones) -> 05 (needs 04 too)
 #   background:  04                                                  (log: $RUN/track2.out)

@@ -9,7 +9,11 @@ step() {  # step NAME COMMAND...: run once; a marker records success
   mkdir -p "$RUN/.done" && touch "$RUN/.done/$name"
   echo "$name $((SECONDS - t)) s" | tee -a "$RUN/.done/times"
 }
-both() {  # two python command lines side by side; fails if either fails
+both() {  # two python command lines side by side (LAYOUT=sequential: one after the other); fails if either fails
+  if [ "${LAYOUT:-side_by_side}" = sequential ]; then
+    python $1 && python $2
+    return
+  fi
   python $1 & local a=$!
   python $2 & local b=$!
   wait $a && wait $b

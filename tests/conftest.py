@@ -64,8 +64,9 @@ def synthetic_run(tmp_path):
     return write_synthetic_run(tmp_path / "run")
 
 
-def build_tiny_llm(path, seed=0):
-    """A random 2-layer Llama with a word-level tokenizer that knows ChatML and the profile vocabulary."""
+def build_tiny_llm(path, seed=0, special=None, template=None):
+    """A random 2-layer Llama with a word-level tokenizer that knows the profile vocabulary: ChatML by default, or
+    `special` (dict of bos, eos, pad and the `extra` tokens its template writes) with the chat template `template`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     words = ("user identity interests : ; , . yes no movie genres similar items target profile write "
@@ -74,19 +75,22 @@ def build_tiny_llm(path, seed=0):
              "collaborative filtering assumes users interaction histories share so help describe has "
              "student fan viewer adult teen parent young old critic family system assistant").split()
     words += GENRES + [str(k) for k in range(200)] + ["(", ")", "!", "?", "\n", "/"]
-    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<pad>": 3}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
+    special = special or dict(bos="<|im_start|>", eos="<|im_end|>", pad="<pad>", extra=[])
+    vocab = {"<unk>": 0}
+    for t in [special["bos"], special["eos"], special["pad"], *special["extra"]] + words:
+        vocab.setdefault(t, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
-                                  eos_token="<|im_end|>", bos_token="<|im_start|>")
-    tok.chat_template = llm.CHATML_TEMPLATE
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token=special["pad"],
+                                  eos_token=special["eos"], bos_token=special["bos"],
+                                  additional_special_tokens=special["extra"])
+    tok.chat_template = template or llm.CHATML_TEMPLATE
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-                      pad_token_id=3, eos_token_id=2, bos_token_id=1, tie_word_embeddings=True)
+                      pad_token_id=vocab[special["pad"]], eos_token_id=vocab[special["eos"]],
+                      bos_token_id=vocab[special["bos"]], tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

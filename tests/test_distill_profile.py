@@ -293,6 +293,17 @@ def test_teacher_source_api(synthetic_run, api):
     assert "distill.jsonl" in common.read_manifest(synthetic_run)["stages"]["06_profile_teacher"]["inputs"]
 
 
+def test_teacher_source_api_refuses_an_unresolved_sample_size(synthetic_run, api):
+    """02 records --n-users resolved (api: 500 when not given), so that 06 draws 02's sample and worked example; a
+    record without it (an older 02) would send other prompts than 02's, and is refused as stale."""
+    D.main(api_args(synthetic_run, api))
+    assert common.read_manifest(synthetic_run)["stages"]["02_distill"]["args"]["n_users"] == D.DEFAULT_N_USERS["api"]
+    with common._manifest_locked(synthetic_run) as manifest:
+        manifest["stages"]["02_distill"]["args"]["n_users"] = None
+    with pytest.raises(common.StaleInputError, match="n_users"):
+        P.main(["--run", str(synthetic_run), "--source", "teacher", "--teacher", "api", "--device", "cpu"])
+
+
 def test_teacher_source_api_needs_02_api(synthetic_run):
     D.main(["--run", str(synthetic_run), "--no-probe"])
     with pytest.raises(common.StageError, match="02 last ran with --teacher rules"):

@@ -36,8 +36,9 @@ ARGV = {"03": ["--run", "r"], "04": ["--run", "r"], "05": ["--run", "r"], "06": 
 
 def preset_flags(preset, **env):
     """{stage: [flags]} as scripts/presets.sh sets them for `preset` (env: more variables, e.g. SFT_STEPS)."""
-    names = {"03": "SFT_FLAGS", "04": "REWARD_FLAGS", "05": "PPO_FLAGS", "06": "PROFILE_FLAGS"}
-    script = ". scripts/presets.sh >/dev/null && " + " && ".join(f'echo "${v}"' for v in names.values())
+    names = {"02": "DISTILL_FLAGS", "03": "SFT_FLAGS", "04": "REWARD_FLAGS", "05": "PPO_FLAGS", "06": "PROFILE_FLAGS",
+             "layout": "LAYOUT", "omp": "OMP_NUM_THREADS"}
+    script = ". scripts/presets.sh >/dev/null && " + " && ".join(f'echo "${{{v}:-}}"' for v in names.values())
     out = subprocess.run(["bash", "-c", script], cwd=REPO, env={"PRESET": preset, "PATH": "/usr/bin:/bin", **env},
                          capture_output=True, text=True, check=True).stdout.splitlines()
     return {stage: shlex.split(line) for stage, line in zip(names, out)}
@@ -65,7 +66,18 @@ def test_sft_steps_sets_only_03s_steps():
 
 
 def test_gpu_preset_is_the_stage_defaults():
-    assert preset_flags("gpu") == {"03": [], "04": [], "05": [], "06": []}
+    """gpu: no flag for 03-06 (their defaults are the paper's), the paper's ~1,500 distilled users, one stage at a
+    time, torch's own threads; MODEL, TEACHER and the API variables reach the stages that take them."""
+    assert preset_flags("gpu") == {"02": ["--n-users", "1500"], "03": [], "04": [], "05": [], "06": [],
+                                   "layout": ["sequential"], "omp": []}
+    flags = preset_flags("gpu", MODEL="/models/Llama-2-7b-chat-hf", TEACHER="api", API_MODEL="gpt-4o-mini",
+                         API_KEY_ENV="MY_KEY", N_USERS="2000")
+    assert flags["02"] == ["--teacher", "api", "--n-users", "2000", "--api-model", "gpt-4o-mini",
+                           "--api-key-env", "MY_KEY"]
+    assert all(flags[s] == ["--model", "/models/Llama-2-7b-chat-hf"] for s in ("03", "04", "05", "06"))
+    cpu = preset_flags("cpu")
+    assert (cpu["02"], cpu["layout"], cpu["omp"]) == ([], ["side_by_side"], ["1"])
+    assert preset_flags("cpu", MODEL="m")["03"] == cpu["03"] + ["--model", "m"]
     bad = subprocess.run(["bash", "-c", ". scripts/presets.sh"], cwd=REPO,
                          env={"PRESET": "tpu", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown PRESET=tpu" in bad.stderr

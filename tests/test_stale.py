@@ -183,7 +183,7 @@ def test_retrained_ppo_makes_profiles_and_models_stale(synthetic_run, tiny_llm, 
             common.write_text(run / name / f, json.dumps({"sft": "sft_mask"}) if f == "base.json" else "weights 1")
         inputs = ["data/split.npz"] + (["sft_mask/adapter_model.safetensors"] if name == "ppo" else [])
         common.record_stage(run, stage, Args(), inputs, [f"{name}/{f}" for f in files], time.time())
-    monkeypatch.setattr(llm, "load_profile_model", lambda run, source, model, device=None:
+    monkeypatch.setattr(llm, "load_profile_model", lambda run, source, model, device=None, chat_template=None:
                         llm.load_llm(tiny_llm, device="cpu"))
     P.main(profile_args(run, tiny_llm, "ppo", "--limit", "3"))
     argv = ["--run", str(run), "--variant", "augment", "--source", "ppo", *CF_FAST]
@@ -266,7 +266,7 @@ def test_profile_rows_redone_when_prompt_or_upstream_changed(synthetic_run, tiny
 
 
 def test_profile_rows_redone_when_the_code_changed(synthetic_run, tiny_llm, monkeypatch, tmp_path):
-    """Rows written by another version of 06 or llm.py (another generation path) are not reused by a resume."""
+    """Rows written by another version of 06 or of a module it imports (llm.py here) are not reused by a resume."""
     run = synthetic_run
     argv = profile_args(run, tiny_llm, "base_llm", "--limit", "4")
     D.main(["--run", str(run), "--no-probe"])
