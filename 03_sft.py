@@ -54,6 +54,7 @@ ITEM_FRAC = 0.5            # gpt_kd and mask: item-profile examples per user exa
 KD_GEN_BATCH = 8           # naive/mask: generation batch of sft_gpt_kd's profiles of untaught neighbours
 KD_MAX_NEW_TOKENS = 48     # a 3+3 profile is ~25-30 SmolLM2 tokens
 INIT = "gpt_kd"            # naive/mask: continue the sft_gpt_kd LoRA (the paper's ablation) | fresh
+CKPT_EVERY = 200           # optimizer steps between checkpoints; a re-run with the same inputs resumes from the last
 KD_ADAPTER = "sft_gpt_kd"
 ITEM_USERS = 5             # warm item examples show 1-5 of the item's most recent users (06's default)
 ITEM_NBRS = 3              # cold item examples show this many text-similar warm items (06's --item-nbrs default)
@@ -345,9 +346,9 @@ def start_lora(model, args, init_adapter=None):
     return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
 
 
-def train_sft(model_path, tok, examples, out_dir, args, init_adapter=None):
+def train_sft(model_path, tok, examples, out_dir, args, init_adapter=None, resume_from=None):
     """LoRA SFT with trl's SFTTrainer on pre-tokenised input_ids + labels, from a new LoRA or from the one in
-    `init_adapter`; saves adapter + tokenizer to out_dir."""
+    `init_adapter` (or from the checkpoint `resume_from`); saves adapter + tokenizer to out_dir."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
@@ -360,14 +361,14 @@ def train_sft(model_path, tok, examples, out_dir, args, init_adapter=None):
     cfg = SFTConfig(
         output_dir=str(out_dir / "trainer"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
-        max_steps=args.max_steps if args.max_steps > 0 else -1, logging_steps=1, save_strategy="no",
+        max_steps=args.max_steps if args.max_steps > 0 else -1, logging_steps=1, **llm.checkpoint_config(args),
         report_to=[], bf16=use_bf16, fp16=False, use_cpu=(device == "cpu"), seed=args.seed, data_seed=args.seed,
         max_length=args.max_length, lr_scheduler_type="cosine", warmup_steps=min(5, max(args.max_steps // 10, 0)),
         disable_tqdm=False, dataloader_num_workers=0, remove_unused_columns=True,
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
                          callbacks=[llm.step_logger(out_dir / "train_log.jsonl")])
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
@@ -402,6 +403,7 @@ def parse_args(argv=None):
                         "new LoRA on the base model")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N users of the sft set (a smoke run; every other setting as given)")
+    p.add_argument("--ckpt-every", type=int, default=CKPT_EVERY, help="steps between checkpoints (0 = none)")
     return p.parse_args(argv)
 
 
@@ -469,12 +471,12 @@ def main(argv=None):
 
     final = run / f"sft_{args.variant}"
     tmp = run / f"sft_{args.variant}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    resume_from = llm.resumable_work(tmp, llm.resume_key(run, inputs, args, init_adapter and common.sha256_file(
+        init_adapter / "adapter_model.safetensors")))
     t0 = time.time()
     if init_adapter is not None:
         log.info("%s continues the LoRA of %s (its LoRA settings; --lora-* do not apply)", args.variant, init_adapter)
-    result = train_sft(model_path, tok, examples, tmp, args, init_adapter)
+    result = train_sft(model_path, tok, examples, tmp, args, init_adapter, resume_from)
     train_s = time.time() - t0
     init = {"init": init_name(init_adapter), "init_adapter_sha256":
             common.sha256_file(init_adapter / "adapter_model.safetensors") if init_adapter else None}

@@ -48,6 +48,7 @@ LORA_TARGETS = "q_proj,v_proj"  # the official code names none: peft's default f
 MAX_LENGTH = 2048          # max_length=2048; longer pairs are dropped (counted)
 HELDOUT = "auto"           # held-out pairs: the "eval" set's when it has any, else a split of the reward users
 HELDOUT_FRAC = 0.2         # --heldout split: the share of reward users held out
+CKPT_EVERY = 200           # optimizer steps between checkpoints; a re-run with the same inputs resumes from the last
 MAX_EVAL_PAIRS = 0         # 0 = every held-out pair (a sample of 48 could not tell 0.7 from 0.9 on one kind)
 CENTER_REWARDS = 0.01      # RewardConfig.center_rewards_coefficient: keeps scores near 0, where 05's
                            # INCOMPLETE_SCORE (-3) sits below every real profile's
@@ -230,6 +231,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-before", action="store_true", help="also score the held-out pairs before training")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N training and N held-out pairs (a smoke run; every other setting as given)")
+    p.add_argument("--ckpt-every", type=int, default=CKPT_EVERY, help="steps between checkpoints (0 = none)")
     return p.parse_args(argv)
 
 
@@ -263,13 +265,12 @@ def main(argv=None):
         log.info("held-out pairwise accuracy before training: %s", describe(before))
 
     tmp, final = run / "reward.tmp", run / "reward"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    resume_from = llm.resumable_work(tmp, llm.resume_key(run, inputs, args))
     use_bf16 = llm.pick_dtype("auto", device) == torch.bfloat16  # autocast, also on CPUs with bf16 FMA
     cfg = RewardConfig(
         output_dir=str(tmp / "trainer"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
-        max_steps=args.max_steps if args.max_steps > 0 else -1, logging_steps=1, save_strategy="no",
+        max_steps=args.max_steps if args.max_steps > 0 else -1, logging_steps=1, **llm.checkpoint_config(args),
         report_to=[], bf16=use_bf16, fp16=False, use_cpu=(device == "cpu"), seed=args.seed, data_seed=args.seed,
         max_length=args.max_length, center_rewards_coefficient=args.center_rewards or None,
         lr_scheduler_type="cosine", dataloader_num_workers=0,
@@ -278,7 +279,7 @@ def main(argv=None):
     trainer = RewardTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
                             callbacks=[llm.step_logger(tmp / "train_log.jsonl")])
     t0 = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     train_s = time.time() - t0
     model = trainer.model
     if args.lora_r > 0:

@@ -536,9 +536,7 @@ def main(argv=None):
     sft_sha = common.sha256_file(run / sft_name / "adapter_model.safetensors")
     ckpt_path = work / "checkpoint.pt"
     ck = load_checkpoint(ckpt_path) if ckpt_path.exists() and not args.restart else None  # before any model loads
-    resume_key = prompts.prompt_hash(json.dumps({"inputs": {r: common.sha256_path(run, r) for r in inputs},
-                                                 "args": {k: v for k, v in vars(args).items()
-                                                          if k not in RESUME_SKIP}}, sort_keys=True, default=str))
+    resume_key = llm.resume_key(run, inputs, args, skip=RESUME_SKIP)
 
     # 1. the ppo users' inference prompts
     sets = json.loads((run / "user_sets.json").read_text())

@@ -6,6 +6,7 @@
   probe           the profile-quality probe of 02 and 06 (docs/spec.md, section 7)
 Prompts and the profile format are in prompts.py, the generation engine in generate.py.
 """
+import hashlib
 import importlib.util
 import json
 import os
@@ -16,7 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UsageError, append_jsonl, encode_texts, history_centroids, load_npy, log, user_items
+from common import (
+    UsageError,
+    append_jsonl,
+    encode_texts,
+    history_centroids,
+    load_npy,
+    log,
+    read_jsonl,
+    sha256_path,
+    user_items,
+    write_json,
+    write_jsonl,
+)
 from generate import shared_prefix
 
 CACHE = Path(os.environ.get("RECLM_CACHE", Path.home() / ".cache" / "reclm"))
@@ -314,6 +327,44 @@ def step_logger(path):
         def on_train_end(self, *a, **kw):
             self.f.close()
     return StepLog()
+
+
+RESUME_SKIP = ("run", "force", "device", "ckpt_every")  # arguments that do not change what a trainer computes
+
+
+def resume_key(run, inputs, args, extra=None, skip=RESUME_SKIP):
+    """What a training run is computed from: the hashes of its input files and model directories, its arguments
+    (less `skip`) and `extra`; a checkpoint is resumed only by a run with the same key."""
+    return hashlib.sha256(json.dumps({"inputs": {r: sha256_path(run, r) for r in inputs},
+                                      "args": {k: v for k, v in vars(args).items() if k not in skip},
+                                      "extra": extra}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resumable_work(work, key):
+    """Make `work` the folder a trainer writes to (its checkpoints under work/trainer/): the newest checkpoint, kept
+    from a run that stopped with the same `key`, is returned to resume from (the step log is cut back to it);
+    anything else in `work` is removed first. None when there is nothing to resume."""
+    work = Path(work)
+    marker = work / "trainer" / "resume.json"  # removed with the checkpoints when the stage finishes
+    ckpts = sorted((work / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    if ckpts and marker.exists() and json.loads(marker.read_text()).get("key") == key:
+        step = int(ckpts[-1].name.rsplit("-", 1)[1])
+        steps_log = work / "train_log.jsonl"
+        kept = [r for r in read_jsonl(steps_log, repair=True) if r["step"] <= step]
+        write_jsonl(steps_log, kept)
+        log.info("resuming from %s (step %d)", ckpts[-1], step)
+        return str(ckpts[-1])
+    shutil.rmtree(work, ignore_errors=True)
+    marker.parent.mkdir(parents=True)
+    write_json(marker, {"key": key})
+    return None
+
+
+def checkpoint_config(args):
+    """The trainers' checkpoint settings for --ckpt-every N (0: none): the newest checkpoint only."""
+    if args.ckpt_every <= 0:
+        return {"save_strategy": "no"}
+    return {"save_strategy": "steps", "save_steps": args.ckpt_every, "save_total_limit": 1}
 
 
 def replace_dir(tmp, final):

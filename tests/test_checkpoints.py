@@ -1,0 +1,80 @@
+"""03 and 04 checkpoint every --ckpt-every steps; a run that stops (here: an exception at a chosen step, as a kill
+would leave it) is resumed by a re-run with the same inputs and arguments from its last checkpoint, and finishes
+with the weights an uninterrupted run trains; other arguments start over."""
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import llm
+
+torch.set_num_threads(1)
+D = common.load_stage("02_distill")
+SFT = common.load_stage("03_sft")
+RW = common.load_stage("04_reward")
+STEPS, EVERY, STOP_AT = 6, 2, 5
+
+
+class Killed(Exception):
+    pass
+
+
+def stopping_logger(monkeypatch, at):
+    """llm.step_logger whose callback raises Killed at the end of step `at` (after the checkpoints before it)."""
+    real = llm.step_logger
+
+    def logger(path):
+        cb = real(path)
+        cb.on_step_end = lambda targs, state, control, **kw: (_ for _ in ()).throw(Killed()) \
+            if state.global_step == at else None
+        return cb
+    monkeypatch.setattr(llm, "step_logger", logger)
+
+
+def weights(folder, name):
+    return load_file(str(folder / name))
+
+
+@pytest.mark.parametrize("stage", ["03", "04"])
+def test_a_stopped_training_resumes_from_its_last_checkpoint(stage, synthetic_run, tiny_llm, tmp_path, monkeypatch):
+    D.main(["--run", str(synthetic_run), "--no-probe"])
+    twin = tmp_path / "twin"
+    shutil.copytree(synthetic_run, twin)
+    main, name, out, log = ((SFT.main, "adapter_model.safetensors", "sft_gpt_kd", "03_sft_gpt_kd.log") if stage == "03"
+                            else (RW.main, "model.safetensors", "reward", "04_reward.log"))
+    extra = ["--variant", "gpt_kd", "--limit", "4"] if stage == "03" else ["--limit", "8", "--batch-size", "1"]
+
+    def argv(run, *more):
+        return ["--run", str(run), "--model", tiny_llm, "--device", "cpu", "--max-steps", str(STEPS), "--epochs",
+                "1", "--ckpt-every", str(EVERY), *extra, *more]
+
+    main(argv(twin))  # uninterrupted
+    with monkeypatch.context() as m:
+        stopping_logger(m, STOP_AT)
+        with pytest.raises(Killed):
+            main(argv(synthetic_run))
+    work = synthetic_run / f"{out}.tmp"
+    assert sorted(p.name for p in (work / "trainer").glob("checkpoint-*")) == [f"checkpoint-{STOP_AT - 1}"]
+    (synthetic_run / log).unlink()
+    main(argv(synthetic_run))
+    assert f"(step {STOP_AT - 1})" in (synthetic_run / log).read_text()  # resumed, not started over
+    steps = [r["step"] for r in common.read_jsonl(synthetic_run / out / "train_log.jsonl")]
+    assert steps == list(range(1, STEPS + 1))
+    a, b = weights(synthetic_run / out, name), weights(twin / out, name)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not (synthetic_run / out / "trainer").exists()
+
+
+def test_other_arguments_start_over(synthetic_run, tiny_llm, monkeypatch):
+    D.main(["--run", str(synthetic_run), "--no-probe"])
+    argv = ["--run", str(synthetic_run), "--model", tiny_llm, "--device", "cpu", "--variant", "gpt_kd", "--limit",
+            "4", "--max-steps", str(STEPS), "--epochs", "1", "--ckpt-every", str(EVERY)]
+    with monkeypatch.context() as m:
+        stopping_logger(m, STOP_AT)
+        with pytest.raises(Killed):
+            SFT.main(argv)
+    (synthetic_run / "03_sft_gpt_kd.log").unlink()
+    SFT.main(argv + ["--lr", "1e-4"])
+    assert "resuming" not in (synthetic_run / "03_sft_gpt_kd.log").read_text()
