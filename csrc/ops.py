@@ -53,6 +53,8 @@ items get NaN.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -103,12 +105,34 @@ def _cache_dir(cuda: bool) -> str:
     return os.path.join(root, "ops", f"{torch.__version__}_{tag}")
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: str):
+    """Hold an flock on the build directory around torch's ``load``. torch's own lock
+    is a file that only its creator removes: a process killed mid-build (Ctrl-C,
+    OOM, a session's end) leaves it behind and every later process waits on it
+    forever, silently. An flock dies with its process, so whoever holds it knows
+    that a leftover torch lock file is stale and removes it."""
+    fd = os.open(os.path.join(build_dir, ".reclm-build.flock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"reclm ops: waiting for another process building in {build_dir}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            print(f"reclm ops: removing {stale}, left by a build that was killed", file=sys.stderr, flush=True)
+            os.remove(stale)
+        yield
+    finally:
+        os.close(fd)
+
+
 def load_extension() -> None:
     """Build (first time) and load the ops into this process; idempotent.
 
-    torch's ``load`` holds a lock file in the build directory while compiling,
-    so concurrent processes (pytest workers) wait for one build instead of
-    corrupting the cache.
+    Concurrent processes (pytest workers, 06's shards) wait for one build instead
+    of corrupting the cache (see _build_lock).
     """
     global _LOADED
     if _LOADED:
@@ -135,10 +159,11 @@ def load_extension() -> None:
         build_dir = _cache_dir(cuda)
         os.makedirs(build_dir, exist_ok=True)
         headers = _headers_define()
-        load(name="reclm_ops", sources=sources, extra_cflags=["-O3", "-fopenmp", headers],
-             extra_cuda_cflags=["-O3", headers], extra_ldflags=["-fopenmp"],
-             extra_include_paths=[_HERE], build_directory=build_dir, is_python_module=False,
-             verbose=os.environ.get("RECLM_VERBOSE") == "1")
+        with _build_lock(build_dir):
+            load(name="reclm_ops", sources=sources, extra_cflags=["-O3", "-fopenmp", headers],
+                 extra_cuda_cflags=["-O3", headers], extra_ldflags=["-fopenmp"],
+                 extra_include_paths=[_HERE], build_directory=build_dir, is_python_module=False,
+                 verbose=os.environ.get("RECLM_VERBOSE") == "1")
         _register_python_impls()
         _LOADED = True
 

@@ -184,6 +184,23 @@ def test_cpu_isa_fallbacks(isa):
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
+def test_a_build_killed_midway_does_not_hang_the_next_load():
+    # torch's build lock is a plain file: a process killed while building leaves it, and torch's load then waits
+    # for it forever. A later load must remove it and go on (here the extension is already built, as after a kill
+    # during a rebuild, and torch still takes its lock).
+    import subprocess
+
+    from csrc import ops
+    load_extension()
+    stale = os.path.join(ops._cache_dir(ops._build_cuda()), "lock")
+    open(stale, "w").close()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", "from csrc import ops; ops.load_extension(); print('ok')"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+    assert "left by a build that was killed" in res.stderr and not os.path.exists(stale)
+
+
 def test_spmm_gradcheck():
     g = gen(1)
     A = make_csr(12, 9, 40, torch.float64, g)
