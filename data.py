@@ -8,6 +8,7 @@ what was expected. Only 01 imports it (and tests/test_data.py, bench/bench_gener
 import contextlib
 import csv
 import datetime as dt
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass, field
@@ -252,6 +253,7 @@ def load_mind(root):
 NETFLIX_CHUNK = 1 << 25
 MAX_ID_DIGITS = 18     # the byte parser reads user ids of up to 18 ASCII digits into int64 (the prize's have 1-7)
 EPOCH = dt.date(1970, 1, 1)
+NO_DATE = -2 ** 31
 # what a rating line `user,rating,YYYY-MM-DD` ends with: '0' marks a digit; the 1-18 digits of the user come before
 RATING_TAIL = np.frombuffer(b",0,0000-00-00", np.uint8)
 TAIL_DIGIT = RATING_TAIL == ord("0")
@@ -296,19 +298,19 @@ def _chunks(path, size):
             yield line, rest + b"\n"
 
 
-def _day(key, cache):
-    """Days since 1970-01-01 of a date given as the int YYYYMMDD, None if no such date; the prize has ~2,200 dates,
-    so each is checked once instead of once per rating."""
-    if key not in cache:
-        y, md = divmod(int(key), 10000)
-        try:
-            cache[key] = (dt.date(y, md // 100, md % 100) - EPOCH).days
-        except ValueError:
-            cache[key] = None
-    return cache[key]
+@functools.cache
+def _date_table(first_year=1900, last_year=2099):
+    """Days since 1970-01-01 indexed by (year - first_year) * 372 + (month - 1) * 31 + day - 1, NO_DATE where there is
+    no such date (Feb 30): every date of a chunk is then checked and converted by one lookup, not one strptime."""
+    table = np.full((last_year - first_year + 1) * 372, NO_DATE, np.int32)
+    day, one = dt.date(first_year, 1, 1), dt.timedelta(days=1)
+    while day.year <= last_year:
+        table[(day.year - first_year) * 372 + (day.month - 1) * 31 + day.day - 1] = (day - EPOCH).days
+        day += one
+    return table
 
 
-def _netflix_fast(buf, movie_code, current, min_rating, cache):
+def _netflix_fast(buf, movie_code, current, min_rating):
     """A chunk's (user, movie code, day) of ratings >= min_rating and the movie of its last line, parsed on the
     bytes. Covers the shape the prize is written in: `digits:` headers of known movies and `user,d,YYYY-MM-DD` lines
     (LF or CRLF), user ids without leading zeros; None when any line is outside it (then _netflix_slow reads the
@@ -345,13 +347,15 @@ def _netflix_fast(buf, movie_code, current, min_rating, cache):
     for j in range(width):
         user = np.where(j < n_user, user * 10 + user_bytes[:, j], user)
     d = digits.astype(np.int32)  # rating, Y, Y, Y, Y, M, M, D, D
-    keys, inverse = np.unique(d[:, 1:5] @ np.array([10 ** 7, 10 ** 6, 10 ** 5, 10 ** 4], np.int32)
-                              + d[:, 5] * 1000 + d[:, 6] * 100 + d[:, 7] * 10 + d[:, 8], return_inverse=True)
-    days = [_day(k, cache) for k in keys.tolist()]
-    if None in days:
+    year = d[:, 1:5] @ np.array([1000, 100, 10, 1], np.int32)
+    month, mday = d[:, 5] * 10 + d[:, 6], d[:, 7] * 10 + d[:, 8]
+    if ((year < 1900) | (year > 2099) | (month < 1) | (month > 12) | (mday < 1) | (mday > 31)).any():
+        return None  # outside the table (the prize's dates are 1999-2005)
+    days = _date_table()[(year - 1900) * 372 + (month - 1) * 31 + mday - 1]
+    if (days == NO_DATE).any():
         return None
     keep = d[:, 0] >= min_rating
-    return user[keep], movie[keep], np.asarray(days, np.int32)[inverse][keep], codes[-1]
+    return user[keep], movie[keep], days[keep], codes[-1]
 
 
 def _user_key(text, odd):
@@ -391,11 +395,11 @@ def _netflix_slow(path, buf, first, movie_code, titles_name, current, min_rating
     return (np.asarray(users, np.int64), np.asarray(movies, np.int32), np.asarray(days, np.int32), current)
 
 
-def _netflix_file(path, movie_code, titles_name, min_rating, odd, cache):
+def _netflix_file(path, movie_code, titles_name, min_rating, odd):
     """[(user keys, movie codes, days)] of one combined_data file, a triple per chunk."""
     out, current = [], -1
     for first, buf in _chunks(path, NETFLIX_CHUNK):
-        got = _netflix_fast(buf, movie_code, current, min_rating, cache)
+        got = _netflix_fast(buf, movie_code, current, min_rating)
         if got is None:
             got = _netflix_slow(path, buf, first, movie_code, titles_name, current, min_rating, odd)
         *arrays, current = got
@@ -427,12 +431,27 @@ def _in_window(day, lo, hi, start, end):
     return keep
 
 
-def _merge_coded(user, item, times):
+def _codes(keys):
+    """np.unique(keys, return_inverse=True), without its sort when the keys are small non-negative ints (the
+    prize's user ids are below 2.65M): a sort of 100M keys would be a good part of the load."""
+    if not len(keys) or keys.min() < 0 or keys.max() > 4 * len(keys) + (1 << 20):
+        return np.unique(keys, return_inverse=True)
+    present = np.zeros(int(keys.max()) + 1, bool)
+    present[keys] = True
+    return np.flatnonzero(present), (np.cumsum(present) - 1)[keys]
+
+
+def _merge_coded(user, item, day):
     """_merge_duplicates on integer codes, without a Python loop: the earliest copy of each (user, item) pair
-    (ties: the first in file order), rows kept in file order. Returns the rows kept."""
-    order = np.argsort(times, kind="stable")
+    (ties: the first in file order). Returns the rows kept, in file order."""
+    by_day = day - day.min(initial=0)
+    if by_day.max(initial=0) < 1 << 16:
+        by_day = by_day.astype(np.uint16)  # numpy's stable sort of 16-bit ints is a radix sort
+    order = np.argsort(by_day, kind="stable")
     _, first = np.unique((user * (int(item.max(initial=0)) + 1) + item)[order], return_index=True)
-    return np.sort(order[first])
+    keep = np.zeros(len(day), bool)
+    keep[order[first]] = True
+    return np.flatnonzero(keep)
 
 
 def load_netflix(root, min_rating=0.0, start=None, end=None):
@@ -447,21 +466,21 @@ def load_netflix(root, min_rating=0.0, start=None, end=None):
         raise DataError(f"{root}: no combined_data_*.txt files found")
     movie_ids = list(item_text)
     movie_code = {m: k for k, m in enumerate(movie_ids)}
-    odd, cache, parts = {}, {}, []
+    odd, parts = {}, []
     for path in files:
-        parts += _netflix_file(_nonempty(path), movie_code, titles_path.name, min_rating, odd, cache)
+        parts += _netflix_file(_nonempty(path), movie_code, titles_path.name, min_rating, odd)
     user, movie, day = (np.concatenate([p[k] for p in parts]) for k in range(3))
     keep = _in_window(day, lo, hi, start, end)
     user, movie, day = user[keep], movie[keep], day[keep]
     if not len(user):
         raise DataError("netflix: no interactions were read")
-    keys, user = np.unique(user, return_inverse=True)
-    times = day * 86400.0
-    rows = _merge_coded(user, movie, times)
+    keys, user = _codes(user)
+    rows = _merge_coded(user, movie, day)
+    times = day[rows] * 86400.0
     by_code = {code: text for text, code in odd.items()}
     names = np.array([str(k) if k >= 0 else by_code[k] for k in keys.tolist()], dtype=object)
     return _raw_data("netflix", names[user[rows]].tolist(), np.array(movie_ids, dtype=object)[movie[rows]].tolist(),
-                     times[rows], item_text, len(user) - len(rows), titles_path)
+                     times, item_text, len(user) - len(rows), titles_path)
 
 
 # ----------------------------------------------------------------------------- your own CSV
