@@ -44,6 +44,8 @@ def parse_args(argv):
     p.add_argument("--dataset", default=DATASET, choices=["ml-100k", "mind", "netflix", "csv"], help="raw format")
     p.add_argument("--data-dir", type=Path, default=None, help="raw files (ml-100k: the recbole wheel's copy)")
     p.add_argument("--min-rating", type=float, default=0.0, help="keep ratings >= this (ml-100k, netflix)")
+    p.add_argument("--start", default=None, help="netflix: keep ratings on or after this ISO date (YYYY-MM-DD)")
+    p.add_argument("--end", default=None, help="netflix: keep ratings before this ISO date (exclusive)")
     p.add_argument("--split", default=SPLIT, choices=["cold-items", "snapshot"], help="see README: Splits")
     p.add_argument("--cold-frac", type=float, default=COLD_FRAC, help="cold-items: newest fraction of items held out")
     p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="cold-items: each user's latest fraction to test")
@@ -129,7 +131,7 @@ def main(argv=None):
     common.seed_everything(args.seed)
     run = Path(args.run)
 
-    raw = data.load_dataset(args.dataset, args.data_dir, args.min_rating)
+    raw = data.load_dataset(args.dataset, args.data_dir, args.min_rating, args.start, args.end)
     split, user_raw, item_raw, stats = data.make_split(raw, args.split, args.cold_frac, args.test_frac,
                                                        args.cutoff, args.valid_frac, args.seed,
                                                        args.max_train_per_user, args.scarce_keep)

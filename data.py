@@ -8,6 +8,7 @@ what was expected. Only 01 imports it (and tests/test_data.py, bench/bench_gener
 import contextlib
 import csv
 import datetime as dt
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass, field
@@ -44,6 +45,14 @@ def _nonempty(path):
     return path
 
 
+def _decode(path, n, raw):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _fail(path, n, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode "
+                       f"the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8_{path.name}")
+
+
 def _lines(path):
     """(line number, text) of a UTF-8 text file, line endings kept (as open(newline="") gives them) and a
     byte-order mark dropped. Bytes that are not UTF-8 (e.g. a latin-1 export) are a DataError naming the line."""
@@ -52,11 +61,22 @@ def _lines(path):
         for n, raw in enumerate(f, 1):
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            try:
-                yield n, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                _fail(path, n, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode "
-                               f"the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8_{path.name}")
+            yield n, _decode(path, n, raw)
+
+
+def _no_cr(path, n, line):
+    """A tab- or comma-separated line (its ending already cut) with a carriage return left inside: the file has
+    CR-only (old Mac) line endings, or a stray CR, which would otherwise read as one long line or a split field."""
+    if "\r" in line:
+        _fail(path, n, "expected LF or CRLF line endings, found a carriage return inside the line (CR-only line "
+                       f"endings? convert them, e.g. tr '\\r' '\\n' < {path.name} > lf_{path.name})")
+    return line
+
+
+def _check_id(path, n, text, what):
+    if not text:
+        _fail(path, n, f"empty {what}; expected a non-empty id")
+    return text
 
 
 def _merge_duplicates(users, items, times):
@@ -80,8 +100,16 @@ def _finish(name, users, items, times, item_text, path_for_items):
         raise DataError(f"{path_for_items}: item id {unknown[0]!r} is used in the interactions but missing here "
                         f"({len(unknown)} such ids)")
     users, items, times, dups = _merge_duplicates(users, items, np.asarray(times, dtype=np.float64))
+    return _raw_data(name, users, items, times, item_text, dups, path_for_items)
+
+
+def _raw_data(name, users, items, times, item_text, dups, path_for_items):
     if dups:
         log.info("%s: merged %d duplicated interactions (kept the earliest)", name, dups)
+    unused = len(item_text) - len(set(items))
+    if unused:  # the split numbers only items with interactions; say how many of the listed ones that leaves out
+        log.info("%s: %d of the %d items in %s have no interactions and are left out", name, unused,
+                 len(item_text), Path(path_for_items).name)
     _warn_if_tied(name, times)
     return RawData(users, items, times, item_text, name, dups)
 
@@ -154,37 +182,54 @@ def load_ml100k(root=None, min_rating=0.0):
     return _finish("ml-100k", users, items, times, item_text, item_path)
 
 
+# MIND gives no time zone for its impression times (its description of behaviors.tsv gives only the format,
+# "MM/DD/YYYY HH:MM:SS AM/PM"): they are read as UTC, as --cutoff and every ISO date without a zone are, so that a
+# split never depends on the machine's TZ
 MIND_TIME = "%m/%d/%Y %I:%M:%S %p"
+
+
+def _mind_time(path, n, when):
+    try:
+        return dt.datetime.strptime(when, MIND_TIME).replace(tzinfo=dt.timezone.utc).timestamp()
+    except ValueError:
+        _fail(path, n, f"expected a time like 11/15/2019 8:55:22 AM, got {when!r}")
+
+
+def _mind_news(path):
+    item_text, first_line = {}, {}
+    with contextlib.closing(_lines(path)) as f:
+        for n, line in f:
+            parts = _no_cr(path, n, line.rstrip("\r\n")).split("\t")
+            if len(parts) < 5:
+                _fail(path, n, "expected at least 5 tab-separated fields (id, category, subcategory, title, "
+                               f"abstract), got {len(parts)}")
+            nid, cat, sub, title, abstract = parts[:5]
+            if _check_id(path, n, nid, "news id") in first_line:
+                _fail(path, n, f"news id {nid!r} is repeated (first on line {first_line[nid]}); expected one row "
+                               "per news item")
+            item_text[nid] = f"{cat} / {sub}: {title.strip()}. {abstract.strip()}".strip()
+            first_line[nid] = n
+    return item_text
 
 
 def load_mind(root):
     """MIND news.tsv (id, category, subcategory, title, abstract, url, entities...) and behaviors.tsv
     (impression id, user, time, history, impressions). A click is a history entry or an `-1` impression;
-    its time is the impression time (the earliest one wins when a click repeats)."""
+    its time is the impression time, in UTC (the earliest one wins when a click repeats)."""
     root = Path(root)
     news_path = _nonempty(root / "news.tsv")
-    item_text = {}
-    with contextlib.closing(_lines(news_path)) as f:
-        for n, line in f:
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) < 5:
-                _fail(news_path, n, "expected at least 5 tab-separated fields (id, category, subcategory, title, "
-                                    f"abstract), got {len(parts)}")
-            nid, cat, sub, title, abstract = parts[:5]
-            item_text[nid] = f"{cat} / {sub}: {title.strip()}. {abstract.strip()}".strip()
+    item_text = _mind_news(news_path)
     beh_path = _nonempty(root / "behaviors.tsv")
     users, items, times = [], [], []
     with contextlib.closing(_lines(beh_path)) as f:
         for n, line in f:
-            parts = line.rstrip("\r\n").split("\t")
+            parts = _no_cr(beh_path, n, line.rstrip("\r\n")).split("\t")
             if len(parts) != 5:
                 _fail(beh_path, n, "expected 5 tab-separated fields (impression id, user, time, history, "
                                    f"impressions), got {len(parts)}")
             _, user, when, history, impressions = parts
-            try:
-                ts = dt.datetime.strptime(when, MIND_TIME).timestamp()
-            except ValueError:
-                _fail(beh_path, n, f"expected a time like 11/15/2019 8:55:22 AM, got {when!r}")
+            _check_id(beh_path, n, user, "user id")
+            ts = _mind_time(beh_path, n, when)
             clicked = history.split()
             for imp in impressions.split():
                 nid, _, label = imp.rpartition("-")
@@ -201,52 +246,244 @@ def load_mind(root):
     return _finish("mind", users, items, times, item_text, news_path)
 
 
-def load_netflix(root, min_rating=0.0):
-    """Netflix Prize combined_data_*.txt (`movie:` headers, then user,rating,YYYY-MM-DD) and
-    movie_titles.csv (id, year, title; the title may contain commas, the year may be NULL)."""
-    root = Path(root)
-    titles_path = _nonempty(root / "movie_titles.csv")
-    item_text = {}
-    with open(titles_path, encoding="latin-1") as f:
+# ----------------------------------------------------------------------------- Netflix Prize
+
+# The prize data is ~100M ratings in ~2.5 GB: read in chunks of this many bytes, each parsed with numpy on its bytes,
+# so the parse's working arrays stay a fixed multiple of the chunk whatever the file size
+NETFLIX_CHUNK = 1 << 25
+MAX_ID_DIGITS = 18     # the byte parser reads user ids of up to 18 ASCII digits into int64 (the prize's have 1-7)
+EPOCH = dt.date(1970, 1, 1)
+NO_DATE = -2 ** 31
+# what a rating line `user,rating,YYYY-MM-DD` ends with: '0' marks a digit; the 1-18 digits of the user come before
+RATING_TAIL = np.frombuffer(b",0,0000-00-00", np.uint8)
+TAIL_DIGIT = RATING_TAIL == ord("0")
+
+
+def _ascii_digits(s):
+    return s.isascii() and s.isdigit()  # str.isdigit alone takes '²' or '٣', which int() then refuses or reads
+
+
+def _netflix_titles(path):
+    item_text, first_line = {}, {}
+    with open(path, encoding="latin-1") as f:  # the prize's titles are latin-1 (its combined_data files are ASCII)
         for n, line in enumerate(f, 1):
             parts = line.rstrip("\r\n").split(",", 2)
             if len(parts) != 3:
-                _fail(titles_path, n, f"expected id,year,title, got {line.strip()!r}")
+                _fail(path, n, f"expected id,year,title, got {line.strip()!r}")
             mid, year, title = parts
-            if year != "NULL" and not year.strip().isdigit():
-                _fail(titles_path, n, f"expected a year or NULL, got {year!r}")
+            if _check_id(path, n, mid, "movie id") in first_line:
+                _fail(path, n, f"movie id {mid!r} is repeated (first on line {first_line[mid]}); expected one row "
+                               "per movie")
+            if year != "NULL" and not _ascii_digits(year.strip()):
+                _fail(path, n, f"expected a year or NULL, got {year!r}")
+            if not title.strip():
+                _fail(path, n, f"movie {mid!r} has an empty title; expected a title to describe and embed the movie")
             item_text[mid] = title.strip() + ("" if year == "NULL" else f" ({year.strip()})")
+            first_line[mid] = n
+    return item_text
+
+
+def _chunks(path, size):
+    """(number of its first line, bytes) pieces of a file, each cut after a newline (the last given one)."""
+    with open(path, "rb") as f:
+        rest, line = b"", 1
+        while block := f.read(size):
+            buf = rest + block
+            cut = buf.rfind(b"\n") + 1
+            if cut:
+                yield line, buf[:cut]
+                line += buf.count(b"\n", 0, cut)
+            rest = buf[cut:]
+        if rest:
+            yield line, rest + b"\n"
+
+
+@functools.cache
+def _date_table(first_year=1900, last_year=2099):
+    """Days since 1970-01-01 indexed by (year - first_year) * 372 + (month - 1) * 31 + day - 1, NO_DATE where there is
+    no such date (Feb 30): every date of a chunk is then checked and converted by one lookup, not one strptime."""
+    table = np.full((last_year - first_year + 1) * 372, NO_DATE, np.int32)
+    day, one = dt.date(first_year, 1, 1), dt.timedelta(days=1)
+    while day.year <= last_year:
+        table[(day.year - first_year) * 372 + (day.month - 1) * 31 + day.day - 1] = (day - EPOCH).days
+        day += one
+    return table
+
+
+def _netflix_fast(buf, movie_code, current, min_rating):
+    """A chunk's (user, movie code, day) of ratings >= min_rating and the movie of its last line, parsed on the
+    bytes. Covers the shape the prize is written in: `digits:` headers of known movies and `user,d,YYYY-MM-DD` lines
+    (LF or CRLF), user ids without leading zeros; None when any line is outside it (then _netflix_slow reads the
+    chunk, the old way, and finds what is wrong)."""
+    a = np.frombuffer(buf, np.uint8)
+    ends = np.flatnonzero(a == ord("\n"))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    ends -= a[ends - 1] == ord("\r")
+    head = a[ends - 1] == ord(":")
+    codes = [current]
+    for k in np.flatnonzero(head):
+        mid = buf[starts[k]:ends[k] - 1]
+        if not mid.isdigit() or mid.decode() not in movie_code:  # bytes.isdigit: ASCII digits only
+            return None
+        codes.append(movie_code[mid.decode()])
+    rows = np.flatnonzero(~head)
+    if not len(rows):
+        return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32), codes[-1]
+    movie = np.asarray(codes, np.int32)[np.cumsum(head)[rows]]
+    s, e = starts[rows], ends[rows]
+    n_user = e - s - len(RATING_TAIL)
+    if (movie < 0).any() or (n_user < 1).any() or (n_user > MAX_ID_DIGITS).any():
+        return None
+    tail = a[e[:, None] + np.arange(-len(RATING_TAIL), 0)]
+    digits = tail[:, TAIL_DIGIT] - np.uint8(48)  # uint8: a byte below '0' wraps past 9
+    if (tail[:, ~TAIL_DIGIT] != RATING_TAIL[~TAIL_DIGIT]).any() or (digits > 9).any():
+        return None
+    width = int(n_user.max(initial=0))
+    user_bytes = a[np.minimum(s[:, None] + np.arange(width), len(a) - 1)] - np.uint8(48)
+    inside = np.arange(width) < n_user[:, None]
+    if (user_bytes[inside] > 9).any() or ((user_bytes[:, 0] == 0) & (n_user > 1)).any():
+        return None  # a leading zero: its id would not survive the round trip through int
+    user = np.zeros(len(rows), np.int64)
+    for j in range(width):
+        user = np.where(j < n_user, user * 10 + user_bytes[:, j], user)
+    d = digits.astype(np.int32)  # rating, Y, Y, Y, Y, M, M, D, D
+    year = d[:, 1:5] @ np.array([1000, 100, 10, 1], np.int32)
+    month, mday = d[:, 5] * 10 + d[:, 6], d[:, 7] * 10 + d[:, 8]
+    if ((year < 1900) | (year > 2099) | (month < 1) | (month > 12) | (mday < 1) | (mday > 31)).any():
+        return None  # outside the table (the prize's dates are 1999-2005)
+    days = _date_table()[(year - 1900) * 372 + (month - 1) * 31 + mday - 1]
+    if (days == NO_DATE).any():
+        return None
+    keep = d[:, 0] >= min_rating
+    return user[keep], movie[keep], days[keep], codes[-1]
+
+
+def _user_key(text, odd):
+    """An int64 key for a user id: the id itself when it reads back the same from int, else a negative code."""
+    if _ascii_digits(text) and len(text) <= MAX_ID_DIGITS and (text[0] != "0" or text == "0"):
+        return int(text)
+    return odd.setdefault(text, -1 - len(odd))
+
+
+def _netflix_slow(path, buf, first, movie_code, titles_name, current, min_rating, odd):
+    """_netflix_fast's result for any chunk, line by line: each line stripped, any rating a number, the date by
+    strptime; a line that is none of these is a DataError naming it."""
+    users, movies, days = [], [], []
+    for n, raw in enumerate(buf.split(b"\n")[:-1], first):
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        line = _no_cr(path, n, _decode(path, n, raw).rstrip("\r\n")).strip()
+        if line.endswith(":"):
+            if line[:-1] not in movie_code:
+                _fail(path, n, f"movie {line[:-1]!r} is not in {titles_name}")
+            current = movie_code[line[:-1]]
+            continue
+        parts = line.split(",")
+        if current < 0:
+            _fail(path, n, "expected a `movie_id:` header before the first rating")
+        if len(parts) != 3:
+            _fail(path, n, f"expected user,rating,date, got {line!r}")
+        rating = _parse_number(path, n, parts[1], "rating")
+        try:
+            day = (dt.datetime.strptime(parts[2], "%Y-%m-%d").date() - EPOCH).days
+        except ValueError:
+            _fail(path, n, f"expected a date YYYY-MM-DD, got {parts[2]!r}")
+        if rating >= min_rating:
+            users.append(_user_key(_check_id(path, n, parts[0], "user id"), odd))
+            movies.append(current)
+            days.append(day)
+    return (np.asarray(users, np.int64), np.asarray(movies, np.int32), np.asarray(days, np.int32), current)
+
+
+def _netflix_file(path, movie_code, titles_name, min_rating, odd):
+    """[(user keys, movie codes, days)] of one combined_data file, a triple per chunk."""
+    out, current = [], -1
+    for first, buf in _chunks(path, NETFLIX_CHUNK):
+        got = _netflix_fast(buf, movie_code, current, min_rating)
+        if got is None:
+            got = _netflix_slow(path, buf, first, movie_code, titles_name, current, min_rating, odd)
+        *arrays, current = got
+        out.append(arrays)
+    return out
+
+
+def _window(start, end):
+    """Day numbers [lo, hi) of a date window given as ISO dates (None: open on that side), checked before any read."""
+    lo, hi = -2 ** 31, 2 ** 31 - 1
+    for flag, text in (("--start", start), ("--end", end)):
+        if text is not None:
+            try:
+                day = (dt.date.fromisoformat(str(text)) - EPOCH).days
+            except ValueError:
+                raise UsageError(f"{flag}: expected an ISO date YYYY-MM-DD, got {text!r}") from None
+            lo, hi = (day, hi) if flag == "--start" else (lo, day)
+    if lo >= hi:
+        raise UsageError(f"--start {start} must be before --end {end} (the window is start <= date < end)")
+    return lo, hi
+
+
+def _in_window(day, lo, hi, start, end):
+    keep = (day >= lo) & (day < hi)
+    if len(day) and not keep.any():
+        first, last = (str(EPOCH + dt.timedelta(days=int(x))) for x in (day.min(), day.max()))
+        raise DataError(f"netflix: no ratings in the window {start or '...'} <= date < {end or '...'} (the ratings "
+                        f"run from {first} to {last})")
+    return keep
+
+
+def _codes(keys):
+    """np.unique(keys, return_inverse=True), without its sort when the keys are small non-negative ints (the
+    prize's user ids are below 2.65M): a sort of 100M keys would be a good part of the load."""
+    if not len(keys) or keys.min() < 0 or keys.max() > 4 * len(keys) + (1 << 20):
+        return np.unique(keys, return_inverse=True)
+    present = np.zeros(int(keys.max()) + 1, bool)
+    present[keys] = True
+    return np.flatnonzero(present), (np.cumsum(present) - 1)[keys]
+
+
+def _merge_coded(user, item, day):
+    """_merge_duplicates on integer codes, without a Python loop: the earliest copy of each (user, item) pair
+    (ties: the first in file order). Returns the rows kept, in file order."""
+    by_day = day - day.min(initial=0)
+    if by_day.max(initial=0) < 1 << 16:
+        by_day = by_day.astype(np.uint16)  # numpy's stable sort of 16-bit ints is a radix sort
+    order = np.argsort(by_day, kind="stable")
+    _, first = np.unique((user * (int(item.max(initial=0)) + 1) + item)[order], return_index=True)
+    keep = np.zeros(len(day), bool)
+    keep[order[first]] = True
+    return np.flatnonzero(keep)
+
+
+def load_netflix(root, min_rating=0.0, start=None, end=None):
+    """Netflix Prize combined_data_*.txt (`movie:` headers, then user,rating,YYYY-MM-DD) and
+    movie_titles.csv (id, year, title; the title may contain commas, the year may be NULL).
+    start, end: ISO dates; only ratings with start <= date < end are read (either may be None)."""
+    root, (lo, hi) = Path(root), _window(start, end)
+    titles_path = _nonempty(root / "movie_titles.csv")
+    item_text = _netflix_titles(titles_path)
     files = sorted(root.glob("combined_data_*.txt"))
     if not files:
         raise DataError(f"{root}: no combined_data_*.txt files found")
-    users, items, times = [], [], []
+    movie_ids = list(item_text)
+    movie_code = {m: k for k, m in enumerate(movie_ids)}
+    odd, parts = {}, []
     for path in files:
-        _nonempty(path)
-        movie = None
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
-                if line.endswith(":"):
-                    movie = line[:-1]
-                    if movie not in item_text:
-                        _fail(path, n, f"movie {movie!r} is not in {titles_path.name}")
-                    continue
-                parts = line.split(",")
-                if movie is None:
-                    _fail(path, n, "expected a `movie_id:` header before the first rating")
-                if len(parts) != 3:
-                    _fail(path, n, f"expected user,rating,date, got {line!r}")
-                rating = _parse_number(path, n, parts[1], "rating")
-                try:
-                    ts = dt.datetime.strptime(parts[2], "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
-                except ValueError:
-                    _fail(path, n, f"expected a date YYYY-MM-DD, got {parts[2]!r}")
-                if rating >= min_rating:
-                    users.append(parts[0])
-                    items.append(movie)
-                    times.append(ts)
-    return _finish("netflix", users, items, times, item_text, titles_path)
+        parts += _netflix_file(_nonempty(path), movie_code, titles_path.name, min_rating, odd)
+    user, movie, day = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    keep = _in_window(day, lo, hi, start, end)
+    user, movie, day = user[keep], movie[keep], day[keep]
+    if not len(user):
+        raise DataError("netflix: no interactions were read")
+    keys, user = _codes(user)
+    rows = _merge_coded(user, movie, day)
+    times = day[rows] * 86400.0
+    by_code = {code: text for text, code in odd.items()}
+    names = np.array([str(k) if k >= 0 else by_code[k] for k in keys.tolist()], dtype=object)
+    return _raw_data("netflix", names[user[rows]].tolist(), np.array(movie_ids, dtype=object)[movie[rows]].tolist(),
+                     times, item_text, len(user) - len(rows), titles_path)
 
+
+# ----------------------------------------------------------------------------- your own CSV
 
 def _parse_time(path, line, text):
     try:
@@ -262,18 +499,40 @@ def _parse_time(path, line, text):
     return t
 
 
+CSV_FIELD_LIMIT = 1 << 26  # characters per CSV field (the csv module's default, 131,072, is a long item text)
+
+
 def _csv_rows(path, header):
     """(line number, fields) of a UTF-8 CSV file with this header (a byte-order mark is fine)."""
-    with contextlib.closing(_lines(path)) as lines:
-        reader = csv.reader(line for _, line in lines)
-        first = next(reader, None)
-        if first is None or [h.strip() for h in first] != header:
-            _fail(path, 1, f"expected the header {','.join(header)}, got {','.join(first or [])!r}")
-        for row in reader:
-            if row:
-                if len(row) != len(header):
-                    _fail(path, reader.line_num, f"expected {len(header)} fields ({','.join(header)}), got {len(row)}")
-                yield reader.line_num, row
+    limit = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        with contextlib.closing(_lines(path)) as lines:
+            at = [0]  # the line being read, for the csv module's own errors
+            reader = csv.reader(line for at[0], line in lines)
+            first = _csv_next(path, reader, at)
+            if first is None or [h.strip() for h in first] != header:
+                _fail(path, 1, f"expected the header {','.join(header)}, got {','.join(first or [])!r}")
+            while (row := _csv_next(path, reader, at)) is not None:
+                if row:
+                    if len(row) != len(header):
+                        _fail(path, at[0], f"expected {len(header)} fields ({','.join(header)}), got {len(row)}")
+                    yield at[0], row
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_next(path, reader, at):
+    try:
+        return next(reader, None)
+    except csv.Error as e:
+        hint = ""
+        if "new-line" in str(e):
+            hint = (": a carriage return inside an unquoted field, from CR-only (old Mac) line endings or a stray "
+                    f"CR; use LF or CRLF line endings (e.g. tr '\\r' '\\n' < {path.name} > lf_{path.name}) and quote "
+                    "fields that hold line breaks")
+        elif "field larger" in str(e):
+            hint = f": a field longer than {CSV_FIELD_LIMIT:,} characters (data.CSV_FIELD_LIMIT), or an unclosed quote"
+        _fail(path, at[0], f"not readable as CSV ({e}){hint}")
 
 
 def load_csv(root):
@@ -283,7 +542,7 @@ def load_csv(root):
     items_path = root / "items.csv"
     item_text, first_line = {}, {}
     for n, (iid, text) in _csv_rows(items_path, ["item", "text"]):
-        if iid in first_line:
+        if _check_id(items_path, n, iid, "item id") in first_line:
             _fail(items_path, n, f"item id {iid!r} is repeated (first on line {first_line[iid]}); expected one row "
                                  "per item")
         if not text.strip():
@@ -292,6 +551,7 @@ def load_csv(root):
     inter_path = root / "interactions.csv"
     users, items, times = [], [], []
     for n, (user, item, ts) in _csv_rows(inter_path, ["user", "item", "timestamp"]):
+        _check_id(inter_path, n, user, "user id")
         if item not in item_text:
             _fail(inter_path, n, f"item {item!r} is not in {items_path.name}")
         users.append(user)
@@ -300,7 +560,9 @@ def load_csv(root):
     return _finish("csv", users, items, times, item_text, items_path)
 
 
-def load_dataset(name, root=None, min_rating=0.0):
+def load_dataset(name, root=None, min_rating=0.0, start=None, end=None):
+    if (start, end) != (None, None) and name != "netflix":
+        raise UsageError(f"--start/--end (a date window) apply to --dataset netflix, not {name}")
     if name == "ml-100k":
         return load_ml100k(root, min_rating)
     if root is None:
@@ -308,7 +570,7 @@ def load_dataset(name, root=None, min_rating=0.0):
     if name == "mind":
         return load_mind(root)
     if name == "netflix":
-        return load_netflix(root, min_rating)
+        return load_netflix(root, min_rating, start, end)
     if name == "csv":
         return load_csv(root)
     raise UsageError(f"unknown dataset {name!r}; expected ml-100k, mind, netflix or csv")
@@ -317,7 +579,7 @@ def load_dataset(name, root=None, min_rating=0.0):
 # ----------------------------------------------------------------------------- splits
 
 def _natural_key(s):
-    return (0, int(s), "") if s.isdigit() else (1, 0, s)
+    return (0, int(s), "") if _ascii_digits(s) else (1, 0, s)
 
 
 def _latest_per_user(users, times, frac, rows):
@@ -348,6 +610,35 @@ def _cap_train(users, times, in_train, n, keep, rng):
     capped = np.zeros_like(in_train)
     capped[_first_per_user(users, key, np.flatnonzero(in_train), n)] = True
     return capped
+
+
+def _require_rows(data, in_train, is_valid, in_test, dropped, users, valid_frac, split, cutoff):
+    """Every later stage needs all three parts: an empty one is a DataError here, not a crash in 01, 07 or 08."""
+    span = f"the interactions run from {_iso(data.times.min())} to {_iso(data.times.max())}"
+    if not in_train.any():
+        why = f"--cutoff {cutoff} is at or before the first interaction ({span})" if split == "snapshot" else \
+            "every item is cold or every user's rows are test (check --cold-frac and --test-frac)"
+        raise DataError(f"{data.name}: the split has no training interactions: {why}")
+    if not is_valid.any():
+        most = int(np.bincount(users[in_train]).max())
+        need = f"a user needs at least {max(2, math.ceil(1 / valid_frac))} training rows to give one" \
+            if valid_frac > 0 else "no row goes to validation"
+        raise DataError(f"{data.name}: the split has no validation interactions: with --valid-frac {valid_frac} "
+                        f"{need}, and the most any user has is {most}; raise --valid-frac or give each user more "
+                        "interactions")
+    if not in_test.any():
+        why = f"--cutoff {cutoff} is after the last interaction ({span})" if split == "snapshot" else \
+            "no user with training rows has a test row (check --cold-frac and --test-frac)"
+        if dropped:
+            why = f"all {dropped} test rows are of users with no training rows"
+        raise DataError(f"{data.name}: the split has no test interactions of known users: {why}")
+
+
+def _iso(t):
+    try:
+        return dt.datetime.fromtimestamp(float(t), dt.timezone.utc).isoformat(timespec="seconds")[:-6] + "Z"
+    except (OverflowError, OSError, ValueError):  # a timestamp outside the calendar (seconds far from 1970)
+        return repr(float(t))
 
 
 def make_split(data, split="cold-items", cold_frac=0.2, test_frac=0.2, cutoff=None, valid_frac=0.1, seed=0,
@@ -410,6 +701,7 @@ def make_split(data, split="cold-items", cold_frac=0.2, test_frac=0.2, cutoff=No
     known_users[users[in_train]] = True
     dropped = int((in_test & ~known_users[users]).sum())
     in_test &= known_users[users]
+    _require_rows(data, in_train, is_valid, in_test, dropped, users, valid_frac, split, cutoff)
     # dense ids: users with training rows and all items, each in a seeded random order, because top-K breaks
     # score ties toward the lower index and raw ids often follow catalogue or release order (a popularity leak)
     user_raw_all = list(user_codes)

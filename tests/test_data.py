@@ -1,5 +1,7 @@
 """Loaders on small files in each raw format (good and malformed), split invariants, atomic IO and
 the manifest's stale-input refusal."""
+import csv
+import os
 import time
 
 import numpy as np
@@ -92,6 +94,54 @@ def test_mind_malformed(tmp_path, behaviors, match):
         data.load_mind(tmp_path)
 
 
+def tz_split(tmp_path, tz):
+    """load_mind + the snapshot split with the process's time zone set to tz."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = tz
+    time.tzset()
+    try:
+        d = data.load_mind(tmp_path)
+        split = data.make_split(d, "snapshot", cutoff="2019-11-15T12:00:00", valid_frac=0.5)
+        return time.localtime(1573776000).tm_gmtoff, d.times.tolist(), split
+    finally:
+        if old is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
+
+
+def test_mind_times_are_utc_whatever_the_machine_time_zone(tmp_path):
+    write(tmp_path / "news.tsv", NEWS)
+    # 40 impressions of 8 users around the cutoff: a local-time parse would move rows across it by hours
+    rows = [f"{k}\tU{k % 8}\t11/{14 + k % 3}/2019 {1 + k % 12}:{k % 60:02d}:00 {'AM' if k % 5 < 2 else 'PM'}\t\t"
+            f"N{1 + k % 3}-1 N{1 + (k + 1) % 3}-{k % 2}\n" for k in range(40)]
+    write(tmp_path / "behaviors.tsv", "".join(rows))
+    _, times, (s, user_raw, item_raw, stats) = tz_split(tmp_path, "UTC0")
+    assert times[0] == data.dt.datetime(2019, 11, 14, 1, 0, tzinfo=data.dt.timezone.utc).timestamp()  # 1:00:00 AM
+    # POSIX zone strings (no tz database needed): Los Angeles in November (UTC-8) and Tokyo (UTC+9)
+    for tz, offset in (("PST8PDT,M3.2.0,M11.1.0", -8 * 3600), ("JST-9", 9 * 3600)):
+        gmtoff, times_tz, (s_tz, user_raw_tz, item_raw_tz, stats_tz) = tz_split(tmp_path, tz)
+        assert gmtoff == offset  # the zone took effect
+        assert times_tz == times and (user_raw_tz, item_raw_tz, stats_tz) == (user_raw, item_raw, stats)
+        assert all(np.array_equal(s[k], s_tz[k]) for k in s)
+
+
+@pytest.mark.parametrize("news, behaviors, match", [
+    (NEWS + "N2\tnews\tworld\tAgain\tDup.\thttp://y\t[]\t[]\n", "",
+     r"news.tsv:4: news id 'N2' is repeated \(first on line 2\); expected one row per news item"),
+    (NEWS + "\tnews\tworld\tNo id\tx\thttp://y\t[]\t[]\n", "", r"news.tsv:4: empty news id"),
+    (NEWS, "1\t\t11/15/2019 8:55:22 AM\tN1\tN2-1\n", r"behaviors.tsv:1: empty user id"),
+    (NEWS, "1\tU1\t11/15/2019 8:55:22 AM\tN1\tN2-1\r2\tU2\t11/15/2019 8:55:22 AM\tN1\tN2-1\r",
+     r"behaviors.tsv:1: expected LF or CRLF line endings, found a carriage return inside the line \(CR-only"),
+])
+def test_mind_refuses_repeated_and_empty_ids_and_cr_endings(tmp_path, news, behaviors, match):
+    write(tmp_path / "news.tsv", news)
+    write(tmp_path / "behaviors.tsv", behaviors or "1\tU1\t11/15/2019 8:55:22 AM\tN1\tN2-1\n")
+    with pytest.raises(DataError, match=match):
+        data.load_mind(tmp_path)
+
+
 # ----------------------------------------------------------------------------- Netflix
 
 TITLES = "1,2003,Dinosaur Planet\n2,NULL,Isle of Man TT 2004 Review\n3,1997,Character, The Movie\n"
@@ -125,6 +175,180 @@ def test_netflix_bad_year(tmp_path):
     write(tmp_path / "combined_data_1.txt", "1:\n1,3,2005-09-06\n")
     with pytest.raises(DataError, match=r"movie_titles.csv:1: expected a year or NULL"):
         data.load_netflix(tmp_path)
+
+
+def load_netflix_reference(root, min_rating=0.0):
+    """data.load_netflix as it was before the byte parser (a strptime per line, Python lists), kept as the plain
+    reference that the loader must match on valid files (and bench/bench_netflix_loader.py times against)."""
+    root = data.Path(root)
+    titles_path = root / "movie_titles.csv"
+    item_text = {}
+    with open(titles_path, encoding="latin-1") as f:
+        for n, line in enumerate(f, 1):
+            mid, year, title = line.rstrip("\r\n").split(",", 2)
+            item_text[mid] = title.strip() + ("" if year == "NULL" else f" ({year.strip()})")
+    users, items, times = [], [], []
+    for path in sorted(root.glob("combined_data_*.txt")):
+        movie = None
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if line.endswith(":"):
+                    movie = line[:-1]
+                    assert movie in item_text
+                    continue
+                parts = line.split(",")
+                assert movie is not None and len(parts) == 3
+                rating = data._parse_number(path, n, parts[1], "rating")
+                ts = data.dt.datetime.strptime(parts[2], "%Y-%m-%d").replace(tzinfo=data.dt.timezone.utc).timestamp()
+                if rating >= min_rating:
+                    users.append(parts[0])
+                    items.append(movie)
+                    times.append(ts)
+    return data._finish("netflix", users, items, times, item_text, titles_path)
+
+
+NETFLIX_TITLES = ("1,2003,Dinosaur Planet\n2,NULL,Isle of Man TT 2004 Review\n3,1997,Character, The Movie\n"
+                  "10,2001,Fighter\n11,1999,Unrated, Unseen, Unloved\n01,1990,Leading Zero\n")
+ODD_USERS = ["0", "007", "123456789012345678", "1234567890123456789", "x9", "42 "]
+
+
+def netflix_files(rng, n_files=2, n_lines=300, messy=True):
+    """Combined_data files as lists of (line, day or None for a header), in the prize's shape; messy: with the
+    variations the old loader accepted (CRLF, spaces, 4.0 ratings, unpadded dates, odd user ids, no final newline,
+    repeated headers, duplicated ratings)."""
+    movies = ["1", "2", "3", "10", "01"]  # 11 has no ratings
+    files = []
+    for _ in range(n_files):
+        lines = []
+        for _ in range(n_lines):
+            if not lines or rng.random() < 0.08:
+                lines.append((f"{rng.choice(movies)}:", None))
+                continue
+            user = str(rng.integers(1, 60)) if not messy or rng.random() < 0.85 else str(rng.choice(ODD_USERS))
+            day = data.dt.date(2004, 1, 1) + data.dt.timedelta(days=int(rng.integers(0, 90)))
+            date = f"{day.year}-{day.month}-{day.day}" if messy and rng.random() < 0.1 else str(day)
+            rating = str(rng.integers(1, 6)) + (".0" if messy and rng.random() < 0.05 else "")
+            lines.append((f"{user},{rating},{date}", (day - data.EPOCH).days))
+        files.append(lines)
+    return files
+
+
+def write_netflix(root, files, rng=None, day_range=None):
+    """Write the files (only the ratings with day_range[0] <= day < day_range[1], if given)."""
+    write(root / "movie_titles.csv", NETFLIX_TITLES, "latin-1")
+    for k, lines in enumerate(files, 1):
+        text = ""
+        for line, day in lines:
+            if day is not None and day_range and not day_range[0] <= day < day_range[1]:
+                continue
+            if rng is not None and rng.random() < 0.05:
+                line = f"  {line} "
+            text += line + ("\r\n" if rng is not None and rng.random() < 0.1 else "\n")
+        (root / f"combined_data_{k}.txt").write_bytes(text[:-1].encode() if rng is not None else text.encode())
+    return root
+
+
+def same_raw(a, b):
+    assert (a.name, a.n_duplicates, a.item_text) == (b.name, b.n_duplicates, b.item_text)
+    assert a.users == b.users and a.items == b.items
+    assert a.times.dtype == b.times.dtype and np.array_equal(a.times, b.times)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("chunk", [16, 61, 1 << 25])
+def test_netflix_loader_matches_the_line_by_line_reference(tmp_path, monkeypatch, seed, chunk):
+    """Messy files (the slow path on some chunks, the byte parser on others, chunk cuts anywhere)."""
+    rng = np.random.default_rng(seed)
+    root = write_netflix(tmp_path, netflix_files(rng), rng)
+    monkeypatch.setattr(data, "NETFLIX_CHUNK", chunk)
+    for min_rating in (4.5, 3.0, 0.0):
+        got, want = data.load_netflix(root, min_rating), load_netflix_reference(root, min_rating)
+        same_raw(got, want)
+    assert got.n_duplicates > 0 and {"007", "42 ", "1234567890123456789", "01"} <= set(got.users + got.items)
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 25])
+def test_netflix_byte_parser_reads_the_prize_shape_alone(tmp_path, monkeypatch, chunk):
+    """A file in the prize's own shape never falls back to the line-by-line parser (that is where the speed is)."""
+    root = write_netflix(tmp_path, netflix_files(np.random.default_rng(3), n_lines=2000, messy=False))
+    monkeypatch.setattr(data, "NETFLIX_CHUNK", chunk)
+    want = load_netflix_reference(root, 2.0)
+    monkeypatch.setattr(data, "_netflix_slow", lambda *a: pytest.fail("fell back to the line parser"))
+    same_raw(data.load_netflix(root, 2.0), want)
+
+
+@pytest.mark.parametrize("start, end", [("2004-01-20", "2004-02-10"), (None, "2004-01-05"), ("2004-03-01", None)])
+def test_netflix_date_window_is_start_inclusive_end_exclusive(tmp_path, start, end):
+    files = netflix_files(np.random.default_rng(4))
+    full = write_netflix(tmp_path / "full", files)
+    lo, hi = data._window(start, end)
+    want = load_netflix_reference(write_netflix(tmp_path / "cut", files, day_range=(lo, hi)))
+    got = data.load_netflix(full, start=start, end=end)
+    same_raw(got, want)
+    days = got.times / 86400
+    assert days.min() >= lo and days.max() < hi
+    if start:
+        assert days.min() == lo  # the start day itself is in
+
+
+def test_netflix_date_window_errors(tmp_path):
+    root = write_netflix(tmp_path, netflix_files(np.random.default_rng(5)))
+    with pytest.raises(common.UsageError, match=r"--start: expected an ISO date YYYY-MM-DD, got '2004/01/01'"):
+        data.load_netflix(root, start="2004/01/01")
+    with pytest.raises(common.UsageError, match=r"--start 2004-02-01 must be before --end 2004-02-01"):
+        data.load_netflix(root, start="2004-02-01", end="2004-02-01")
+    with pytest.raises(DataError, match=r"netflix: no ratings in the window 2005-01-01 <= date < \.\.\. \(the ratings "
+                                         r"run from 2004-01-01 to 2004-03-"):
+        data.load_netflix(root, start="2005-01-01")
+    with pytest.raises(common.UsageError, match=r"--start/--end \(a date window\) apply to --dataset netflix"):
+        data.load_dataset("csv", tmp_path, start="2004-01-01")
+
+
+def test_01_passes_the_date_window(monkeypatch):
+    args = common.load_stage("01_neighbors").parse_args(["--run", "r", "--start", "2005-01-01", "--end", "2005-07-01"])
+    assert (args.start, args.end) == ("2005-01-01", "2005-07-01")
+
+
+@pytest.mark.parametrize("combined, match", [
+    ("1:\n1,3,2005-09-06\n" + "2,4,2005-09-07\n" * 20 + "2,4,2005-02-30\n", r"combined_data_1.txt:23: expected a date"),
+    ("1:\n1,3,2005-09-06\n" * 20 + "1:\n,3,2005-09-06\n", r"combined_data_1.txt:42: empty user id"),
+    ("1:\n1,3,2005-09-06\n" * 20 + "1:\n1,3,2005-09-06,x\n", r"combined_data_1.txt:42: expected user,rating,date"),
+    ("1:\n1,3,2005-09-06\n" * 20 + "11:\n9,\xe9,2005-09-06\n", r"combined_data_1.txt:42: not valid UTF-8 \(byte 0xe9 "
+                                                             r"at column 3\); re-encode .* iconv -f latin1"),
+    ("1:\r1,3,2005-09-06\r2,3,2005-09-06\r", r"combined_data_1.txt:1: expected LF or CRLF line endings, found a "
+                                             r"carriage return inside the line \(CR-only"),
+    ("1:\n1,3,2005-09-06\n" * 20 + "\n", r"combined_data_1.txt:41: expected user,rating,date, got ''"),
+    ("1:\n1,3,2005-09-06\n" * 20 + "12:\n", r"combined_data_1.txt:41: movie '12' is not in movie_titles.csv"),
+])
+@pytest.mark.parametrize("chunk", [32, 1 << 25])
+def test_netflix_errors_name_the_line_in_any_chunk(tmp_path, monkeypatch, combined, match, chunk):
+    write(tmp_path / "movie_titles.csv", NETFLIX_TITLES, "latin-1")
+    write(tmp_path / "combined_data_1.txt", combined, "latin-1")
+    monkeypatch.setattr(data, "NETFLIX_CHUNK", chunk)
+    with pytest.raises(DataError, match=match):
+        data.load_netflix(tmp_path)
+
+
+@pytest.mark.parametrize("titles, match", [
+    ("1,2003,A\n2,2004,B\n1,2005,C\n", r"movie_titles.csv:3: movie id '1' is repeated \(first on line 1\)"),
+    ("1,2003,A\n2,2004,  \n", r"movie_titles.csv:2: movie '2' has an empty title"),
+    ("1,2003,A\n,2004,B\n", r"movie_titles.csv:2: empty movie id"),
+    ("1,2003,A\n2,199²,B\n", r"movie_titles.csv:2: expected a year or NULL, got '199²'"),  # '²'.isdigit()
+])
+def test_netflix_titles_are_one_per_movie_and_not_empty(tmp_path, titles, match):
+    write(tmp_path / "movie_titles.csv", titles, "latin-1")
+    write(tmp_path / "combined_data_1.txt", "1:\n1,3,2005-09-06\n")
+    with pytest.raises(DataError, match=match):
+        data.load_netflix(tmp_path)
+
+
+def test_items_without_interactions_are_counted(tmp_path, caplog):
+    write(tmp_path / "movie_titles.csv", TITLES, "latin-1")
+    write(tmp_path / "combined_data_1.txt", "1:\n1,3,2005-09-06\n2,5,2005-05-13\n")
+    with caplog.at_level("INFO", logger="reclm"):
+        data.load_netflix(tmp_path)
+    assert "netflix: 2 of the 3 items in movie_titles.csv have no interactions and are left out" in caplog.text
 
 
 # ----------------------------------------------------------------------------- generic CSV
@@ -186,6 +410,46 @@ def test_csv_rejects_repeated_item_ids_and_empty_texts(tmp_path):
     write(tmp_path / "items.csv", 'item,text\na,A\nb,"  "\n')
     with pytest.raises(DataError, match=r"items.csv:3: item 'b' has an empty text"):
         data.load_csv(tmp_path)
+
+
+def test_csv_reads_a_long_text_field(tmp_path):
+    long = "word " * 40_000  # 200,000 characters, over the csv module's default limit of 131,072
+    write(tmp_path / "items.csv", f'item,text\na,"{long}"\nb,B\n')
+    write(tmp_path / "interactions.csv", "user,item,timestamp\nu1,a,1\nu1,b,2\n")
+    assert data.load_csv(tmp_path).item_text["a"] == long.strip()
+    assert csv.field_size_limit() == 131072  # the module's limit is restored after the read
+
+
+@pytest.mark.parametrize("items, match", [
+    ("item,text\ra,A\rb,B\r", r"items.csv:1: not readable as CSV \(new-line character seen in unquoted field.*\): "
+                              r"a carriage return inside an unquoted field, from CR-only"),
+    ("item,text\na,A\nb,B\rstray\nc,C\n", r"items.csv:3: not readable as CSV .*carriage return"),
+    ('item,text\na,A\nb,"' + "x" * 70_000_000, r"items.csv:3: not readable as CSV \(field larger than field limit.*"
+                                               r"a field longer than 67,108,864 characters"),
+    ("item,text\n,A\n", r"items.csv:2: empty item id"),
+])
+def test_csv_inputs_the_csv_module_refuses_name_the_line(tmp_path, items, match):
+    write(tmp_path / "items.csv", items)
+    write(tmp_path / "interactions.csv", "user,item,timestamp\nu1,a,1\n")
+    with pytest.raises(DataError, match=match):
+        data.load_csv(tmp_path)
+
+
+def test_csv_refuses_an_empty_user_id(tmp_path):
+    write(tmp_path / "items.csv", "item,text\na,A\n")
+    write(tmp_path / "interactions.csv", "user,item,timestamp\nu1,a,1\n,a,2\n")
+    with pytest.raises(DataError, match=r"interactions.csv:3: empty user id"):
+        data.load_csv(tmp_path)
+
+
+def test_ids_with_non_ascii_digits_split(tmp_path):
+    """'²'.isdigit() is True and int('²') fails: the split's id order takes only ASCII digits as numbers."""
+    write(tmp_path / "items.csv", "item,text\n2,Two\n²,Squared\n10,Ten\n٣,Three\n")
+    write(tmp_path / "interactions.csv", "user,item,timestamp\n" + "".join(
+        f"u{k % 2},{i},{k}\n" for k, i in enumerate(["2", "²", "10", "٣"] * 6)))
+    d = data.load_csv(tmp_path)
+    assert sorted(set(d.items), key=data._natural_key) == ["2", "10", "²", "٣"]
+    data.make_split(d, "cold-items", cold_frac=0.25, valid_frac=0.5)
 
 
 def test_csv_warns_when_timestamps_are_mostly_tied(tmp_path, caplog):
@@ -280,13 +544,33 @@ def test_each_users_latest_rows_are_test_and_valid():
 
 
 def test_snapshot_split_drops_unknown_test_users():
-    d = data.RawData(["a", "a", "b", "c"], ["1", "2", "2", "1"], np.array([1.0, 5.0, 2.0, 9.0]),
-                       {"1": "x", "2": "y"}, "toy")
-    s, user_raw, item_raw, stats = data.make_split(d, "snapshot", cutoff=4, valid_frac=0.0)
+    d = data.RawData(["a", "a", "a", "b", "c"], ["1", "3", "2", "2", "1"], np.array([1.0, 3.0, 5.0, 2.0, 9.0]),
+                     {"1": "x", "2": "y", "3": "z"}, "toy")
+    s, user_raw, item_raw, stats = data.make_split(d, "snapshot", cutoff=4, valid_frac=0.5)
     assert sorted(user_raw) == ["a", "b"]
     assert stats["dropped_test_rows_of_unknown_users"] == 1  # user c exists only after the cutoff
     assert raw_pairs(s, user_raw, item_raw, "test") == [("a", "2")]
+    assert raw_pairs(s, user_raw, item_raw, "valid") == [("a", "3")]
     check_invariants(s)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(split="snapshot", cutoff="1970-01-01T00:00:00", valid_frac=0.5),
+     r"toy: the split has no training interactions: --cutoff 1970-01-01T00:00:00 is at or before the first "
+     r"interaction \(the interactions run from 1970-01-01T00:00:01Z to 1970-01-01T00:00:09Z\)"),
+    (dict(split="snapshot", cutoff=4, valid_frac=0.1),
+     r"toy: the split has no validation interactions: with --valid-frac 0.1 a user needs at least 10 training rows "
+     r"to give one, and the most any user has is 2"),
+    (dict(split="snapshot", cutoff=4, valid_frac=0.0), r"with --valid-frac 0.0 no row goes to validation"),
+    (dict(split="snapshot", cutoff=10, valid_frac=0.5),
+     r"toy: the split has no test interactions of known users: --cutoff 10 is after the last interaction"),
+    (dict(split="cold-items", cold_frac=0.0, test_frac=0.0, valid_frac=0.5), r"no test interactions of known users"),
+])
+def test_a_split_without_training_validation_or_test_rows_is_refused(kwargs, match):
+    d = data.RawData(["a", "a", "a", "b", "c"], ["1", "3", "2", "2", "1"], np.array([1.0, 3.0, 5.0, 2.0, 9.0]),
+                     {"1": "x", "2": "y", "3": "z"}, "toy")
+    with pytest.raises(DataError, match=match):
+        data.make_split(d, **kwargs)
 
 
 def test_split_rows_are_chronological():
