@@ -1,24 +1,25 @@
 """05_ppo — PPO on the instruction-tuned LLM against the reward model (paper eqs. 7-8, sec. 2.4), written by hand.
 
-Policy = the SFT model (--sft, default sft_mask; its adapter merged into the base LLM) + a new LoRA; reference = the
-same network with that LoRA disabled; value = Linear(hidden, 1) on the policy's last hidden state, starting at zero
-(--value-backprop: its loss trains the LoRA too). Prompts: the inference prompt (prompts.inference_messages) of the
-"ppo" user set, --batch-size per step, one pass over them by default (--steps 0). A rollout ends where 06's
-generation ends it: at end-of-turn or at the token that completes the first profile line (--no-profile-stop:
-end-of-turn only). Its reward: the reward model's score of the profile 06 would keep (--incomplete-score when
-there is none; minus --missing-eos-penalty when cut at --max-new-tokens), minus beta times the per-token KL to the
-reference (beta fixed, or adaptive with --target-kl).
+Policy = the base LLM with the SFT adapter (--sft, default sft_mask; frozen) and a new LoRA stacked on it, both
+unmerged as 06 loads them; reference = the same network with the new LoRA off, i.e. the SFT model; value =
+Linear(hidden, 1) on the policy's last hidden state, starting at zero (--value-backprop: its loss trains the LoRA
+too). Prompts: the inference prompt (prompts.inference_messages) of the "ppo" user set, --batch-size per step, one
+pass over them by default (--steps 0). A rollout ends where 06's generation ends it: at end-of-turn or at the token
+that completes the first profile line (--no-profile-stop: end-of-turn only). Its reward: the reward model's score of
+the profile 06 would keep (--incomplete-score when there is none; minus --missing-eos-penalty when cut at --max-new-
+tokens), minus beta times the per-token KL to the reference (beta fixed, or adaptive with --target-kl).
 Resumable: every --ckpt-every steps ppo.partial/checkpoint.pt is written (tensors and numbers only, read back with
 weights_only=True); a re-run with the same inputs and arguments continues from it (--restart starts over).
 
 Reads  data/split.npz, data/items.jsonl, neighbors.npz, user_sets.json, prompt.json, <sft>/ (03), reward/ (04)
-Writes ppo/: adapter_config.json + adapter_model.safetensors (the PPO LoRA, on top of the merged SFT model),
+Writes ppo/: adapter_config.json + adapter_model.safetensors (the PPO LoRA, on top of the SFT adapter),
        base.json {"sft": "<sft>"}, value_head.pt, tokenizer files, ppo_log.jsonl (per step: score, rm_score,
        complete_frac, kl, response length, clip fraction, value loss, explained_variance, beta, ...), ppo_info.json
        (config, last step, "trend": first- vs last-third means and Spearman's rho of score against step)
 Run    python 05_ppo.py --run runs/ml100k [--sft sft_mask] [--steps 10]
        (the defaults are the official code's settings; on a CPU pass the flags of scripts/presets.sh's cpu preset)
 """
+import contextlib
 import json
 import re
 import shutil
@@ -40,6 +41,7 @@ log = common.log
 # 0: RewardConfig.center_rewards_coefficient keeps them centred), and the reward model, trained on profiles, is
 # not asked to judge text it never saw.
 INCOMPLETE_SCORE = -3.0
+PPO_ADAPTER = "ppo"  # the name of the trained LoRA beside the SFT adapter ("default"), as 06 loads it
 
 
 # ----------------------------------------------------------------------------- defaults
@@ -179,6 +181,23 @@ def backbone(policy):
     return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
 
 
+@contextlib.contextmanager
+def reference(policy):
+    """The reference network (eq. 8's KL is taken against it): the policy with its trainable LoRA off. The frozen
+    adapters under it (the SFT adapter, llm.stack_lora) stay on; a lone LoRA is simply disabled."""
+    frozen = getattr(policy, "frozen_adapters", None)
+    if not frozen:
+        with policy.disable_adapter():
+            yield
+        return
+    active = list(policy.base_model.active_adapters)
+    llm.activate_adapters(policy, frozen)
+    try:
+        yield
+    finally:
+        llm.activate_adapters(policy, frozen, [a for a in active if a not in frozen])
+
+
 def forward_response(policy, value_head, input_ids, attention_mask, n_prompt, temperature, with_values=True,
                      value_backprop=False):
     """Log-probabilities [B, R] of the response tokens input_ids[:, n_prompt:] (logits / temperature, as sampled),
@@ -253,7 +272,7 @@ def rollout(policy, value_head, tok, queries, cfg):
     input_ids = torch.cat([enc["input_ids"], resp], 1)
     att = torch.cat([enc["attention_mask"], mask], 1)
     logp, values = forward_response(policy, value_head, input_ids, att, n_prompt, cfg.temperature)
-    with policy.disable_adapter():
+    with reference(policy):
         ref_logp, _ = forward_response(policy, None, input_ids, att, n_prompt, cfg.temperature, with_values=False)
     resp_texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, mask)]
     ended = torch.tensor([how is not None for _, how in ends], device=device)
@@ -297,7 +316,7 @@ def trainable_state(policy, value_head):
 
 def train(policy, value_head, tok, queries, reward_fn, cfg, start_step=0, optimizer_state=None, beta=None,
           on_step=None, on_checkpoint=None, progress=True):
-    """Hand-written PPO. policy: a peft model (reference = adapter disabled); value_head: nn.Module;
+    """Hand-written PPO. policy: a peft model (its reference: reference()); value_head: nn.Module;
     queries: list of chat-message lists; reward_fn(queries, texts, response_ids) -> scores [B] (with
     cfg.stop_at_profile it is asked about the complete responses only, texts = their profiles: rollout_scores).
     on_step(row, rollout) receives each step's log row; on_checkpoint(step, optimizer, kl_ctl) is called every
@@ -546,11 +565,10 @@ def main(argv=None):
     cfg.steps = total_steps(cfg, len(queries))
     log.info("PPO prompts: %d users of the ppo set; %d steps of %d", len(queries), cfg.steps, cfg.batch_size)
 
-    # 2. the policy (a new LoRA on the SFT model merged into the base weights), its value head, the reward model
-    sft_llm, tok = llm.load_llm(args.model, adapter=run / sft_name, device=device)
-    merged = sft_llm.merge_and_unload()
-    policy = llm.lora_model(merged, args)
-    value_head = new_value_head(merged.config.hidden_size).to(device)
+    # 2. the policy (a new LoRA stacked on the frozen SFT adapter), its value head, the reward model
+    policy, tok = llm.load_llm(args.model, adapter=run / sft_name, device=device)
+    llm.stack_lora(policy, PPO_ADAPTER, args)
+    value_head = new_value_head(policy.config.hidden_size).to(device)
     scorer = RewardScorer(run / args.reward, device=device, batch_size=args.reward_batch)
     start, opt_state, beta = resume_state(ck, ckpt_path, policy, value_head, sft_sha, cfg.steps, resume_key)
     if start == 0:
@@ -573,7 +591,7 @@ def main(argv=None):
                         on_step=lambda row, ro: log_step(logf, row, ro), on_checkpoint=on_checkpoint)
 
     # 4. the adapter, the value head and what it was trained on, then ppo/ in one rename
-    policy.save_pretrained(work)
+    llm.save_adapter(policy, PPO_ADAPTER, work)
     tok.save_pretrained(work)
     torch.save(value_head.state_dict(), work / "value_head.pt")
     common.write_json(work / "base.json", {"sft": sft_name})

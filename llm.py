@@ -278,8 +278,7 @@ def pick_dtype(name, device=None):
 
 def load_profile_model(run, source, model=DEFAULT_LLM, device=None, chat_template=None):
     """(model, tokenizer) that writes profiles for `source`: the untuned LLM (base_llm), an SFT adapter (sft_*), or
-    the PPO adapter stacked on the SFT adapter it was trained over (ppo; ppo/base.json names it: 05 trained it on the
-    SFT model merged in float32, i.e. on base + SFT delta + PPO delta, which two active LoRA adapters compute).
+    the PPO adapter stacked on the SFT adapter it was trained over (ppo; ppo/base.json names it), as 05 trained it.
     Adapters are folded (fold_lora: one down and one up product per layer for all adapters), never merged: 06
     generates in bf16, and bf16(W + delta) rounds most of a small delta away (docs/results.md, "Profiles of the ppo
     source")."""
@@ -300,12 +299,49 @@ def load_profile_model(run, source, model=DEFAULT_LLM, device=None, chat_templat
 
 # ----------------------------------------------------------------------------- training (03, 04, 05)
 
+def lora_targets(args):
+    return [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+
+
 def lora_model(model, args, task_type="CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
     cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                     target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
-                     task_type=task_type)
+                     target_modules=lora_targets(args), task_type=task_type)
     return get_peft_model(model, cfg)
+
+
+def stack_lora(model, name, args):
+    """Add a trainable LoRA `name` on top of a peft model's adapters (05: the PPO LoRA over the SFT adapter). The
+    adapters stay unmerged and all active, their deltas adding up, as 06 loads them (load_profile_model): a merge
+    into bf16 weights would round most of the lower adapter's delta away and train another model than 06 samples.
+    The adapters below stay frozen; model.frozen_adapters names them (05's reference network)."""
+    frozen = list(model.base_model.active_adapters)
+    from peft import LoraConfig
+    model.add_adapter(name, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                       target_modules=lora_targets(args), task_type="CAUSAL_LM"))
+    model.frozen_adapters = frozen
+    activate_adapters(model, frozen, [name])
+    return model
+
+
+def activate_adapters(model, frozen, trainable=()):
+    """Make frozen + trainable the active adapters of a peft model (outputs summed), of which only `trainable`
+    learn (peft's set_adapter would make every active adapter trainable)."""
+    model.base_model.set_adapter([*frozen, *trainable], inference_mode=True)
+    for n, p in model.named_parameters():
+        if any(f".{t}." in n for t in trainable):
+            p.requires_grad_(True)
+
+
+def save_adapter(model, name, folder):
+    """Write adapter `name` of a peft model into `folder` itself (peft puts any adapter but "default" in a
+    subfolder of its name)."""
+    folder = Path(folder)
+    model.save_pretrained(folder / ".adapter", selected_adapters=[name])
+    saved = folder / ".adapter" / name if name != "default" else folder / ".adapter"
+    for f in saved.iterdir():
+        f.replace(folder / f.name)
+    shutil.rmtree(folder / ".adapter")
 
 
 def step_logger(path):

@@ -1,7 +1,7 @@
 """How much of an adapter's weight change a bf16 merge keeps: for each model 06 can load from a run, the share of
 the weights that merging the adapter changes (in float32) whose bf16 value equals the un-merged one, i.e. whose
 change bf16 rounds away; and, for the ppo source, the largest logit difference between 06's model (SFT and PPO
-adapters folded, not merged) and the float32 merge 05 trained on. Used for docs/results.md, "Profiles of the `ppo`
+adapters folded, not merged, as 05 trains them) and the float32 merge. Used for docs/results.md, "Profiles of the `ppo`
 source: adapters merged into bf16 weights, and the probe's noise".
 
 Run  python -m scripts.merge_rounding --run runs/ml100k [--sft sft_mask]

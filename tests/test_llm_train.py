@@ -299,7 +299,7 @@ def test_sft_reward_ppo_stages(synthetic_run, tiny_llm, monkeypatch, tmp_path):
     assert {"sft_mask/", "reward/"} <= set(common.read_manifest(run)["stages"]["05_ppo"]["inputs"])  # model dirs
     model, tok = llm.load_profile_model(run, "ppo", model=tiny_llm, device="cpu")
     # 06's ppo model is base + SFT LoRA + PPO LoRA, both folded, not merged (a merge into bf16 weights would round the
-    # deltas away), computing what 05 trained: the PPO adapter on the SFT model merged in float32
+    # deltas away); in float32 that is the same function as both adapters merged
     from peft import PeftModel
     q_proj = model.model.layers[0].self_attn.q_proj
     ranks = [json.loads((run / d / "adapter_config.json").read_text())["r"] for d in ("sft_mask", "ppo")]
@@ -625,3 +625,50 @@ def test_score_groups_equals_score_ids(synthetic_run, tiny_llm, lora):
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert expected[0].std() > 0   # the scores differ between answers: the comparison can fail
+
+
+def test_ppo_policy_is_the_sft_adapter_with_a_lora_stacked_on_it(tiny_llm, tmp_path):
+    """05's policy keeps the SFT adapter unmerged and frozen under the new LoRA (a merge into bf16 weights would round
+    the SFT delta away); its reference is the SFT model, not the base; what it saves, 06 loads as the same network."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float32),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for n, p in sft.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    sft.save_pretrained(tmp_path / "sft_mask")
+    llm.load_tokenizer(tiny_llm).save_pretrained(tmp_path / "sft_mask")
+    ids = torch.tensor([[5, 9, 17, 3, 11, 2]])
+
+    def logits(model):
+        with torch.no_grad():
+            return model(ids).logits
+
+    sft_model, _ = llm.load_llm(tiny_llm, adapter=tmp_path / "sft_mask", device="cpu")
+    want_sft = logits(sft_model)
+    with sft_model.disable_adapter():
+        base = logits(sft_model)
+    assert (want_sft - base).abs().max() > 1e-3  # the SFT adapter changes the model
+
+    policy, _ = llm.load_llm(tiny_llm, adapter=tmp_path / "sft_mask", device="cpu")
+    llm.stack_lora(policy, ppo.PPO_ADAPTER, ppo.PPOConfig(lora_dropout=0.0))
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all(f".{ppo.PPO_ADAPTER}." in n for n in trainable)
+    torch.testing.assert_close(logits(policy), want_sft, atol=1e-6, rtol=0)  # the new LoRA starts as the identity
+    for n, p in policy.named_parameters():
+        if p.requires_grad and "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    trained = logits(policy)
+    assert (trained - want_sft).abs().max() > 1e-3
+    with ppo.reference(policy):
+        torch.testing.assert_close(logits(policy), want_sft, atol=1e-6, rtol=0)  # reference = the SFT model
+    torch.testing.assert_close(logits(policy), trained, atol=1e-6, rtol=0)
+    assert [n for n, p in policy.named_parameters() if p.requires_grad] == trainable  # still only the new LoRA
+
+    llm.save_adapter(policy, ppo.PPO_ADAPTER, tmp_path / "ppo")
+    common.write_json(tmp_path / "ppo" / "base.json", {"sft": "sft_mask"})
+    assert (tmp_path / "ppo" / "adapter_model.safetensors").exists() and not (tmp_path / "ppo" / ".adapter").exists()
+    sampler, _ = llm.load_profile_model(tmp_path, "ppo", model=tiny_llm, device="cpu")
+    torch.testing.assert_close(logits(sampler), trained, atol=1e-5, rtol=0)  # 06 samples what 05 trained
