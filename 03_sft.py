@@ -343,6 +343,7 @@ def start_lora(model, args, init_adapter=None):
     if init_adapter is None:
         return llm.lora_model(model, args)
     from peft import PeftModel
+    llm.check_adapter_base(init_adapter, model.config._name_or_path)
     return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
 
 
@@ -353,16 +354,16 @@ def train_sft(model_path, tok, examples, out_dir, args, init_adapter=None, resum
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    use_bf16 = llm.pick_dtype("auto", device) == torch.bfloat16  # autocast, also on CPUs with fast bf16 FMA
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=llm.frozen_dtype(device))
     model.config.pad_token_id = tok.pad_token_id
-    model = start_lora(model, args, init_adapter)
+    model = llm.trainable_float32(start_lora(model, args, init_adapter))
     ds = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
     cfg = SFTConfig(
         output_dir=str(out_dir / "trainer"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
         max_steps=args.max_steps if args.max_steps > 0 else -1, logging_steps=1, **llm.checkpoint_config(args),
-        report_to=[], bf16=use_bf16, fp16=False, use_cpu=(device == "cpu"), seed=args.seed, data_seed=args.seed,
+        report_to=[], use_cpu=(device == "cpu"), seed=args.seed, data_seed=args.seed,
+        **llm.precision_settings(model, device, args.activation_checkpointing),
         max_length=args.max_length, lr_scheduler_type="cosine", warmup_steps=min(5, max(args.max_steps // 10, 0)),
         disable_tqdm=False, dataloader_num_workers=0, remove_unused_columns=True,
     )
@@ -404,6 +405,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N users of the sft set (a smoke run; every other setting as given)")
     p.add_argument("--ckpt-every", type=int, default=CKPT_EVERY, help="steps between checkpoints (0 = none)")
+    llm.add_activation_checkpointing_arg(p)
     return p.parse_args(argv)
 
 

@@ -1,7 +1,7 @@
 """04_reward — the reward model of RecLM (paper eq. 6, sec. 2.4): r(query, response) -> scalar.
 
 AutoModelForSequenceClassification(num_labels=1) on the LLM (--model): LoRA on the attention projections with the
-score head trained in full (--lora-r 0: every weight), merged into full weights at the end. Trained with trl's
+score head trained in full (--lora-r 0: every weight) over a frozen base (bf16 on a GPU). Trained with trl's
 RewardTrainer (loss -log sigmoid(r(q, chosen) - r(q, rejected))) on the reward_pairs.jsonl rows of the "reward" user
 set. Every held-out pair (--heldout: eval = the "eval" set's pairs, split = --heldout-frac of the reward users, auto
 = eval when there are any) is scored: pairwise accuracy overall and per negative kind, each with its 95% Wilson
@@ -10,8 +10,9 @@ profile's terms with a word in the target's items as the query shows them). Pair
 are dropped (counted).
 
 Reads  reward_pairs.jsonl, user_sets.json (02)
-Writes reward/ (trained in reward.tmp/, renamed when finished): config.json + model.safetensors (merged full
-       weights) + tokenizer files, loadable with AutoModelForSequenceClassification.from_pretrained;
+Writes reward/ (trained in reward.tmp/, renamed when finished): adapter_config.json + adapter_model.safetensors
+       (the LoRA and the score head, unmerged: a merge into a bf16 base would round the LoRA away; with --lora-r 0
+       config.json + model.safetensors) + tokenizer files, loaded by llm.load_reward_model;
        train_log.jsonl (per-step loss, accuracy); eval.json (held-out accuracies, each pair's margin, the
        lexical reference's accuracies, counts)
 Run    python 04_reward.py --run runs/ml100k       # the official code's settings (3 epochs); on a CPU pass the
@@ -232,6 +233,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N training and N held-out pairs (a smoke run; every other setting as given)")
     p.add_argument("--ckpt-every", type=int, default=CKPT_EVERY, help="steps between checkpoints (0 = none)")
+    llm.add_activation_checkpointing_arg(p)
     return p.parse_args(argv)
 
 
@@ -254,11 +256,12 @@ def main(argv=None):
     if not train:
         raise common.DataError(f"{run}/reward_pairs.jsonl: no pairs for the reward user set ({counts})")
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1,
+                                                               dtype=llm.frozen_dtype(device))
     model.config.pad_token_id = tok.pad_token_id
     if args.lora_r > 0:
         model = llm.lora_model(model, args, task_type="SEQ_CLS")  # the score head is trained in full
-    model.to(device)
+    model = llm.trainable_float32(model).to(device)
     before = None
     if held and args.eval_before:
         before = pairwise_eval(model, tok, held)
@@ -266,12 +269,12 @@ def main(argv=None):
 
     tmp, final = run / "reward.tmp", run / "reward"
     resume_from = llm.resumable_work(tmp, llm.resume_key(run, inputs, args))
-    use_bf16 = llm.pick_dtype("auto", device) == torch.bfloat16  # autocast, also on CPUs with bf16 FMA
     cfg = RewardConfig(
         output_dir=str(tmp / "trainer"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
         max_steps=args.max_steps if args.max_steps > 0 else -1, logging_steps=1, **llm.checkpoint_config(args),
-        report_to=[], bf16=use_bf16, fp16=False, use_cpu=(device == "cpu"), seed=args.seed, data_seed=args.seed,
+        report_to=[], use_cpu=(device == "cpu"), seed=args.seed, data_seed=args.seed,
+        **llm.precision_settings(model, device, args.activation_checkpointing),
         max_length=args.max_length, center_rewards_coefficient=args.center_rewards or None,
         lr_scheduler_type="cosine", dataloader_num_workers=0,
     )
@@ -281,9 +284,7 @@ def main(argv=None):
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_s = time.time() - t0
-    model = trainer.model
-    if args.lora_r > 0:
-        model = model.merge_and_unload()
+    model = trainer.model  # saved unmerged: LoRA and score head (llm.load_reward_model)
     model.config.pad_token_id = tok.pad_token_id
     after = pairwise_eval(model, tok, held) if held else None
     lexical = lexical_reference(held) if held else None

@@ -397,8 +397,8 @@ def train(policy, value_head, tok, queries, reward_fn, cfg, start_step=0, optimi
 class RewardScorer:
     """reward_fn(queries, responses) -> scores, with the reward model 04 saved."""
 
-    def __init__(self, path, device=None, batch_size=8):
-        self.model, self.tok = llm.load_reward_model(path, device)
+    def __init__(self, path, device=None, batch_size=8, model=None):
+        self.model, self.tok = llm.load_reward_model(path, device, model)
         self.batch_size = batch_size
 
     def __call__(self, queries, responses):
@@ -569,7 +569,7 @@ def main(argv=None):
     policy, tok = llm.load_llm(args.model, adapter=run / sft_name, device=device)
     llm.stack_lora(policy, PPO_ADAPTER, args)
     value_head = new_value_head(policy.config.hidden_size).to(device)
-    scorer = RewardScorer(run / args.reward, device=device, batch_size=args.reward_batch)
+    scorer = RewardScorer(run / args.reward, device=device, batch_size=args.reward_batch, model=args.model)
     start, opt_state, beta = resume_state(ck, ckpt_path, policy, value_head, sft_sha, cfg.steps, resume_key)
     if start == 0:
         shutil.rmtree(work, ignore_errors=True)

@@ -205,6 +205,7 @@ def load_llm(model=DEFAULT_LLM, adapter=None, device=None, dtype=None, chat_temp
     tok = load_tokenizer(adapter if saved else path, None if saved else chat_template)
     if adapter:
         from peft import PeftModel
+        check_adapter_base(adapter, path)
         llm = PeftModel.from_pretrained(llm, adapter)
     llm.generation_config.pad_token_id = tok.pad_token_id
     return llm, tok
@@ -310,6 +311,46 @@ def lora_model(model, args, task_type="CAUSAL_LM"):
     return get_peft_model(model, cfg)
 
 
+ACTIVATION_CKPT_PARAMS = 1e9  # --activation-checkpointing auto: on from this many parameters (7B: ~20 GB saved)
+
+
+def frozen_dtype(device):
+    """The dtype of a trainer's frozen base weights (03, 04): bf16 on a GPU that has it, half of float32's memory
+    (13.5 GB instead of 27 GB at 7B); float32 on a CPU, where the trainers' bf16 autocast still multiplies in bf16
+    when the CPU does so natively. LoRA weights, a score head and the optimizer state stay float32 (peft upcasts
+    adapters; trainable_float32 the rest)."""
+    return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def trainable_float32(model):
+    """Cast every trainable parameter (a LoRA's, 04's score head) to float32: AdamW's updates of a few 1e-5 vanish
+    against bf16 weights, whose spacing near 1 is 8e-3. Autocast runs the forward in bf16 all the same."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def precision_settings(model, device, mode):
+    """The trainers' precision and memory settings: bf16 autocast where the hardware multiplies bf16 natively, and
+    activation checkpointing (recompute each layer's activations in the backward pass) for --activation-checkpointing
+    on, or auto with a model of ACTIVATION_CKPT_PARAMS parameters or more."""
+    n_params = sum(p.numel() for p in model.parameters())
+    ckpt = mode == "on" or (mode == "auto" and n_params >= ACTIVATION_CKPT_PARAMS)
+    out = {"bf16": pick_dtype("auto", device) == torch.bfloat16, "fp16": False}
+    if ckpt:
+        out.update(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
+    log.info("training %.2fB parameters: base weights %s, bf16 autocast %s, activation checkpointing %s",
+             n_params / 1e9, next(model.parameters()).dtype, "on" if out["bf16"] else "off", "on" if ckpt else "off")
+    return out
+
+
+def add_activation_checkpointing_arg(parser):
+    parser.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default="auto",
+                        help=f"recompute activations in the backward pass (auto: on from {ACTIVATION_CKPT_PARAMS:.0e} "
+                             "parameters)")
+
+
 def stack_lora(model, name, args):
     """Add a trainable LoRA `name` on top of a peft model's adapters (05: the PPO LoRA over the SFT adapter). The
     adapters stay unmerged and all active, their deltas adding up, as 06 loads them (load_profile_model): a merge
@@ -365,7 +406,8 @@ def step_logger(path):
     return StepLog()
 
 
-RESUME_SKIP = ("run", "force", "device", "ckpt_every")  # arguments that do not change what a trainer computes
+# arguments that do not change what a trainer computes
+RESUME_SKIP = ("run", "force", "device", "ckpt_every", "activation_checkpointing")
 
 
 def resume_key(run, inputs, args, extra=None, skip=RESUME_SKIP):
@@ -416,14 +458,58 @@ def replace_dir(tmp, final):
         shutil.rmtree(old)
 
 
-def load_reward_model(path, device=None):
-    """(model, tokenizer) of the reward model 04 saved in `path`: a float32 sequence classifier in eval mode whose pad
-    token is the tokenizer's (a sequence's score is read at its last token that is not the pad token)."""
+def load_reward_model(path, device=None, model=None):
+    """(model, tokenizer) of the reward model 04 saved in `path`, in eval mode, whose pad token is the tokenizer's (a
+    sequence's score is read at its last token that is not the pad token). 04 saves a LoRA and its score head: they
+    go on `model` (default: the base the adapter names), merged in float32 on a CPU and live in bf16 on a GPU (a
+    merge into bf16 weights would round the LoRA's delta away); a full classifier (04 --lora-r 0) loads as saved."""
     from transformers import AutoModelForSequenceClassification
+    path = Path(path)
+    device = device or "cpu"
     tok = load_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-    model.config.pad_token_id = tok.pad_token_id
-    return model.to(device or "cpu").eval(), tok
+    if not (path / "adapter_config.json").exists():
+        clf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    else:
+        from peft import PeftModel
+        base = resolve_llm(model) if model is not None else adapter_base(path)
+        check_adapter_base(path, base)
+        dtype = frozen_dtype(device)
+        clf = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
+        clf.config.pad_token_id = tok.pad_token_id
+        clf = PeftModel.from_pretrained(clf, path)
+        clf = clf.merge_and_unload() if dtype == torch.float32 else clf
+    clf.config.pad_token_id = tok.pad_token_id
+    return clf.to(device).eval(), tok
+
+
+ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads")
+
+
+def adapter_base(adapter):
+    return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+
+def check_adapter_base(adapter, base):
+    """Refuse to put an adapter on another base model than the one it was trained on (peft would load it onto any
+    model whose layer names fit, and a same-architecture model of another size fails later with a shape error, a
+    same-size one not at all). The same model in another folder (another $RECLM_CACHE, a copy) is accepted: what is
+    compared is the architecture in the two config.json files; a recorded base that is not on this machine (a hub
+    id) is only reported."""
+    recorded = adapter_base(adapter)
+    if not recorded or str(recorded) == str(base):
+        return
+    arch = {}
+    for name in (recorded, base):
+        cfg = Path(name) / "config.json"
+        arch[name] = {k: json.loads(cfg.read_text()).get(k) for k in ARCH_KEYS} if cfg.exists() else None
+    if arch[recorded] is None or arch[base] is None:
+        log.warning("%s was trained on %s; using it on %s (their configs cannot be compared here)", adapter,
+                    recorded, base)
+    elif arch[recorded] != arch[base]:
+        raise UsageError(f"{adapter} was trained on {recorded}, but --model is {base}, another architecture "
+                         f"({arch[recorded]} vs {arch[base]}); pass --model {recorded}, or re-run the stage that "
+                         "wrote the adapter with this --model")
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ def main(argv=None):
         print(f"{run}: {len(held)} held-out pairs ({counts['heldout_mode']}), lexical reference "
               f"{lexical['accuracy']:.3f}; per kind: {per_kind}")
         return lexical
-    if not (run / "reward" / "config.json").exists():
+    if not any((run / "reward" / f).exists() for f in ("adapter_config.json", "config.json")):
         raise SystemExit(f"{run}/reward: no trained reward model (run 04_reward.py)")
     other = None
     if args.against:

@@ -43,7 +43,7 @@ def test_a_stopped_training_resumes_from_its_last_checkpoint(stage, synthetic_ru
     twin = tmp_path / "twin"
     shutil.copytree(synthetic_run, twin)
     main, name, out, log = ((SFT.main, "adapter_model.safetensors", "sft_gpt_kd", "03_sft_gpt_kd.log") if stage == "03"
-                            else (RW.main, "model.safetensors", "reward", "04_reward.log"))
+                            else (RW.main, "adapter_model.safetensors", "reward", "04_reward.log"))
     extra = ["--variant", "gpt_kd", "--limit", "4"] if stage == "03" else ["--limit", "8", "--batch-size", "1"]
 
     def argv(run, *more):
@@ -78,3 +78,33 @@ def test_other_arguments_start_over(synthetic_run, tiny_llm, monkeypatch):
     (synthetic_run / "03_sft_gpt_kd.log").unlink()
     SFT.main(argv + ["--lr", "1e-4"])
     assert "resuming" not in (synthetic_run / "03_sft_gpt_kd.log").read_text()
+
+
+def test_activation_checkpointing_trains_the_same_weights(synthetic_run, tiny_llm, tmp_path):
+    D.main(["--run", str(synthetic_run), "--no-probe"])
+    twin = tmp_path / "twin"
+    shutil.copytree(synthetic_run, twin)
+    for run, mode in ((synthetic_run, "off"), (twin, "on")):
+        SFT.main(["--run", str(run), "--model", tiny_llm, "--device", "cpu", "--variant", "gpt_kd", "--limit", "4",
+                  "--max-steps", "3", "--epochs", "1", "--activation-checkpointing", mode])
+        assert f"activation checkpointing {mode}" in (run / "03_sft_gpt_kd.log").read_text()
+    a, b = (weights(r / "sft_gpt_kd", "adapter_model.safetensors") for r in (synthetic_run, twin))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it trained
+
+
+def test_an_adapter_refuses_a_base_of_another_architecture(tiny_llm, tmp_path):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    moved = shutil.copytree(tiny_llm, tmp_path / "moved")  # the same model elsewhere (another cache, a copy)
+    llm.check_adapter_base(tmp_path / "adapter", str(moved))
+    other = shutil.copytree(tiny_llm, tmp_path / "other")
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    with pytest.raises(common.UsageError, match="was trained on .* another architecture"):
+        llm.load_llm(str(other), adapter=tmp_path / "adapter", device="cpu")
+    llm.check_adapter_base(tmp_path / "adapter", "some-org/not-here")  # cannot compare: only a warning

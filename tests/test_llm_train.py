@@ -391,7 +391,7 @@ def test_ppo_refuses_a_checkpoint_that_would_run_code(synthetic_run, tiny_llm):
     """A file planted where 05 resumes from is never unpickled: 05 stops with an error naming it, before loading
     any model, and the planted code does not run."""
     run = write_stage02(synthetic_run)
-    for f in ("sft_mask/adapter_model.safetensors", "reward/model.safetensors"):
+    for f in ("sft_mask/adapter_model.safetensors", "reward/adapter_model.safetensors"):
         (run / f).parent.mkdir(parents=True, exist_ok=True)
         (run / f).write_bytes(b"not loaded before the checkpoint")
     marker = run.parent / "marker"
