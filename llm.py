@@ -580,7 +580,10 @@ def score_groups(model, tok, groups, desc="score", progress=True):
         pos = (att.cumsum(1) - 1).clamp(min=0)[:, len(prefix):]  # positions from the mask: padding shifts nothing
         hidden = body(input_ids=ids, attention_mask=att, position_ids=pos, cache=cache,
                       use_cache=True).last_hidden_state
-        scores = dict(zip(unique, head(hidden[:, -1]).float().cpu().view(len(unique), -1)[:, 0].tolist()))
+        # 04's trained head is float32 over a bf16 base (on a GPU): run it as training did, under bf16 autocast
+        with torch.autocast(device.type, dtype=hidden.dtype, enabled=hidden.dtype != torch.float32):
+            last = head(hidden[:, -1]).float()
+        scores = dict(zip(unique, last.cpu().view(len(unique), -1)[:, 0].tolist()))
         out.append(torch.tensor([scores[tuple(ids)] for ids in group]))
     return out
 

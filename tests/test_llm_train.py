@@ -627,6 +627,25 @@ def test_score_groups_equals_score_ids(synthetic_run, tiny_llm, lora):
     assert expected[0].std() > 0   # the scores differ between answers: the comparison can fail
 
 
+def test_score_groups_of_a_float32_head_over_a_bf16_base(synthetic_run, tiny_llm):
+    """04 on a GPU: the frozen base in bf16, the LoRA and score head trained in float32; its held-out scoring runs
+    without autocast and must agree with the float32 model within bf16's precision."""
+    from transformers import AutoModelForSequenceClassification
+    run = write_stage02(synthetic_run)
+    tok = llm.load_tokenizer(tiny_llm)
+    _, held, _ = rw.load_pairs(run, tok, rw.parse_args(["--run", str(run)]))
+    groups = rw.query_groups(held)[1][:3]
+    scores = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_llm, num_labels=1, dtype=dtype)
+        model.config.pad_token_id = tok.pad_token_id
+        model = llm.trainable_float32(llm.lora_model(model, rw.parse_args(["--run", str(run)]), task_type="SEQ_CLS"))
+        assert model.base_model.model.score.modules_to_save["default"].weight.dtype == torch.float32
+        scores[dtype] = torch.cat(llm.score_groups(model.eval(), tok, groups, progress=False))
+    torch.testing.assert_close(scores[torch.bfloat16], scores[torch.float32], atol=0.05, rtol=0.05)
+
+
 def test_ppo_policy_is_the_sft_adapter_with_a_lora_stacked_on_it(tiny_llm, tmp_path):
     """05's policy keeps the SFT adapter unmerged and frozen under the new LoRA (a merge into bf16 weights would round
     the SFT delta away); its reference is the SFT model, not the base; what it saves, 06 loads as the same network."""
