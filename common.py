@@ -189,12 +189,24 @@ def append_jsonl(f, row):
 
 # ----------------------------------------------------------------------------- manifest
 
+_SHA_CACHE = {}  # (path, inode, size, mtime_ns) -> sha256, for files of SHA_CACHE_BYTES or more
+SHA_CACHE_BYTES = 64 << 20
+
+
 def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """A file's sha256. A large one (model weights: 13-27 GB at 7B, ~1 min a pass) is remembered for this process
+    while its inode, size and modification time stay the same: the stale checks would otherwise re-read a model
+    folder several times in 05 and once per model in a 07 grid. Writers replace files (atomic_path: a new inode);
+    small files, which a test or an editor may rewrite in place within the clock's tick, are always read."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if st.st_size < SHA_CACHE_BYTES or key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
 
 
 @contextlib.contextmanager

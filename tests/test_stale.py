@@ -3,7 +3,9 @@ built from its old outputs stale (checked from the hashes each consumer recorded
 included), resumed rows of 02 and 06 are reused only when built from the same prompt and upstream state, and
 every record holds the code (git revision, sha256 of the script and of the repository modules it imports) that 08
 compares."""
+import hashlib
 import json
+import os
 import time
 
 import numpy as np
@@ -311,3 +313,27 @@ def test_eval_names_results_of_changed_code(toy_run):  # noqa: F811 - the fixtur
     md = (toy_run / "results" / "tables.md").read_text()
     assert "common.py changed since 2 model(s) were built" in md
     assert "07_train_cf.py, common.py changed since 1 model(s) were built (lightgcn_base_none_s0)" in md
+
+
+def test_large_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "SHA_CACHE_BYTES", 1000)
+    big = tmp_path / "model.safetensors"
+    big.write_bytes(b"a" * 4000)
+    reads = []
+    real_open = open
+
+    def counting_open(path, *a, **kw):
+        reads.append(str(path))
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr("builtins.open", counting_open)
+    first = common.sha256_file(big)
+    assert common.sha256_file(big) == first and reads.count(str(big)) == 1  # remembered
+    tmp = tmp_path / "model.tmp"
+    tmp.write_bytes(b"b" * 4000)
+    os.replace(tmp, big)  # rewritten as the stages write: same size, another inode
+    assert common.sha256_file(big) == hashlib.sha256(b"b" * 4000).hexdigest() != first
+    small = tmp_path / "meta.json"
+    small.write_bytes(b"x" * 10)
+    common.sha256_file(small)
+    small.write_bytes(b"y" * 10)  # in place, same size, maybe within the clock's tick: still read again
+    assert common.sha256_file(small) == hashlib.sha256(b"y" * 10).hexdigest()
