@@ -111,17 +111,17 @@ def train_lightgcn(split, args):
     return best, best_recall, best_epoch
 
 
-def top_k_cosine(query, keys, k, key_ids):
+def top_k_cosine(query, keys, k, key_ids, device="cpu"):
     """Top-k cosine neighbours of query row r (whose id is r) among `keys` (the rows of ids key_ids),
-    never r itself. Returns neighbour ids and similarities, best first."""
-    q = torch.nn.functional.normalize(torch.as_tensor(query, dtype=torch.float32), dim=-1).contiguous()
-    kv = torch.nn.functional.normalize(torch.as_tensor(keys, dtype=torch.float32), dim=-1).contiguous()
+    never r itself, computed on `device`. Returns neighbour ids and similarities, best first."""
+    unit = lambda x: torch.nn.functional.normalize(torch.as_tensor(x, dtype=torch.float32), dim=-1).contiguous()
     own = np.full(len(query), -1)
     own[key_ids] = np.arange(len(key_ids))  # where each query's own id sits among the keys
     rowptr = torch.from_numpy(np.concatenate([[0], np.cumsum(own >= 0)]).astype(np.int64))
-    sims, idx = common.ops().topk_scores(q, kv, k=k, exclude_rowptr=rowptr,
-                                          exclude_col=torch.from_numpy(own[own >= 0].astype(np.int64)))
-    return key_ids[idx.numpy()], sims.numpy()
+    sims, idx = common.ops().topk_scores(unit(query).to(device), unit(keys).to(device), k=k,
+                                          exclude_rowptr=rowptr.to(device),
+                                          exclude_col=torch.from_numpy(own[own >= 0].astype(np.int64)).to(device))
+    return key_ids[idx.cpu().numpy()], sims.cpu().numpy()
 
 
 def main(argv=None):
@@ -145,8 +145,8 @@ def main(argv=None):
     warm = np.unique(split["train_i"])
     if split["n_users"] <= args.k or len(warm) <= args.k:
         raise common.StageError(f"need more than k={args.k} users and warm items for neighbours")
-    user_nbrs, user_sims = top_k_cosine(user_emb, user_emb, args.k, np.arange(split["n_users"]))
-    item_nbrs, item_sims = top_k_cosine(item_emb, item_emb[warm], args.k, key_ids=warm)
+    user_nbrs, user_sims = top_k_cosine(user_emb, user_emb, args.k, np.arange(split["n_users"]), args.device)
+    item_nbrs, item_sims = top_k_cosine(item_emb, item_emb[warm], args.k, key_ids=warm, device=args.device)
 
     stats.update(dataset=raw.name, lightgcn_valid_recall20=best_recall, lightgcn_best_epoch=best_epoch)
     common.save_npz(run / "data" / "split.npz", **split)

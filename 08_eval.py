@@ -47,7 +47,10 @@ def parse_args(argv):
     p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="cut-offs K of Recall@K and NDCG@K")
     p.add_argument("--alpha", type=float, default=ALPHA, help="significance level of the paired t-test")
     p.add_argument("--tie-warn", type=float, default=TIE_WARN, help="flag rows with more top-K ties than this")
-    return p.parse_args(argv)
+    p.add_argument("--device", default=None, help="where the references rank (default: cuda if available)")
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
 
 
 def settings(split):
@@ -116,7 +119,7 @@ def one_list(item_score, rng):
     return torch.from_numpy(rank_score)[:, None]
 
 
-def references(split, text_emb, item_nbrs, setups, ks, seed):
+def references(split, text_emb, item_nbrs, setups, ks, seed, device="cpu"):
     """Per setting, per reference name: per-user metrics of REFERENCES, on the models' users and candidates (a model
     that does not beat them has learnt nothing useful):
       random              the expected value of a uniformly random ranking (exact, per user)
@@ -143,7 +146,8 @@ def references(split, text_emb, item_nbrs, setups, ks, seed):
         out[setting] = {
             "random": random_ranking(exclude, test, subset, n_items, ks),
             "popularity": rank(ones, one_list(train_pop if setting == "full" else nbr_pop, rng)),
-            "content centroid": rank(torch.from_numpy(cent), torch.from_numpy(emb.astype(np.float32))),
+            "content centroid": rank(torch.from_numpy(cent).to(device),
+                                     torch.from_numpy(emb.astype(np.float32)).to(device)),
             "oracle: test popularity": rank(ones, one_list(test_pop, rng)),
         }
     return out
@@ -293,7 +297,7 @@ def main(argv=None):
 
     common.log.info("08: reference rankings (random, popularity, content centroid, oracle)")
     refs = references(split, common.load_npy(run / "item_text_emb.npy"), common.load_neighbors(run)["item_nbrs"],
-                      setups, ks, args.seed)
+                      setups, ks, args.seed, args.device)
     rows, per_user_files = [], []
 
     def save_per_user(name, m):
