@@ -206,7 +206,7 @@ def run_phase(name, ids, make_messages, kind, out, shard, model, tok, args, max_
                 no_repeat_ngram=args.no_repeat_ngram, desc=name,
                 accept=lambda a: prompts.normalize_profile(a) is not None,
                 retries=args.retries, retry_temperature=args.retry_temperature, seed=args.retry_seed,
-                distinct_terms=args.distinct_terms):
+                distinct_terms=args.distinct_terms, kv_budget_bytes=int(args.kv_budget_gb * 2 ** 30)):
             for j, answer, attempt in zip(idx, answers, attempts):
                 prof = prompts.normalize_profile(answer)
                 row = {key: int(todo[j]), "profile": prof if prof else answer, "prompt_hash": hashes[todo[j]],
@@ -436,6 +436,9 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads; 0 = torch's choice (see THREADS)")
     p.add_argument("--encoder", default=None, help="text encoder for the embeddings (default: the shipped MiniLM)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="prompts per generation batch")
+    p.add_argument("--kv-budget-gb", type=float, default=0.0,
+                   help="a batch's KV cache at most (GiB); a batch is cut short to fit (0: half the free GPU memory; "
+                        "no limit on a CPU)")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="tokens per profile at most")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy")
     p.add_argument("--no-repeat-ngram", type=int, default=NO_REPEAT_NGRAM,

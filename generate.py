@@ -193,8 +193,11 @@ def _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature,
     from transformers import LogitsProcessorList, StaticCache, StoppingCriteriaList
     width = input_ids.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-    for layer, (keys, values) in enumerate(prompt_kv):
+    for layer in range(len(prompt_kv)):
+        keys, values = prompt_kv[layer]
+        prompt_kv[layer] = None  # the static cache holds the copy: free the prompt's as it goes (one cache at a time)
         cache.update(keys, values, layer)
+    del keys, values
     processors = LogitsProcessorList()
     if no_repeat_ngram > 0:
         processors.append(NoRepeatInAnswer(width, no_repeat_ngram))
@@ -212,10 +215,41 @@ def _decode(model, tok, input_ids, mask, prompt_kv, max_new_tokens, temperature,
     return [a.strip() for a in tok.batch_decode(out[:, width:], skip_special_tokens=True)], cache
 
 
+def kv_bytes_per_token(model):
+    """Bytes one token's keys and values take in `model`'s cache, all layers (Llama-2-7B in bf16: 512 KB)."""
+    c = model.config.get_text_config()
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+
+def kv_budget(device, budget_bytes=None):
+    """The bytes a batch's KV cache may take: `budget_bytes`, or on a GPU half of its free memory now (the cache of
+    a batch is allocated whole, for its prompts and max_new_tokens), on a CPU no limit."""
+    if budget_bytes:
+        return budget_bytes
+    return torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else None
+
+
+def batches_within(lengths, batch_size, tokens_after, per_token, budget):
+    """Consecutive batches of the prompts ordered by length (`lengths` ascending: a batch's widest prompt is its
+    last) of at most `batch_size` prompts whose cache, rows x (widest prompt + tokens_after) x per_token bytes,
+    stays within `budget` (None: no limit); a prompt alone over the budget is a batch of one."""
+    batches, start = [], 0
+    for k in range(len(lengths)):
+        rows = k - start + 1
+        over = budget is not None and rows * (lengths[k] + tokens_after) * per_token > budget
+        if rows > batch_size or (over and rows > 1):
+            batches.append(range(start, k))
+            start = k
+    batches.append(range(start, len(lengths)))
+    return batches
+
+
 @torch.no_grad()
 def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temperature=0.0, top_p=0.95,
                      desc="generate", progress=True, prefix_cache=True, no_repeat_ngram=0, accept=None, retries=0,
-                     retry_temperature=0.7, seed=0, prefill_rows=None, distinct_terms=False):
+                     retry_temperature=0.7, seed=0, prefill_rows=None, distinct_terms=False, kv_budget_bytes=None):
     """Batched generation over rendered chat prompts `texts`: prompts sorted by token length (less padding), left
     padding, stop at end-of-turn or after a whole profile line (ProfileLineDone), greedy when temperature == 0, no
     n-gram of `no_repeat_ngram` tokens twice in one answer when > 0 (NoRepeatInAnswer), no term twice in a profile's
@@ -230,7 +264,7 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
     `prefix_cache` the tokens all prompts share are run once, and each batch starts from their keys/values (layout
     [shared prefix][left padding][own tokens]; positions come from the attention mask, so the padding in the middle
     changes nothing); the rest of each prompt is run `prefill_rows` prompts at a time (default: CPU_PREFILL_ROWS on
-    a CPU, the whole batch elsewhere)."""
+    a CPU, the whole batch elsewhere). A batch is cut short where its KV cache would pass kv_budget (bytes)."""
     from tqdm import tqdm
     from transformers import DynamicCache
     if not texts:
@@ -249,7 +283,10 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
     if prefix:
         prefix_kv = DynamicCache()
         decoder(torch.tensor([prefix], device=device), cache=prefix_kv, use_cache=True)
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    lengths = [len(ids[k]) for k in order]
+    batches = [order[r.start:r.stop] for r in batches_within(lengths, batch_size, max_new_tokens,
+                                                             kv_bytes_per_token(model),
+                                                             kv_budget(device, kv_budget_bytes))]
     for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress)):
         own = [ids[k][len(prefix):] for k in idx]
         width = max(len(x) for x in own)
@@ -274,6 +311,7 @@ def generate_batches(model, tok, texts, max_new_tokens=40, batch_size=32, temper
             for r, a in zip(failed, again):
                 answers[r], attempts[r] = a, attempt
             failed = [r for r in failed if not accept(answers[r])]
+        del cache  # before the next batch's prefill, and while the caller works on the answers
         yield [int(k) for k in idx], answers, attempts
 
 

@@ -438,3 +438,32 @@ def test_fold_lora_refuses_what_it_does_not_compute(tiny_llm):
     model, _ = _two_adapters(tiny_llm, use_dora=True)
     with pytest.raises(ValueError, match="q_proj is a LoRA variant"):
         llm.fold_lora(model)
+
+
+def test_batches_within_a_kv_budget():
+    lengths = [3, 4, 4, 6, 9, 20]
+    per_token, after = 10, 2
+    assert [list(b) for b in generate.batches_within(lengths, 4, after, per_token, None)] == [[0, 1, 2, 3], [4, 5]]
+    budget = 200  # rows x (widest + 2) x 10 bytes
+    got = [list(b) for b in generate.batches_within(lengths, 4, after, per_token, budget)]
+    assert got == [[0, 1, 2], [3], [4], [5]]  # [5] alone is over the budget: a batch of one
+    assert sorted(k for b in got for k in b) == list(range(len(lengths)))
+    for b in got[:-1]:
+        assert len(b) * (lengths[b[-1]] + after) * per_token <= budget
+
+
+def test_generate_batches_keep_to_the_kv_budget(tiny_llm):
+    model, tok = llm.load_llm(tiny_llm, device="cpu", dtype=torch.float32)
+    items = [f"{g} movie ( {k} )" for k, g in enumerate(["comedy", "drama", "horror", "romance", "action"] * 3)]
+    texts = [prompts.render(tok, prompts.inference_messages(list(range(k % 7 + 1)), [list(range(k, k + 3))], items))
+             for k in range(7)]
+    per_token = generate.kv_bytes_per_token(model)
+    assert per_token == 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 heads x head dim 16 x float32
+    longest = max(len(x) for x in tok(texts, add_special_tokens=False)["input_ids"])
+    budget = 2 * (longest + 6) * per_token  # two prompts per batch at most
+    sizes, out = [], {}
+    for idx, ans, _ in generate.generate_batches(model, tok, texts, max_new_tokens=6, batch_size=7, progress=False,
+                                                 kv_budget_bytes=budget):
+        sizes.append(len(idx))
+        out.update(zip(idx, ans))
+    assert sorted(out) == list(range(7)) and max(sizes) <= 2 and len(sizes) >= 4
