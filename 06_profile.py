@@ -53,7 +53,7 @@ log = logging.getLogger("reclm.06")
 # are in docs/results.md, "Decoding".
 SOURCE = "base_llm"            # the untuned LLM: the reference every trained source is compared with
 BATCH_SIZE = 64                # prompts per generation batch
-MAX_NEW_TOKENS = 40            # a 3+3 user profile is ~25-30 SmolLM2 tokens
+MAX_NEW_TOKENS = 100           # the official code's max_new_tokens; an answer ends at its first profile line
 TEMPERATURE = 0.0              # greedy: a profile is the model's most likely answer, reproducible
 NO_REPEAT_NGRAM = 0            # > 0: no n-token run twice in one answer (generate.NoRepeatInAnswer), against the greedy
                                # loops of a small tuned model ("heavy viewer, heavy viewer, ..."). Off: more profiles

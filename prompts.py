@@ -52,7 +52,8 @@ INFERENCE_FORMAT = "two-turn first turn, answer opened"  # prompt.json records i
 
 
 def clip(text, max_chars):
-    return text if len(text) <= max_chars else text[:max_chars - 1].rstrip() + "…"
+    """`text` cut to max_chars characters (0: whole)."""
+    return text if not max_chars or len(text) <= max_chars else text[:max_chars - 1].rstrip() + "…"
 
 
 def shown_items(items, max_items):
@@ -69,10 +70,11 @@ def item_list(items, item_text, max_items, max_chars=80):
 
 
 # How much of a user's history the inference prompt shows: 02's reward queries, 05's PPO prompts and 06's user
-# prompts all use these, so the reward model scores profiles for the very prompts the policy answers. Prompt tokens
-# are what CPU generation pays for (it is prefill-bound): these keep a prompt near 300 SmolLM2 tokens on ml-100k
-# (SmolLM2 spells out every digit of a year), ~80 of them the shared system prompt.
-PROMPT_SIZES = dict(max_items=5, max_nbr_items=2, n_nbrs=2, max_chars=48)
+# prompts all use these, so the reward model scores profiles for the very prompts the policy answers. The official
+# code shows up to 5 items per user with their whole texts (max_chars 0); the cpu preset (scripts/presets.sh) cuts
+# texts at 48 characters, because CPU generation pays for prompt tokens (it is prefill-bound): a prompt then stays
+# near 300 SmolLM2 tokens on ml-100k, ~80 of them the shared system prompt.
+PROMPT_SIZES = dict(max_items=5, max_nbr_items=2, n_nbrs=2, max_chars=0)
 PROMPT_FILE = "prompt.json"  # 02 writes the sizes it ran with; 03, 05 and 06 read them (one source of truth)
 
 

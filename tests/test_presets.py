@@ -28,10 +28,12 @@ CPU = {
     "04": dict(max_steps=32, epochs=1.0, lr=3e-4, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets=ATTN),
     "05": dict(steps=3, batch_size=4, minibatch_size=2, lr=5e-5, temperature=1.0, top_p=1.0, max_new_tokens=40,
                lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets=ATTN),
-    "06": dict(item_users=2),
+    "06": dict(item_users=2, max_new_tokens=40),
+    "02": dict(max_chars=48, pair_max_chars=48, max_new_tokens=48),
 }
-PARSE = {"03": SFT.parse_args, "04": RW.parse_args, "05": PPO.parse_args, "06": PROF.parse_args}
-ARGV = {"03": ["--run", "r"], "04": ["--run", "r"], "05": ["--run", "r"], "06": ["--run", "r", "--source", "ppo"]}
+PARSE = {"02": D.parse_args, "03": SFT.parse_args, "04": RW.parse_args, "05": PPO.parse_args, "06": PROF.parse_args}
+ARGV = {"02": ["--run", "r"], "03": ["--run", "r"], "04": ["--run", "r"], "05": ["--run", "r"],
+        "06": ["--run", "r", "--source", "ppo"]}
 
 
 def preset_flags(preset, **env):
@@ -76,7 +78,7 @@ def test_gpu_preset_is_the_stage_defaults():
                            "--api-key-env", "MY_KEY"]
     assert all(flags[s] == ["--model", "/models/Llama-2-7b-chat-hf"] for s in ("03", "04", "05", "06"))
     cpu = preset_flags("cpu")
-    assert (cpu["02"], cpu["layout"], cpu["omp"]) == ([], ["side_by_side"], ["1"])
+    assert (cpu["layout"], cpu["omp"]) == (["side_by_side"], ["1"])
     assert preset_flags("cpu", MODEL="m")["03"] == cpu["03"] + ["--model", "m"]
     bad = subprocess.run(["bash", "-c", ". scripts/presets.sh"], cwd=REPO,
                          env={"PRESET": "tpu", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
