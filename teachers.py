@@ -271,6 +271,16 @@ KEY_ENV_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 REDACTED = "[redacted]"
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect with the Authorization header, sending the key to wherever the endpoint
+    points: no redirect is followed, and complete() reports it (a 3xx HTTPError)."""
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def api_key(env_name):
     """The key from the environment variable named `env_name`. Refuses (without echoing it) a value that looks
     like a key rather than a variable name, and a variable that is unset or empty."""
@@ -343,7 +353,7 @@ class ApiClient:
                 with self.lock:
                     self.n_requests += 1
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with _OPENER.open(req, timeout=self.timeout) as resp:
                     raw = resp.read()
                 with self.lock:
                     self.n_failed_connections = 0
@@ -357,6 +367,10 @@ class ApiClient:
             except urllib.error.HTTPError as e:
                 with self.lock:
                     self.n_failed_connections = 0  # the server answered
+                if 300 <= e.code < 400:
+                    where = e.headers.get("Location", "?") if e.headers else "?"
+                    self.fail(f"{self.url}: HTTP {e.code} redirect to {where} refused (the key is sent to --api-base "
+                              "only); pass the address it redirects to as --api-base if you trust it")
                 if e.code not in (408, 429) and e.code < 500:
                     try:
                         detail = " ".join(e.read()[:300].decode(errors="replace").split())

@@ -1,0 +1,102 @@
+"""Hostile input and shared run directories (issue 29): no key leaves its endpoint, no file outside the run is
+written through a link, two processes never mix a model's files, a teacher that fails cannot pass as one that
+answered, a damaged manifest or a bad argument is one line, a failed write names its file and leaves nothing behind.
+Fast: the synthetic run of conftest.py and local fake servers on 127.0.0.1."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import common
+import teachers
+
+D = common.load_stage("02_distill")
+KEY = "sk-secret-123"
+GOOD = "User identity: student, comedy fan, young adult; User interests: comedy, drama, romance"
+
+
+class Server:
+    """A threaded HTTP server on 127.0.0.1 that records every request's path and headers; `answer(handler)` replies
+    (default: an OpenAI-style completion of `content`)."""
+
+    def __init__(self, answer=None, content=GOOD):
+        self.seen, self.content = [], content
+        srv = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                srv.seen.append({"path": self.path, "headers": dict(self.headers)})
+                (answer or srv.complete)(self)
+
+            def do_GET(self):
+                srv.seen.append({"path": self.path, "headers": dict(self.headers)})
+                (answer or srv.complete)(self)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def complete(self, h):
+        c = self.content.pop(0) if isinstance(self.content, list) else self.content
+        send(h, 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": c}}]}).encode())
+
+
+def send(h, code, body=b"", headers=()):
+    h.send_response(code)
+    for k, v in headers:
+        h.send_header(k, v)
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    h.wfile.write(body)
+
+
+@pytest.fixture
+def servers(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    made = []
+
+    def make(**kw):
+        made.append(Server(**kw))
+        return made[-1]
+    yield make
+    for s in made:
+        s.httpd.shutdown()
+
+
+def api_args(run, base, *extra):
+    return ["--run", str(run), "--teacher", "api", "--api-base", base, "--api-model", "fake-model",
+            "--api-backoff", "0.01", "--api-timeout", "2", "--concurrency", "1", "--no-probe", *extra]
+
+
+# ----------------------------------------------------------------------------- 1. the key stays with its endpoint
+
+@pytest.mark.parametrize("code", [301, 302, 307, 308])
+def test_api_key_never_follows_a_redirect(synthetic_run, servers, code):
+    """A redirect to another origin (here another port) is refused with one line; the second server never sees the
+    Authorization header, and nothing of the run is recorded as done."""
+    other = servers()
+    first = servers(answer=lambda h: send(h, code, headers=[("Location", other.base + "/chat/completions")]))
+    with pytest.raises(teachers.ApiError, match=rf"HTTP {code} redirect to http://127.0.0.1:\d+/v1/chat/completions "
+                                                 r"refused \(the key is sent to --api-base only\)") as e:
+        D.main(api_args(synthetic_run, first.base, "--n-users", "2"))
+    assert KEY not in str(e.value)
+    assert first.seen and first.seen[0]["headers"]["Authorization"] == "Bearer " + KEY  # the reference: it is sent
+    assert all("Authorization" not in r["headers"] for r in other.seen) and not other.seen
+    assert "02_distill" not in common.read_manifest(synthetic_run)["stages"]
+
+
+def test_plain_urlopen_would_leak_the_key(servers):
+    """The reference behaviour the opener guards against: urllib's default opener forwards Authorization."""
+    import urllib.request
+    other = servers()
+    first = servers(answer=lambda h: send(h, 302, headers=[("Location", other.base + "/chat/completions")]))
+    req = urllib.request.Request(first.base + "/chat/completions", data=b"{}", method="POST",
+                                 headers={"Authorization": "Bearer " + KEY})
+    with urllib.request.urlopen(req, timeout=5) as resp:  # a 302 after a POST becomes a GET to the new place
+        resp.read()
+    assert other.seen[0]["headers"]["Authorization"] == "Bearer " + KEY
