@@ -359,7 +359,7 @@ def distil(run, args, train, item_text, rules):
              "or upstream state)", args.teacher, len(sample_set), len(sample_set) - len(todo), len(todo), n_redo)
     stats = collections.Counter(written=0, failed=0, malformed_answers=0, retries=0, retried_ok=0, redone=n_redo)
     t0 = time.time()
-    with open(path, "a") as f:
+    with common.open_append(path) as f:
         TEACHERS[args.teacher](todo, train, item_text, rules, example, args, StampedRows(f, upstream), stats)
     stats["teacher_s"] = round(time.time() - t0, 1)
     final = {}  # one row per user, sorted

@@ -6,6 +6,7 @@ loaders and the split; 01) and llm.py (prompts, profiles and language models; 02
 import argparse
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -15,6 +16,7 @@ import os
 import platform
 import random
 import re
+import secrets
 import sys
 import time
 import zipfile
@@ -53,11 +55,24 @@ def stage_parser(doc):
     return p
 
 
+class _LogFile(logging.FileHandler):
+    """A log file opened by open_nofollow: a link planted at its name cannot make a stage append elsewhere."""
+    def _open(self):
+        fd = open_nofollow(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+
 def setup_logging(run=None, stage=None):
+    """Log to stderr and, with `run`, to <run>/<stage>.log; a run directory that cannot be written is one line here,
+    before any work."""
     handlers = [logging.StreamHandler(sys.stderr)]
     if run is not None:
-        Path(run).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(run) / f"{stage or 'log'}.log"))
+        path = Path(run) / f"{stage or 'log'}.log"
+        try:
+            Path(run).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(path, e) from None
+        handlers.append(_LogFile(path))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S", handlers=handlers, force=True)
 
@@ -118,18 +133,67 @@ def run_stage(main, argv=None):
 
 # ----------------------------------------------------------------------------- atomic IO
 
+def write_error(path, e):
+    """A StageError for an OSError met while writing `path`: its cause and the file, one line ("no space left on
+    device while writing FILE"); a missing file stays a FileNotFoundError."""
+    if isinstance(e, (StageError, FileNotFoundError)) or not isinstance(e, OSError) or e.errno is None:
+        return e
+    hint = {errno.ENOSPC: "free some space and re-run: what was there before is intact",
+            errno.EDQUOT: "free some space and re-run: what was there before is intact",
+            errno.EACCES: "make the run directory writable (or pass another --run)",
+            errno.EPERM: "make the run directory writable (or pass another --run)",
+            errno.EROFS: "pass a --run on a writable file system"}.get(e.errno, "")
+    return StageError(f"{os.strerror(e.errno).lower()} while writing {path}" + (f": {hint}" if hint else ""))
+
+
+def refuse_link(path):
+    """A stage writes its run's files, never through a symbolic link: one planted at an output name (or pointing
+    outside the run) would make it overwrite another file."""
+    if os.path.islink(path):
+        raise StageError(f"{path} is a symbolic link (to {os.readlink(path)}); a stage never writes through a link: "
+                         "remove it (or put a copy of the file in its place)")
+
+
+def open_nofollow(path, flags, mode=0o666):
+    """os.open(path, flags | O_NOFOLLOW): a link at `path` is refused (refuse_link's error), an OSError is
+    write_error's line. The mode goes through the umask, as open()'s does."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse_link(path)
+        raise write_error(path, e) from None
+
+
+def open_append(path):
+    """`path` opened for appending text (a resumable .jsonl), never through a link."""
+    return os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to `path`; on success rename it over `path`, on error delete it,
-    so that a crash never leaves a half-written file where a finished one was."""
+    """Yield a new temporary path in `path`'s folder (a unique name, created with O_EXCL, so neither a link planted
+    there nor another process writing the same file can be written through); on success rename it over `path`, on
+    error delete it, so that a crash never leaves a half-written file where a finished one was. A link at `path` is
+    refused; a write that fails (no space, no permission) is one line naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e) from None
+    refuse_link(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:  # O_EXCL: a new file, never an existing one nor a link
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
     finally:
-        if tmp.exists():
+        if os.path.lexists(tmp):
             tmp.unlink()
 
 
@@ -169,8 +233,9 @@ def read_jsonl(path, repair=False):
     keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
     if repair and len(keep) != len(data):
         log.warning("%s: dropping a truncated last line (%d bytes); it will be redone", path, len(data) - len(keep))
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
+        fd = open_nofollow(path, os.O_RDWR)
+        os.ftruncate(fd, len(keep))
+        os.close(fd)
     rows = []
     for n, line in enumerate(keep.decode().splitlines(), 1):
         if line.strip():
@@ -201,13 +266,27 @@ def sha256_file(path):
 def _manifest_locked(run):
     """Read-modify-write manifest.json under a file lock (06 may run as several shard processes)."""
     run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / ".manifest.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        path = run / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    with locked(run / ".manifest.lock"):
+        manifest = read_manifest(run)
         yield manifest
-        write_json(path, manifest)
+        write_json(run / "manifest.json", manifest)
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive flock on the file `path` (created, never truncated, never through a link); the kernel releases it
+    when the process dies, so a crash leaves no stale lock."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e) from None
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_manifest(run):

@@ -361,7 +361,7 @@ class ApiClient:
                 answer = data["choices"][0]["message"]["content"] or ""
                 with self.lock:
                     self.cache[h] = answer
-                    with open(self.cache_path, "a") as f:
+                    with common.open_append(self.cache_path) as f:
                         common.append_jsonl(f, {"hash": h, "answer": answer})
                 return answer
             except urllib.error.HTTPError as e:

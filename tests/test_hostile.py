@@ -6,6 +6,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 import common
@@ -100,3 +101,72 @@ def test_plain_urlopen_would_leak_the_key(servers):
     with urllib.request.urlopen(req, timeout=5) as resp:  # a 302 after a POST becomes a GET to the new place
         resp.read()
     assert other.seen[0]["headers"]["Authorization"] == "Bearer " + KEY
+
+
+# ----------------------------------------------------------------------------- 2. no write through a link
+
+@pytest.fixture
+def outside(tmp_path):
+    """A file outside the run directory that links planted in the run point to; it must stay as it is."""
+    f = tmp_path / "outside" / "precious.txt"
+    f.parent.mkdir()
+    f.write_text("precious\n")
+    yield f
+    assert f.read_text() == "precious\n" and not f.is_symlink()
+
+
+def plant(link, target):
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+def test_the_manifest_lock_is_not_opened_through_a_link(synthetic_run, outside):
+    plant(synthetic_run / ".manifest.lock", outside)
+    with pytest.raises(common.StageError, match=r"\.manifest\.lock is a symbolic link .*remove it"):
+        common.record_stage(synthetic_run, "02_distill", type("A", (), {})(), [], [], 0.0)
+
+
+@pytest.mark.parametrize("write", [lambda p: common.write_jsonl(p, [{"a": 1}]), lambda p: common.write_json(p, {}),
+                                   lambda p: common.save_npy(p, np.zeros(3)),
+                                   lambda p: common.save_npz(p, a=np.ones(2))])
+def test_a_link_at_the_old_temp_name_is_left_alone(synthetic_run, outside, write):
+    """The temporary file has a new unique name (O_EXCL), so a link at the fixed `<name>.tmp` of before is never
+    written through, and the output is a plain file."""
+    out = synthetic_run / "results" / "metrics.jsonl"
+    plant(out.with_name(out.name + ".tmp"), outside)
+    write(out)
+    assert out.is_file() and not out.is_symlink()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["metrics.jsonl", "metrics.jsonl.tmp"]  # no temp left
+
+
+def test_an_output_that_is_a_link_is_refused(synthetic_run, outside):
+    out = plant(synthetic_run / "results" / "metrics.jsonl", outside)
+    with pytest.raises(common.StageError, match=rf"{out} is a symbolic link \(to {outside}\); a stage never writes"):
+        common.write_jsonl(out, [{"a": 1}])
+    assert out.is_symlink() and [p.name for p in out.parent.iterdir()] == ["metrics.jsonl"]
+
+
+def test_log_and_appended_files_are_not_opened_through_a_link(synthetic_run, outside):
+    plant(synthetic_run / "02_distill.log", outside)
+    with pytest.raises(common.StageError, match=r"02_distill\.log is a symbolic link"):
+        common.setup_logging(synthetic_run, "02_distill")
+    (synthetic_run / "02_distill.log").unlink()
+    plant(synthetic_run / "distill.jsonl", outside)
+    with pytest.raises(common.StageError, match=r"distill\.jsonl is a symbolic link"):
+        common.open_append(synthetic_run / "distill.jsonl")
+    cut = outside.with_name("cut.jsonl")
+    cut.write_text('{"a": 1}\n{"b"')
+    plant(synthetic_run / "distill.jsonl", cut)
+    with pytest.raises(common.StageError, match=r"distill\.jsonl is a symbolic link"):  # the repair's truncation
+        common.read_jsonl(synthetic_run / "distill.jsonl", repair=True)
+    assert cut.read_text() == '{"a": 1}\n{"b"'
+
+
+def test_a_stage_refuses_a_planted_link(synthetic_run, outside):
+    """End to end: 02 with a link at one of its outputs stops with one line and writes nothing through it."""
+    plant(synthetic_run / "user_sets.json", outside)
+    with pytest.raises(common.StageError, match=r"user_sets\.json is a symbolic link"):
+        D.main(["--run", str(synthetic_run), "--no-probe"])
+    assert "02_distill" not in common.read_manifest(synthetic_run)["stages"]
