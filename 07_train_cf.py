@@ -626,23 +626,30 @@ def main(argv=None):
             for seed in args.seeds:
                 started = time.time()
                 name = f"{backbone}_{variant}_{source}_s{seed}"
-                out_dir = run / "cf" / name
                 run_args = argparse.Namespace(**{**vars(args), "backbone": backbone, "variant": variant,
                                                  "source": source, "seed": seed})
                 del run_args.seeds
-                if not args.redo and already_trained(run, name, used, run_args):
-                    common.log.info("%s: already trained on the current inputs, skipped (--redo retrains)", name)
-                    results.append(json.loads((out_dir / "meta.json").read_text()))
-                    continue
-                model, state, meta, log_rows = train_one(backbone, variant, source, seed, split, feats, run_args,
-                                                         out_dir)
-                meta["args"] = json.loads(json.dumps(vars(run_args), default=str))
-                files = save_outputs(model, state, meta, log_rows, split, out_dir, run_args)
-                common.log.info("%s: wrote %s to %s", name, ", ".join(files), out_dir)
-                common.record_stage(run, f"07_train_cf/{name}", run_args, used,
-                                    [f"cf/{name}/{f}" for f in files], started)
-                results.append(meta)
+                # one process at a time per model: another 07 on the same model (other arguments) would mix its
+                # files with ours; the lock beside the folder, not in it (the folder's files are hashed)
+                with common.locked(run / "cf" / f".{name}.lock"):
+                    results.append(train_or_skip(run, name, used, split, feats, run_args, started))
     return results
+
+
+def train_or_skip(run, name, used, split, feats, run_args, started):
+    """meta of cf/<name>/: the one already there when it was trained by these arguments on the current inputs,
+    else that of a model trained now (its files and its manifest record written together)."""
+    out_dir = run / "cf" / name
+    if not run_args.redo and already_trained(run, name, used, run_args):
+        common.log.info("%s: already trained on the current inputs, skipped (--redo retrains)", name)
+        return json.loads((out_dir / "meta.json").read_text())
+    a = run_args
+    model, state, meta, log_rows = train_one(a.backbone, a.variant, a.source, a.seed, split, feats, a, out_dir)
+    meta["args"] = json.loads(json.dumps(vars(run_args), default=str))
+    files = save_outputs(model, state, meta, log_rows, split, out_dir, run_args)
+    common.log.info("%s: wrote %s to %s", name, ", ".join(files), out_dir)
+    common.record_stage(run, f"07_train_cf/{name}", run_args, used, [f"cf/{name}/{f}" for f in files], started)
+    return meta
 
 
 if __name__ == "__main__":

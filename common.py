@@ -283,7 +283,11 @@ def locked(path):
         raise write_error(path, e) from None
     fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that holds %s", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

@@ -3,7 +3,11 @@ written through a link, two processes never mix a model's files, a teacher that 
 answered, a damaged manifest or a bad argument is one line, a failed write names its file and leaves nothing behind.
 Fast: the synthetic run of conftest.py and local fake servers on 127.0.0.1."""
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -170,3 +174,40 @@ def test_a_stage_refuses_a_planted_link(synthetic_run, outside):
     with pytest.raises(common.StageError, match=r"user_sets\.json is a symbolic link"):
         D.main(["--run", str(synthetic_run), "--no-probe"])
     assert "02_distill" not in common.read_manifest(synthetic_run)["stages"]
+
+
+# ----------------------------------------------------------------------------- 3. one 07 per model at a time
+
+def train_cf(run, *extra):
+    cmd = [sys.executable, str(common.REPO / "07_train_cf.py"), "--run", str(run), "--backbone", "biasmf",
+           "--variant", "base", "--max-epochs", "2", "--eval-every", "1", "--device", "cpu", *extra]
+    return subprocess.Popen(cmd, cwd=common.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_07_waits_for_another_process_on_the_same_model(synthetic_run):
+    """While another process holds the model's lock, 07 writes nothing of it; it trains once the lock is free."""
+    out = synthetic_run / "cf" / "biasmf_base_none_s0"
+    with common.locked(synthetic_run / "cf" / ".biasmf_base_none_s0.lock"):
+        p = train_cf(synthetic_run)
+        log = synthetic_run / "07_train_cf.log"
+        deadline = time.time() + 120
+        while "waiting for another process" not in (log.read_text() if log.exists() else "") and p.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert p.poll() is None and not out.exists(), p.stderr.read() if p.poll() is not None else ""
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    assert (out / "model.pt").is_file() and common.stage_stale(synthetic_run, "07_train_cf/biasmf_base_none_s0") is None
+
+
+def test_two_07_processes_on_one_model_do_not_mix_files(synthetic_run):
+    """Two 07 runs of one model with other learning rates at once: the folder holds one run's files, all of them,
+    and the manifest records that run (its arguments, and the hashes of the files there)."""
+    procs = [train_cf(synthetic_run, "--lr", lr) for lr in ("0.05", "0.005")]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    name = "07_train_cf/biasmf_base_none_s0"
+    rec = common.read_manifest(synthetic_run)["stages"][name]
+    meta = json.loads((synthetic_run / "cf" / "biasmf_base_none_s0" / "meta.json").read_text())
+    assert meta["args"]["lr"] == rec["args"]["lr"] and common.stage_stale(synthetic_run, name) is None
+    assert not list((synthetic_run / "cf").rglob("*.tmp"))
