@@ -51,6 +51,8 @@ FRACTIONS = {"sft": 0.5, "reward": 0.2, "ppo": 0.15, "eval": 0.15}  # disjoint u
 PAIRS_FOR = "reward,eval"      # the user sets that get reward pairs: 04 trains on one and scores the other
 TRAIN_SUBSTITUTIONS = 1        # substitution pairs (other users' profiles) per reward-set user; one of each other kind
 ON_FAIL = "rules"              # a user still malformed after RETRIES gets the rules profile, so every user has one
+MAX_FALLBACK_SHARE = 0.2       # local/api teacher: more sampled users than this without its profile fail the stage:
+                               # a teacher that mostly failed must not pass for one that answered (issue 29)
 BATCH_SIZE = 16                # local teacher: prompts per generation batch
 MAX_NEW_TOKENS = 48            # local teacher: a 3+3 profile is ~25-30 SmolLM2 tokens
 TEMPERATURE = 0.8              # local and api teachers: retries sample, so a malformed answer is not repeated
@@ -287,6 +289,9 @@ def parse_args(argv):
     p.add_argument("--retries", type=int, default=RETRIES, help="re-asks for malformed answers")
     p.add_argument("--on-fail", default=ON_FAIL, choices=["rules", "skip"],
                    help="users still malformed after the retries: rules profile or no row")
+    p.add_argument("--max-fallback-share", type=float, default=MAX_FALLBACK_SHARE,
+                   help="local/api teacher: fail when a larger share of the sampled users has no profile from it "
+                        "(rules fallback or left out)")
     p.add_argument("--max-items", type=int, default=MAX_ITEMS,
                    help="newest items shown to the teacher, whose profile depends on these only; the reward queries "
                         "(--pair-max-items) must show at least as many (default: %(default)s, the inference prompt's)")
@@ -349,7 +354,8 @@ def distil(run, args, train, item_text, rules):
                                 "pass --restart to start over")
     upstream = upstream_key(run, args)
     keep = [r for r in rows if r.get("upstream") == upstream and 0 <= int(r["user"]) < len(train) and r["prompt"] ==
-            prompts.teacher_messages(train[int(r["user"])], item_text, example, args.max_items, args.max_chars)]
+            prompts.teacher_messages(train[int(r["user"])], item_text, example, args.max_items, args.max_chars)
+            and reusable(r)]
     if len(keep) < len(rows):
         common.write_jsonl(path, keep)
     done = {int(r["user"]) for r in keep}
@@ -370,7 +376,31 @@ def distil(run, args, train, item_text, rules):
     common.write_jsonl(path, [final[u] for u in sorted(final)])
     log.info("distill.jsonl: %d users (%d written now; %d malformed answers, %d retried, %d still failed -> %s)",
              len(final), stats["written"], stats["malformed_answers"], stats["retries"], stats["failed"], args.on_fail)
+    check_fallbacks(final, sample_set, args, stats)
     return final, stats
+
+
+def reusable(row):
+    """A resumed row is kept unless it is a fallback (the teacher is asked again) or a teacher's profile that
+    prompts.teacher_profile now refuses (non-profile content)."""
+    if row.get("fallback_from"):
+        return False
+    return row["teacher"] == "rules" or prompts.teacher_profile(row["profile"]) == row["profile"]
+
+
+def check_fallbacks(final, sample_set, args, stats):
+    """Fail (StageError, the stage is not recorded) when more than --max-fallback-share of the sampled users have no
+    profile from the local or api teacher: their rows stay in distill.jsonl and a re-run asks the teacher again."""
+    if args.teacher == "rules" or not sample_set:
+        return
+    n_own = sum(1 for u in sample_set if u in final and final[u]["teacher"] == args.teacher)
+    share = 1 - n_own / len(sample_set)
+    stats["fallback_share"] = round(share, 4)
+    if share > args.max_fallback_share:
+        raise common.StageError(
+            f"{len(sample_set) - n_own} of {len(sample_set)} sampled users ({100 * share:.1f}%) have no profile from "
+            f"the {args.teacher} teacher (malformed or refused answers, --on-fail {args.on_fail}), more than "
+            f"--max-fallback-share {args.max_fallback_share}: check the teacher; a re-run asks it again for them")
 
 
 def log_diversity(d):

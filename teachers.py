@@ -308,7 +308,8 @@ class ApiClient:
         self.model, self._key, self.timeout = model, key, timeout
         self.max_tries, self.backoff, self.max_tokens = max_tries, backoff, max_tokens
         self.cache_path = Path(cache_path)
-        self.cache = {r["hash"]: r["answer"] for r in common.read_jsonl(self.cache_path, repair=True)}
+        self.cache = {r["hash"]: r["answer"] for r in common.read_jsonl(self.cache_path, repair=True)
+                      if isinstance(r.get("answer"), str)}  # an answer of another type (an older run's) is no answer
         self.lock = threading.Lock()
         self.n_requests = self.n_retries = self.n_cached = 0
         self.n_failed_connections = 0  # in a row, over all threads
@@ -334,10 +335,12 @@ class ApiClient:
                            "attempt": attempt, "max_tokens": self.max_tokens}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def complete(self, messages, temperature=0.0, attempt=0):
+    def complete(self, messages, temperature=0.0, attempt=0, valid=None):
+        """The answer's text. Only an answer that `valid` accepts (default: any) enters the cache, and a cached one it
+        refuses is asked again: a malformed answer never stands in for a good one on a re-run."""
         h = self.key_for(messages, temperature, attempt)
         with self.lock:
-            if h in self.cache:
+            if h in self.cache and (valid is None or valid(self.cache[h])):
                 self.n_cached += 1
                 return self.cache[h]
         body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
@@ -359,10 +362,14 @@ class ApiClient:
                     self.n_failed_connections = 0
                 data = json.loads(raw.decode())
                 answer = data["choices"][0]["message"]["content"] or ""
-                with self.lock:
-                    self.cache[h] = answer
-                    with common.open_append(self.cache_path) as f:
-                        common.append_jsonl(f, {"hash": h, "answer": answer})
+                if not isinstance(answer, str):  # a JSON object or a number: a malformed answer (re-asked, then failed)
+                    log.warning("api: message.content is a %s, not text: a malformed answer", type(answer).__name__)
+                    answer = ""
+                if valid is None or valid(answer):
+                    with self.lock:
+                        self.cache[h] = answer
+                        with common.open_append(self.cache_path) as f:
+                            common.append_jsonl(f, {"hash": h, "answer": answer})
                 return answer
             except urllib.error.HTTPError as e:
                 with self.lock:
@@ -441,12 +448,12 @@ def run_local(todo, train, item_text, rules, example, args, f, stats):
         messages = {u: prompts.teacher_messages(train[u], item_text, example, args.max_items, args.max_chars)
                     for u in users}
         texts = {u: prompts.render(tok, messages[u]) for u in users}
-        ok = (lambda a: prompts.normalize_profile(a, 3) is not None)
+        ok = (lambda a: prompts.teacher_profile(a, 3) is not None)
         for idx, answers, attempts in generate.generate_batches(
                 model, tok, [texts[u] for u in users], args.max_new_tokens, args.batch_size, desc="local teacher",
                 accept=ok, retries=args.retries, retry_temperature=args.temperature, seed=args.seed):
             for k, answer, attempt in zip(idx, answers, attempts):
-                u, prof = users[k], prompts.normalize_profile(answer, 3)
+                u, prof = users[k], prompts.teacher_profile(answer, 3)
                 stats["malformed_answers"] += attempt + (prof is None)
                 stats["retries"] += attempt
                 if prof is None:
@@ -470,12 +477,15 @@ def run_api(todo, train, item_text, rules, example, args, f, stats):
     client = ApiClient(args.api_base, args.api_model, key, args.run / "teacher_cache.jsonl", args.api_timeout,
                        args.api_max_tries, args.api_backoff, args.max_new_tokens)
 
+    def valid(answer):
+        return prompts.teacher_profile(answer, 3) is not None
+
     def one(u):
         prompt = prompts.teacher_messages(train[u], item_text, example, args.max_items, args.max_chars)
         bad = 0
         for attempt in range(args.retries + 1):
-            ans = client.complete(prompt, 0.0 if attempt == 0 else args.temperature, attempt)
-            prof = prompts.normalize_profile(ans, 3)
+            ans = client.complete(prompt, 0.0 if attempt == 0 else args.temperature, attempt, valid=valid)
+            prof = prompts.teacher_profile(ans, 3)
             if prof:
                 return u, prompt, prof, attempt + 1, bad
             bad += 1
