@@ -294,8 +294,39 @@ def locked(path):
 
 
 def read_manifest(run):
+    """manifest.json as {"stages": {stage: record}}, {"stages": {}} when there is none. Every stage reads it
+    through here, so a damaged one (truncated, empty, not JSON, another shape) is one line naming it and the fix."""
     path = Path(run) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        manifest = json.loads(path.read_bytes().decode())
+        why = manifest_shape_error(manifest)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"not valid JSON ({type(e).__name__}: {e})" if path.stat().st_size else "empty"
+    if why:
+        raise StageError(f"{path} is damaged ({why}): restore it from a copy, or move it aside and re-run the "
+                         "pipeline from its first stage (01_neighbors.py), which records every stage again")
+    return manifest
+
+
+def manifest_shape_error(manifest):
+    """What is wrong with the shape of a parsed manifest, or None: an object whose "stages" maps each stage to an
+    object, whose "inputs" and "outputs" (where present) map paths to hashes."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("stages"), dict):
+        return 'no "stages" object'
+    for name, rec in manifest["stages"].items():
+        if not isinstance(rec, dict):
+            return f"stage {name} is a {type(rec).__name__}, not an object"
+        for key in ("inputs", "outputs", "args"):
+            if not isinstance(rec.get(key, {}), dict):
+                return f'stage {name}: "{key}" is a {type(rec[key]).__name__}, not an object'
+        for key in ("inputs", "outputs"):
+            if not all(isinstance(v, (str, type(None))) for v in rec.get(key, {}).values()):
+                return f'stage {name}: "{key}" holds a value that is not a sha256'
+    return None
 
 
 def _dir_digest(entries):

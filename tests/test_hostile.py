@@ -4,6 +4,7 @@ answered, a damaged manifest or a bad argument is one line, a failed write names
 Fast: the synthetic run of conftest.py and local fake servers on 127.0.0.1."""
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -264,3 +265,46 @@ def test_a_poisoned_cache_is_not_reused(synthetic_run, servers):
     out = D.main(args + ["--restart"])
     assert len(good.seen) == n + 2 and out["stats"]["api_cached"] == 0 and client.cache == {}
     assert all(r["profile"] == GOOD for r in common.read_jsonl(synthetic_run / "distill.jsonl"))
+
+
+# ----------------------------------------------------------------------------- 5. a damaged manifest
+
+DAMAGED = {  # what manifest.json holds -> what the line says it is
+    "truncated": (b'{"stages": {"01_neighbors": {"args": ', "not valid JSON (JSONDecodeError"),
+    "empty": (b"", "empty"),
+    "binary": (b"\xff\xfe\x00\x81garbage", "not valid JSON (UnicodeDecodeError"),
+    "a list": (b"[1, 2]", "a JSON list, not an object"),
+    "no stages": (b'{"seq": 3}', 'no "stages" object'),
+    "stages a list": (b'{"stages": []}', 'no "stages" object'),
+    "a stage a string": (b'{"stages": {"01_neighbors": "done"}}', "stage 01_neighbors is a str, not an object"),
+    "outputs a string": (b'{"stages": {"01_neighbors": {"outputs": "data/split.npz"}}}',
+                         'stage 01_neighbors: "outputs" is a str, not an object'),
+    "a hash a number": (b'{"stages": {"01_neighbors": {"inputs": {"x": 3}}}}',
+                        'stage 01_neighbors: "inputs" holds a value that is not a sha256'),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_manifest_is_one_line(synthetic_run, case):
+    """Every way of reading the manifest (a stage's input check, record_stage, stage_stale, 08's reading) gives the
+    one line naming the file and the fix; a stage run as a command prints it and exits 1."""
+    data, why = DAMAGED[case]
+    path = synthetic_run / "manifest.json"
+    path.write_bytes(data)
+    expected = rf"{path} is damaged \({re.escape(why)}.*\): restore it from a copy, or .*re-run the pipeline from"
+    for read in (lambda: common.read_manifest(synthetic_run), lambda: common.stage_stale(synthetic_run, "01"),
+                 lambda: common.check_inputs(synthetic_run, ["data/split.npz"]),
+                 lambda: common.record_stage(synthetic_run, "02_distill", type("A", (), {})(), [], [], 0.0)):
+        with pytest.raises(common.StageError, match=expected):
+            read()
+    assert path.read_bytes() == data  # not overwritten
+
+
+def test_a_damaged_manifest_through_a_stage(synthetic_run):
+    (synthetic_run / "manifest.json").write_text("[]")
+    p = subprocess.run([sys.executable, str(common.REPO / "02_distill.py"), "--run", str(synthetic_run),
+                        "--no-probe"], capture_output=True, text=True, timeout=120, cwd=common.REPO)
+    assert p.returncode == 1 and p.stderr.splitlines() == [
+        f"02_distill: error: {synthetic_run}/manifest.json is damaged (a JSON list, not an object): restore it from "
+        "a copy, or move it aside and re-run the pipeline from its first stage (01_neighbors.py), which records "
+        "every stage again"]
