@@ -282,45 +282,51 @@ def teacher_probe(run, split, profiles, users, item_text, encoder, device):
 def parse_args(argv):
     p = common.stage_parser(__doc__)
     p.add_argument("--teacher", default=TEACHER, choices=TEACHERS, help="who writes the profiles (see above)")
-    p.add_argument("--n-users", type=int, default=None,
+    p.add_argument("--n-users", type=common.positive_int, default=None,
                    help="users to distil (default: all for rules, %d for local, %d for api)"
                         % (DEFAULT_N_USERS["local"], DEFAULT_N_USERS["api"]))
-    p.add_argument("--min-items", type=int, default=MIN_ITEMS, help="sample only users with this many training items")
-    p.add_argument("--retries", type=int, default=RETRIES, help="re-asks for malformed answers")
+    p.add_argument("--min-items", type=common.positive_int, default=MIN_ITEMS,
+                   help="sample only users with this many training items")
+    p.add_argument("--retries", type=common.non_negative_int, default=RETRIES, help="re-asks for malformed answers")
     p.add_argument("--on-fail", default=ON_FAIL, choices=["rules", "skip"],
                    help="users still malformed after the retries: rules profile or no row")
-    p.add_argument("--max-fallback-share", type=float, default=MAX_FALLBACK_SHARE,
+    p.add_argument("--max-fallback-share", type=common.share, default=MAX_FALLBACK_SHARE,
                    help="local/api teacher: fail when a larger share of the sampled users has no profile from it "
                         "(rules fallback or left out)")
-    p.add_argument("--max-items", type=int, default=MAX_ITEMS,
+    p.add_argument("--max-items", type=common.non_negative_int, default=MAX_ITEMS,
                    help="newest items shown to the teacher, whose profile depends on these only; the reward queries "
                         "(--pair-max-items) must show at least as many (default: %(default)s, the inference prompt's)")
-    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help="item text cut, as the prompts cut it")
+    p.add_argument("--max-chars", type=common.non_negative_int, default=MAX_CHARS,
+                   help="item text cut, as the prompts cut it")
     p.add_argument("--chat-template", default=None, help="local teacher: " + llm.TEMPLATE_HELP)
     p.add_argument("--teacher-model", default=llm.DEFAULT_LLM,
                    help="local teacher: local path or hub id (default: the shipped SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads; 0 = torch's choice")
+    p.add_argument("--threads", type=common.non_negative_int, default=THREADS,
+                   help="torch CPU threads; 0 = torch's choice")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="local teacher dtype; auto, as in 06: bf16 where the hardware has it")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="local teacher: prompts per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="local teacher: tokens per profile")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE,
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE,
+                   help="local teacher: prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=MAX_NEW_TOKENS,
+                   help="local teacher: tokens per profile")
+    p.add_argument("--temperature", type=common.non_negative_float, default=TEMPERATURE,
                    help="sampling temperature of the retries (the first answer is greedy)")
     p.add_argument("--api-base", default=API_BASE, help="OpenAI-compatible endpoint")
     p.add_argument("--api-model", default=None, help="e.g. gpt-4o-mini")
     p.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the key")
-    p.add_argument("--api-timeout", type=float, default=API_TIMEOUT, help="seconds per request")
-    p.add_argument("--api-max-tries", type=int, default=API_MAX_TRIES, help="tries per request")
-    p.add_argument("--api-backoff", type=float, default=API_BACKOFF, help="first backoff in seconds, doubled each try")
-    p.add_argument("--concurrency", type=int, default=CONCURRENCY, help="parallel api requests")
+    p.add_argument("--api-timeout", type=common.positive_float, default=API_TIMEOUT, help="seconds per request")
+    p.add_argument("--api-max-tries", type=common.positive_int, default=API_MAX_TRIES, help="tries per request")
+    p.add_argument("--api-backoff", type=common.non_negative_float, default=API_BACKOFF,
+                   help="first backoff in seconds, doubled each try")
+    p.add_argument("--concurrency", type=common.positive_int, default=CONCURRENCY, help="parallel api requests")
     for name, frac in FRACTIONS.items():
-        p.add_argument(f"--{name}-frac", type=float, default=frac, help=f"share of users in the {name} set")
+        p.add_argument(f"--{name}-frac", type=common.share, default=frac, help=f"share of users in the {name} set")
     p.add_argument("--pairs-for", default=PAIRS_FOR, help="user sets that get reward pairs")
-    p.add_argument("--train-substitutions", type=int, default=TRAIN_SUBSTITUTIONS,
+    p.add_argument("--train-substitutions", type=common.positive_int, default=TRAIN_SUBSTITUTIONS,
                    help="substitution pairs per reward-set user (the held-out sets get one)")
     for name, val in prompts.PROMPT_SIZES.items():  # the inference prompt's sizes, as 05 and 06 show it
-        p.add_argument("--pair-" + name.replace("_", "-"), type=int, default=val,
+        p.add_argument("--pair-" + name.replace("_", "-"), type=common.non_negative_int, default=val,
                        help="reward-pair prompts (prompts.user_prompt): " + name)
     p.add_argument("--encoder", default=None, help="text encoder for the probe (default: the shipped MiniLM)")
     p.add_argument("--no-probe", action="store_true", help="skip the profile-quality probe")
@@ -331,9 +337,6 @@ def parse_args(argv):
         if not args.api_model:
             raise common.UsageError("--teacher api needs --api-model")
     check_pair_sizes(args)
-    if args.train_substitutions < 1:
-        raise common.UsageError(f"--train-substitutions {args.train_substitutions}: at least 1 substitution pair "
-                                "per reward-set user")
     if args.n_users is None:  # recorded resolved, so that 06 --source teacher draws the same sample
         args.n_users = DEFAULT_N_USERS[args.teacher]
     return args

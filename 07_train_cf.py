@@ -54,28 +54,34 @@ def parse_args(argv):
     p.add_argument("--backbone", nargs="+", default=["lightgcn"], choices=BACKBONES + ("all",), help="one or more" + d)
     p.add_argument("--variant", nargs="+", default=["base"], choices=VARIANTS + ("all",), help="one or more" + d)
     p.add_argument("--source", default="ppo", help="profiles/<source>/ for the augment variants" + d)
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one model per seed (default: --seed)")
-    p.add_argument("--dim", type=int, default=DIM, help="representation size d" + d)
-    p.add_argument("--layers", type=int, default=LAYERS, help="graph backbones: propagation layers" + d)
-    p.add_argument("--lr", type=float, default=LR, help="Adam learning rate" + d)
-    p.add_argument("--l2", type=float, default=L2,
+    p.add_argument("--seeds", type=int, nargs="+", action=common.Distinct, default=None,
+                   help="one model per seed (default: --seed)")
+    p.add_argument("--dim", type=common.positive_int, default=DIM, help="representation size d" + d)
+    p.add_argument("--layers", type=common.non_negative_int, default=LAYERS,
+                   help="graph backbones: propagation layers" + d)
+    p.add_argument("--lr", type=common.positive_float, default=LR, help="Adam learning rate" + d)
+    p.add_argument("--l2", type=common.non_negative_float, default=L2,
                    help="L2 weight: batch rows of ID embeddings, and Adam weight decay on Linear weights" + d)
     p.add_argument("--fusion", default=FUSION, choices=["residual", "linear", "relu"],
                    help="Psi, the fusion of [x, profile]; relu is the paper's (can collapse cold items)" + d)
-    p.add_argument("--batch-size", type=int, default=BATCH, help=d.strip())
-    p.add_argument("--max-epochs", type=int, default=MAX_EPOCHS, help=d.strip())
-    p.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="epochs between validations" + d)
-    p.add_argument("--patience", type=int, default=PATIENCE,
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH, help=d.strip())
+    p.add_argument("--max-epochs", type=common.positive_int, default=MAX_EPOCHS, help=d.strip())
+    p.add_argument("--eval-every", type=common.positive_int, default=EVAL_EVERY, help="epochs between validations" + d)
+    p.add_argument("--patience", type=common.positive_int, default=PATIENCE,
                    help="stop after this many epochs without a better validation Recall@20" + d)
-    p.add_argument("--min-epochs", type=int, default=MIN_EPOCHS, help="never stop early before this epoch" + d)
+    p.add_argument("--min-epochs", type=common.non_negative_int, default=MIN_EPOCHS,
+                   help="never stop early before this epoch" + d)
     p.add_argument("--redo", action="store_true", help="retrain models already trained on the current inputs")
-    p.add_argument("--cl-weight", type=float, default=CL_WEIGHT, help="SGL/SimGCL: InfoNCE weight" + d)
-    p.add_argument("--cl-temp", type=float, default=CL_TEMP, help="SGL/SimGCL: InfoNCE temperature" + d)
-    p.add_argument("--edge-drop", type=float, default=EDGE_DROP, help="SGL: fraction of edges dropped per view" + d)
-    p.add_argument("--noise-eps", type=float, default=NOISE_EPS, help="SimGCL: noise magnitude" + d)
+    p.add_argument("--cl-weight", type=common.non_negative_float, default=CL_WEIGHT,
+                   help="SGL/SimGCL: InfoNCE weight" + d)
+    p.add_argument("--cl-temp", type=common.positive_float, default=CL_TEMP, help="SGL/SimGCL: InfoNCE temperature" + d)
+    p.add_argument("--edge-drop", type=common.fraction, default=EDGE_DROP,
+                   help="SGL: fraction of edges dropped per view" + d)
+    p.add_argument("--noise-eps", type=common.non_negative_float, default=NOISE_EPS, help="SimGCL: noise magnitude" + d)
     p.add_argument("--neg-pool", default="warm", choices=["warm", "all"],
                    help="BPR negatives from the warm items (cold ones belong to the test period) or all items" + d)
-    p.add_argument("--topk", type=int, default=TOPK, help="NCF: ranked items per user written for 08" + d)
+    p.add_argument("--topk", type=common.positive_int, default=TOPK,
+                   help="NCF: ranked items per user written for 08" + d)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help=d.strip())
     args = p.parse_args(argv)
     args.backbone = list(BACKBONES) if "all" in args.backbone else args.backbone

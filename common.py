@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -50,9 +51,59 @@ def stage_parser(doc):
             self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
     p = Parser(description=doc, formatter_class=Formatter)
     p.add_argument("--run", required=True, type=Path, help="run directory (created by 01)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=int, default=0, help="random seed")  # any integer
     p.add_argument("--force", action="store_true", help="use inputs even if manifest.json says they are stale")
     return p
+
+
+class Number:
+    """An argparse `type=` that parses an int or float and checks its range, so a bad value is argparse's one line
+    "argument --flag: expected <what>, got <value>" (exit 2) before any work. lo/hi: bounds (None: none), each
+    closed unless lo_open/hi_open; NaN and infinities are refused."""
+
+    def __init__(self, kind, what, lo=None, hi=None, lo_open=False, hi_open=False):
+        self.kind, self.what, self.lo, self.hi, self.lo_open, self.hi_open = kind, what, lo, hi, lo_open, hi_open
+        self.__name__ = what  # argparse names the type in its own "invalid <type> value" message
+
+    def ok(self, x):
+        return math.isfinite(x) and (self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)) and \
+            (self.hi is None or (x < self.hi if self.hi_open else x <= self.hi))
+
+    def __call__(self, text):
+        try:
+            x = self.kind(text)
+        except ValueError:
+            x = None
+        if x is None or not self.ok(x):
+            raise argparse.ArgumentTypeError(f"expected {self.what}, got {text}")
+        return x
+
+    def bad_values(self):
+        """Values just outside the range (for tests): each bound's wrong side, and a NaN for a float."""
+        out = [] if self.kind is int else ["nan"]
+        step = 1 if self.kind is int else 0.5
+        for bound, sign, is_open in ((self.lo, -1, self.lo_open), (self.hi, 1, self.hi_open)):
+            if bound is not None:
+                out.append(str(bound if is_open else bound + sign * step))
+        return out
+
+
+positive_int = Number(int, "an integer >= 1", lo=1)
+non_negative_int = Number(int, "an integer >= 0", lo=0)
+positive_float = Number(float, "a number > 0", lo=0, lo_open=True)
+non_negative_float = Number(float, "a number >= 0", lo=0)
+fraction = Number(float, "a fraction in [0, 1)", lo=0, hi=1, hi_open=True)
+open_fraction = Number(float, "a fraction in (0, 1)", lo=0, hi=1, lo_open=True, hi_open=True)
+share = Number(float, "a share in [0, 1]", lo=0, hi=1)
+
+
+class Distinct(argparse.Action):
+    """nargs="+" values that must differ (e.g. 07 --seeds 3 3 would train one model twice)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(set(values)) < len(values):
+            parser.error(f"argument {option_string}: expected distinct values, got {' '.join(map(str, values))}")
+        setattr(namespace, self.dest, values)
 
 
 class _LogFile(logging.FileHandler):

@@ -308,3 +308,107 @@ def test_a_damaged_manifest_through_a_stage(synthetic_run):
         f"02_distill: error: {synthetic_run}/manifest.json is damaged (a JSON list, not an object): restore it from "
         "a copy, or move it aside and re-run the pipeline from its first stage (01_neighbors.py), which records "
         "every stage again"]
+
+
+# ----------------------------------------------------------------------------- 6. every argument is range-checked
+
+STAGES = [p.stem for p in sorted(common.REPO.glob("0[1-8]_*.py"))]
+PLAIN_NUMBERS = {"--seed", "--seeds", "--min-rating", "--retry-seed", "--incomplete-score"}  # any value is meaningful
+
+
+class Built(Exception):
+    pass
+
+
+def parser_of(stage, monkeypatch):
+    """The parser a stage's parse_args builds (caught just before it parses)."""
+    made, real = [], common.stage_parser
+
+    def spy(doc):
+        made.append(real(doc))
+        made[-1].parse_args = lambda *a, **k: (_ for _ in ()).throw(Built())
+        return made[-1]
+    monkeypatch.setattr(common, "stage_parser", spy)
+    with pytest.raises(Built):
+        common.load_stage(stage).parse_args([])
+    monkeypatch.undo()
+    del made[0].parse_args
+    return made[0]
+
+
+def numeric_options(parser):
+    return [a for a in parser._actions if a.option_strings and a.type in (int, float) or isinstance(a.type,
+                                                                                                    common.Number)]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_numeric_option_is_range_checked(stage, monkeypatch, capsys):
+    """Generated from the parsers: every option taking a number has a common.Number type (or is listed as taking
+    any value), its default is in range, and each value just out of range exits 2 with argparse's one line."""
+    parser = parser_of(stage, monkeypatch)
+    plain = [a.option_strings[0] for a in numeric_options(parser) if not isinstance(a.type, common.Number)]
+    assert set(plain) <= PLAIN_NUMBERS, f"{stage}: {plain} take any number: give them a common.Number type"
+    checked = [a for a in numeric_options(parser) if isinstance(a.type, common.Number)]
+    assert checked
+    for a in checked:
+        if a.default is not None:
+            for v in a.default if isinstance(a.default, list) else [a.default]:
+                assert a.type.ok(v), (stage, a.option_strings, v)
+        for bad in a.type.bad_values():
+            with pytest.raises(SystemExit) as e:
+                parser.parse_args(["--run", "r", a.option_strings[0], bad])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and err.count("\n") == 1, err
+            assert f"error: argument {a.option_strings[0]}: expected {a.type.what}, got {bad}" in err
+
+
+ISSUE_CASES = [  # issue 29's list: (stage, arguments, the line's message)
+    ("01_neighbors", ["--k", "-1"], "--k: expected an integer >= 1, got -1"),
+    ("01_neighbors", ["--max-epochs", "0"], "--max-epochs: expected an integer >= 1, got 0"),
+    ("07_train_cf", ["--max-epochs", "0"], "--max-epochs: expected an integer >= 1, got 0"),
+    ("01_neighbors", ["--eval-every", "0"], "--eval-every: expected an integer >= 1, got 0"),
+    ("07_train_cf", ["--eval-every", "0"], "--eval-every: expected an integer >= 1, got 0"),
+    ("01_neighbors", ["--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
+    ("07_train_cf", ["--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
+    ("07_train_cf", ["--dim", "0"], "--dim: expected an integer >= 1, got 0"),
+    ("01_neighbors", ["--dim", "0"], "--dim: expected an integer >= 1, got 0"),
+    ("01_neighbors", ["--cold-frac", "1.0"], "--cold-frac: expected a fraction in [0, 1), got 1.0"),
+    ("01_neighbors", ["--cold-frac", "-0.5"], "--cold-frac: expected a fraction in [0, 1), got -0.5"),
+    ("01_neighbors", ["--valid-frac", "1.5"], "--valid-frac: expected a fraction in (0, 1), got 1.5"),
+    ("01_neighbors", ["--test-frac", "-1"], "--test-frac: expected a fraction in [0, 1), got -1"),
+    ("02_distill", ["--n-users", "-3"], "--n-users: expected an integer >= 1, got -3"),
+    ("02_distill", ["--concurrency", "0"], "--concurrency: expected an integer >= 1, got 0"),
+    ("02_distill", ["--api-max-tries", "0"], "--api-max-tries: expected an integer >= 1, got 0"),
+    ("02_distill", ["--retries", "-1"], "--retries: expected an integer >= 0, got -1"),
+    ("02_distill", ["--max-fallback-share", "1.5"], "--max-fallback-share: expected a share in [0, 1], got 1.5"),
+    ("08_eval", ["--alpha", "2"], "--alpha: expected a fraction in (0, 1), got 2"),
+    ("08_eval", ["--tie-warn", "-1"], "--tie-warn: expected a share in [0, 1], got -1"),
+    ("08_eval", ["--ks", "-5"], "--ks: expected an integer >= 1, got -5"),
+    ("08_eval", ["--ks", "20", "20"], "--ks: expected distinct values, got 20 20"),
+    ("07_train_cf", ["--seeds", "3", "3"], "--seeds: expected distinct values, got 3 3"),
+]
+
+
+@pytest.mark.parametrize("stage,argv,message", ISSUE_CASES, ids=[f"{s}{' '.join(a)}" for s, a, _ in ISSUE_CASES])
+def test_issue_cases_exit_2_before_any_work(tmp_path, capsys, stage, argv, message):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        common.load_stage(stage).main(["--run", str(run), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"error: argument {message} (see " in err, err
+    assert not run.exists()  # before any work: not even the log file
+
+
+def test_a_bad_argument_as_a_command(tmp_path):
+    p = subprocess.run([sys.executable, str(common.REPO / "01_neighbors.py"), "--run", str(tmp_path), "--k", "-1"],
+                       capture_output=True, text=True, timeout=120, cwd=common.REPO)
+    assert p.returncode == 2 and p.stderr == ("01_neighbors.py: error: argument --k: expected an integer >= 1, got -1 "
+                                              "(see 01_neighbors.py --help)\n")
+
+
+def test_08_refuses_a_k_beyond_the_items(synthetic_run):
+    common.load_stage("07_train_cf").main(["--run", str(synthetic_run), "--backbone", "biasmf", "--max-epochs", "1",
+                                          "--device", "cpu"])
+    with pytest.raises(common.UsageError, match=r"--ks 5000: expected each K below the 60 items"):
+        common.load_stage("08_eval").main(["--run", str(synthetic_run), "--ks", "20", "5000"])
+    assert not (synthetic_run / "results").exists()
