@@ -91,7 +91,7 @@ class StampedRows:
     also gets "upstream", the state it was built from, so that a resumed run reuses only rows of the same state."""
 
     def __init__(self, f, upstream):
-        self.f, self.upstream = f, upstream
+        self.f, self.upstream, self.name = f, upstream, f.name
 
     def write(self, line):
         self.f.write(json.dumps({**json.loads(line), "upstream": self.upstream}, ensure_ascii=False) + "\n")

@@ -548,8 +548,7 @@ def train_one(backbone, variant, source, seed, split, feats, args, out_dir):
 def save_outputs(model, state, meta, log_rows, split, out_dir, args):
     """Write one model's folder; returns the files written."""
     files = ["model.pt", "log.jsonl", "meta.json"]
-    with common.atomic_path(out_dir / "model.pt") as tmp:
-        torch.save(state, tmp)
+    common.save_torch(out_dir / "model.pt", state)
     common.write_jsonl(out_dir / "log.jsonl", log_rows)
     with torch.no_grad():
         if model.scorer == "dot":

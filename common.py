@@ -10,6 +10,7 @@ import errno
 import fcntl
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -109,8 +110,8 @@ class Distinct(argparse.Action):
 class _LogFile(logging.FileHandler):
     """A log file opened by open_nofollow: a link planted at its name cannot make a stage append elsewhere."""
     def _open(self):
-        fd = open_nofollow(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+        return open(self.baseFilename, self.mode, encoding=self.encoding or "utf-8", errors=self.errors,
+                    opener=open_nofollow)
 
 
 def setup_logging(run=None, stage=None):
@@ -184,11 +185,13 @@ def run_stage(main, argv=None):
 
 # ----------------------------------------------------------------------------- atomic IO
 
-def write_error(path, e):
-    """A StageError for an OSError met while writing `path`: its cause and the file, one line ("no space left on
-    device while writing FILE"); a missing file stays a FileNotFoundError."""
+def write_error(path, e, size=None):
+    """A StageError for an OSError met while writing `path` (`size` bytes): its cause and the file, one line ("no
+    space left on device while writing FILE (N MB needed)"); a missing file stays a FileNotFoundError."""
     if isinstance(e, (StageError, FileNotFoundError)) or not isinstance(e, OSError) or e.errno is None:
         return e
+    if size is not None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        path = f"{path} ({size / 1e6:.1f} MB needed)"
     hint = {errno.ENOSPC: "free some space and re-run: what was there before is intact",
             errno.EDQUOT: "free some space and re-run: what was there before is intact",
             errno.EACCES: "make the run directory writable (or pass another --run)",
@@ -218,7 +221,7 @@ def open_nofollow(path, flags, mode=0o666):
 
 def open_append(path):
     """`path` opened for appending text (a resumable .jsonl), never through a link."""
-    return os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+    return open(path, "a", encoding="utf-8", opener=open_nofollow)
 
 
 @contextlib.contextmanager
@@ -248,9 +251,18 @@ def atomic_path(path):
             tmp.unlink()
 
 
-def write_text(path, text):
+def write_bytes(path, data):
+    """Write `data` to `path` atomically. Writers build the whole file in memory first, so that a full disk is an
+    OSError from this write (with its size), not a library's own error from inside its serializer."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        try:
+            tmp.write_bytes(data)
+        except OSError as e:
+            raise write_error(path, e, len(data)) from None
+
+
+def write_text(path, text):
+    write_bytes(path, text.encode())
 
 
 def write_json(path, obj):
@@ -261,16 +273,23 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def _serialized(save, *args, **kwargs):
+    buf = io.BytesIO()
+    save(buf, *args, **kwargs)
+    return buf.getvalue()
+
+
 def save_npy(path, array):
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    write_bytes(path, _serialized(np.save, array))
 
 
 def save_npz(path, **arrays):
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+    write_bytes(path, _serialized(np.savez, **arrays))
+
+
+def save_torch(path, obj):
+    """torch.save through write_bytes (torch's own writer reports a full disk as "unexpected pos")."""
+    write_bytes(path, _serialized(lambda f, o: torch.save(o, f), obj))
 
 
 def read_jsonl(path, repair=False):
@@ -298,9 +317,13 @@ def read_jsonl(path, repair=False):
 
 
 def append_jsonl(f, row):
-    """Append one row to an open file and flush it, so a resumed run sees every finished row."""
-    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()
+    """Append one row to an open file and flush it, so a resumed run sees every finished row. A failed write is
+    write_error's line; the rows before it stay (a torn last line is dropped on resume)."""
+    try:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+    except OSError as e:
+        raise write_error(getattr(f, "name", "an appended file"), e) from None
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -412,3 +412,96 @@ def test_08_refuses_a_k_beyond_the_items(synthetic_run):
     with pytest.raises(common.UsageError, match=r"--ks 5000: expected each K below the 60 items"):
         common.load_stage("08_eval").main(["--run", str(synthetic_run), "--ks", "20", "5000"])
     assert not (synthetic_run / "results").exists()
+
+
+# ----------------------------------------------------------------------------- 7. a write that fails
+
+def full_disk(monkeypatch, after=10):
+    """Every file write stores `after` bytes, then fails as a full disk does."""
+    import errno
+    import pathlib
+
+    def write_bytes(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:after])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+
+
+@pytest.mark.parametrize("write", [lambda p: common.write_json(p, {"new": 1}),
+                                   lambda p: common.save_npy(p, np.zeros(1000)),
+                                   lambda p: common.save_npz(p, a=np.zeros(1000)),
+                                   lambda p: common.save_torch(p, {"w": __import__("torch").zeros(1000)})])
+def test_a_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, write):
+    out = tmp_path / "results" / "out.bin"
+    out.parent.mkdir()
+    out.write_bytes(b"the finished file of before")
+    full_disk(monkeypatch)
+    with pytest.raises(common.StageError, match=rf"^no space left on device while writing {out} \(\d+\.\d MB needed\): "
+                                                "free some space and re-run"):
+        write(out)
+    assert out.read_bytes() == b"the finished file of before" and [p.name for p in out.parent.iterdir()] == ["out.bin"]
+
+
+def test_07_on_a_full_disk(synthetic_run, monkeypatch, capsys):
+    """07 writing its model on a full disk: one line naming model.pt, no temp file, the manifest as before."""
+    before = (synthetic_run / "manifest.json").read_bytes()
+    full_disk(monkeypatch)
+    argv = ["07_train_cf.py", "--run", str(synthetic_run), "--backbone", "biasmf", "--max-epochs", "1", "--device",
+            "cpu"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        common.run_stage(common.load_stage("07_train_cf").main, argv[1:])
+    err = capsys.readouterr().err.strip().splitlines()
+    out = synthetic_run / "cf" / "biasmf_base_none_s0"
+    assert e.value.code == 1 and err[-1].startswith(f"07_train_cf: error: no space left on device while writing "
+                                                    f"{out / 'model.pt'} (")
+    assert not list(out.iterdir()) and (synthetic_run / "manifest.json").read_bytes() == before
+
+
+def test_an_appended_row_on_a_full_disk(tmp_path):
+    class Full:
+        name = str(tmp_path / "distill.jsonl")
+
+        def write(self, text):
+            import errno
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(common.StageError, match=rf"no space left on device while writing {tmp_path}/distill\.jsonl"):
+        common.append_jsonl(Full(), {"a": 1})
+
+
+def read_only(monkeypatch, run):
+    """Refuse every file created under `run`, as a read-only directory does (for root too, whom chmod does not stop)."""
+    import errno
+    real = os.open
+
+    def fake(path, flags, *a, **k):
+        if str(path).startswith(str(run)) and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, flags, *a, **k)
+    monkeypatch.setattr(os, "open", fake)
+
+
+@pytest.mark.parametrize("stage", ["07_train_cf", "08_eval"])
+def test_a_read_only_run_is_one_line_before_any_work(synthetic_run, monkeypatch, stage):
+    read_only(monkeypatch, synthetic_run)
+    with pytest.raises(common.StageError, match=rf"^permission denied while writing {synthetic_run}/{stage}\.log: "
+                                                "make the run directory writable"):
+        common.load_stage(stage).main(["--run", str(synthetic_run), "--device", "cpu"] if stage[:2] == "07" else
+                                      ["--run", str(synthetic_run)])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only directory")
+def test_a_really_read_only_directory(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    common.write_json(d / "a.json", {"old": 1})
+    d.chmod(0o555)
+    try:
+        with pytest.raises(common.StageError, match=rf"permission denied while writing {d}/a\.json"):
+            common.write_json(d / "a.json", {"new": 1})
+        with pytest.raises(common.StageError, match=rf"permission denied while writing {d}/07_train_cf\.log"):
+            common.setup_logging(d, "07_train_cf")
+        assert json.loads((d / "a.json").read_text()) == {"old": 1} and [p.name for p in d.iterdir()] == ["a.json"]
+    finally:
+        d.chmod(0o755)
