@@ -635,8 +635,8 @@ def main(argv=None):
                                                  "source": source, "seed": seed})
                 del run_args.seeds
                 # one process at a time per model: another 07 on the same model (other arguments) would mix its
-                # files with ours; the lock beside the folder, not in it (the folder's files are hashed)
-                with common.locked(run / "cf" / f".{name}.lock"):
+                # files with ours; the lock lives outside cf/ (whose folders are read as models)
+                with common.locked(run / ".locks" / f"cf_{name}.lock"):
                     results.append(train_or_skip(run, name, used, split, feats, run_args, started))
     return results
 

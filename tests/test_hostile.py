@@ -189,7 +189,7 @@ def train_cf(run, *extra):
 def test_07_waits_for_another_process_on_the_same_model(synthetic_run):
     """While another process holds the model's lock, 07 writes nothing of it; it trains once the lock is free."""
     out = synthetic_run / "cf" / "biasmf_base_none_s0"
-    with common.locked(synthetic_run / "cf" / ".biasmf_base_none_s0.lock"):
+    with common.locked(synthetic_run / ".locks" / "cf_biasmf_base_none_s0.lock"):
         p = train_cf(synthetic_run)
         log = synthetic_run / "07_train_cf.log"
         deadline = time.time() + 120
