@@ -386,7 +386,7 @@ def parse_args(argv=None):
                    help="passes over the examples (with --max-steps 0)")
     p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="examples per device step")
     p.add_argument("--grad-accum", type=common.positive_int, default=GRAD_ACCUM, help="device steps per optimizer step")
-    p.add_argument("--lr", type=common.positive_float, default=LR, help="peak learning rate (cosine schedule)")
+    p.add_argument("--lr", type=common.non_negative_float, default=LR, help="peak learning rate (cosine schedule)")
     p.add_argument("--lora-r", type=common.positive_int, default=LORA_R, help="LoRA rank")
     p.add_argument("--lora-alpha", type=common.positive_int, default=LORA_ALPHA, help="LoRA scale numerator")
     p.add_argument("--lora-dropout", type=common.fraction, default=LORA_DROPOUT, help="dropout on the LoRA input")

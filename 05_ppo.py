@@ -463,8 +463,8 @@ RANGES = {  # each PPOConfig flag's range (common's argparse types); incomplete_
     **dict.fromkeys(("batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon", "lora_r",
                      "lora_alpha", "reward_batch", "ckpt_every"), common.positive_int),
     "steps": common.non_negative_int,
-    **dict.fromkeys(("lr", "temperature", "cliprange", "cliprange_value", "max_grad_norm"), common.positive_float),
-    **dict.fromkeys(("beta", "target_kl", "vf_coef", "missing_eos_penalty"), common.non_negative_float),
+    **dict.fromkeys(("temperature", "cliprange", "cliprange_value", "max_grad_norm"), common.positive_float),
+    **dict.fromkeys(("lr", "beta", "target_kl", "vf_coef", "missing_eos_penalty"), common.non_negative_float),
     **dict.fromkeys(("top_p", "gamma", "lam"), common.share), "lora_dropout": common.fraction,
 }
 
