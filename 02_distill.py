@@ -315,7 +315,8 @@ def parse_args(argv):
     p.add_argument("--api-base", default=API_BASE, help="OpenAI-compatible endpoint")
     p.add_argument("--api-model", default=None, help="e.g. gpt-4o-mini")
     p.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the key")
-    p.add_argument("--api-timeout", type=common.positive_float, default=API_TIMEOUT, help="seconds per request")
+    p.add_argument("--api-timeout", type=common.positive_float, default=API_TIMEOUT,
+                   help="seconds per request, its whole answer included")
     p.add_argument("--api-max-tries", type=common.positive_int, default=API_MAX_TRIES, help="tries per request")
     p.add_argument("--api-backoff", type=common.non_negative_float, default=API_BACKOFF,
                    help="first backoff in seconds, doubled each try")

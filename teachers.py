@@ -21,6 +21,7 @@ import os
 import random
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -297,6 +298,17 @@ def api_key(env_name):
     return key
 
 
+def read_before(resp, deadline):
+    """The response body, read in pieces: the socket timeout bounds each read, the deadline (--api-timeout after the
+    request was sent) the whole answer, which a server dribbling a byte at a time would otherwise hold forever."""
+    chunks = []
+    while chunk := resp.read1(1 << 16):
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError("no whole answer within --api-timeout")
+    return b"".join(chunks)
+
+
 class ApiClient:
     """POST {base}/chat/completions with retries (429, 5xx, timeouts, connection errors) and a prompt-hash cache.
     An unrecoverable error (another 4xx, e.g. 401 or 404; MAX_CONNECTION_FAILURES connection failures in a row;
@@ -356,8 +368,9 @@ class ApiClient:
                 with self.lock:
                     self.n_requests += 1
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                deadline = time.monotonic() + self.timeout
                 with _OPENER.open(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
+                    raw = read_before(resp, deadline)
                 with self.lock:
                     self.n_failed_connections = 0
                 data = json.loads(raw.decode())

@@ -505,3 +505,27 @@ def test_a_really_read_only_directory(tmp_path):
         assert json.loads((d / "a.json").read_text()) == {"old": 1} and [p.name for p in d.iterdir()] == ["a.json"]
     finally:
         d.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- 8. the API teacher's deadline
+
+def dribble(h):
+    """200 with a 400-byte body sent one byte every 20 ms (8 s in all), each byte well within the read timeout."""
+    h.send_response(200)
+    h.send_header("Content-Length", "400")
+    h.end_headers()
+    try:
+        for _ in range(400):
+            h.wfile.write(b" ")
+            h.wfile.flush()
+            time.sleep(0.02)
+    except OSError:  # the client gave up
+        pass
+
+
+def test_a_dribbling_server_meets_the_request_deadline(synthetic_run, servers):
+    slow = servers(answer=dribble)
+    t0 = time.time()
+    with pytest.raises(teachers.ApiError, match=r"gave up after 2 tries \(last: TimeoutError"):
+        D.main(api_args(synthetic_run, slow.base, "--n-users", "1", "--api-timeout", "0.5", "--api-max-tries", "2"))
+    assert time.time() - t0 < 4 and len(slow.seen) == 2  # two tries of ~0.5 s each, not 2 x 8 s
