@@ -60,8 +60,10 @@ THREADS = 1                    # one torch thread per process: OpenMP threads sp
 API_BASE = "https://api.openai.com/v1"  # any OpenAI-compatible endpoint
 API_KEY_ENV = "OPENAI_API_KEY"  # the *name* of the variable holding the key (never the key)
 API_TIMEOUT = 60.0             # seconds per request
-API_MAX_TRIES = 6              # tries per request (backoff doubling from API_BACKOFF seconds)
-API_BACKOFF = 1.0
+API_MAX_TRIES = 8              # tries per request (jittered backoff doubling from API_BACKOFF seconds, at most
+API_BACKOFF = 1.0              # teachers.MAX_BACKOFF): about two minutes of waiting before a failing request gives up
+API_RETRY_BUDGET = 900.0       # seconds all requests of a run may wait to retry, in all: an endpoint down for long
+                               # stops the run instead of every request waiting out its own tries
 CONCURRENCY = 8                # parallel API requests
 # The teacher is shown what the student's prompts show (the inference prompt's target list, which the SFT prompts
 # of 03 also show): a profile is then a function of its prompt's input. The reward queries must show at least this.
@@ -318,6 +320,8 @@ def parse_args(argv):
     p.add_argument("--api-timeout", type=common.positive_float, default=API_TIMEOUT,
                    help="seconds per request, its whole answer included")
     p.add_argument("--api-max-tries", type=common.positive_int, default=API_MAX_TRIES, help="tries per request")
+    p.add_argument("--api-retry-budget", type=common.non_negative_float, default=API_RETRY_BUDGET,
+                   help="seconds all requests may wait to retry, in all, before the run stops")
     p.add_argument("--api-backoff", type=common.non_negative_float, default=API_BACKOFF,
                    help="first backoff in seconds, doubled each try")
     p.add_argument("--concurrency", type=common.positive_int, default=CONCURRENCY, help="parallel api requests")

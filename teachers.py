@@ -268,6 +268,7 @@ class ApiCancelled(ApiError):
 
 
 MAX_CONNECTION_FAILURES = 3  # connection failures in a row (over all requests) after which the endpoint is dead
+MAX_BACKOFF = 60.0           # seconds, the longest wait before one retry (Retry-After is capped there too)
 KEY_ENV_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 REDACTED = "[redacted]"
 
@@ -315,8 +316,10 @@ class ApiClient:
     a request out of tries) sets `abort`, so that every other request stops at once; `error` keeps the first one.
     Every message it logs or raises goes through redact(): the key, and any Bearer token, become [redacted]."""
 
-    def __init__(self, base, model, key, cache_path, timeout=60.0, max_tries=6, backoff=1.0, max_tokens=80):
+    def __init__(self, base, model, key, cache_path, timeout=60.0, max_tries=6, backoff=1.0, max_tokens=80,
+                 budget=None):
         self.url = base.rstrip("/") + "/chat/completions"
+        self.budget, self.waited = budget, 0.0  # seconds all requests together may wait to retry (None: no limit)
         self.model, self._key, self.timeout = model, key, timeout
         self.max_tries, self.backoff, self.max_tokens = max_tries, backoff, max_tokens
         self.cache_path = Path(cache_path)
@@ -403,7 +406,7 @@ class ApiClient:
                 ra = e.headers.get("Retry-After") if e.headers else None
                 if ra:
                     try:
-                        wait = min(float(ra), 60.0)
+                        wait = min(float(ra), MAX_BACKOFF)
                     except ValueError:
                         pass
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
@@ -418,9 +421,15 @@ class ApiClient:
                 why = f"unexpected response ({type(e).__name__})"
             if t == self.max_tries - 1:
                 self.fail(f"{self.url}: gave up after {self.max_tries} tries (last: {why})")
-            wait = wait if wait is not None else self.backoff * (2 ** t) * (1 + 0.25 * random.random())
+            # jittered (0.5-1.5x), so that parallel requests that failed together do not retry together
+            wait = wait if wait is not None else min(self.backoff * 2 ** t, MAX_BACKOFF) * random.uniform(0.5, 1.5)
             with self.lock:
                 self.n_retries += 1
+                self.waited += wait
+                over = self.budget is not None and self.waited > self.budget
+            if over:
+                self.fail(f"{self.url}: the run would wait more than --api-retry-budget {self.budget:g}s in all to "
+                          f"retry (last: {why}); the endpoint keeps failing: try again later (a re-run resumes)")
             log.warning("api: %s; retry %d/%d in %.2fs", self.redact(why), t + 1, self.max_tries - 1, wait)
             if self.abort.wait(wait):
                 raise ApiCancelled("cancelled")
@@ -488,7 +497,8 @@ def run_api(todo, train, item_text, rules, example, args, f, stats):
     if not args.api_model:
         raise common.UsageError("--teacher api needs --api-model")
     client = ApiClient(args.api_base, args.api_model, key, args.run / "teacher_cache.jsonl", args.api_timeout,
-                       args.api_max_tries, args.api_backoff, args.max_new_tokens)
+                       args.api_max_tries, args.api_backoff, args.max_new_tokens,
+                       getattr(args, "api_retry_budget", None))  # None: 02's record is older than the flag
 
     def valid(answer):
         return prompts.teacher_profile(answer, 3) is not None

@@ -529,3 +529,19 @@ def test_a_dribbling_server_meets_the_request_deadline(synthetic_run, servers):
     with pytest.raises(teachers.ApiError, match=r"gave up after 2 tries \(last: TimeoutError"):
         D.main(api_args(synthetic_run, slow.base, "--n-users", "1", "--api-timeout", "0.5", "--api-max-tries", "2"))
     assert time.time() - t0 < 4 and len(slow.seen) == 2  # two tries of ~0.5 s each, not 2 x 8 s
+
+
+def test_transient_errors_back_off_within_a_run_budget(synthetic_run, servers):
+    """500s then an answer: retried with backoff and accepted; 500s for ever: the run stops once its waits add up
+    to --api-retry-budget, long before each request's tries run out."""
+    codes = [500] * 4
+    srv = servers(answer=lambda h: send(h, codes.pop()) if codes else srv.complete(h))
+    out = D.main(api_args(synthetic_run, srv.base, "--n-users", "1", "--api-max-tries", "6"))
+    assert out["rows"] == 1 and out["stats"]["api_retries"] == 4 and len(srv.seen) == 5
+    down = servers(answer=lambda h: send(h, 503))
+    t0 = time.time()
+    with pytest.raises(teachers.ApiError, match=r"would wait more than --api-retry-budget 0\.2s in all to retry "
+                                                r"\(last: HTTP 503\)"):
+        D.main(api_args(synthetic_run, down.base, "--n-users", "3", "--restart", "--api-max-tries", "50",
+                        "--api-backoff", "0.05", "--api-retry-budget", "0.2"))
+    assert len(down.seen) < 10 and time.time() - t0 < 5
