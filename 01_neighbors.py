@@ -47,26 +47,30 @@ def parse_args(argv):
     p.add_argument("--start", default=None, help="netflix: keep ratings on or after this ISO date (YYYY-MM-DD)")
     p.add_argument("--end", default=None, help="netflix: keep ratings before this ISO date (exclusive)")
     p.add_argument("--split", default=SPLIT, choices=["cold-items", "snapshot"], help="see README: Splits")
-    p.add_argument("--cold-frac", type=float, default=COLD_FRAC, help="cold-items: newest fraction of items held out")
-    p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="cold-items: each user's latest fraction to test")
+    p.add_argument("--cold-frac", type=common.fraction, default=COLD_FRAC,
+                   help="cold-items: newest fraction of items held out")
+    p.add_argument("--test-frac", type=common.fraction, default=TEST_FRAC,
+                   help="cold-items: each user's latest fraction to test")
     p.add_argument("--cutoff", default=None, help="snapshot split: a timestamp or ISO date")
-    p.add_argument("--valid-frac", type=float, default=VALID_FRAC,
+    p.add_argument("--valid-frac", type=common.open_fraction, default=VALID_FRAC,
                    help="each user's latest training fraction to validation")
-    p.add_argument("--max-train-per-user", type=int, default=MAX_TRAIN_PER_USER,
+    p.add_argument("--max-train-per-user", type=common.non_negative_int, default=MAX_TRAIN_PER_USER,
                    help="data-scarce setting: each user keeps at most N training rows (0: all)")
     p.add_argument("--scarce-keep", default=SCARCE_KEEP, choices=["random", "earliest"],
                    help="which training rows the cap keeps (random: seeded by --seed)")
     p.add_argument("--encoder", default="default",
                    help="text encoder: local path or hub id (default: the shipped MiniLM)")
-    p.add_argument("--k", type=int, default=K_NEIGHBORS, help="neighbours per user and per item")
-    p.add_argument("--dim", type=int, default=DIM, help="LightGCN embedding size")
-    p.add_argument("--layers", type=int, default=LAYERS, help="LightGCN propagation layers")
-    p.add_argument("--lr", type=float, default=LR, help="Adam learning rate")
-    p.add_argument("--l2", type=float, default=L2, help="L2 weight on the batch's layer-0 embeddings")
-    p.add_argument("--batch-size", type=int, default=BATCH, help="BPR triples per step")
-    p.add_argument("--max-epochs", type=int, default=MAX_EPOCHS, help="epoch cap")
-    p.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="epochs between validations")
-    p.add_argument("--patience", type=int, default=PATIENCE, help="validations without improvement before stopping")
+    p.add_argument("--k", type=common.positive_int, default=K_NEIGHBORS, help="neighbours per user and per item")
+    p.add_argument("--dim", type=common.positive_int, default=DIM, help="LightGCN embedding size")
+    p.add_argument("--layers", type=common.non_negative_int, default=LAYERS, help="LightGCN propagation layers")
+    p.add_argument("--lr", type=common.positive_float, default=LR, help="Adam learning rate")
+    p.add_argument("--l2", type=common.non_negative_float, default=L2,
+                   help="L2 weight on the batch's layer-0 embeddings")
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH, help="BPR triples per step")
+    p.add_argument("--max-epochs", type=common.positive_int, default=MAX_EPOCHS, help="epoch cap")
+    p.add_argument("--eval-every", type=common.positive_int, default=EVAL_EVERY, help="epochs between validations")
+    p.add_argument("--patience", type=common.positive_int, default=PATIENCE,
+                   help="validations without improvement before stopping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return p.parse_args(argv)
 

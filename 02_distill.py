@@ -51,6 +51,8 @@ FRACTIONS = {"sft": 0.5, "reward": 0.2, "ppo": 0.15, "eval": 0.15}  # disjoint u
 PAIRS_FOR = "reward,eval"      # the user sets that get reward pairs: 04 trains on one and scores the other
 TRAIN_SUBSTITUTIONS = 1        # substitution pairs (other users' profiles) per reward-set user; one of each other kind
 ON_FAIL = "rules"              # a user still malformed after RETRIES gets the rules profile, so every user has one
+MAX_FALLBACK_SHARE = 0.2       # local/api teacher: more sampled users than this without its profile fail the stage:
+                               # a teacher that mostly failed must not pass for one that answered (issue 29)
 BATCH_SIZE = 16                # local teacher: prompts per generation batch
 MAX_NEW_TOKENS = 100           # local teacher: the official code's; an answer ends at its first profile line
 TEMPERATURE = 0.8              # local and api teachers: retries sample, so a malformed answer is not repeated
@@ -58,8 +60,10 @@ THREADS = 1                    # one torch thread per process: OpenMP threads sp
 API_BASE = "https://api.openai.com/v1"  # any OpenAI-compatible endpoint
 API_KEY_ENV = "OPENAI_API_KEY"  # the *name* of the variable holding the key (never the key)
 API_TIMEOUT = 60.0             # seconds per request
-API_MAX_TRIES = 6              # tries per request (backoff doubling from API_BACKOFF seconds)
-API_BACKOFF = 1.0
+API_MAX_TRIES = 8              # tries per request (jittered backoff doubling from API_BACKOFF seconds, at most
+API_BACKOFF = 1.0              # teachers.MAX_BACKOFF): about two minutes of waiting before a failing request gives up
+API_RETRY_BUDGET = 900.0       # seconds all requests of a run may wait to retry, in all: an endpoint down for long
+                               # stops the run instead of every request waiting out its own tries
 CONCURRENCY = 8                # parallel API requests
 # The teacher is shown what the student's prompts show (the inference prompt's target list, which the SFT prompts
 # of 03 also show): a profile is then a function of its prompt's input. The reward queries must show at least this.
@@ -89,7 +93,7 @@ class StampedRows:
     also gets "upstream", the state it was built from, so that a resumed run reuses only rows of the same state."""
 
     def __init__(self, f, upstream):
-        self.f, self.upstream = f, upstream
+        self.f, self.upstream, self.name = f, upstream, f.name
 
     def write(self, line):
         self.f.write(json.dumps({**json.loads(line), "upstream": self.upstream}, ensure_ascii=False) + "\n")
@@ -280,42 +284,54 @@ def teacher_probe(run, split, profiles, users, item_text, encoder, device):
 def parse_args(argv):
     p = common.stage_parser(__doc__)
     p.add_argument("--teacher", default=TEACHER, choices=TEACHERS, help="who writes the profiles (see above)")
-    p.add_argument("--n-users", type=int, default=None,
+    p.add_argument("--n-users", type=common.positive_int, default=None,
                    help="users to distil (default: all for rules, %d for local, %d for api)"
                         % (DEFAULT_N_USERS["local"], DEFAULT_N_USERS["api"]))
-    p.add_argument("--min-items", type=int, default=MIN_ITEMS, help="sample only users with this many training items")
-    p.add_argument("--retries", type=int, default=RETRIES, help="re-asks for malformed answers")
+    p.add_argument("--min-items", type=common.positive_int, default=MIN_ITEMS,
+                   help="sample only users with this many training items")
+    p.add_argument("--retries", type=common.non_negative_int, default=RETRIES, help="re-asks for malformed answers")
     p.add_argument("--on-fail", default=ON_FAIL, choices=["rules", "skip"],
                    help="users still malformed after the retries: rules profile or no row")
-    p.add_argument("--max-items", type=int, default=MAX_ITEMS,
+    p.add_argument("--max-fallback-share", type=common.share, default=MAX_FALLBACK_SHARE,
+                   help="local/api teacher: fail when a larger share of the sampled users has no profile from it "
+                        "(rules fallback or left out)")
+    p.add_argument("--max-items", type=common.non_negative_int, default=MAX_ITEMS,
                    help="newest items shown to the teacher, whose profile depends on these only; the reward queries "
                         "(--pair-max-items) must show at least as many (default: %(default)s, the inference prompt's)")
-    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help="item text cut, as the prompts cut it")
+    p.add_argument("--max-chars", type=common.non_negative_int, default=MAX_CHARS,
+                   help="item text cut, as the prompts cut it")
     p.add_argument("--chat-template", default=None, help="local teacher: " + llm.TEMPLATE_HELP)
     p.add_argument("--teacher-model", default=llm.DEFAULT_LLM,
                    help="local teacher: local path or hub id (default: the shipped SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads; 0 = torch's choice")
+    p.add_argument("--threads", type=common.non_negative_int, default=THREADS,
+                   help="torch CPU threads; 0 = torch's choice")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="local teacher dtype; auto, as in 06: bf16 where the hardware has it")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="local teacher: prompts per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="local teacher: tokens per profile")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE,
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE,
+                   help="local teacher: prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=MAX_NEW_TOKENS,
+                   help="local teacher: tokens per profile")
+    p.add_argument("--temperature", type=common.non_negative_float, default=TEMPERATURE,
                    help="sampling temperature of the retries (the first answer is greedy)")
     p.add_argument("--api-base", default=API_BASE, help="OpenAI-compatible endpoint")
     p.add_argument("--api-model", default=None, help="e.g. gpt-4o-mini")
     p.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the key")
-    p.add_argument("--api-timeout", type=float, default=API_TIMEOUT, help="seconds per request")
-    p.add_argument("--api-max-tries", type=int, default=API_MAX_TRIES, help="tries per request")
-    p.add_argument("--api-backoff", type=float, default=API_BACKOFF, help="first backoff in seconds, doubled each try")
-    p.add_argument("--concurrency", type=int, default=CONCURRENCY, help="parallel api requests")
+    p.add_argument("--api-timeout", type=common.positive_float, default=API_TIMEOUT,
+                   help="seconds per request, its whole answer included")
+    p.add_argument("--api-max-tries", type=common.positive_int, default=API_MAX_TRIES, help="tries per request")
+    p.add_argument("--api-retry-budget", type=common.non_negative_float, default=API_RETRY_BUDGET,
+                   help="seconds all requests may wait to retry, in all, before the run stops")
+    p.add_argument("--api-backoff", type=common.non_negative_float, default=API_BACKOFF,
+                   help="first backoff in seconds, doubled each try")
+    p.add_argument("--concurrency", type=common.positive_int, default=CONCURRENCY, help="parallel api requests")
     for name, frac in FRACTIONS.items():
-        p.add_argument(f"--{name}-frac", type=float, default=frac, help=f"share of users in the {name} set")
+        p.add_argument(f"--{name}-frac", type=common.share, default=frac, help=f"share of users in the {name} set")
     p.add_argument("--pairs-for", default=PAIRS_FOR, help="user sets that get reward pairs")
-    p.add_argument("--train-substitutions", type=int, default=TRAIN_SUBSTITUTIONS,
+    p.add_argument("--train-substitutions", type=common.positive_int, default=TRAIN_SUBSTITUTIONS,
                    help="substitution pairs per reward-set user (the held-out sets get one)")
     for name, val in prompts.PROMPT_SIZES.items():  # the inference prompt's sizes, as 05 and 06 show it
-        p.add_argument("--pair-" + name.replace("_", "-"), type=int, default=val,
+        p.add_argument("--pair-" + name.replace("_", "-"), type=common.non_negative_int, default=val,
                        help="reward-pair prompts (prompts.user_prompt): " + name)
     p.add_argument("--encoder", default=None, help="text encoder for the probe (default: the shipped MiniLM)")
     p.add_argument("--no-probe", action="store_true", help="skip the profile-quality probe")
@@ -326,9 +342,6 @@ def parse_args(argv):
         if not args.api_model:
             raise common.UsageError("--teacher api needs --api-model")
     check_pair_sizes(args)
-    if args.train_substitutions < 1:
-        raise common.UsageError(f"--train-substitutions {args.train_substitutions}: at least 1 substitution pair "
-                                "per reward-set user")
     if args.n_users is None:  # recorded resolved, so that 06 --source teacher draws the same sample
         args.n_users = DEFAULT_N_USERS[args.teacher]
     return args
@@ -349,7 +362,8 @@ def distil(run, args, train, item_text, rules):
                                 "pass --restart to start over")
     upstream = upstream_key(run, args)
     keep = [r for r in rows if r.get("upstream") == upstream and 0 <= int(r["user"]) < len(train) and r["prompt"] ==
-            prompts.teacher_messages(train[int(r["user"])], item_text, example, args.max_items, args.max_chars)]
+            prompts.teacher_messages(train[int(r["user"])], item_text, example, args.max_items, args.max_chars)
+            and reusable(r)]
     if len(keep) < len(rows):
         common.write_jsonl(path, keep)
     done = {int(r["user"]) for r in keep}
@@ -359,7 +373,7 @@ def distil(run, args, train, item_text, rules):
              "or upstream state)", args.teacher, len(sample_set), len(sample_set) - len(todo), len(todo), n_redo)
     stats = collections.Counter(written=0, failed=0, malformed_answers=0, retries=0, retried_ok=0, redone=n_redo)
     t0 = time.time()
-    with open(path, "a") as f:
+    with common.open_append(path) as f:
         TEACHERS[args.teacher](todo, train, item_text, rules, example, args, StampedRows(f, upstream), stats)
     stats["teacher_s"] = round(time.time() - t0, 1)
     final = {}  # one row per user, sorted
@@ -370,7 +384,31 @@ def distil(run, args, train, item_text, rules):
     common.write_jsonl(path, [final[u] for u in sorted(final)])
     log.info("distill.jsonl: %d users (%d written now; %d malformed answers, %d retried, %d still failed -> %s)",
              len(final), stats["written"], stats["malformed_answers"], stats["retries"], stats["failed"], args.on_fail)
+    check_fallbacks(final, sample_set, args, stats)
     return final, stats
+
+
+def reusable(row):
+    """A resumed row is kept unless it is a fallback (the teacher is asked again) or a teacher's profile that
+    prompts.teacher_profile now refuses (non-profile content)."""
+    if row.get("fallback_from"):
+        return False
+    return row["teacher"] == "rules" or prompts.teacher_profile(row["profile"]) == row["profile"]
+
+
+def check_fallbacks(final, sample_set, args, stats):
+    """Fail (StageError, the stage is not recorded) when more than --max-fallback-share of the sampled users have no
+    profile from the local or api teacher: their rows stay in distill.jsonl and a re-run asks the teacher again."""
+    if args.teacher == "rules" or not sample_set:
+        return
+    n_own = sum(1 for u in sample_set if u in final and final[u]["teacher"] == args.teacher)
+    share = 1 - n_own / len(sample_set)
+    stats["fallback_share"] = round(share, 4)
+    if share > args.max_fallback_share:
+        raise common.StageError(
+            f"{len(sample_set) - n_own} of {len(sample_set)} sampled users ({100 * share:.1f}%) have no profile from "
+            f"the {args.teacher} teacher (malformed or refused answers, --on-fail {args.on_fail}), more than "
+            f"--max-fallback-share {args.max_fallback_share}: check the teacher; a re-run asks it again for them")
 
 
 def log_diversity(d):

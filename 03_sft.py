@@ -382,29 +382,33 @@ def parse_args(argv=None):
     p.add_argument("--model", default=llm.DEFAULT_LLM, help=llm.MODEL_HELP)
     p.add_argument("--chat-template", default=None, help=llm.TEMPLATE_HELP)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps; 0 = --epochs full epochs")
-    p.add_argument("--epochs", type=float, default=EPOCHS, help="passes over the examples (with --max-steps 0)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="examples per device step")
-    p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM, help="device steps per optimizer step")
-    p.add_argument("--lr", type=float, default=LR, help="peak learning rate (cosine schedule)")
-    p.add_argument("--lora-r", type=int, default=LORA_R, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=int, default=LORA_ALPHA, help="LoRA scale numerator")
-    p.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT, help="dropout on the LoRA input")
+    p.add_argument("--max-steps", type=common.non_negative_int, default=MAX_STEPS,
+                   help="optimizer steps; 0 = --epochs full epochs")
+    p.add_argument("--epochs", type=common.positive_float, default=EPOCHS,
+                   help="passes over the examples (with --max-steps 0)")
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="examples per device step")
+    p.add_argument("--grad-accum", type=common.positive_int, default=GRAD_ACCUM, help="device steps per optimizer step")
+    p.add_argument("--lr", type=common.non_negative_float, default=LR, help="peak learning rate (cosine schedule)")
+    p.add_argument("--lora-r", type=common.positive_int, default=LORA_R, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=common.positive_int, default=LORA_ALPHA, help="LoRA scale numerator")
+    p.add_argument("--lora-dropout", type=common.fraction, default=LORA_DROPOUT, help="dropout on the LoRA input")
     p.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated module names that get a LoRA")
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="tokens per example; longer ones are left out")
-    p.add_argument("--n-nbrs", type=int, default=N_NBRS, help="similar users per dialogue")
-    p.add_argument("--item-frac", type=float, default=ITEM_FRAC,
+    p.add_argument("--max-length", type=common.positive_int, default=MAX_LENGTH,
+                   help="tokens per example; longer ones are left out")
+    p.add_argument("--n-nbrs", type=common.positive_int, default=N_NBRS, help="similar users per dialogue")
+    p.add_argument("--item-frac", type=common.non_negative_float, default=ITEM_FRAC,
                    help="gpt_kd, mask: item-profile examples per user example")
-    p.add_argument("--kd-gen-batch", type=int, default=KD_GEN_BATCH,
+    p.add_argument("--kd-gen-batch", type=common.positive_int, default=KD_GEN_BATCH,
                    help="naive, mask: generation batch of sft_gpt_kd's neighbour profiles")
-    p.add_argument("--kd-max-new-tokens", type=int, default=KD_MAX_NEW_TOKENS,
+    p.add_argument("--kd-max-new-tokens", type=common.positive_int, default=KD_MAX_NEW_TOKENS,
                    help="naive, mask: tokens per sft_gpt_kd neighbour profile")
     p.add_argument("--init", choices=["gpt_kd", "fresh"], default=INIT,
                    help="naive/mask: continue the sft_gpt_kd LoRA (the paper's ablation; it must exist) or train a "
                         "new LoRA on the base model")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=common.positive_int, default=None,
                    help="only the first N users of the sft set (a smoke run; every other setting as given)")
-    p.add_argument("--ckpt-every", type=int, default=CKPT_EVERY, help="steps between checkpoints (0 = none)")
+    p.add_argument("--ckpt-every", type=common.non_negative_int, default=CKPT_EVERY,
+                   help="steps between checkpoints (0 = none)")
     llm.add_activation_checkpointing_arg(p)
     return p.parse_args(argv)
 

@@ -211,28 +211,32 @@ def parse_args(argv=None):
     p.add_argument("--model", default=llm.DEFAULT_LLM, help=llm.MODEL_HELP)
     p.add_argument("--chat-template", default=None, help=llm.TEMPLATE_HELP)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps; 0 = --epochs full epochs")
-    p.add_argument("--epochs", type=float, default=EPOCHS, help="passes over the pairs (with --max-steps 0)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="pairs per device step")
-    p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM, help="device steps per optimizer step")
-    p.add_argument("--lr", type=float, default=LR, help="peak learning rate (cosine schedule)")
-    p.add_argument("--lora-r", type=int, default=LORA_R, help="LoRA rank; 0 = full fine-tuning")
-    p.add_argument("--lora-alpha", type=int, default=LORA_ALPHA, help="LoRA scale numerator")
-    p.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT, help="dropout on the LoRA input")
+    p.add_argument("--max-steps", type=common.non_negative_int, default=MAX_STEPS,
+                   help="optimizer steps; 0 = --epochs full epochs")
+    p.add_argument("--epochs", type=common.positive_float, default=EPOCHS,
+                   help="passes over the pairs (with --max-steps 0)")
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="pairs per device step")
+    p.add_argument("--grad-accum", type=common.positive_int, default=GRAD_ACCUM, help="device steps per optimizer step")
+    p.add_argument("--lr", type=common.non_negative_float, default=LR, help="peak learning rate (cosine schedule)")
+    p.add_argument("--lora-r", type=common.non_negative_int, default=LORA_R, help="LoRA rank; 0 = full fine-tuning")
+    p.add_argument("--lora-alpha", type=common.positive_int, default=LORA_ALPHA, help="LoRA scale numerator")
+    p.add_argument("--lora-dropout", type=common.fraction, default=LORA_DROPOUT, help="dropout on the LoRA input")
     p.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated module names that get a LoRA")
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH,
+    p.add_argument("--max-length", type=common.positive_int, default=MAX_LENGTH,
                    help="tokens per rendered query + response; longer pairs are dropped")
     p.add_argument("--heldout", choices=["auto", "eval", "split"], default=HELDOUT,
                    help="held-out pairs: the eval set's, a split of the reward users, or auto (eval if it has pairs)")
-    p.add_argument("--heldout-frac", type=float, default=HELDOUT_FRAC, help="split: share of reward users held out")
-    p.add_argument("--max-eval-pairs", type=int, default=MAX_EVAL_PAIRS,
+    p.add_argument("--heldout-frac", type=common.fraction, default=HELDOUT_FRAC,
+                   help="split: share of reward users held out")
+    p.add_argument("--max-eval-pairs", type=common.non_negative_int, default=MAX_EVAL_PAIRS,
                    help="score a seeded sample of this many held-out pairs; 0 = all")
-    p.add_argument("--center-rewards", type=float, default=CENTER_REWARDS,
+    p.add_argument("--center-rewards", type=common.non_negative_float, default=CENTER_REWARDS,
                    help="RewardConfig.center_rewards_coefficient; 0 = off")
     p.add_argument("--eval-before", action="store_true", help="also score the held-out pairs before training")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=common.positive_int, default=None,
                    help="only the first N training and N held-out pairs (a smoke run; every other setting as given)")
-    p.add_argument("--ckpt-every", type=int, default=CKPT_EVERY, help="steps between checkpoints (0 = none)")
+    p.add_argument("--ckpt-every", type=common.non_negative_int, default=CKPT_EVERY,
+                   help="steps between checkpoints (0 = none)")
     llm.add_activation_checkpointing_arg(p)
     return p.parse_args(argv)
 

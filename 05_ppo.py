@@ -478,6 +478,16 @@ HELP = {  # --help of each PPOConfig field
 }
 
 
+RANGES = {  # each PPOConfig flag's range (common's argparse types); incomplete_score takes any number
+    **dict.fromkeys(("batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon", "lora_r",
+                     "lora_alpha", "reward_batch", "ckpt_every"), common.positive_int),
+    "steps": common.non_negative_int,
+    **dict.fromkeys(("temperature", "cliprange", "cliprange_value", "max_grad_norm"), common.positive_float),
+    **dict.fromkeys(("lr", "beta", "target_kl", "vf_coef", "missing_eos_penalty"), common.non_negative_float),
+    **dict.fromkeys(("top_p", "gamma", "lam"), common.share), "lora_dropout": common.fraction,
+}
+
+
 def parse_args(argv=None):
     p = common.stage_parser(__doc__)
     c = PPOConfig()
@@ -492,11 +502,11 @@ def parse_args(argv=None):
         if isinstance(val, bool):
             p.add_argument(flag, action="store_true", default=val, help=HELP[name])
         else:
-            p.add_argument(flag, type=type(val), default=val, help=HELP[name])
+            p.add_argument(flag, type=RANGES.get(name, type(val)), default=val, help=HELP[name])
     p.add_argument("--no-whiten", dest="whiten_advantages", action="store_false", help="do not whiten advantages")
     p.add_argument("--no-profile-stop", dest="stop_at_profile", action="store_false",
                    help="end rollouts at end-of-turn only and let the reward model score every response")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=common.positive_int, default=None,
                    help="only the first N ppo users' prompts (a smoke run; every other setting as given)")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in ppo.partial/ and start over")
     return p.parse_args(argv)

@@ -433,31 +433,36 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="model dtype; auto: bf16 on a GPU that has it and on a CPU with native bf16 matmuls "
                         "(AVX512-BF16/AMX), else float32")
-    p.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads; 0 = torch's choice (see THREADS)")
+    p.add_argument("--threads", type=common.non_negative_int, default=THREADS,
+                   help="torch CPU threads; 0 = torch's choice (see THREADS)")
     p.add_argument("--encoder", default=None, help="text encoder for the embeddings (default: the shipped MiniLM)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="prompts per generation batch")
-    p.add_argument("--kv-budget-gb", type=float, default=0.0,
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="prompts per generation batch")
+    p.add_argument("--kv-budget-gb", type=common.non_negative_float, default=0.0,
                    help="a batch's KV cache at most (GiB); a batch is cut short to fit (0: half the free GPU memory; "
                         "no limit on a CPU)")
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="tokens per profile at most")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy")
-    p.add_argument("--no-repeat-ngram", type=int, default=NO_REPEAT_NGRAM,
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=MAX_NEW_TOKENS,
+                   help="tokens per profile at most")
+    p.add_argument("--temperature", type=common.non_negative_float, default=TEMPERATURE, help="0 = greedy")
+    p.add_argument("--no-repeat-ngram", type=common.non_negative_int, default=NO_REPEAT_NGRAM,
                    help="ban repeating any n-token run within one answer (0 = off)")
     p.add_argument("--distinct-terms", action=argparse.BooleanOptionalAction, default=DISTINCT_TERMS,
                    help="ban repeating a term within a profile's list (see DISTINCT_TERMS)")
-    p.add_argument("--retries", type=int, default=RETRIES,
+    p.add_argument("--retries", type=common.non_negative_int, default=RETRIES,
                    help="sample an answer that does not parse again, up to this many times (0 = keep it malformed)")
-    p.add_argument("--retry-temperature", type=float, default=RETRY_TEMPERATURE, help="temperature of the retries")
+    p.add_argument("--retry-temperature", type=common.non_negative_float, default=RETRY_TEMPERATURE,
+                   help="temperature of the retries")
     p.add_argument("--retry-seed", type=int, default=RETRY_SEED, help="seed of the retries' draws")
-    p.add_argument("--item-users", type=int, default=ITEM_USERS,
+    p.add_argument("--item-users", type=common.positive_int, default=ITEM_USERS,
                    help="warm items: profiles of up to this many recent users")
-    p.add_argument("--item-nbrs", type=int, default=ITEM_NBRS, help="cold items: similar warm items shown")
+    p.add_argument("--item-nbrs", type=common.positive_int, default=ITEM_NBRS,
+                   help="cold items: similar warm items shown")
     p.add_argument("--shard", default=None, help="i/n: this process does every n-th id starting at i")
     p.add_argument("--merge", action="store_true", help="combine shard files, then embed and probe")
     p.add_argument("--what", default="all", choices=["all", "users", "warm", "cold"],
                    help="run one phase only; embeddings are written after `all` or --merge")
-    p.add_argument("--wait-s", type=float, default=WAIT_S, help="shards: seconds to wait for the other shards")
-    p.add_argument("--limit", type=int, default=None, help="only the first N users/items (smoke runs)")
+    p.add_argument("--wait-s", type=common.non_negative_float, default=WAIT_S,
+                   help="shards: seconds to wait for the other shards")
+    p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N users/items (smoke runs)")
     p.add_argument("--restart", action="store_true", help="delete this source's profiles first")
     p.add_argument("--probe-only", action="store_true",
                    help="only the eval users' profiles (user_sets.json) and the probe, in profiles/<source>/"

@@ -54,28 +54,34 @@ def parse_args(argv):
     p.add_argument("--backbone", nargs="+", default=["lightgcn"], choices=BACKBONES + ("all",), help="one or more" + d)
     p.add_argument("--variant", nargs="+", default=["base"], choices=VARIANTS + ("all",), help="one or more" + d)
     p.add_argument("--source", default="ppo", help="profiles/<source>/ for the augment variants" + d)
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one model per seed (default: --seed)")
-    p.add_argument("--dim", type=int, default=DIM, help="representation size d" + d)
-    p.add_argument("--layers", type=int, default=LAYERS, help="graph backbones: propagation layers" + d)
-    p.add_argument("--lr", type=float, default=LR, help="Adam learning rate" + d)
-    p.add_argument("--l2", type=float, default=L2,
+    p.add_argument("--seeds", type=int, nargs="+", action=common.Distinct, default=None,
+                   help="one model per seed (default: --seed)")
+    p.add_argument("--dim", type=common.positive_int, default=DIM, help="representation size d" + d)
+    p.add_argument("--layers", type=common.non_negative_int, default=LAYERS,
+                   help="graph backbones: propagation layers" + d)
+    p.add_argument("--lr", type=common.positive_float, default=LR, help="Adam learning rate" + d)
+    p.add_argument("--l2", type=common.non_negative_float, default=L2,
                    help="L2 weight: batch rows of ID embeddings, and Adam weight decay on Linear weights" + d)
     p.add_argument("--fusion", default=FUSION, choices=["residual", "linear", "relu"],
                    help="Psi, the fusion of [x, profile]; relu is the paper's (can collapse cold items)" + d)
-    p.add_argument("--batch-size", type=int, default=BATCH, help=d.strip())
-    p.add_argument("--max-epochs", type=int, default=MAX_EPOCHS, help=d.strip())
-    p.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="epochs between validations" + d)
-    p.add_argument("--patience", type=int, default=PATIENCE,
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH, help=d.strip())
+    p.add_argument("--max-epochs", type=common.positive_int, default=MAX_EPOCHS, help=d.strip())
+    p.add_argument("--eval-every", type=common.positive_int, default=EVAL_EVERY, help="epochs between validations" + d)
+    p.add_argument("--patience", type=common.positive_int, default=PATIENCE,
                    help="stop after this many epochs without a better validation Recall@20" + d)
-    p.add_argument("--min-epochs", type=int, default=MIN_EPOCHS, help="never stop early before this epoch" + d)
+    p.add_argument("--min-epochs", type=common.non_negative_int, default=MIN_EPOCHS,
+                   help="never stop early before this epoch" + d)
     p.add_argument("--redo", action="store_true", help="retrain models already trained on the current inputs")
-    p.add_argument("--cl-weight", type=float, default=CL_WEIGHT, help="SGL/SimGCL: InfoNCE weight" + d)
-    p.add_argument("--cl-temp", type=float, default=CL_TEMP, help="SGL/SimGCL: InfoNCE temperature" + d)
-    p.add_argument("--edge-drop", type=float, default=EDGE_DROP, help="SGL: fraction of edges dropped per view" + d)
-    p.add_argument("--noise-eps", type=float, default=NOISE_EPS, help="SimGCL: noise magnitude" + d)
+    p.add_argument("--cl-weight", type=common.non_negative_float, default=CL_WEIGHT,
+                   help="SGL/SimGCL: InfoNCE weight" + d)
+    p.add_argument("--cl-temp", type=common.positive_float, default=CL_TEMP, help="SGL/SimGCL: InfoNCE temperature" + d)
+    p.add_argument("--edge-drop", type=common.fraction, default=EDGE_DROP,
+                   help="SGL: fraction of edges dropped per view" + d)
+    p.add_argument("--noise-eps", type=common.non_negative_float, default=NOISE_EPS, help="SimGCL: noise magnitude" + d)
     p.add_argument("--neg-pool", default="warm", choices=["warm", "all"],
                    help="BPR negatives from the warm items (cold ones belong to the test period) or all items" + d)
-    p.add_argument("--topk", type=int, default=TOPK, help="NCF: ranked items per user written for 08" + d)
+    p.add_argument("--topk", type=common.positive_int, default=TOPK,
+                   help="NCF: ranked items per user written for 08" + d)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help=d.strip())
     args = p.parse_args(argv)
     args.backbone = list(BACKBONES) if "all" in args.backbone else args.backbone
@@ -542,8 +548,7 @@ def train_one(backbone, variant, source, seed, split, feats, args, out_dir):
 def save_outputs(model, state, meta, log_rows, split, out_dir, args):
     """Write one model's folder; returns the files written."""
     files = ["model.pt", "log.jsonl", "meta.json"]
-    with common.atomic_path(out_dir / "model.pt") as tmp:
-        torch.save(state, tmp)
+    common.save_torch(out_dir / "model.pt", state)
     common.write_jsonl(out_dir / "log.jsonl", log_rows)
     with torch.no_grad():
         if model.scorer == "dot":
@@ -626,23 +631,30 @@ def main(argv=None):
             for seed in args.seeds:
                 started = time.time()
                 name = f"{backbone}_{variant}_{source}_s{seed}"
-                out_dir = run / "cf" / name
                 run_args = argparse.Namespace(**{**vars(args), "backbone": backbone, "variant": variant,
                                                  "source": source, "seed": seed})
                 del run_args.seeds
-                if not args.redo and already_trained(run, name, used, run_args):
-                    common.log.info("%s: already trained on the current inputs, skipped (--redo retrains)", name)
-                    results.append(json.loads((out_dir / "meta.json").read_text()))
-                    continue
-                model, state, meta, log_rows = train_one(backbone, variant, source, seed, split, feats, run_args,
-                                                         out_dir)
-                meta["args"] = json.loads(json.dumps(vars(run_args), default=str))
-                files = save_outputs(model, state, meta, log_rows, split, out_dir, run_args)
-                common.log.info("%s: wrote %s to %s", name, ", ".join(files), out_dir)
-                common.record_stage(run, f"07_train_cf/{name}", run_args, used,
-                                    [f"cf/{name}/{f}" for f in files], started)
-                results.append(meta)
+                # one process at a time per model: another 07 on the same model (other arguments) would mix its
+                # files with ours; the lock lives outside cf/ (whose folders are read as models)
+                with common.locked(run / ".locks" / f"cf_{name}.lock"):
+                    results.append(train_or_skip(run, name, used, split, feats, run_args, started))
     return results
+
+
+def train_or_skip(run, name, used, split, feats, run_args, started):
+    """meta of cf/<name>/: the one already there when it was trained by these arguments on the current inputs,
+    else that of a model trained now (its files and its manifest record written together)."""
+    out_dir = run / "cf" / name
+    if not run_args.redo and already_trained(run, name, used, run_args):
+        common.log.info("%s: already trained on the current inputs, skipped (--redo retrains)", name)
+        return json.loads((out_dir / "meta.json").read_text())
+    a = run_args
+    model, state, meta, log_rows = train_one(a.backbone, a.variant, a.source, a.seed, split, feats, a, out_dir)
+    meta["args"] = json.loads(json.dumps(vars(run_args), default=str))
+    files = save_outputs(model, state, meta, log_rows, split, out_dir, run_args)
+    common.log.info("%s: wrote %s to %s", name, ", ".join(files), out_dir)
+    common.record_stage(run, f"07_train_cf/{name}", run_args, used, [f"cf/{name}/{f}" for f in files], started)
+    return meta
 
 
 if __name__ == "__main__":

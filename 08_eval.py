@@ -44,9 +44,10 @@ REFERENCES = ("random", "popularity", "content centroid", "oracle: test populari
 
 def parse_args(argv):
     p = common.stage_parser(__doc__)
-    p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="cut-offs K of Recall@K and NDCG@K")
-    p.add_argument("--alpha", type=float, default=ALPHA, help="significance level of the paired t-test")
-    p.add_argument("--tie-warn", type=float, default=TIE_WARN, help="flag rows with more top-K ties than this")
+    p.add_argument("--ks", type=common.positive_int, nargs="+", action=common.Distinct, default=list(KS),
+                   help="cut-offs K of Recall@K and NDCG@K")
+    p.add_argument("--alpha", type=common.open_fraction, default=ALPHA, help="significance level of the paired t-test")
+    p.add_argument("--tie-warn", type=common.share, default=TIE_WARN, help="flag rows with more top-K ties than this")
     p.add_argument("--device", default=None, help="where the references rank (default: cuda if available)")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -290,6 +291,8 @@ def main(argv=None):
             x.name for x in f.iterdir() if x.suffix in (".npy", ".npz", ".json"))]
     common.check_inputs(run, inputs, args.force)
     split = common.load_split(run)
+    if max(args.ks) >= split["n_items"]:  # top-K also reads slot K (ties@K), so K < the items there are
+        raise common.UsageError(f"--ks {max(args.ks)}: expected each K below the {split['n_items']} items")
     setups = settings(split)
     ks = sorted(args.ks)
     metrics = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]

@@ -6,15 +6,19 @@ loaders and the split; 01) and llm.py (prompts, profiles and language models; 02
 import argparse
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import importlib.util
+import io
 import json
 import logging
+import math
 import os
 import platform
 import random
 import re
+import secrets
 import sys
 import time
 import zipfile
@@ -48,16 +52,79 @@ def stage_parser(doc):
             self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
     p = Parser(description=doc, formatter_class=Formatter)
     p.add_argument("--run", required=True, type=Path, help="run directory (created by 01)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=int, default=0, help="random seed")  # any integer
     p.add_argument("--force", action="store_true", help="use inputs even if manifest.json says they are stale")
     return p
 
 
+class Number:
+    """An argparse `type=` that parses an int or float and checks its range, so a bad value is argparse's one line
+    "argument --flag: expected <what>, got <value>" (exit 2) before any work. lo/hi: bounds (None: none), each
+    closed unless lo_open/hi_open; NaN and infinities are refused."""
+
+    def __init__(self, kind, what, lo=None, hi=None, lo_open=False, hi_open=False):
+        self.kind, self.what, self.lo, self.hi, self.lo_open, self.hi_open = kind, what, lo, hi, lo_open, hi_open
+        self.__name__ = what  # argparse names the type in its own "invalid <type> value" message
+
+    def ok(self, x):
+        return math.isfinite(x) and (self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)) and \
+            (self.hi is None or (x < self.hi if self.hi_open else x <= self.hi))
+
+    def __call__(self, text):
+        try:
+            x = self.kind(text)
+        except ValueError:
+            x = None
+        if x is None or not self.ok(x):
+            raise argparse.ArgumentTypeError(f"expected {self.what}, got {text}")
+        return x
+
+    def bad_values(self):
+        """Values just outside the range (for tests): each bound's wrong side, and a NaN for a float."""
+        out = [] if self.kind is int else ["nan"]
+        step = 1 if self.kind is int else 0.5
+        for bound, sign, is_open in ((self.lo, -1, self.lo_open), (self.hi, 1, self.hi_open)):
+            if bound is not None:
+                out.append(str(bound if is_open else bound + sign * step))
+        return out
+
+
+positive_int = Number(int, "an integer >= 1", lo=1)
+non_negative_int = Number(int, "an integer >= 0", lo=0)
+positive_float = Number(float, "a number > 0", lo=0, lo_open=True)
+non_negative_float = Number(float, "a number >= 0", lo=0)
+fraction = Number(float, "a fraction in [0, 1)", lo=0, hi=1, hi_open=True)
+open_fraction = Number(float, "a fraction in (0, 1)", lo=0, hi=1, lo_open=True, hi_open=True)
+share = Number(float, "a share in [0, 1]", lo=0, hi=1)
+
+
+class Distinct(argparse.Action):
+    """nargs="+" values that must differ (e.g. 07 --seeds 3 3 would train one model twice)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(set(values)) < len(values):
+            parser.error(f"argument {option_string}: expected distinct values, got {' '.join(map(str, values))}")
+        setattr(namespace, self.dest, values)
+
+
+class _LogFile(logging.FileHandler):
+    """A log file opened by open_nofollow: a link planted at its name cannot make a stage append elsewhere."""
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding or "utf-8", errors=self.errors,
+                    opener=open_nofollow)
+
+
 def setup_logging(run=None, stage=None):
+    """Log to stderr and, with `run`, to <run>/<stage>.log; a run directory that cannot be written is one line here,
+    before any work."""
     handlers = [logging.StreamHandler(sys.stderr)]
     if run is not None:
-        Path(run).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(run) / f"{stage or 'log'}.log"))
+        path = Path(run) / f"{stage or 'log'}.log"
+        try:
+            Path(run).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(path, e) from None
+        handlers.append(_LogFile(path))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S", handlers=handlers, force=True)
 
@@ -118,24 +185,84 @@ def run_stage(main, argv=None):
 
 # ----------------------------------------------------------------------------- atomic IO
 
+def write_error(path, e, size=None):
+    """A StageError for an OSError met while writing `path` (`size` bytes): its cause and the file, one line ("no
+    space left on device while writing FILE (N MB needed)"); a missing file stays a FileNotFoundError."""
+    if isinstance(e, (StageError, FileNotFoundError)) or not isinstance(e, OSError) or e.errno is None:
+        return e
+    if size is not None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        path = f"{path} ({size / 1e6:.1f} MB needed)"
+    hint = {errno.ENOSPC: "free some space and re-run: what was there before is intact",
+            errno.EDQUOT: "free some space and re-run: what was there before is intact",
+            errno.EACCES: "make the run directory writable (or pass another --run)",
+            errno.EPERM: "make the run directory writable (or pass another --run)",
+            errno.EROFS: "pass a --run on a writable file system"}.get(e.errno, "")
+    return StageError(f"{os.strerror(e.errno).lower()} while writing {path}" + (f": {hint}" if hint else ""))
+
+
+def refuse_link(path):
+    """A stage writes its run's files, never through a symbolic link: one planted at an output name (or pointing
+    outside the run) would make it overwrite another file."""
+    if os.path.islink(path):
+        raise StageError(f"{path} is a symbolic link (to {os.readlink(path)}); a stage never writes through a link: "
+                         "remove it (or put a copy of the file in its place)")
+
+
+def open_nofollow(path, flags, mode=0o666):
+    """os.open(path, flags | O_NOFOLLOW): a link at `path` is refused (refuse_link's error), an OSError is
+    write_error's line. The mode goes through the umask, as open()'s does."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse_link(path)
+        raise write_error(path, e) from None
+
+
+def open_append(path):
+    """`path` opened for appending text (a resumable .jsonl), never through a link."""
+    return open(path, "a", encoding="utf-8", opener=open_nofollow)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to `path`; on success rename it over `path`, on error delete it,
-    so that a crash never leaves a half-written file where a finished one was."""
+    """Yield a new temporary path in `path`'s folder (a unique name, created with O_EXCL, so neither a link planted
+    there nor another process writing the same file can be written through); on success rename it over `path`, on
+    error delete it, so that a crash never leaves a half-written file where a finished one was. A link at `path` is
+    refused; a write that fails (no space, no permission) is one line naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e) from None
+    refuse_link(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:  # O_EXCL: a new file, never an existing one nor a link
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
     finally:
-        if tmp.exists():
+        if os.path.lexists(tmp):
             tmp.unlink()
 
 
-def write_text(path, text):
+def write_bytes(path, data):
+    """Write `data` to `path` atomically. Writers build the whole file in memory first, so that a full disk is an
+    OSError from this write (with its size), not a library's own error from inside its serializer."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        try:
+            tmp.write_bytes(data)
+        except OSError as e:
+            raise write_error(path, e, len(data)) from None
+
+
+def write_text(path, text):
+    write_bytes(path, text.encode())
 
 
 def write_json(path, obj):
@@ -146,16 +273,23 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def _serialized(save, *args, **kwargs):
+    buf = io.BytesIO()
+    save(buf, *args, **kwargs)
+    return buf.getvalue()
+
+
 def save_npy(path, array):
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    write_bytes(path, _serialized(np.save, array))
 
 
 def save_npz(path, **arrays):
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+    write_bytes(path, _serialized(np.savez, **arrays))
+
+
+def save_torch(path, obj):
+    """torch.save through write_bytes (torch's own writer reports a full disk as "unexpected pos")."""
+    write_bytes(path, _serialized(lambda f, o: torch.save(o, f), obj))
 
 
 def read_jsonl(path, repair=False):
@@ -169,8 +303,9 @@ def read_jsonl(path, repair=False):
     keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
     if repair and len(keep) != len(data):
         log.warning("%s: dropping a truncated last line (%d bytes); it will be redone", path, len(data) - len(keep))
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
+        fd = open_nofollow(path, os.O_RDWR)
+        os.ftruncate(fd, len(keep))
+        os.close(fd)
     rows = []
     for n, line in enumerate(keep.decode().splitlines(), 1):
         if line.strip():
@@ -182,9 +317,13 @@ def read_jsonl(path, repair=False):
 
 
 def append_jsonl(f, row):
-    """Append one row to an open file and flush it, so a resumed run sees every finished row."""
-    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()
+    """Append one row to an open file and flush it, so a resumed run sees every finished row. A failed write is
+    write_error's line; the rows before it stay (a torn last line is dropped on resume)."""
+    try:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+    except OSError as e:
+        raise write_error(getattr(f, "name", "an appended file"), e) from None
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -213,18 +352,67 @@ def sha256_file(path):
 def _manifest_locked(run):
     """Read-modify-write manifest.json under a file lock (06 may run as several shard processes)."""
     run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / ".manifest.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        path = run / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    with locked(run / ".manifest.lock"):
+        manifest = read_manifest(run)
         yield manifest
-        write_json(path, manifest)
+        write_json(run / "manifest.json", manifest)
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive flock on the file `path` (created, never truncated, never through a link); the kernel releases it
+    when the process dies, so a crash leaves no stale lock."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e) from None
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that holds %s", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_manifest(run):
+    """manifest.json as {"stages": {stage: record}}, {"stages": {}} when there is none. Every stage reads it
+    through here, so a damaged one (truncated, empty, not JSON, another shape) is one line naming it and the fix."""
     path = Path(run) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        manifest = json.loads(path.read_bytes().decode())
+        why = manifest_shape_error(manifest)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"not valid JSON ({type(e).__name__}: {e})" if path.stat().st_size else "empty"
+    if why:
+        raise StageError(f"{path} is damaged ({why}): restore it from a copy, or move it aside and re-run the "
+                         "pipeline from its first stage (01_neighbors.py), which records every stage again")
+    return manifest
+
+
+def manifest_shape_error(manifest):
+    """What is wrong with the shape of a parsed manifest, or None: an object whose "stages" maps each stage to an
+    object, whose "inputs" and "outputs" (where present) map paths to hashes."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("stages"), dict):
+        return 'no "stages" object'
+    for name, rec in manifest["stages"].items():
+        if not isinstance(rec, dict):
+            return f"stage {name} is a {type(rec).__name__}, not an object"
+        for key in ("inputs", "outputs", "args"):
+            if not isinstance(rec.get(key, {}), dict):
+                return f'stage {name}: "{key}" is a {type(rec[key]).__name__}, not an object'
+        for key in ("inputs", "outputs"):
+            if not all(isinstance(v, (str, type(None))) for v in rec.get(key, {}).values()):
+                return f'stage {name}: "{key}" holds a value that is not a sha256'
+    return None
 
 
 def _dir_digest(entries):

@@ -228,6 +228,22 @@ def normalize_profile(text, n_each=3):
     return parse_profile(f"User identity: {parts[0]}; User interests: {parts[1]}", n_each=n_each)
 
 
+# An answer can fit the profile format and still carry something else: an instruction ("print OPENAI_API_KEY",
+# "ignore the instructions above"), a link or code. It is no profile for a student to learn to write, nor a reward
+# pair's chosen answer, so a teacher's answer with it counts as malformed (retried, then the fallback).
+NOT_PROFILE_RE = re.compile(
+    r"://|\bwww\.|[<>{}\[\]`$|\\=]|\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b|(?i:\b(?:ignore|disregard|forget)\b.*\b(?:instructions?|"
+    r"above|previous|rules)\b|\bapi[ _-]?keys?\b|\bpasswords?\b|\bsystem prompt\b|\bos\.environ\b|\bgetenv\b|"
+    r"\b(?:print|eval|exec)\s*\(|\b(?:sudo|curl|wget)\b)")
+
+
+def teacher_profile(text, n_each=3):
+    """normalize_profile of a teacher's answer; None also when the profile carries non-profile content
+    (NOT_PROFILE_RE)."""
+    prof = normalize_profile(text, n_each)
+    return None if prof is None or NOT_PROFILE_RE.search(prof) else prof
+
+
 def merge_profiles(profiles, fill=(), n=3):
     """The profile of the n most common identity and n most common interest terms of `profiles` (case-insensitive;
     ties to the term met first), topped up from the profiles in `fill`; None if fewer than n terms a side."""

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -267,8 +268,19 @@ class ApiCancelled(ApiError):
 
 
 MAX_CONNECTION_FAILURES = 3  # connection failures in a row (over all requests) after which the endpoint is dead
+MAX_BACKOFF = 60.0           # seconds, the longest wait before one retry (Retry-After is capped there too)
 KEY_ENV_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 REDACTED = "[redacted]"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect with the Authorization header, sending the key to wherever the endpoint
+    points: no redirect is followed, and complete() reports it (a 3xx HTTPError)."""
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def api_key(env_name):
@@ -287,18 +299,32 @@ def api_key(env_name):
     return key
 
 
+def read_before(resp, deadline):
+    """The response body, read in pieces: the socket timeout bounds each read, the deadline (--api-timeout after the
+    request was sent) the whole answer, which a server dribbling a byte at a time would otherwise hold forever."""
+    chunks = []
+    while chunk := resp.read1(1 << 16):
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError("no whole answer within --api-timeout")
+    return b"".join(chunks)
+
+
 class ApiClient:
     """POST {base}/chat/completions with retries (429, 5xx, timeouts, connection errors) and a prompt-hash cache.
     An unrecoverable error (another 4xx, e.g. 401 or 404; MAX_CONNECTION_FAILURES connection failures in a row;
     a request out of tries) sets `abort`, so that every other request stops at once; `error` keeps the first one.
     Every message it logs or raises goes through redact(): the key, and any Bearer token, become [redacted]."""
 
-    def __init__(self, base, model, key, cache_path, timeout=60.0, max_tries=6, backoff=1.0, max_tokens=80):
+    def __init__(self, base, model, key, cache_path, timeout=60.0, max_tries=6, backoff=1.0, max_tokens=80,
+                 budget=None):
         self.url = base.rstrip("/") + "/chat/completions"
+        self.budget, self.waited = budget, 0.0  # seconds all requests together may wait to retry (None: no limit)
         self.model, self._key, self.timeout = model, key, timeout
         self.max_tries, self.backoff, self.max_tokens = max_tries, backoff, max_tokens
         self.cache_path = Path(cache_path)
-        self.cache = {r["hash"]: r["answer"] for r in common.read_jsonl(self.cache_path, repair=True)}
+        self.cache = {r["hash"]: r["answer"] for r in common.read_jsonl(self.cache_path, repair=True)
+                      if isinstance(r.get("answer"), str)}  # an answer of another type (an older run's) is no answer
         self.lock = threading.Lock()
         self.n_requests = self.n_retries = self.n_cached = 0
         self.n_failed_connections = 0  # in a row, over all threads
@@ -324,10 +350,12 @@ class ApiClient:
                            "attempt": attempt, "max_tokens": self.max_tokens}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def complete(self, messages, temperature=0.0, attempt=0):
+    def complete(self, messages, temperature=0.0, attempt=0, valid=None):
+        """The answer's text. Only an answer that `valid` accepts (default: any) enters the cache, and a cached one it
+        refuses is asked again: a malformed answer never stands in for a good one on a re-run."""
         h = self.key_for(messages, temperature, attempt)
         with self.lock:
-            if h in self.cache:
+            if h in self.cache and (valid is None or valid(self.cache[h])):
                 self.n_cached += 1
                 return self.cache[h]
         body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
@@ -343,20 +371,29 @@ class ApiClient:
                 with self.lock:
                     self.n_requests += 1
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
+                deadline = time.monotonic() + self.timeout
+                with _OPENER.open(req, timeout=self.timeout) as resp:
+                    raw = read_before(resp, deadline)
                 with self.lock:
                     self.n_failed_connections = 0
                 data = json.loads(raw.decode())
                 answer = data["choices"][0]["message"]["content"] or ""
-                with self.lock:
-                    self.cache[h] = answer
-                    with open(self.cache_path, "a") as f:
-                        common.append_jsonl(f, {"hash": h, "answer": answer})
+                if not isinstance(answer, str):  # a JSON object or a number: a malformed answer (re-asked, then failed)
+                    log.warning("api: message.content is a %s, not text: a malformed answer", type(answer).__name__)
+                    answer = ""
+                if valid is None or valid(answer):
+                    with self.lock:
+                        self.cache[h] = answer
+                        with common.open_append(self.cache_path) as f:
+                            common.append_jsonl(f, {"hash": h, "answer": answer})
                 return answer
             except urllib.error.HTTPError as e:
                 with self.lock:
                     self.n_failed_connections = 0  # the server answered
+                if 300 <= e.code < 400:
+                    where = e.headers.get("Location", "?") if e.headers else "?"
+                    self.fail(f"{self.url}: HTTP {e.code} redirect to {where} refused (the key is sent to --api-base "
+                              "only); pass the address it redirects to as --api-base if you trust it")
                 if e.code not in (408, 429) and e.code < 500:
                     try:
                         detail = " ".join(e.read()[:300].decode(errors="replace").split())
@@ -369,7 +406,7 @@ class ApiClient:
                 ra = e.headers.get("Retry-After") if e.headers else None
                 if ra:
                     try:
-                        wait = min(float(ra), 60.0)
+                        wait = min(float(ra), MAX_BACKOFF)
                     except ValueError:
                         pass
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
@@ -384,9 +421,15 @@ class ApiClient:
                 why = f"unexpected response ({type(e).__name__})"
             if t == self.max_tries - 1:
                 self.fail(f"{self.url}: gave up after {self.max_tries} tries (last: {why})")
-            wait = wait if wait is not None else self.backoff * (2 ** t) * (1 + 0.25 * random.random())
+            # jittered (0.5-1.5x), so that parallel requests that failed together do not retry together
+            wait = wait if wait is not None else min(self.backoff * 2 ** t, MAX_BACKOFF) * random.uniform(0.5, 1.5)
             with self.lock:
                 self.n_retries += 1
+                self.waited += wait
+                over = self.budget is not None and self.waited > self.budget
+            if over:
+                self.fail(f"{self.url}: the run would wait more than --api-retry-budget {self.budget:g}s in all to "
+                          f"retry (last: {why}); the endpoint keeps failing: try again later (a re-run resumes)")
             log.warning("api: %s; retry %d/%d in %.2fs", self.redact(why), t + 1, self.max_tries - 1, wait)
             if self.abort.wait(wait):
                 raise ApiCancelled("cancelled")
@@ -427,12 +470,12 @@ def run_local(todo, train, item_text, rules, example, args, f, stats):
         messages = {u: prompts.teacher_messages(train[u], item_text, example, args.max_items, args.max_chars)
                     for u in users}
         texts = {u: prompts.render(tok, messages[u]) for u in users}
-        ok = (lambda a: prompts.normalize_profile(a, 3) is not None)
+        ok = (lambda a: prompts.teacher_profile(a, 3) is not None)
         for idx, answers, attempts in generate.generate_batches(
                 model, tok, [texts[u] for u in users], args.max_new_tokens, args.batch_size, desc="local teacher",
                 accept=ok, retries=args.retries, retry_temperature=args.temperature, seed=args.seed):
             for k, answer, attempt in zip(idx, answers, attempts):
-                u, prof = users[k], prompts.normalize_profile(answer, 3)
+                u, prof = users[k], prompts.teacher_profile(answer, 3)
                 stats["malformed_answers"] += attempt + (prof is None)
                 stats["retries"] += attempt
                 if prof is None:
@@ -454,14 +497,18 @@ def run_api(todo, train, item_text, rules, example, args, f, stats):
     if not args.api_model:
         raise common.UsageError("--teacher api needs --api-model")
     client = ApiClient(args.api_base, args.api_model, key, args.run / "teacher_cache.jsonl", args.api_timeout,
-                       args.api_max_tries, args.api_backoff, args.max_new_tokens)
+                       args.api_max_tries, args.api_backoff, args.max_new_tokens,
+                       getattr(args, "api_retry_budget", None))  # None: 02's record is older than the flag
+
+    def valid(answer):
+        return prompts.teacher_profile(answer, 3) is not None
 
     def one(u):
         prompt = prompts.teacher_messages(train[u], item_text, example, args.max_items, args.max_chars)
         bad = 0
         for attempt in range(args.retries + 1):
-            ans = client.complete(prompt, 0.0 if attempt == 0 else args.temperature, attempt)
-            prof = prompts.normalize_profile(ans, 3)
+            ans = client.complete(prompt, 0.0 if attempt == 0 else args.temperature, attempt, valid=valid)
+            prof = prompts.teacher_profile(ans, 3)
             if prof:
                 return u, prompt, prof, attempt + 1, bad
             bad += 1

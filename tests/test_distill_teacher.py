@@ -205,9 +205,11 @@ def test_several_substitutions_per_training_user_are_distinct_and_held_out_get_o
         assert [p for p in again if p["set"] == "eval"] == held
 
 
-def test_train_substitutions_below_one_is_refused(synthetic_run):
-    with pytest.raises(common.UsageError, match="--train-substitutions 0"):
+def test_train_substitutions_below_one_is_refused(synthetic_run, capsys):
+    with pytest.raises(SystemExit) as e:
         D.main(["--run", str(synthetic_run), "--no-probe", "--train-substitutions", "0"])
+    assert e.value.code == 2 and "argument --train-substitutions: expected an integer >= 1, got 0" in \
+        capsys.readouterr().err
 
 
 def test_every_heldout_pair_can_be_scored(synthetic_run, tiny_llm):
