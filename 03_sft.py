@@ -317,7 +317,7 @@ def kd_neighbor_profiles(run, args, teacher, sets):
         item_text = common.load_items(run)
         model, tok = llm.load_llm(args.model, adapter=adapter, device=args.device)
         model.eval()
-        with open(cache, "a") as f:
+        with common.open_append(cache) as f:
             for s in range(0, len(todo), args.kd_gen_batch * 4):
                 chunk = todo[s:s + args.kd_gen_batch * 4]
                 shown = args.prompt["teacher"]

@@ -562,6 +562,7 @@ def main(argv=None):
     cfg.seed = args.seed
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     work, final = run / "ppo.partial", run / "ppo"
+    common.refuse_link(work)
     sft_sha = common.sha256_file(run / sft_name / "adapter_model.safetensors")
     ckpt_path = work / "checkpoint.pt"
     ck = load_checkpoint(ckpt_path) if ckpt_path.exists() and not args.restart else None  # before any model loads
@@ -595,7 +596,7 @@ def main(argv=None):
                         "optimizer": opt.state_dict()}, tmp)
 
     t0 = time.time()
-    with open(log_path, "a") as logf:
+    with common.open_append(log_path) as logf:
         history = train(policy, value_head, tok, queries, lambda q, texts, _ids: scorer(q, texts), cfg,
                         start_step=start, optimizer_state=opt_state, beta=beta,
                         on_step=lambda row, ro: log_step(logf, row, ro), on_checkpoint=on_checkpoint)

@@ -198,7 +198,7 @@ def run_phase(name, ids, make_messages, kind, out, shard, model, tok, args, max_
     if not todo:
         return 0
     n_fixed, n_bad = 0, 0
-    with open(own, "a") as f:
+    with common.open_append(own) as f:
         # the first answer is the decoding of --temperature; one that does not parse is sampled again from the
         # prompt already run (generate.generate_batches: a retry costs decoding only)
         for idx, answers, attempts in generate.generate_batches(

@@ -24,7 +24,9 @@ from common import (
     history_centroids,
     load_npy,
     log,
+    open_append,
     read_jsonl,
+    refuse_link,
     sha256_path,
     user_items,
     write_json,
@@ -391,7 +393,7 @@ def step_logger(path):
 
     class StepLog(TrainerCallback):
         def __init__(self):
-            self.f = open(path, "a")
+            self.f = open_append(path)
             self.t0 = time.time()
 
         def on_log(self, targs, state, control, logs=None, **kw):
@@ -423,6 +425,7 @@ def resumable_work(work, key):
     from a run that stopped with the same `key`, is returned to resume from (the step log is cut back to it);
     anything else in `work` is removed first. None when there is nothing to resume."""
     work = Path(work)
+    refuse_link(work)  # its files are removed or written below: never through a planted link
     marker = work / "trainer" / "resume.json"  # removed with the checkpoints when the stage finishes
     ckpts = sorted((work / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
     if ckpts and marker.exists() and json.loads(marker.read_text()).get("key") == key:

@@ -108,3 +108,18 @@ def test_an_adapter_refuses_a_base_of_another_architecture(tiny_llm, tmp_path):
     with pytest.raises(common.UsageError, match="was trained on .* another architecture"):
         llm.load_llm(str(other), adapter=tmp_path / "adapter", device="cpu")
     llm.check_adapter_base(tmp_path / "adapter", "some-org/not-here")  # cannot compare: only a warning
+
+
+def test_a_trainers_work_folder_is_never_a_link(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "sft_mask.tmp").symlink_to(outside)  # resumable_work would empty the folder it points to
+    with pytest.raises(common.StageError, match="symbolic link"):
+        llm.resumable_work(run / "sft_mask.tmp", "key")
+    (run / "train_log.jsonl").symlink_to(outside / "keep.txt")
+    with pytest.raises(common.StageError, match="symbolic link"):
+        llm.step_logger(run / "train_log.jsonl")
+    assert (outside / "keep.txt").read_text() == "precious"
