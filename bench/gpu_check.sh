@@ -8,7 +8,10 @@
 # 2. runs tests/test_ops.py (the CUDA tests included: spmm vs dense, gradients,
 #    checks, opcheck; top-K vs the reference with ties, subsets, exclusions);
 # 3. runs the GPU bench: spmm vs torch.sparse.mm (cuSPARSE), top-K vs the
-#    blocked torch top-K on GPU, printed as a markdown table.
+#    blocked torch top-K on GPU, printed as a markdown table;
+# 4. bench/gpu_llm_bench.py: an 03, 04 and 05 step and 06's prefill and decode
+#    at Llama-2-7B's and Qwen2.5-7B's sizes (LLM_BENCH=0 skips it; it needs
+#    transformers and peft only, which the lent machines have).
 # Exit status: non-zero if the build or a test failed (the bench still runs
 # after failed tests, so one call gives both).
 set -uo pipefail
@@ -37,5 +40,9 @@ grep -A14 "Fatal Python error" /tmp/reclm_gpu_tests.log | head -30
 tail -3 /tmp/reclm_gpu_tests.log
 echo "== bench ($(( $(date +%s) - start )) s so far)"
 timeout 180 $PY -m bench.bench_ops --device cuda --reps 7 --topk-users 16384 2>&1 | grep -v Warning
+if [ "${LLM_BENCH:-1}" = 1 ]; then  # 4. each LLM stage's unit of work at 7B, random weights from the configs
+  echo "== LLM units at 7B ($(( $(date +%s) - start )) s so far)"
+  timeout 200 $PY -m bench.gpu_llm_bench ${LLM_BENCH_ARGS:-} 2>&1 | grep -vE "Warning|warn"
+fi
 echo "== done in $(( $(date +%s) - start )) s; tests exit status $test_rc"
 exit $test_rc
